@@ -1,0 +1,17 @@
+"""Stage 2: draw seeded point/box prompt sets for every sample of every split.
+
+Writes ``<project_root>/prompt_sets/<split>/<safe_id>.json``; samples already done are skipped.
+"""
+
+from modules import promptset
+from modules.stage import default_argument_parser, stage_context
+
+
+def main() -> None:
+    args = default_argument_parser(__doc__.splitlines()[0]).parse_args()
+    with stage_context("generate_promptsets", args, output_dir="prompt_sets") as ctx:
+        promptset.run_stage(ctx)
+
+
+if __name__ == "__main__":
+    main()

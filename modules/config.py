@@ -1,0 +1,345 @@
+"""The one configuration every stage reads: typed, validated sections loaded from YAML.
+
+Each section is a dataclass; the loader walks the YAML against the dataclass fields, so an unknown
+key, a value of the wrong type or an unknown choice is a one-line ``ConfigError`` naming the
+dotted key (``training.lr: expected a number, got 'fast'``). Relative paths resolve against the
+folder of the config file. Dotted overrides (``training.lr=1e-3``) are applied before validation,
+with their values parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class PipelineError(Exception):
+    """Base class of the errors the stage scripts report as one line, without a traceback."""
+
+
+class ConfigError(PipelineError):
+    pass
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    images_root: Path = Path("data/images")
+    masks_root: Optional[Path] = Path("data/masks")
+    project_root: Path = Path("runs/project")
+    layout: Literal["split_roots", "per_group"] = "split_roots"
+    split_seed: int = 123
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    mask_threshold: int = 127
+    min_image_side: int = 32
+
+
+@dataclass
+class DemoConfig:
+    """The procedurally generated demo data set, written to data.images_root / data.masks_root."""
+
+    enabled: bool = False
+    seed: int = 2026
+    scenes_per_group: int = 40
+
+
+@dataclass
+class PromptGenerationConfig:
+    num_promptsets_train: int = 10
+    num_promptsets_val: int = 4
+    num_promptsets_test: int = 4
+    min_pairs: int = 1
+    max_pairs: int = 10
+    prompt_seed: int = 777
+    gaussian_sigma: float = 8.0
+    box_jitter: float = 0.0  # uniform jitter of each box side, as a fraction of that side's length
+
+
+@dataclass
+class SamConfig:
+    family: Literal["sam", "sam2"] = "sam"
+    model_type: str = "demo_tiny"
+    checkpoint: Path = Path("assets/demo_backbone/demo_tiny.pt")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    prompt_mode: Literal["points", "box", "points_and_box"] = "points"
+    multimask_policy: Literal["single", "best_iou"] = "best_iou"
+    encoder_batch_size: int = 4
+    num_workers: int = 2
+
+
+@dataclass
+class HeadConfig:
+    channels_in: int = 3
+    hidden_channels: int = 16
+    use_image_embedding: bool = False
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 8
+    num_epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    dice_lambda: float = 0.5
+    num_workers: int = 2
+    amp: bool = True
+    early_stop_patience: int = 5
+    logit_clip: float = 20.0
+    in_memory: Literal["auto", "true", "false"] = "auto"
+    seed: int = 0
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+
+@dataclass
+class VarianceConfig:
+    hidden_channels: int = 16
+    loss: Literal["mc_logit_noise", "gaussian_residual_nll"] = "mc_logit_noise"
+    mc_samples: int = 16
+    log_var_min: float = -5.0
+    log_var_max: float = 5.0
+
+
+@dataclass
+class LaplaceConfig:
+    target: Literal["head", "sam_decoder"] = "head"
+    target_layer: str = "final_conv"
+    approx: Literal["diagonal"] = "diagonal"
+    backend: str = "backpack"
+    prior_precision_grid: list[float] = field(
+        default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    )
+    num_samples: int = 32
+    seed: int = 0
+    nll_eps: float = 1e-6
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "sam-uncertainty"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    init_timeout_s: float = 30.0
+
+
+@dataclass
+class PipelineConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    prompt_generation: PromptGenerationConfig = field(default_factory=PromptGenerationConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    variance: VarianceConfig = field(default_factory=VarianceConfig)
+    laplace: LaplaceConfig = field(default_factory=LaplaceConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    config_path: Optional[Path] = field(default=None, metadata={"internal": True})
+
+    def section(self, name: str) -> Any:
+        """A section, or a dotted key inside one (``data.mask_threshold``), as YAML-safe values."""
+        node: Any = self
+        for part in name.split("."):
+            node = getattr(node, part)
+        return to_plain(node)
+
+    def to_dict(self) -> dict:
+        return {f.name: to_plain(getattr(self, f.name)) for f in public_fields(self)}
+
+    @property
+    def project_root(self) -> Path:
+        return self.data.project_root
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def public_fields(obj) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(obj) if not f.metadata.get("internal")]
+
+
+def to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: to_plain(getattr(value, f.name)) for f in public_fields(value)}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, base_dir: Path) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], key, base_dir)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", base_dir) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build_section(tp, value, key, base_dir)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)) or str(value) == "":
+            raise ConfigError(f"{key}: expected a path, got {value!r}")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base_dir / path).resolve()
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build_section(cls, raw: Any, key: str, base_dir: Path):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in public_fields(cls)}
+    for name in raw:
+        if name not in known:
+            where = f"{key}.{name}" if key else str(name)
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(known)})")
+    values = {}
+    for name, fld in known.items():
+        dotted = f"{key}.{name}" if key else name
+        if name in raw:
+            values[name] = _coerce(raw[name], hints[name], dotted, base_dir)
+        else:
+            default = (
+                fld.default_factory() if fld.default_factory is not dataclasses.MISSING else fld.default
+            )
+            if dataclasses.is_dataclass(default):
+                default = {}
+            # Relative default paths resolve against the config folder like written ones.
+            values[name] = _coerce(default, hints[name], dotted, base_dir) if default is not None else None
+    return cls(**values)
+
+
+def _check_semantics(cfg: PipelineConfig) -> None:
+    fractions = cfg.data.split_fractions
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ConfigError(f"data.split_fractions: need three non-negative fractions summing to 1, got {fractions}")
+    if cfg.data.layout == "split_roots" and cfg.data.masks_root is None:
+        raise ConfigError("data.masks_root: required when data.layout is 'split_roots'")
+    pg = cfg.prompt_generation
+    if not 1 <= pg.min_pairs <= pg.max_pairs:
+        raise ConfigError(f"prompt_generation.min_pairs: need 1 <= min_pairs <= max_pairs, got {pg.min_pairs} and {pg.max_pairs}")
+    for split in ("train", "val", "test"):
+        if getattr(pg, f"num_promptsets_{split}") < 1:
+            raise ConfigError(f"prompt_generation.num_promptsets_{split}: must be at least 1")
+    if pg.gaussian_sigma <= 0:
+        raise ConfigError("prompt_generation.gaussian_sigma: must be positive")
+    if not 0 <= pg.box_jitter < 1:
+        raise ConfigError("prompt_generation.box_jitter: must lie in [0, 1)")
+    if not cfg.laplace.prior_precision_grid or any(p <= 0 for p in cfg.laplace.prior_precision_grid):
+        raise ConfigError("laplace.prior_precision_grid: need a non-empty list of positive values")
+    for key in ("batch_size", "num_epochs"):
+        if getattr(cfg.training, key) < 1:
+            raise ConfigError(f"training.{key}: must be at least 1")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"training.lr=1e-3"`` -> (["training", "lr"], 0.001). Values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. training.lr=1e-3")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: malformed key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: {'.'.join(parts[:depth + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override and validate a config. ``path=None`` gives the defaults (relative to CWD)."""
+    raw: dict = {}
+    base_dir = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        base_dir = path.resolve().parent
+    raw = apply_overrides(raw, overrides or [])
+    cfg = _build_section(PipelineConfig, raw, "", base_dir)
+    cfg.config_path = Path(path).resolve() if path is not None else None
+    _check_semantics(cfg)
+    return cfg
+
+
+def require_existing(cfg: PipelineConfig, dotted_key: str, kind: str = "dir") -> Path:
+    """Return the path at ``dotted_key``; a one-line ConfigError if it does not exist."""
+    node: Any = cfg
+    for part in dotted_key.split("."):
+        node = getattr(node, part)
+    path = Path(node) if node is not None else None
+    ok = path is not None and (path.is_dir() if kind == "dir" else path.is_file())
+    if not ok:
+        raise ConfigError(f"{dotted_key}: {kind == 'dir' and 'folder' or 'file'} does not exist: {path}")
+    return path

@@ -1,0 +1,237 @@
+"""Seeded point/box prompt sets per sample, and the Gaussian prompt maps built from them.
+
+Frames. Prompts are stored twice: in ORIGINAL image pixel coordinates (x = column, y = row, as
+SAM expects them) and in FRAME256, the original image stretched to 256 x 256, the frame of the
+cached logits, the prompt maps and the head. A pixel centre maps as
+``x256 = (x + 0.5) * 256 / W - 0.5`` (likewise y), so integer pixel centres stay pixel centres.
+Boxes are ``x0, y0, x1, y1`` with inclusive pixel indices (as torchvision's ``masks_to_boxes``);
+their FRAME256 version maps the box edges (``x0 * 256 / W`` and ``(x1 + 1) * 256 / W``).
+
+Seeding. Every prompt set draws from its own ``np.random.SeedSequence((prompt_seed, id_key,
+index))`` where ``id_key`` is derived from the canonical sample id, so a sample's prompts do not
+depend on file order, process count, sharding, or how many prompt sets exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+FRAME = 256
+FORMAT_VERSION = 1
+
+
+def sample_key(sample_id: str) -> int:
+    """A stable 63-bit integer from a sample id (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.sha256(sample_id.encode("utf-8")).digest()[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """What a prompt set is drawn from (the ``prompt_generation`` config section)."""
+
+    min_pairs: int
+    max_pairs: int
+    prompt_seed: int
+    gaussian_sigma: float
+    box_jitter: float
+
+
+def tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)`` of the foreground, inclusive pixel indices. ``mask``: H x W bool."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
+
+
+def to_frame256_points(points: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``N x 2`` original (x, y) pixel coordinates -> FRAME256 coordinates."""
+    scale = np.array([FRAME / width, FRAME / height])
+    return (np.asarray(points, dtype=np.float64) + 0.5) * scale - 0.5
+
+
+def to_frame256_box(box, height: int, width: int) -> list[float]:
+    x0, y0, x1, y1 = box
+    sx, sy = FRAME / width, FRAME / height
+    return [x0 * sx, y0 * sy, (x1 + 1) * sx, (y1 + 1) * sy]
+
+
+def _sample_pixels(rng: np.random.Generator, flat_indices: np.ndarray, count: int) -> np.ndarray:
+    replace = flat_indices.size < count
+    return rng.choice(flat_indices, size=count, replace=replace)
+
+
+def draw_promptset(mask: np.ndarray, spec: PromptSpec, seed: np.random.SeedSequence) -> dict:
+    """One prompt set: ``k`` positive points on the foreground, ``k`` negatives on the background,
+    and the tight box with optional jitter. ``mask``: H x W bool (at image resolution)."""
+    rng = np.random.default_rng(seed)
+    height, width = mask.shape
+    flat = mask.ravel()
+    foreground = np.flatnonzero(flat)
+    background = np.flatnonzero(~flat)
+    k = int(rng.integers(spec.min_pairs, spec.max_pairs + 1))
+    positives = _sample_pixels(rng, foreground, k)
+    negatives = _sample_pixels(rng, background, k)
+    flat_points = np.concatenate([positives, negatives])
+    points = np.stack([flat_points % width, flat_points // width], axis=1).astype(np.int64)
+
+    x0, y0, x1, y1 = tight_box(mask)
+    if spec.box_jitter > 0:
+        side = np.array([x1 - x0 + 1, y1 - y0 + 1, x1 - x0 + 1, y1 - y0 + 1], dtype=np.float64)
+        noise = rng.uniform(-1.0, 1.0, size=4) * spec.box_jitter * side
+        jittered = np.round(np.array([x0, y0, x1, y1]) + noise).astype(np.int64)
+        x0, x1 = sorted(np.clip(jittered[[0, 2]], 0, width - 1).tolist())
+        y0, y1 = sorted(np.clip(jittered[[1, 3]], 0, height - 1).tolist())
+    box = [int(x0), int(y0), int(x1), int(y1)]
+    return {
+        "k": k,
+        "points": points.tolist(),
+        "labels": [1] * k + [0] * k,
+        "box": box,
+        "points_256": np.round(to_frame256_points(points, height, width), 4).tolist(),
+        "box_256": [round(v, 4) for v in to_frame256_box(box, height, width)],
+    }
+
+
+def build_promptset_record(sample: dict, split: str, mask: np.ndarray, num_sets: int,
+                           spec: PromptSpec, source: dict) -> dict:
+    """The JSON document of one sample: ``num_sets`` prompt sets plus what they came from."""
+    key = sample_key(sample["sample_id"])
+    sets = []
+    for index in range(num_sets):
+        seed = np.random.SeedSequence((spec.prompt_seed, key, index))
+        sets.append({"promptset_id": index, "seed_entropy": [spec.prompt_seed, key, index],
+                     **draw_promptset(mask, spec, seed)})
+    return {
+        "format_version": FORMAT_VERSION,
+        "sample_id": sample["sample_id"],
+        "safe_id": sample["safe_id"],
+        "split": split,
+        "image_h": int(mask.shape[0]),
+        "image_w": int(mask.shape[1]),
+        "frame": FRAME,
+        "gaussian_sigma": spec.gaussian_sigma,
+        "source": source,
+        "promptsets": sets,
+    }
+
+
+def dumps_record(record: dict) -> str:
+    """Canonical JSON text: the same record always gives the same bytes."""
+    return json.dumps(record, sort_keys=True, indent=1) + "\n"
+
+
+# --------------------------------------------------------------------------- prompt maps
+
+
+def gaussian_prompt_maps(points_256: torch.Tensor, labels: torch.Tensor, sigma: float,
+                         size: int = FRAME) -> torch.Tensor:
+    """Positive and negative prompt maps in FRAME256.
+
+    Args:
+        points_256: ``P x N x 2`` (x, y) coordinates in the ``size x size`` frame.
+        labels: ``P x N``; 1 positive, 0 negative, anything else (e.g. -1 padding) ignored.
+        sigma: Gaussian standard deviation in pixels of that frame.
+    Returns:
+        ``P x 2 x size x size`` float32: channel 0 the sum of the positive points' Gaussians
+        (peak 1 at each point), channel 1 the negatives', each clamped to [0, 1].
+    """
+    points_256 = points_256.to(torch.float32)
+    grid = torch.arange(size, dtype=torch.float32, device=points_256.device)
+    dx2 = (grid.view(1, 1, size) - points_256[..., 0:1]) ** 2  # P x N x W
+    dy2 = (grid.view(1, 1, size) - points_256[..., 1:2]) ** 2  # P x N x H
+    gx = torch.exp(-dx2 / (2 * sigma**2))
+    gy = torch.exp(-dy2 / (2 * sigma**2))
+    maps = []
+    for label in (1, 0):
+        weight = (labels == label).to(torch.float32)  # P x N
+        # Separable Gaussians: sum_n w_n * gy_n(y) * gx_n(x) as one batched matmul.
+        summed = torch.einsum("pn,pny,pnx->pyx", weight, gy, gx)
+        maps.append(summed.clamp_(0.0, 1.0))
+    return torch.stack(maps, dim=1)
+
+
+def promptset_tensors(record: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All prompt sets of one record, padded: points ``P x N x 2`` (original coords), labels
+    ``P x N`` (-1 = padding), points_256 ``P x N x 2``, boxes ``P x 4`` (original coords)."""
+    sets = record["promptsets"]
+    width = max(len(s["labels"]) for s in sets)
+    count = len(sets)
+    points = torch.zeros(count, width, 2)
+    points_256 = torch.zeros(count, width, 2)
+    labels = torch.full((count, width), -1, dtype=torch.int64)
+    for i, s in enumerate(sets):
+        n = len(s["labels"])
+        points[i, :n] = torch.tensor(s["points"], dtype=torch.float32)
+        points_256[i, :n] = torch.tensor(s["points_256"], dtype=torch.float32)
+        labels[i, :n] = torch.tensor(s["labels"])
+    boxes = torch.tensor([s["box"] for s in sets], dtype=torch.float32)
+    return points, labels, points_256, boxes
+
+
+# --------------------------------------------------------------------------- stage 2
+
+
+def promptset_path(project_root, split: str, safe_id: str):
+    return project_root / "prompt_sets" / split / f"{safe_id}.json"
+
+
+def load_promptsets(project_root, split: str, safe_id: str) -> dict:
+    """The stage-2 record of one sample (read by every later stage through this function)."""
+    return json.loads(promptset_path(project_root, split, safe_id).read_text(encoding="utf-8"))
+
+
+def run_stage(ctx) -> None:
+    """Stage 2: one JSON of seeded prompt sets per sample and split, skipping finished samples.
+
+    A sample counts as finished when its JSON exists and was drawn from the same mask file
+    (md5); the config it was drawn with is guarded by the stage fingerprint.
+    """
+    from modules.fileio import atomic_write_text, cached_file_md5
+    from modules.imageio import MaskReadError, read_mask, resize_mask_nearest
+    from modules.manifest import SPLITS, load_split_manifest
+    from modules.stage import UnitError
+
+    cfg = ctx.cfg
+    pg = cfg.prompt_generation
+    spec = PromptSpec(pg.min_pairs, pg.max_pairs, pg.prompt_seed, pg.gaussian_sigma, pg.box_jitter)
+    ctx.check_inputs(["prompt_generation", "data.mask_threshold"])
+
+    def source_of(sample) -> dict:
+        return {"mask_path": sample["mask_path"], "mask_md5": cached_file_md5(sample["mask_path"])}
+
+    totals = {}
+    for split in SPLITS:
+        samples = load_split_manifest(ctx.project_root, split).to_dict("records")
+        num_sets = getattr(pg, f"num_promptsets_{split}")
+
+        def is_complete(sample, split=split) -> bool:
+            path = promptset_path(ctx.project_root, split, sample["safe_id"])
+            if not path.is_file():
+                return False
+            try:
+                return json.loads(path.read_text(encoding="utf-8")).get("source") == source_of(sample)
+            except (OSError, ValueError):
+                return False
+
+        def process(sample, split=split, num_sets=num_sets) -> None:
+            try:
+                mask = read_mask(sample["mask_path"], threshold=cfg.data.mask_threshold)
+            except (MaskReadError, OSError) as exc:
+                raise UnitError(str(exc)) from None
+            size = (int(sample["image_h"]), int(sample["image_w"]))
+            if mask.shape != size:
+                mask = resize_mask_nearest(mask, size)
+            if not mask.any() or mask.all():
+                raise UnitError(f"{sample['mask_path']}: mask is empty or full at image size")
+            record = build_promptset_record(sample, split, mask, num_sets, spec, source_of(sample))
+            atomic_write_text(promptset_path(ctx.project_root, split, sample["safe_id"]), dumps_record(record))
+
+        counts = ctx.run_units(samples, is_complete, process, desc=f"prompt sets [{split}]",
+                               unit_name=lambda s: s["sample_id"], metric_prefix=f"{split}/")
+        totals.update({f"{split}_{k}": v for k, v in counts.as_dict().items()})
+    ctx.summary(totals)

@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+
+from modules.promptset import (
+    PromptSpec,
+    build_promptset_record,
+    dumps_record,
+    gaussian_prompt_maps,
+    promptset_tensors,
+    sample_key,
+    tight_box,
+    to_frame256_points,
+)
+
+SPEC = PromptSpec(min_pairs=1, max_pairs=10, prompt_seed=777, gaussian_sigma=8.0, box_jitter=0.0)
+
+
+def blob_mask(h=120, w=200):
+    yy, xx = np.mgrid[:h, :w]
+    return ((yy - 60) ** 2 / 30**2 + (xx - 90) ** 2 / 50**2) < 1
+
+
+def record_for(sample_id, mask, num_sets=6, spec=SPEC):
+    sample = {"sample_id": sample_id, "safe_id": sample_id.replace("/", "__")}
+    return build_promptset_record(sample, "train", mask, num_sets, spec, {"mask_md5": "x"})
+
+
+def test_points_fall_on_foreground_and_background_with_k_in_range():
+    mask = blob_mask()
+    record = record_for("g/a", mask, num_sets=20)
+    ks = set()
+    for ps in record["promptsets"]:
+        k = ps["k"]
+        ks.add(k)
+        assert 1 <= k <= 10
+        points = np.array(ps["points"])
+        assert points.shape == (2 * k, 2)
+        assert ps["labels"] == [1] * k + [0] * k
+        assert mask[points[:k, 1], points[:k, 0]].all()
+        assert not mask[points[k:, 1], points[k:, 0]].any()
+        assert ps["box"] == list(tight_box(mask))
+    assert len(ks) > 3  # k really varies
+
+
+def test_same_config_gives_byte_identical_json_regardless_of_order():
+    mask = blob_mask()
+    first = [dumps_record(record_for(sid, mask)) for sid in ("g/a", "g/b", "h/c")]
+    second = [dumps_record(record_for(sid, mask)) for sid in ("h/c", "g/b", "g/a")][::-1]
+    assert first == second
+    assert first[0] != first[1]  # different samples, different prompts
+    # Asking for more prompt sets keeps the earlier ones unchanged.
+    more = record_for("g/a", mask, num_sets=9)["promptsets"][:6]
+    assert more == record_for("g/a", mask, num_sets=6)["promptsets"]
+    assert sample_key("g/a") == sample_key("g/a") and sample_key("g/a") != sample_key("g/b")
+
+
+def test_box_jitter_stays_inside_the_image_and_is_seeded():
+    mask = blob_mask()
+    spec = PromptSpec(1, 3, 5, 8.0, box_jitter=0.2)
+    a = record_for("g/a", mask, spec=spec)
+    assert a == record_for("g/a", mask, spec=spec)
+    boxes = np.array([ps["box"] for ps in a["promptsets"]])
+    assert (boxes[:, 0] <= boxes[:, 2]).all() and (boxes[:, 1] <= boxes[:, 3]).all()
+    assert boxes.min() >= 0 and boxes[:, [0, 2]].max() < 200 and boxes[:, [1, 3]].max() < 120
+    assert len({tuple(b) for b in boxes}) > 1
+
+
+def test_frame256_maps_pixel_centres():
+    pts = np.array([[0, 0], [199, 119]])
+    out = to_frame256_points(pts, height=120, width=200)
+    assert out[0] == pytest.approx([0.5 * 256 / 200 - 0.5, 0.5 * 256 / 120 - 0.5])
+    assert out[1] == pytest.approx([255.5 - 0.5 * 256 / 200, 255.5 - 0.5 * 256 / 120])
+
+
+def test_gaussian_prompt_maps_match_brute_force():
+    points = torch.tensor([[[10.0, 20.0], [12.0, 22.0], [200.5, 100.0], [0.0, 0.0]]])
+    labels = torch.tensor([[1, 1, 0, -1]])
+    maps = gaussian_prompt_maps(points, labels, sigma=8.0)
+    assert maps.shape == (1, 2, 256, 256) and maps.dtype == torch.float32
+    yy, xx = np.mgrid[:256, :256]
+
+    def gauss(x, y):
+        return np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 8.0**2))
+
+    expected_pos = np.clip(gauss(10, 20) + gauss(12, 22), 0, 1)
+    expected_neg = np.clip(gauss(200.5, 100), 0, 1)
+    np.testing.assert_allclose(maps[0, 0].numpy(), expected_pos, atol=1e-5)
+    np.testing.assert_allclose(maps[0, 1].numpy(), expected_neg, atol=1e-5)
+    assert maps[0, 0].max() == pytest.approx(1.0)  # two close points saturate, clamped to 1
+    assert maps[0, 0, 20, 10] == pytest.approx(1.0)
+
+
+def test_promptset_tensors_pad_with_minus_one():
+    record = record_for("g/a", blob_mask(), num_sets=5)
+    points, labels, points_256, boxes = promptset_tensors(record)
+    width = max(2 * ps["k"] for ps in record["promptsets"])
+    assert points.shape == (5, width, 2) and labels.shape == (5, width) and boxes.shape == (5, 4)
+    for i, ps in enumerate(record["promptsets"]):
+        assert (labels[i, : 2 * ps["k"]] >= 0).all() and (labels[i, 2 * ps["k"]:] == -1).all()
+    maps = gaussian_prompt_maps(points_256, labels, sigma=8.0)
+    assert maps.shape == (5, 2, 256, 256)

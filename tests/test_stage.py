@@ -1,0 +1,58 @@
+import argparse
+
+import pytest
+
+from modules.config import PipelineError, load_config
+from modules.stage import Shard, StageContext, StageInputsChanged, UnitError, resolve_shard
+
+
+def make_ctx(tmp_path, overrides=(), force=False):
+    cfg = load_config(None, [f"data.project_root={tmp_path / 'proj'}", *overrides])
+    out = tmp_path / "proj" / "stage_out"
+    out.mkdir(parents=True, exist_ok=True)
+    args = argparse.Namespace(force=force)
+    return StageContext(name="demo_stage", cfg=cfg, args=args, output_dir=out)
+
+
+def test_fingerprint_refuses_changed_inputs_unless_forced(tmp_path):
+    assert make_ctx(tmp_path).check_inputs(["prompt_generation"], {"a.csv": "111"}) is True
+    # Same inputs: earlier outputs are reusable.
+    assert make_ctx(tmp_path).check_inputs(["prompt_generation"], {"a.csv": "111"}) is False
+    with pytest.raises(StageInputsChanged, match=r"prompt_generation\.prompt_seed.*--force"):
+        make_ctx(tmp_path, ["prompt_generation.prompt_seed=1"]).check_inputs(["prompt_generation"], {"a.csv": "111"})
+    with pytest.raises(StageInputsChanged, match=r"upstream a\.csv"):
+        make_ctx(tmp_path).check_inputs(["prompt_generation"], {"a.csv": "222"})
+    forced = make_ctx(tmp_path, ["prompt_generation.prompt_seed=1"], force=True)
+    assert forced.check_inputs(["prompt_generation"], {"a.csv": "111"}) is True
+    # The forced run's inputs are now the recorded ones.
+    assert make_ctx(tmp_path, ["prompt_generation.prompt_seed=1"]).check_inputs(
+        ["prompt_generation"], {"a.csv": "111"}) is False
+
+
+def test_run_units_skips_complete_and_counts_failures(tmp_path):
+    ctx = make_ctx(tmp_path)
+    done = {1, 2}
+    processed = []
+
+    def process(unit):
+        if unit == 4:
+            raise UnitError("bad input")
+        processed.append(unit)
+
+    counts = ctx.run_units([1, 2, 3, 4, 5], lambda u: u in done, process, desc="t")
+    assert processed == [3, 5]
+    assert (counts.done, counts.skipped, counts.failed) == (2, 2, 1)
+    assert counts.failures == [("4", "bad input")]
+
+
+def test_shards_from_flags_torchrun_and_slurm():
+    assert resolve_shard(argparse.Namespace(num_shards=None, shard_index=None), {}) == Shard(0, 1)
+    assert resolve_shard(argparse.Namespace(num_shards=3, shard_index=2), {}) == Shard(2, 3)
+    assert resolve_shard(None, {"RANK": "1", "WORLD_SIZE": "2"}) == Shard(1, 2)
+    slurm = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "2"}
+    assert resolve_shard(None, slurm) == Shard(3, 4)
+    with pytest.raises(PipelineError, match="outside"):
+        resolve_shard(argparse.Namespace(num_shards=2, shard_index=2), {})
+    units = list(range(10))
+    parts = [Shard(i, 3).select(units) for i in range(3)]
+    assert sorted(sum(parts, [])) == units and all(parts)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install the project into ./.venv (created if missing) and run the whole test suite.
+# This is the README's test command and what .ci/run calls on a clean checkout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+# sam2 builds from source; its optional CUDA extension (video hole filling) is not needed.
+SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install --quiet -r requirements.txt
+export WANDB_MODE=offline WANDB_SILENT=true MPLBACKEND=Agg
+set +e
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+    echo "error: pytest collected no tests" >&2
+    exit 1
+fi
+exit "$status"
