@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ log = logging.getLogger("pipeline")
 Unit = TypeVar("Unit")
 
 FINGERPRINT_FILE = ".stage.json"
+# Tests set this to SIGKILL a stage right after its n-th computed unit, to prove resumability.
+KILL_HOOK_ENV = "PIPELINE_TEST_KILL_AFTER_UNITS"
 RESOLVED_CONFIG_FILE = "config.resolved.yaml"
 
 
@@ -193,6 +196,7 @@ class StageContext:
     ) -> UnitCounts:
         """Process every unit not yet complete; a ``UnitError`` marks one unit failed and goes on."""
         counts = UnitCounts()
+        kill_after = int(os.environ.get(KILL_HOOK_ENV, "0"))
         bar = tqdm(units, desc=desc, unit="unit", dynamic_ncols=True, disable=None)
         for i, unit in enumerate(bar, 1):
             if not self.force and is_complete(unit):
@@ -201,6 +205,8 @@ class StageContext:
                 try:
                     process(unit)
                     counts.done += 1
+                    if kill_after and counts.done >= kill_after:
+                        os.kill(os.getpid(), signal.SIGKILL)
                 except UnitError as exc:
                     counts.failed += 1
                     counts.failures.append((unit_name(unit), str(exc)))
