@@ -1,0 +1,746 @@
+"""A resumable, seeded, optionally distributed training loop shared by every trainable module.
+
+The loop knows nothing about what it trains: a ``step_fn(model, batch) -> (loss, outputs)`` computes
+a scalar loss (and whatever the metric function needs) from one batch already moved to the device,
+and a ``metric_fn(outputs) -> {name: per-sample values (B,)}`` scores validation batches. The head,
+the variance network and the fusion module plug in their own pair.
+
+Reproducibility and resume
+- Data order: epoch ``e`` (numbered from 1) visits the training set in the permutation drawn by a
+  ``torch.Generator`` seeded with ``seed + e`` (``DistributedSampler(seed=seed).set_epoch(e)`` under
+  DDP), so the order is a pure function of (seed, epoch), never of how often the process restarted.
+  DataLoader workers are seeded from a generator re-seeded the same way each epoch.
+- After every epoch the run folder receives ``last.pt`` (model weights), ``best.pt`` (when the
+  selection metric improved), ``optimizer_last.pt``, ``scaler_last.pt``, ``scheduler_last.pt`` and,
+  last, ``epoch_state.json``. The ``.pt`` files are first written into ``.pending_epoch_NNNN/``;
+  writing ``epoch_state.json`` (atomic rename) is the commit point; afterwards the pending files are
+  renamed over the published ones. A run killed before the commit resumes from the previous epoch
+  (the pending folder is discarded); one killed after it rolls the pending files forward. So the
+  weights, optimizer, scaler, scheduler and RNG states on disk always belong to the same epoch.
+- ``epoch_state.json`` holds the epoch, best metric and its epoch, the patience counter, the
+  per-epoch history (losses, metrics, lr, data-wait fraction) and the RNG states of Python
+  ``random``, NumPy and torch (CPU and CUDA) of every rank, JSON-safe (base64 / int lists).
+- Every ``.pt`` file holds only tensors and primitive containers: ``torch.load(weights_only=True)``.
+
+Distributed: when ``WORLD_SIZE > 1`` the process group is initialised from the environment (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``; gloo on CPU, nccl on CUDA), the model
+is wrapped in ``DistributedDataParallel``, validation is sharded without padding, losses and metrics
+are all-reduced as sums, and only rank 0 logs and writes files (barriers around the writes).
+
+AMP is only active on CUDA: bf16 autocast by default (fp16 autocast + loss scaling when asked for or
+when the GPU lacks bf16). A ``GradScaler`` object exists either way so its state is always saved.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm.auto import tqdm
+
+from modules.config import PipelineError
+from modules.fileio import atomic_path, atomic_write_json, read_json
+from modules.losses import hard_iou
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "epoch_state.json"
+MODEL_FILE = "last.pt"
+BEST_FILE = "best.pt"
+OPTIMIZER_FILE = "optimizer_last.pt"
+SCALER_FILE = "scaler_last.pt"
+SCHEDULER_FILE = "scheduler_last.pt"
+ALWAYS_SAVED_FILES = (MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE, SCHEDULER_FILE)
+PENDING_DIR_PATTERN = re.compile(r"^\.pending_epoch_(\d+)$")
+STATE_FORMAT_VERSION = 1
+
+StepFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Any]]
+MetricFn = Callable[[Any], Mapping[str, torch.Tensor]]
+CheckpointHook = Callable[[str, int], None]
+
+
+class TrainingError(PipelineError):
+    pass
+
+
+class ResumeError(TrainingError):
+    pass
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainerConfig:
+    """Hyper-parameters of one training run.
+
+    ``early_stop_patience``: epochs without improvement of ``selection_metric`` before stopping
+    (``None`` never stops). ``selection_metric`` names a key of the per-epoch record (``val_iou``,
+    ``val_loss``, ``val_<metric>``); ``selection_mode`` is ``"max"`` or ``"min"``.
+    ``amp_dtype``: ``"bfloat16"`` or ``"float16"`` (CUDA only). ``min_lr``: the cosine schedule's
+    floor, reached after ``num_epochs`` epochs.
+    """
+
+    batch_size: int = 8
+    num_workers: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    num_epochs: int = 30
+    early_stop_patience: int | None = 5
+    amp: bool = True
+    amp_dtype: str = "bfloat16"
+    seed: int = 0
+    min_lr: float = 0.0
+    grad_clip_norm: float | None = None
+    selection_metric: str = "val_iou"
+    selection_mode: str = "max"
+    show_progress: bool | None = None  # None: only when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_epochs < 1:
+            raise TrainingError("training: batch_size and num_epochs must be at least 1")
+        if self.selection_mode not in ("max", "min"):
+            raise TrainingError(f"training.selection_mode: {self.selection_mode!r} is not 'max' or 'min'")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise TrainingError(f"training.amp_dtype: {self.amp_dtype!r} is not one of {', '.join(AMP_DTYPES)}")
+
+    def resume_fingerprint(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues."""
+        keys = ("batch_size", "lr", "weight_decay", "num_epochs", "seed", "min_lr", "selection_metric", "selection_mode")
+        return {key: getattr(self, key) for key in keys}
+
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainingResult:
+    run_dir: Path
+    best_metric: float | None
+    best_epoch: int | None
+    epochs_completed: int
+    stopped_early: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / BEST_FILE
+
+
+# --------------------------------------------------------------------------- distributed context
+
+
+@dataclass
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_process_group: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> "DistributedContext":
+        """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; initialise the process group when ``WORLD_SIZE > 1``."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return cls()
+        rank = int(os.environ["RANK"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        owns = False
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+            owns = True
+        return cls(rank=rank, world_size=world_size, local_rank=local_rank, owns_process_group=owns)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.enabled:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def shutdown(self) -> None:
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_process_group = False
+
+
+# --------------------------------------------------------------------------- samplers and batches
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random permutation of ``range(num_samples)`` that is a pure function of (seed, epoch)."""
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ShardedSequentialSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` in order: every sample on exactly one rank, no padding."""
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, num_samples, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: derive NumPy's and Python's seeds from the worker's torch seed."""
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Recursively move every tensor of a (nested) dict / list / tuple batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: move_to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [move_to_device(value, device) for value in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
+def batch_size_of(batch: Any) -> int:
+    """Size of dimension 0 of the first tensor found in a (nested) batch."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        try:
+            return batch_size_of(value)
+        except TypeError:
+            continue
+    raise TypeError("batch holds no tensor")
+
+
+def segmentation_metrics(outputs: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Default ``metric_fn``: ``(logits B x 1 x H x W, target B x 1 x H x W)`` -> per-sample IoU and Dice.
+
+    The predicted mask is ``logits > 0``; a sample with both masks empty scores 1.
+    """
+    logits, target = outputs
+    iou = hard_iou(logits, target)
+    return {"iou": iou, "dice": 2.0 * iou / (1.0 + iou)}
+
+
+# --------------------------------------------------------------------------- RNG state (JSON-safe)
+
+
+def _b64_tensor(values: torch.Tensor) -> str:
+    return base64.b64encode(values.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _tensor_from_b64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    """Python, NumPy and torch (CPU, and every CUDA device when ``device`` is CUDA) RNG states as JSON."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state(legacy=True)
+    state = {
+        "python": [py_version, list(py_internal), py_gauss],
+        "numpy": [np_name, base64.b64encode(np.asarray(np_keys, dtype=np.uint32).tobytes()).decode("ascii"),
+                  int(np_pos), int(np_has_gauss), float(np_cached)],
+        "torch_cpu": _b64_tensor(torch.get_rng_state()),
+        "torch_cuda": None,
+    }
+    if device.type == "cuda" and torch.cuda.is_available():
+        state["torch_cuda"] = [_b64_tensor(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    py_version, py_internal, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_internal), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = state["numpy"]
+    keys = np.frombuffer(base64.b64decode(np_keys), dtype=np.uint32).copy()
+    np.random.set_state((np_name, keys, np_pos, np_has_gauss, np_cached))
+    torch.set_rng_state(_tensor_from_b64(state["torch_cpu"]))
+    cuda_states = state.get("torch_cuda")
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([_tensor_from_b64(s) for s in cuda_states])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python ``random``, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- checkpoint files
+
+
+def _save_tensors(obj: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint_file(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` onto the CPU; a missing or unreadable file is a ``ResumeError``."""
+    if not path.is_file():
+        raise ResumeError(f"{path}: missing; cannot resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign file
+        raise ResumeError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+
+
+def _pending_dir(run_dir: Path, epoch: int) -> Path:
+    return run_dir / f".pending_epoch_{epoch:04d}"
+
+
+def recover_run_dir(run_dir: Path) -> dict[str, Any]:
+    """Finish or discard an interrupted checkpoint write; return the committed ``epoch_state.json``.
+
+    Pending files of the committed epoch are renamed into place (the write died after the commit);
+    pending folders of later epochs are deleted (it died before); stray temp files are removed.
+    """
+    state_path = run_dir / STATE_FILE
+    if not state_path.is_file():
+        raise ResumeError(f"{state_path}: missing; cannot resume (start without resume)")
+    try:
+        state = read_json(state_path)
+        committed_epoch = int(state["epoch"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ResumeError(f"{state_path}: corrupt training state ({exc})") from None
+    for entry in sorted(run_dir.iterdir()):
+        match = PENDING_DIR_PATTERN.match(entry.name)
+        if match and entry.is_dir():
+            if int(match.group(1)) == committed_epoch:
+                _publish_pending(entry, run_dir)
+            else:
+                shutil.rmtree(entry)
+        elif entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
+            entry.unlink()
+    return state
+
+
+def _publish_pending(pending: Path, run_dir: Path) -> None:
+    for staged in sorted(pending.iterdir()):
+        if staged.name.endswith(".tmp"):
+            staged.unlink()
+        else:
+            os.replace(staged, run_dir / staged.name)
+    pending.rmdir()
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+class Trainer:
+    """Train ``model`` with AdamW + per-epoch cosine schedule; see the module docstring for the guarantees.
+
+    ``train_dataset`` / ``val_dataset``: map-style datasets whose items ``collate_fn`` (default
+    collation when ``None``) batches into whatever ``step_fn`` expects. ``tracker``: an object with
+    ``log(metrics, step)``, ``log_artifact(path, name, type, aliases)`` and ``watch(model)``.
+    ``checkpoint_hook(event, epoch)``: called on rank 0 after each checkpoint stage
+    (``"staged:<file>"``, ``"committed"``, ``"published"``); tests use it to simulate crashes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        step_fn: StepFn,
+        train_dataset: Dataset,
+        val_dataset: Dataset,
+        config: TrainerConfig,
+        run_dir: str | os.PathLike,
+        tracker: Any,
+        device: str | torch.device = "cpu",
+        metric_fn: MetricFn = segmentation_metrics,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        artifact_name: str | None = None,
+        checkpoint_hook: CheckpointHook | None = None,
+    ) -> None:
+        self.model = model
+        self.step_fn = step_fn
+        self.train_dataset = train_dataset
+        self.val_dataset = val_dataset
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.tracker = tracker
+        self.device = torch.device(device)
+        self.metric_fn = metric_fn
+        self.collate_fn = collate_fn
+        self.artifact_name = artifact_name or f"{self.run_dir.name}-best"
+        self.checkpoint_hook = checkpoint_hook
+        self.best_metric_key = f"best_{config.selection_metric}"
+
+    # ----------------------------------------------------------------- setup
+
+    def _setup(self) -> None:
+        self.dist = DistributedContext.from_env(self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.model.to(self.device)
+        cfg = self.config
+        self.use_amp = cfg.amp and self.device.type == "cuda"
+        amp_dtype = AMP_DTYPES[cfg.amp_dtype]
+        if self.use_amp and amp_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            amp_dtype = torch.float16
+        self.amp_dtype = amp_dtype
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp and amp_dtype == torch.float16)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=cfg.num_epochs, eta_min=cfg.min_lr
+        )
+        if self.dist.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model: nn.Module = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+            self.train_sampler: Sampler[int] = DistributedSampler(
+                self.train_dataset, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True, seed=cfg.seed
+            )
+        else:
+            self.train_model = self.model
+            self.train_sampler = EpochSeededSampler(len(self.train_dataset), cfg.seed)
+        self.loader_generator = torch.Generator()
+        self.train_loader = self._loader(self.train_dataset, self.train_sampler, self.loader_generator)
+        self.val_loader = self._loader(
+            self.val_dataset, ShardedSequentialSampler(len(self.val_dataset), self.dist.rank, self.dist.world_size),
+            torch.Generator().manual_seed(cfg.seed),
+        )
+        show = cfg.show_progress if cfg.show_progress is not None else sys.stderr.isatty()
+        self.show_progress = show and self.dist.is_main
+
+    def _loader(self, dataset: Dataset, sampler: Sampler[int], generator: torch.Generator) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.config.batch_size,
+            sampler=sampler,
+            num_workers=self.config.num_workers,
+            collate_fn=self.collate_fn,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=seed_worker,
+            generator=generator,
+        )
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+
+    # ----------------------------------------------------------------- state
+
+    def _fresh_state(self) -> dict[str, Any]:
+        if (self.run_dir / STATE_FILE).exists():
+            raise TrainingError(
+                f"{self.run_dir / STATE_FILE}: the run folder already holds a run; resume it or use a new run folder"
+            )
+        seed_everything(self.config.seed + self.dist.rank)
+        return {
+            "format_version": STATE_FORMAT_VERSION,
+            "epoch": 0,
+            "best_metric": None,
+            "best_epoch": None,
+            "patience_counter": 0,
+            "stopped_early": False,
+            "history": [],
+            "data_order_seed": self.config.seed,
+            "selection_metric": self.config.selection_metric,
+            "config": self.config.resume_fingerprint(),
+        }
+
+    def _resumed_state(self) -> dict[str, Any]:
+        state_path = self.run_dir / STATE_FILE
+        if not state_path.is_file():  # checked on every rank, so no rank waits at the barrier below
+            raise ResumeError(f"{state_path}: missing; cannot resume (start without resume)")
+        if self.dist.is_main:
+            recover_run_dir(self.run_dir)
+        self.dist.barrier()
+        state = read_json(state_path)
+        for key, value in self.config.resume_fingerprint().items():
+            saved = state.get("config", {}).get(key)
+            if saved != value:
+                raise ResumeError(f"{state_path}: the run was started with {key}={saved!r}, now {key}={value!r}")
+        required = list(ALWAYS_SAVED_FILES) + ([BEST_FILE] if state["best_epoch"] is not None else [])
+        for name in required:
+            if not (self.run_dir / name).is_file():
+                raise ResumeError(f"{self.run_dir / name}: missing; cannot resume")
+        self.model.load_state_dict(load_checkpoint_file(self.run_dir / MODEL_FILE))
+        self.optimizer.load_state_dict(load_checkpoint_file(self.run_dir / OPTIMIZER_FILE))
+        self.scaler.load_state_dict(load_checkpoint_file(self.run_dir / SCALER_FILE))
+        self.scheduler.load_state_dict(load_checkpoint_file(self.run_dir / SCHEDULER_FILE))
+        rng_states = state["rng_states"]
+        restore_rng_state(rng_states[self.dist.rank % len(rng_states)])
+        log.info("resumed %s after epoch %d", self.run_dir, state["epoch"])
+        return state
+
+    def _write_checkpoint(self, state: dict[str, Any], improved: bool) -> None:
+        """Stage the ``.pt`` files, commit ``epoch_state.json``, publish (rank 0; all ranks call it)."""
+        state["rng_states"] = self.dist.all_gather_object(capture_rng_state(self.device))
+        self.dist.barrier()
+        if self.dist.is_main:
+            epoch = state["epoch"]
+            pending = _pending_dir(self.run_dir, epoch)
+            shutil.rmtree(pending, ignore_errors=True)
+            pending.mkdir(parents=True)
+            model_state = _cpu_state_dict(self.model)
+            files: list[tuple[str, Any]] = [(MODEL_FILE, model_state)]
+            if improved:
+                files.append((BEST_FILE, model_state))
+            files += [
+                (OPTIMIZER_FILE, self.optimizer.state_dict()),
+                (SCALER_FILE, self.scaler.state_dict()),
+                (SCHEDULER_FILE, self.scheduler.state_dict()),
+            ]
+            for name, obj in files:
+                _save_tensors(obj, pending / name)
+                self._hook(f"staged:{name}", epoch)
+            atomic_write_json(self.run_dir / STATE_FILE, state)
+            self._hook("committed", epoch)
+            _publish_pending(pending, self.run_dir)
+            self._hook("published", epoch)
+        self.dist.barrier()
+
+    def _hook(self, event: str, epoch: int) -> None:
+        if self.checkpoint_hook is not None:
+            self.checkpoint_hook(event, epoch)
+
+    # ----------------------------------------------------------------- epochs
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        self.train_sampler.set_epoch(epoch)
+        self.loader_generator.manual_seed(self.config.seed + epoch)
+        self.train_model.train()
+        loss_sum, sample_count, data_wait, compute = 0.0, 0, 0.0, 0.0
+        progress = tqdm(total=len(self.train_loader), desc=f"epoch {epoch} train", disable=not self.show_progress, leave=False)
+        step = 0
+        fetch_start = time.perf_counter()
+        batches = iter(self.train_loader)  # starts the workers: counted as data wait
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            compute_start = time.perf_counter()
+            data_wait += compute_start - fetch_start
+            batch = move_to_device(batch, self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                loss, _ = self.step_fn(self.train_model, batch)
+            self.scaler.scale(loss).backward()
+            if self.config.grad_clip_norm is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            loss_value = float(loss.detach())  # synchronises, so compute time is not hidden in data wait
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"{self.run_dir}: epoch {epoch} step {step}: training loss is {loss_value}")
+            size = batch_size_of(batch)
+            loss_sum += loss_value * size
+            sample_count += size
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}")
+            step += 1
+            fetch_start = time.perf_counter()
+            compute += fetch_start - compute_start
+        progress.close()
+        totals = self.dist.all_reduce_sum(
+            torch.tensor([loss_sum, sample_count, data_wait, compute], dtype=torch.float64, device=self.device)
+        ).tolist()
+        return {
+            "train_loss": totals[0] / max(totals[1], 1.0),
+            "data_wait_s": totals[2] / self.dist.world_size,
+            "compute_s": totals[3] / self.dist.world_size,
+            "data_wait_fraction": totals[2] / max(totals[2] + totals[3], 1e-12),
+        }
+
+    @torch.no_grad()
+    def _validate(self, epoch: int) -> dict[str, float]:
+        # The unwrapped model: DDP forward would add collectives that uneven validation shards break.
+        self.model.eval()
+        loss_sum, sample_count = 0.0, 0
+        metric_sums: dict[str, float] = {}
+        for batch in tqdm(self.val_loader, desc=f"epoch {epoch} val", disable=not self.show_progress, leave=False):
+            batch = move_to_device(batch, self.device)
+            with self._autocast():
+                loss, outputs = self.step_fn(self.model, batch)
+            size = batch_size_of(batch)
+            loss_sum += float(loss) * size
+            sample_count += size
+            for name, values in self.metric_fn(outputs).items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + float(values.float().sum())
+        names = sorted(set().union(*self.dist.all_gather_object(sorted(metric_sums))))
+        totals = self.dist.all_reduce_sum(
+            torch.tensor([loss_sum, sample_count] + [metric_sums.get(n, 0.0) for n in names],
+                         dtype=torch.float64, device=self.device)
+        ).tolist()
+        count = max(totals[1], 1.0)
+        record = {"val_loss": totals[0] / count}
+        record.update({f"val_{name}": total / count for name, total in zip(names, totals[2:])})
+        return record
+
+    # ----------------------------------------------------------------- main loop
+
+    def fit(self, resume: bool = False) -> TrainingResult:
+        """Train (or continue a run when ``resume``) until ``num_epochs`` or early stopping."""
+        self._setup()
+        try:
+            if self.dist.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.dist.barrier()
+            state = self._resumed_state() if resume else self._fresh_state()
+            ran_epochs = self._run_epochs(state)
+            if ran_epochs and self.dist.is_main and state["best_epoch"] is not None:
+                self.tracker.log_artifact(
+                    self.run_dir / BEST_FILE, name=self.artifact_name, type="model",
+                    aliases=["best", f"epoch-{state['best_epoch']}"],
+                )
+            return TrainingResult(
+                run_dir=self.run_dir,
+                best_metric=state["best_metric"],
+                best_epoch=state["best_epoch"],
+                epochs_completed=state["epoch"],
+                stopped_early=state["stopped_early"],
+                history=state["history"],
+            )
+        finally:
+            self.dist.shutdown()
+
+    def _run_epochs(self, state: dict[str, Any]) -> int:
+        cfg = self.config
+        if self.dist.is_main:
+            self.tracker.watch(self.model)
+        ran = 0
+        for epoch in range(state["epoch"] + 1, cfg.num_epochs + 1):
+            if state["stopped_early"]:
+                break
+            epoch_start = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            record: dict[str, Any] = {"epoch": epoch, "lr": lr}
+            record.update(self._train_epoch(epoch))
+            record.update(self._validate(epoch))
+            self.scheduler.step()
+            if cfg.selection_metric not in record:
+                raise TrainingError(
+                    f"training.selection_metric: {cfg.selection_metric!r} is not among {', '.join(sorted(record))}"
+                )
+            improved = _is_better(record[cfg.selection_metric], state["best_metric"], cfg.selection_mode)
+            if improved:
+                state["best_metric"], state["best_epoch"], state["patience_counter"] = record[cfg.selection_metric], epoch, 0
+            else:
+                state["patience_counter"] += 1
+            record[self.best_metric_key] = state["best_metric"]
+            record["patience_counter"] = state["patience_counter"]
+            record["epoch_time_s"] = time.perf_counter() - epoch_start
+            state["epoch"] = epoch
+            state["history"].append(record)
+            patience = cfg.early_stop_patience
+            state["stopped_early"] = patience is not None and state["patience_counter"] >= patience
+            if self.dist.is_main:
+                # Logged before the commit: a crash in between re-runs the epoch and logs the same
+                # step again (at least once), rather than never logging it.
+                self.tracker.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+            self._write_checkpoint(state, improved)
+            ran += 1
+            if self.dist.is_main:
+                log.info(
+                    "epoch %d: train_loss %.4f val_loss %.4f %s %.4f (best %.4f @ %s) data_wait %.0f%%",
+                    epoch, record["train_loss"], record["val_loss"], cfg.selection_metric,
+                    record[cfg.selection_metric], state["best_metric"] if state["best_metric"] is not None else float("nan"),
+                    state["best_epoch"], 100 * record["data_wait_fraction"],
+                )
+            if state["stopped_early"]:
+                log.info("early stop after epoch %d (no improvement for %d epochs)", epoch, state["patience_counter"])
+        return ran
+
+
+# --------------------------------------------------------------------------- sanity check
+
+
+def sanity_check(
+    model: nn.Module,
+    step_fn: StepFn,
+    batch: Any,
+    steps: int = 300,
+    lr: float = 1e-2,
+    loss_threshold: float = 0.05,
+    device: str | torch.device = "cpu",
+) -> tuple[bool, float]:
+    """Overfit one batch with Adam; ``(True, loss)`` as soon as the loss drops below ``loss_threshold``.
+
+    A pipeline that cannot overfit a handful of samples has a bug (wrong targets, detached graph,
+    broken inputs). Returns ``(reached, final_loss)``; the model is trained in place.
+    """
+    device = torch.device(device)
+    model.to(device).train()
+    batch = move_to_device(batch, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = step_fn(model, batch)
+        loss_value = float(loss.detach())
+        if loss_value < loss_threshold:
+            return True, loss_value
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        final_loss = float(step_fn(model, batch)[0])
+    return final_loss < loss_threshold, final_loss
+

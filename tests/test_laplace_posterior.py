@@ -1,0 +1,426 @@
+"""Tests of the last-layer Laplace posterior on a tiny prompt-aware head and synthetic masks (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from laplace import Laplace
+from laplace.curvature import BackPackGGN
+
+from modules import laplace_posterior as lp
+from modules.models import PromptAwareHead
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HIDDEN_CHANNELS = 4
+SIZE = 12  # H = W of the synthetic samples
+
+
+def make_head(seed: int = 0) -> PromptAwareHead:
+    torch.manual_seed(seed)
+    head = PromptAwareHead(channels_in=3, hidden_channels=HIDDEN_CHANNELS)
+    with torch.no_grad():
+        head.final_conv.weight.mul_(3.0)
+    return head.eval()
+
+
+def make_samples(head: nn.Module, count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` samples ``(x: 3 x SIZE x SIZE, target: SIZE x SIZE)`` with targets drawn from the head itself."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, 3, SIZE, SIZE, generator=generator)
+    with torch.no_grad():
+        probability = torch.sigmoid(head(x))[:, 0]
+    targets = (torch.rand(probability.shape, generator=generator) < probability).to(torch.uint8)
+    return list(zip(x, targets))
+
+
+def all_pixel_features(head: nn.Module, samples) -> torch.Tensor:
+    x = torch.stack([sample[0] for sample in samples])
+    return lp.pixels_as_rows(lp.head_pixel_features(head, x))
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A head, its train/validation samples and a Laplace fitted with BackPACK (chunks cross samples)."""
+    head = make_head()
+    train = make_samples(head, 5, seed=1)
+    validation = make_samples(head, 4, seed=2)
+    la = lp.fit_head_laplace(head, train, backend="backpack", pixels_per_chunk=50)
+    return head, train, validation, la
+
+
+@pytest.mark.parametrize("backend", sorted(lp.LAPLACE_BACKENDS))
+def test_laplace_hessian_row1_equals_closed_form_bernoulli_ggn(backend):
+    head = make_head()
+    train = make_samples(head, 3, seed=1)
+    la = lp.fit_head_laplace(head, train, backend=backend, pixels_per_chunk=50)  # 144 px/sample: 50+50+44
+
+    features = all_pixel_features(head, train)
+    logits = features @ head.final_conv.weight.detach().reshape(-1) + head.final_conv.bias.detach()
+    diag_w, diag_b = lp.ggn_diagonal_closed_form(features, logits)
+    C = HIDDEN_CHANNELS
+    torch.testing.assert_close(la.H[C : 2 * C], diag_w, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(la.H[2 * C + 1], diag_b, rtol=1e-4, atol=1e-6)
+    assert la.n_data == 3 * SIZE * SIZE
+    assert la.state_dict()["data"] is None
+
+
+def test_probit_predictive_equals_laplace_glm_probit(fitted):
+    head, _, validation, la = fitted
+    la.prior_precision = 0.5
+    posterior = lp.LastLayerPosterior.from_laplace(head, la)
+    x = torch.stack([sample[0] for sample in validation[:2]])
+    predictive = posterior.predictive(x)
+    assert predictive["mean_prob"].shape == (2, SIZE, SIZE)
+
+    features = lp.pixels_as_rows(lp.head_pixel_features(head, x))
+    reference = la(features, pred_type="glm", link_approx="probit")[:, 1]
+    torch.testing.assert_close(predictive["mean_prob"].reshape(-1), reference, rtol=0, atol=1e-6)
+    _, f_var = la._glm_predictive_distribution(features)
+    torch.testing.assert_close(predictive["logit_var"].reshape(-1), f_var[:, 1, 1], rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(predictive["logit_mean"], head(x)[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_prior_search_scores_every_grid_value_and_picks_the_minimum(fitted):
+    head, _, validation, la = fitted
+    grid = [1e-3, 1e-1, 10.0, 1e3]
+    result = lp.tune_head_prior_precision(la, head, lp.iterate_in_batches(validation, 3), grid)
+
+    assert result.grid == tuple(grid)
+    assert result.num_pixels == 4 * SIZE * SIZE
+    assert result.best_prior_precision == grid[min(range(len(grid)), key=result.nll.__getitem__)]
+    assert float(la.prior_precision.item()) == result.best_prior_precision
+    assert len(set(result.nll)) == len(grid)  # the prior changes the predictive
+
+    features = all_pixel_features(head, validation)
+    targets = torch.stack([target for _, target in validation]).reshape(-1)
+    for value, nll in zip(grid, result.nll):
+        la.prior_precision = value
+        probability = la(features, pred_type="glm", link_approx="probit")[:, 1].clamp(1e-6, 1 - 1e-6)
+        expected = -(targets * probability.log() + (1 - targets) * (1 - probability).log()).mean()
+        assert nll == pytest.approx(float(expected), rel=1e-5)
+    la.prior_precision = result.best_prior_precision
+
+
+def test_prior_search_nll_is_finite_for_saturated_probabilities():
+    head = make_head()
+    with torch.no_grad():
+        head.final_conv.weight.fill_(500.0)
+        head.final_conv.bias.fill_(500.0)
+    samples = make_samples(head, 2, seed=3)
+    wrong = [(x, 1 - target) for x, target in samples]  # every pixel confidently wrong
+    la = lp.fit_head_laplace(head, samples)
+    posterior = lp.LastLayerPosterior.from_laplace(head, la)
+    assert bool((posterior.predictive(torch.stack([x for x, _ in wrong]))["mean_prob"] == 1.0).any())
+
+    result = lp.tune_head_prior_precision(
+        la, head, lp.iterate_in_batches(wrong, 2), [1.0, 100.0], nll_eps=1e-6
+    )
+    assert all(math.isfinite(value) for value in result.nll)
+    assert max(result.nll) <= -math.log(1e-6) + 1e-3
+
+
+def test_smaller_prior_precision_gives_larger_logit_variance(fitted):
+    head, _, validation, la = fitted
+    x = torch.stack([validation[0][0]])
+    la.prior_precision = 1e-4
+    loose = lp.LastLayerPosterior.from_laplace(head, la).predictive(x)["logit_var"]
+    la.prior_precision = 1e4
+    tight = lp.LastLayerPosterior.from_laplace(head, la).predictive(x)["logit_var"]
+    assert bool((loose > tight).all())
+
+
+def test_sample_moments_match_closed_form(fitted):
+    head, _, validation, la = fitted
+    la.prior_precision = 1.0
+    posterior = lp.LastLayerPosterior.from_laplace(head, la)
+    x = torch.stack([validation[0][0]])
+    num_samples = 4000
+    samples = posterior.sample_logits(x, num_samples, seed=11)
+    assert samples.shape == (num_samples, 1, SIZE, SIZE)
+
+    predictive = posterior.predictive(x)
+    z_score = (samples.mean(0) - predictive["logit_mean"]) / (predictive["logit_var"] / num_samples).sqrt()
+    assert float(z_score.abs().max()) < 5.0
+    variance_ratio = samples.var(0) / predictive["logit_var"]
+    assert float((variance_ratio - 1).abs().max()) < 0.12
+
+
+def test_sample_moments_match_laplace_row1_samples(fitted):
+    """Our row-1 draws have the variance of laplace-torch's ``la.sample`` row 1 (not of z1 - z0)."""
+    head, _, _, la = fitted
+    la.prior_precision = 1.0
+    C = HIDDEN_CHANNELS
+    reference = la.sample(20000, generator=torch.Generator().manual_seed(0))
+    reference_row1 = torch.cat([reference[:, C : 2 * C], reference[:, 2 * C + 1 :]], dim=1)
+    ours = lp.LastLayerPosterior.from_laplace(head, la).sample_weights(20000, seed=0)
+    torch.testing.assert_close(ours.var(0), reference_row1.var(0), rtol=0.06, atol=0)
+    torch.testing.assert_close(
+        ours.mean(0), reference_row1.mean(0), rtol=0, atol=0.05 * float(ours.std(0).max())
+    )
+
+
+def test_sampling_is_seeded(fitted):
+    head, _, validation, la = fitted
+    posterior = lp.LastLayerPosterior.from_laplace(head, la)
+    x = torch.stack([validation[0][0], validation[1][0]])
+    first = posterior.sample_logits(x, 8, seed=5)
+    assert torch.equal(first, posterior.sample_logits(x, 8, seed=5))
+    assert torch.equal(first, posterior.sample_logits(x, 8, generator=torch.Generator().manual_seed(5)))
+    assert not torch.allclose(first, posterior.sample_logits(x, 8, seed=6))
+    with pytest.raises(lp.LaplacePosteriorError, match="laplace.seed"):
+        posterior.sample_logits(x, 8, seed=5, generator=torch.Generator())
+    with pytest.raises(lp.LaplacePosteriorError, match="laplace.num_samples"):
+        posterior.sample_logits(x, 0, seed=5)
+
+
+def test_uncertainty_maps_decompose_total_entropy(fitted):
+    head, _, validation, la = fitted
+    la.prior_precision = 1e-2  # wide posterior: clearly non-zero epistemic part
+    posterior = lp.LastLayerPosterior.from_laplace(head, la)
+    x = torch.stack([validation[0][0], validation[1][0]])
+    maps = posterior.uncertainty_maps(x, 64, seed=3, samples_per_chunk=10)
+    assert set(maps) == {"mean_prob", "total_entropy", "expected_entropy", "mutual_information"}
+    assert all(value.shape == (2, SIZE, SIZE) for value in maps.values())
+    assert bool((maps["mutual_information"] >= 0).all())
+    assert float(maps["mutual_information"].max()) > 1e-3
+    torch.testing.assert_close(
+        maps["total_entropy"], maps["expected_entropy"] + maps["mutual_information"], rtol=0, atol=1e-6
+    )
+    assert float(maps["total_entropy"].max()) <= math.log(2) + 1e-6
+    torch.testing.assert_close(maps["mean_prob"], posterior.predictive(x)["mean_prob"])
+
+    # Same draws as sample_logits, evaluated chunk-wise.
+    probability = torch.sigmoid(posterior.sample_logits(x, 64, seed=3))
+    torch.testing.assert_close(
+        maps["total_entropy"], lp.binary_entropy(probability.mean(0)), rtol=0, atol=1e-5
+    )
+    torch.testing.assert_close(
+        maps["expected_entropy"], lp.binary_entropy(probability).mean(0), rtol=0, atol=1e-5
+    )
+
+
+ROUND_TRIP_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from modules import laplace_posterior as lp
+    from modules.models import PromptAwareHead
+    run_dir, head_path, inputs_path, out_path = sys.argv[1:5]
+    head = PromptAwareHead(channels_in=3, hidden_channels={channels})
+    head.load_state_dict(torch.load(head_path, weights_only=True))
+    posterior = lp.load_posterior(run_dir, head, "cpu")
+    x = torch.load(inputs_path, weights_only=True)
+    outputs = {{f"predictive/{{k}}": v for k, v in posterior.predictive(x).items()}}
+    outputs.update({{f"maps/{{k}}": v for k, v in posterior.uncertainty_maps(x, 16, seed=7).items()}})
+    outputs["samples"] = posterior.sample_logits(x, 6, seed=7)
+    torch.save(outputs, out_path)
+    """).format(channels=HIDDEN_CHANNELS)
+
+
+def posterior_outputs(posterior: lp.LastLayerPosterior, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    outputs = {f"predictive/{k}": v for k, v in posterior.predictive(x).items()}
+    outputs.update({f"maps/{k}": v for k, v in posterior.uncertainty_maps(x, 16, seed=7).items()})
+    outputs["samples"] = posterior.sample_logits(x, 6, seed=7)
+    return outputs
+
+
+def test_save_and_reload_in_a_fresh_process_is_bit_identical(tmp_path):
+    head = make_head(seed=4)
+    train = make_samples(head, 3, seed=5)
+    validation = make_samples(head, 2, seed=6)
+    la = lp.fit_head_laplace(head, train)
+    search = lp.tune_head_prior_precision(la, head, lp.iterate_in_batches(validation, 2), [1e-2, 1.0, 100.0])
+    head_path = tmp_path / "head.pt"
+    torch.save(head.state_dict(), head_path)
+    from modules.fileio import file_md5
+
+    meta = lp.PosteriorMeta.for_head(la, "backpack", search, file_md5(head_path))
+    run_dir = tmp_path / "laplace"
+    config = {"backend": "backpack", "prior_precision_grid": [1e-2, 1.0, 100.0], "num_samples": 16, "seed": 7}
+    lp.save_posterior(run_dir, la, meta, config)
+
+    assert sorted(path.name for path in run_dir.iterdir()) == sorted(
+        [lp.STATE_FILE, lp.CONFIG_FILE, lp.META_FILE]
+    )
+    state = torch.load(run_dir / lp.STATE_FILE, weights_only=True)
+    assert state["data"] is None and state["_last_layer_name"] == lp.LAST_LAYER_NAME
+    assert yaml.safe_load((run_dir / lp.CONFIG_FILE).read_text()) == config
+    saved_meta = json.loads((run_dir / lp.META_FILE).read_text())
+    assert saved_meta["n_data"] == 3 * SIZE * SIZE
+    assert saved_meta["num_parameters"] == 2 * HIDDEN_CHANNELS + 2
+    assert saved_meta["prior_precision"] == search.best_prior_precision
+    assert saved_meta["prior_precision_nll"] == list(search.nll)
+    assert saved_meta["source_checkpoint_md5"] == file_md5(head_path)
+    assert set(saved_meta["library_versions"]) == {"torch", "laplace-torch"}
+
+    x = torch.stack([sample[0] for sample in validation])
+    inputs_path, out_path = tmp_path / "x.pt", tmp_path / "reloaded.pt"
+    torch.save(x, inputs_path)
+    expected = posterior_outputs(lp.LastLayerPosterior.from_laplace(head, la), x)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            ROUND_TRIP_SCRIPT,
+            str(run_dir),
+            str(head_path),
+            str(inputs_path),
+            str(out_path),
+        ],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    reloaded = torch.load(out_path, weights_only=True)
+    assert reloaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(reloaded[key], value), key
+
+
+def test_load_rejects_another_checkpoint_and_missing_files(tmp_path, fitted):
+    head, _, _, la = fitted
+    lp.save_posterior(
+        tmp_path,
+        la,
+        lp.PosteriorMeta.for_head(la, "backpack", lp.PriorSearchResult((1.0,), (0.5,), 1.0, 1), "md5"),
+        {},
+    )
+    with pytest.raises(lp.LaplacePosteriorError, match="another checkpoint"):
+        lp.load_posterior(tmp_path, make_head(seed=9), "cpu")
+    with pytest.raises(lp.LaplacePosteriorError, match="posterior_meta.json: missing"):
+        lp.load_posterior(tmp_path / "absent", head, "cpu")
+    (tmp_path / lp.STATE_FILE).write_bytes(b"not a torch file")
+    with pytest.raises(lp.LaplacePosteriorError, match="laplace_state.pt: unreadable"):
+        lp.load_posterior(tmp_path, head, "cpu")
+
+
+def test_bad_configuration_and_inputs_raise_one_line_errors(fitted):
+    head, train, validation, la = fitted
+    with pytest.raises(lp.LaplacePosteriorError, match="laplace.backend"):
+        lp.build_head_laplace(head, backend="kfac")
+    with pytest.raises(lp.LaplacePosteriorError, match="laplace.target_layer"):
+        lp.build_head_laplace(nn.Sequential(nn.Conv2d(3, 2, 1)))
+    with pytest.raises(lp.LaplacePosteriorError, match="laplace.prior_precision_grid"):
+        lp.tune_head_prior_precision(la, head, lp.iterate_in_batches(validation, 2), [])
+    soft = [(x, target.float() * 0.7) for x, target in train]
+    with pytest.raises(lp.LaplacePosteriorError, match="training sample 0: target must be a binary"):
+        lp.fit_head_laplace(head, soft)
+    la.prior_precision = 1.0
+
+
+# --------------------------------------------------------------------------- SAM decoder hypernetwork target
+
+
+def hypernet_case(seed: int = 0, prompts: int = 2, channels: int = 3, token_dim: int = 5, size: int = 4):
+    generator = torch.Generator().manual_seed(seed)
+    upscaled = torch.randn(prompts, channels, size, size, generator=generator)
+    tokens = torch.randn(prompts, token_dim, generator=generator)
+    weight = torch.randn(channels, token_dim, generator=generator) * 0.5
+    bias = torch.randn(channels, generator=generator) * 0.5
+    logits = torch.einsum("pkhw,pk->phw", upscaled, tokens @ weight.T + bias)
+    return upscaled, tokens, weight, bias, logits
+
+
+def hypernet_pixel_features(upscaled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Brute force: per pixel ``[vec(outer(u, h)), u]``, ``(P*H*W) x (K*J + K)``."""
+    rows = []
+    for p in range(upscaled.shape[0]):
+        for i in range(upscaled.shape[2]):
+            for j in range(upscaled.shape[3]):
+                u = upscaled[p, :, i, j]
+                rows.append(torch.cat([torch.outer(u, tokens[p]).reshape(-1), u]))
+    return torch.stack(rows)
+
+
+def test_hypernet_ggn_factorised_equals_brute_force():
+    upscaled, tokens, weight, bias, logits = hypernet_case()
+    diag_weight, diag_bias = lp.hypernet_ggn_diagonal(upscaled, tokens, logits)
+    features = hypernet_pixel_features(upscaled, tokens)
+    brute_force, _ = lp.ggn_diagonal_closed_form(features, logits.reshape(-1))
+    K, J = weight.shape
+    torch.testing.assert_close(diag_weight, brute_force[: K * J].reshape(K, J), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(diag_bias, brute_force[K * J :], rtol=1e-5, atol=1e-7)
+
+    accumulated_weight, accumulated_bias, n_pixels = lp.hypernet_ggn_from_batches(
+        weight,
+        bias,
+        [lp.HypernetInputs(upscaled[:1], tokens[:1]), lp.HypernetInputs(upscaled[1:], tokens[1:])],
+    )
+    torch.testing.assert_close(accumulated_weight, diag_weight)
+    torch.testing.assert_close(accumulated_bias, diag_bias)
+    assert n_pixels == logits.numel()
+
+
+def test_hypernet_posterior_matches_laplace_torch_on_explicit_features():
+    upscaled, tokens, weight, bias, logits = hypernet_case(seed=1)
+    K, J = weight.shape
+    features = hypernet_pixel_features(upscaled, tokens)
+    linear = nn.Linear(K * J + K, 2, bias=False)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.weight[1] = torch.cat([weight.reshape(-1), bias])
+    targets = (
+        torch.rand(logits.numel(), generator=torch.Generator().manual_seed(2))
+        < torch.sigmoid(logits.reshape(-1))
+    ).long()
+    la = Laplace(
+        nn.Sequential(linear),
+        "classification",
+        subset_of_weights="last_layer",
+        hessian_structure="diag",
+        last_layer_name="0",
+        backend=BackPackGGN,
+        prior_precision=0.3,
+    )
+    la.fit(DataLoader(TensorDataset(features, targets), batch_size=10))
+
+    diag_weight, diag_bias = lp.hypernet_ggn_diagonal(upscaled, tokens, logits)
+    D = K * J + K
+    torch.testing.assert_close(
+        la.H[D:], torch.cat([diag_weight.reshape(-1), diag_bias]), rtol=1e-4, atol=1e-6
+    )
+
+    posterior = lp.HypernetPosterior.from_ggn(weight, bias, diag_weight, diag_bias, prior_precision=0.3)
+    predictive = posterior.predictive(lp.HypernetInputs(upscaled, tokens))
+    reference = la(features, pred_type="glm", link_approx="probit")[:, 1]
+    torch.testing.assert_close(predictive["mean_prob"].reshape(-1), reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(predictive["logit_mean"], logits, rtol=1e-5, atol=1e-6)
+    brute_force_var = features.square() @ posterior.weight_variance
+    torch.testing.assert_close(predictive["logit_var"].reshape(-1), brute_force_var, rtol=1e-5, atol=1e-7)
+
+
+def test_hypernet_samples_are_seeded_coherent_and_match_moments():
+    upscaled, tokens, weight, bias, logits = hypernet_case(seed=3)
+    diag_weight, diag_bias = lp.hypernet_ggn_diagonal(upscaled, tokens, logits)
+    posterior = lp.HypernetPosterior.from_ggn(weight, bias, diag_weight, diag_bias, prior_precision=1.0)
+    inputs = lp.HypernetInputs(upscaled, tokens)
+    samples = posterior.sample_logits(inputs, 4000, seed=1)
+    assert samples.shape == (4000, *logits.shape)
+    assert torch.equal(samples, posterior.sample_logits(inputs, 4000, seed=1))
+
+    # Each sample is one weight draw applied to every pixel: recompute sample 0 by hand.
+    drawn = posterior.sample_weights(4000, seed=1)[0]
+    K, J = weight.shape
+    hyper = tokens @ drawn[: K * J].reshape(K, J).T + drawn[K * J :]
+    torch.testing.assert_close(samples[0], torch.einsum("pkhw,pk->phw", upscaled, hyper))
+
+    predictive = posterior.predictive(inputs)
+    z_score = (samples.mean(0) - predictive["logit_mean"]) / (predictive["logit_var"] / 4000).sqrt()
+    assert float(z_score.abs().max()) < 5.0
+    assert float((samples.var(0) / predictive["logit_var"] - 1).abs().max()) < 0.12
+    maps = posterior.uncertainty_maps(inputs, 32, seed=2)
+    assert bool((maps["mutual_information"] >= 0).all())
+
+    restored = lp.HypernetPosterior.from_state_dict(posterior.state_dict())
+    assert torch.equal(restored.sample_logits(inputs, 3, seed=4), posterior.sample_logits(inputs, 3, seed=4))
