@@ -53,6 +53,7 @@ from laplace.baselaplace import ParametricLaplace
 from laplace.curvature import AsdlGGN, BackPackGGN, CurvlinopsGGN
 from laplace.curvature.curvature import CurvatureInterface
 
+from modules.entropy import binary_entropy, binary_entropy_from_logits
 from modules.config import PipelineError
 from modules.fileio import atomic_write_bytes, atomic_write_json, atomic_write_yaml, read_json
 
@@ -104,19 +105,6 @@ def binary_nll(probability: torch.Tensor, target: torch.Tensor, eps: float = DEF
     clamped = probability.clamp(eps, 1.0 - eps)
     target = target.to(clamped.dtype)
     return -(target * torch.log(clamped) + (1.0 - target) * torch.log1p(-clamped))
-
-
-def binary_entropy(probability: torch.Tensor) -> torch.Tensor:
-    """Entropy of Bernoulli(p) in nats, elementwise; exact 0 at p = 0 and p = 1."""
-    return -(
-        torch.special.xlogy(probability, probability)
-        + torch.special.xlogy(1.0 - probability, 1.0 - probability)
-    )
-
-
-def binary_entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of Bernoulli(sigmoid(z)) in nats, computed stably as ``softplus(z) - z * sigmoid(z)``."""
-    return F.softplus(logits) - logits * torch.sigmoid(logits)
 
 
 def ggn_diagonal_closed_form(

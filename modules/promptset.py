@@ -7,6 +7,13 @@ cached logits, the prompt maps and the head. A pixel centre maps as
 Boxes are ``x0, y0, x1, y1`` with inclusive pixel indices (as torchvision's ``masks_to_boxes``);
 their FRAME256 version maps the box edges (``x0 * 256 / W`` and ``(x1 + 1) * 256 / W``).
 
+Padding. Decoding several prompt sets in one batched SAM call pads their point lists with
+label -1 ("not a point") tokens, and SAM's decoder attends to those tokens: a prompt set's
+logits would depend on which other prompt sets shared the call. So every record carries one
+canonical ``point_width`` (``2 * max_pairs + 1``: at least one padding point, as SAM's own
+predictor adds for point-only prompts) and ``promptset_tensors`` always pads to it. A prompt set
+then decodes to the same logits alone, in its sample's batch, or perturbed in evaluation.
+
 Seeding. Every prompt set draws from its own ``np.random.SeedSequence((prompt_seed, id_key,
 index))`` where ``id_key`` is derived from the canonical sample id, so a sample's prompts do not
 depend on file order, process count, sharding, or how many prompt sets exist.
@@ -22,7 +29,7 @@ import numpy as np
 import torch
 
 FRAME = 256
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def sample_key(sample_id: str) -> int:
@@ -39,6 +46,11 @@ class PromptSpec:
     prompt_seed: int
     gaussian_sigma: float
     box_jitter: float
+
+
+def point_width(spec: PromptSpec) -> int:
+    """The canonical padded length of every prompt set's point list (see the module docstring)."""
+    return 2 * spec.max_pairs + 1
 
 
 def tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -115,6 +127,7 @@ def build_promptset_record(sample: dict, split: str, mask: np.ndarray, num_sets:
         "image_w": int(mask.shape[1]),
         "frame": FRAME,
         "gaussian_sigma": spec.gaussian_sigma,
+        "point_width": point_width(spec),
         "source": source,
         "promptsets": sets,
     }
@@ -156,10 +169,11 @@ def gaussian_prompt_maps(points_256: torch.Tensor, labels: torch.Tensor, sigma: 
 
 
 def promptset_tensors(record: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All prompt sets of one record, padded: points ``P x N x 2`` (original coords), labels
-    ``P x N`` (-1 = padding), points_256 ``P x N x 2``, boxes ``P x 4`` (original coords)."""
+    """All prompt sets of one record, padded to the record's canonical ``point_width`` N: points
+    ``P x N x 2`` (original coords), labels ``P x N`` (-1 = padding), points_256 ``P x N x 2``,
+    boxes ``P x 4`` (original coords)."""
     sets = record["promptsets"]
-    width = max(len(s["labels"]) for s in sets)
+    width = record.get("point_width") or max(len(s["labels"]) for s in sets) + 1
     count = len(sets)
     points = torch.zeros(count, width, 2)
     points_256 = torch.zeros(count, width, 2)

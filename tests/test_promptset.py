@@ -94,7 +94,8 @@ def test_gaussian_prompt_maps_match_brute_force():
 def test_promptset_tensors_pad_with_minus_one():
     record = record_for("g/a", blob_mask(), num_sets=5)
     points, labels, points_256, boxes = promptset_tensors(record)
-    width = max(2 * ps["k"] for ps in record["promptsets"])
+    width = 2 * SPEC.max_pairs + 1  # canonical: independent of which prompt sets the record holds
+    assert record["point_width"] == width
     assert points.shape == (5, width, 2) and labels.shape == (5, width) and boxes.shape == (5, 4)
     for i, ps in enumerate(record["promptsets"]):
         assert (labels[i, : 2 * ps["k"]] >= 0).all() and (labels[i, 2 * ps["k"]:] == -1).all()

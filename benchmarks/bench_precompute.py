@@ -1,0 +1,162 @@
+"""Stage-3 throughput: encoder ceiling vs. this stage vs. the seed's naive loop, same model and images.
+
+(a) encoder only: the N images are decoded and preprocessed BEFORE the clock starts; timed is
+    only ``backbone.encode`` on batches of ``--batch-size`` (the ceiling of any stage-3 design).
+(b) this stage: ``modules.precompute.run_precompute`` into a fresh temporary project root
+    (image decoding in DataLoader workers, batched encoder, one decoder call per image, HDF5).
+(c) the seed's naive loop: per image read + preprocess + a batch-of-one encode, then per prompt
+    set one decoder call and one folder with logits.npy, pos_map.npy, neg_map.npy, meta.json.
+
+Usage: python benchmarks/bench_precompute.py --family sam --model-type demo_tiny --images 8
+       --promptsets 10 --device cpu [--checkpoint PATH] (random weights when no checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from modules.backbones import build_model, load_backbone  # noqa: E402
+from modules.config import load_config  # noqa: E402
+from modules.imageio import read_image_rgb  # noqa: E402
+from modules.manifest import SPLITS, load_split_manifest  # noqa: E402
+from modules.precompute import run_precompute  # noqa: E402
+from modules.promptset import gaussian_prompt_maps, load_promptsets, promptset_tensors  # noqa: E402
+from modules.stage import Shard  # noqa: E402
+
+
+def write_images(root: Path, count: int, height: int, width: int) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        group = f"g{i % 2}"
+        (root / "images" / group).mkdir(parents=True, exist_ok=True)
+        (root / "masks" / group).mkdir(parents=True, exist_ok=True)
+        yy, xx = np.mgrid[:height, :width]
+        mask = (yy - height / 2) ** 2 + (xx - width / 2 - 10 * (i % 5)) ** 2 < (min(height, width) / 4) ** 2
+        image = rng.integers(0, 150, (height, width, 3), dtype=np.uint8)
+        image[mask] += 90
+        Image.fromarray(image).save(root / "images" / group / f"s{i:04d}.jpg", quality=90)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / group / f"s{i:04d}.png")
+
+
+def make_project(folder: Path, args, checkpoint: Path) -> Path:
+    write_images(folder / "data", args.images, args.height, args.width)
+    config = {
+        "data": {"images_root": str(folder / "data/images"), "masks_root": str(folder / "data/masks"),
+                 "project_root": str(folder / "project"), "split_fractions": [1.0, 0.0, 0.0]},
+        "demo": {"enabled": False},
+        "prompt_generation": {f"num_promptsets_{s}": args.promptsets for s in SPLITS},
+        "sam": {"family": args.family, "model_type": args.model_type, "checkpoint": str(checkpoint),
+                "device": args.device, "encoder_batch_size": args.batch_size, "num_workers": args.workers},
+        "wandb": {"enabled": False},
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for script in ("build_manifests.py", "generate_promptsets.py"):
+        subprocess.run([sys.executable, str(REPO / script), "--config", str(path)], check=True,
+                       capture_output=True, cwd=REPO)
+    return path
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_encoder(backbone, rows, batch_size) -> float:
+    pixels = [backbone.preprocess(read_image_rgb(r["image_path"])) for r in rows]
+    synchronize(backbone.device)
+    start = time.perf_counter()
+    for i in range(0, len(pixels), batch_size):
+        batch = torch.stack(pixels[i:i + batch_size]).to(backbone.device, non_blocking=True)
+        backbone.encode(batch)
+    synchronize(backbone.device)
+    return time.perf_counter() - start
+
+
+def bench_naive(backbone, project_root: Path, rows, sigma: float, out: Path) -> float:
+    synchronize(backbone.device)
+    start = time.perf_counter()
+    for row in rows:
+        image = read_image_rgb(row["image_path"])
+        features = backbone.encode(backbone.preprocess(image)[None].to(backbone.device))
+        record = load_promptsets(project_root, "train", row["safe_id"])
+        for prompt_set in record["promptsets"]:
+            single = {**record, "promptsets": [prompt_set]}
+            points, labels, points_256, _ = promptset_tensors(single)
+            logits, iou = backbone.decode(features, image.shape[:2], points, labels, None, None, True)
+            best = int(iou[0].argmax())
+            maps = gaussian_prompt_maps(points_256, labels, sigma)[0]
+            folder = out / row["safe_id"] / f"promptset_{prompt_set['promptset_id']:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            np.save(folder / "logits_256.npy", logits[0, best].cpu().numpy().astype(np.float16))
+            np.save(folder / "pos_map.npy", maps[0].numpy().astype(np.float16))
+            np.save(folder / "neg_map.npy", maps[1].numpy().astype(np.float16))
+            (folder / "meta.json").write_text(json.dumps({"iou": iou[0].tolist(), "branch": best}))
+    synchronize(backbone.device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="sam")
+    parser.add_argument("--model-type", default="demo_tiny")
+    parser.add_argument("--checkpoint", default=None, help="default: random weights saved to a temp file")
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--promptsets", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=640)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench_precompute_") as tmp:
+        folder = Path(tmp)
+        checkpoint = Path(args.checkpoint) if args.checkpoint else folder / "random.pt"
+        if not args.checkpoint:
+            torch.manual_seed(0)
+            torch.save(build_model(args.family, args.model_type).state_dict(), checkpoint)
+        config = make_project(folder, args, checkpoint)
+        cfg = load_config(config)
+        backbone = load_backbone(args.family, args.model_type, checkpoint, args.device)
+        rows = load_split_manifest(cfg.project_root, "train").to_dict("records")
+        backbone.encode(backbone.preprocess(read_image_rgb(rows[0]["image_path"]))[None].to(backbone.device))  # warm-up
+
+        encoder_s = bench_encoder(backbone, rows, args.batch_size)
+        start = time.perf_counter()
+        result = run_precompute(cfg, backbone, Shard())
+        stage_s = time.perf_counter() - start
+        naive_s = bench_naive(backbone, cfg.project_root, rows, cfg.prompt_generation.gaussian_sigma,
+                              folder / "naive")
+        assert result.counts.done == len(rows), result.counts
+        cache_bytes = result.shard_path.stat().st_size
+        naive_bytes = sum(p.stat().st_size for p in (folder / "naive").rglob("*") if p.is_file())
+
+    n, p = len(rows), args.promptsets
+    print(f"model {args.family}/{args.model_type}, device {args.device}, {n} images "
+          f"{args.height}x{args.width}, {p} prompt sets each, encoder batch {args.batch_size}, "
+          f"{args.workers} workers, torch threads {torch.get_num_threads()}")
+    for name, seconds in (("(a) encoder only", encoder_s), ("(b) this stage", stage_s), ("(c) naive loop", naive_s)):
+        print(f"{name:18s} {seconds:8.2f} s  {n / seconds:8.3f} images/s  {n * p / seconds:8.2f} prompt sets/s")
+    print(f"b/a (fraction of the encoder ceiling): {encoder_s / stage_s:.3f}")
+    print(f"b/c (speed-up over the naive loop):    {naive_s / stage_s:.3f}")
+    print(f"cache: {cache_bytes / n / 2**20:.2f} MiB per image, {cache_bytes / (n * p) / 2**10:.1f} KiB per prompt set "
+          f"(naive files: {naive_bytes / (n * p) / 2**10:.1f} KiB per prompt set)")
+
+
+if __name__ == "__main__":
+    main()

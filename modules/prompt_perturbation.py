@@ -1,0 +1,184 @@
+"""Prompt perturbation: K predictions from the original prompt and K-1 jittered copies, decoded on the
+cached image embedding in one batched decoder call (no encoder pass).
+
+The jitter is SAM's own training noise, as the reference systems use it (``shared/reference/methods.md``):
+
+- Boxes: each coordinate moves by ``uniform[-1, 1] * min(0.1 * side, 20 px)``, with ``side`` the box's
+  width for x coordinates and its height for y (inclusive pixel boxes: ``x1 - x0 + 1``), clamped to the
+  image; if a one- or few-pixel box ends up with ``x0 > x1`` the pair is swapped.
+- Points: each coordinate moves by ``uniform[-20, 20] px``, clamped to the image; each moved point's
+  label is RE-READ from the ground-truth mask at the pixel nearest to its new position (positive if
+  inside). Padding points (label -1) are neither moved nor relabelled. This uses the ground truth, as
+  the reference does: it simulates an annotator clicking near the same spot.
+
+Pixel frame: SAM's "20 px" is in its 1024-pixel input frame (the longest side resized to 1024). We
+apply the noise in ORIGINAL pixels, so every pixel amount is multiplied by ``max(H, W) / 1024``
+(``reference_side``): the jitter covers the same fraction of the image whatever its resolution.
+
+Seeding: prompt set ``p`` draws from ``np.random.default_rng(SeedSequence((seed, sample_key,
+promptset_id)))``: its K-1 copies do not depend on the other prompt sets, their order or their number.
+Within one generator the K-1 point noises are drawn first, then the K-1 box noises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from modules.config import ConfigError
+from modules.promptset import sample_key as sample_key_of_id
+from modules.tta import decode_selected_logits
+
+SAM_REFERENCE_SIDE = 1024
+MAGNITUDES_KEY = "prompt_perturbation"
+
+
+@dataclass(frozen=True)
+class PerturbationMagnitudes:
+    """Jitter sizes; pixel amounts are in a ``reference_side`` frame (SAM's 1024 by default)."""
+
+    point_noise_px: float = 20.0
+    box_noise_fraction: float = 0.1
+    box_noise_max_px: float = 20.0
+    reference_side: float = SAM_REFERENCE_SIDE
+
+    def __post_init__(self) -> None:
+        for name in ("point_noise_px", "box_noise_fraction", "box_noise_max_px"):
+            if not float(getattr(self, name)) >= 0.0:
+                raise ConfigError(f"{MAGNITUDES_KEY}.{name}: must be >= 0, got {getattr(self, name)}")
+        if not float(self.reference_side) > 0.0:
+            raise ConfigError(f"{MAGNITUDES_KEY}.reference_side: must be > 0, got {self.reference_side}")
+
+    def pixel_scale(self, hw: tuple[int, int]) -> float:
+        """ORIGINAL pixels per reference-frame pixel: ``max(H, W) / reference_side``."""
+        return max(int(hw[0]), int(hw[1])) / float(self.reference_side)
+
+
+def perturbation_rng(seed: int, sample_key: int, promptset_id: int) -> np.random.Generator:
+    """The generator of one prompt set's copies: ``SeedSequence((seed, sample_key, promptset_id))``."""
+    return np.random.default_rng(np.random.SeedSequence((int(seed), int(sample_key), int(promptset_id))))
+
+
+def _as_key(sample_key: int | str) -> int:
+    return sample_key_of_id(sample_key) if isinstance(sample_key, str) else int(sample_key)
+
+
+def perturbed_prompts(
+    points: torch.Tensor,
+    labels: torch.Tensor,
+    boxes: torch.Tensor,
+    gt_mask: np.ndarray,
+    num_samples: int,
+    seed: int,
+    sample_key: int | str,
+    promptset_ids: Sequence[int] | None = None,
+    magnitudes: PerturbationMagnitudes = PerturbationMagnitudes(),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The original prompts plus ``num_samples - 1`` jittered copies of each.
+
+    Args:
+        points: ``P x N x 2`` (x, y) ORIGINAL pixel coordinates; labels: ``P x N`` (1, 0, -1 padding);
+            boxes: ``P x 4`` inclusive ORIGINAL pixel boxes.
+        gt_mask: ``H x W`` bool ground truth at ORIGINAL resolution (defines the image size and the
+            re-read labels).
+        num_samples: K >= 1 (sample 0 is the unperturbed prompt).
+        seed, sample_key: see the module docstring; a string key is hashed with
+            ``promptset.sample_key`` (the sample id).
+        promptset_ids: ``P`` ids for seeding (default ``0 .. P-1``).
+
+    Returns:
+        ``points`` ``K*P x N x 2`` float32, ``labels`` ``K*P x N`` int64, ``boxes`` ``K*P x 4`` float32,
+        sample-major: rows ``k*P .. k*P + P - 1`` are sample ``k`` (``reshape(K, P, ...)`` splits them).
+    """
+    num_samples = int(num_samples)
+    if num_samples < 1:
+        raise ConfigError(f"{MAGNITUDES_KEY}.num_samples: must be at least 1, got {num_samples}")
+    points_np = torch.as_tensor(points).detach().cpu().numpy().astype(np.float64)
+    labels_np = torch.as_tensor(labels).detach().cpu().numpy().astype(np.int64)
+    boxes_np = torch.as_tensor(boxes).detach().cpu().numpy().astype(np.float64)
+    mask = np.asarray(gt_mask, dtype=bool)
+    num_sets, num_points = labels_np.shape
+    if points_np.shape != (num_sets, num_points, 2) or boxes_np.shape != (num_sets, 4) or mask.ndim != 2:
+        raise ValueError(f"perturbed_prompts: expected points P x N x 2, labels P x N, boxes P x 4, mask H x W; got "
+                         f"{points_np.shape}, {labels_np.shape}, {boxes_np.shape}, {mask.shape}")
+    ids = list(range(num_sets)) if promptset_ids is None else [int(i) for i in promptset_ids]
+    if len(ids) != num_sets:
+        raise ValueError(f"perturbed_prompts: {len(ids)} promptset_ids for {num_sets} prompt sets")
+    height, width = mask.shape
+    copies = num_samples - 1
+    key = _as_key(sample_key)
+
+    # Unit noise in [-1, 1], drawn per prompt set from its own generator: (K-1) x P x ...
+    point_unit = np.empty((copies, num_sets, num_points, 2))
+    box_unit = np.empty((copies, num_sets, 4))
+    for p, promptset_id in enumerate(ids):
+        rng = perturbation_rng(seed, key, promptset_id)
+        point_unit[:, p] = rng.uniform(-1.0, 1.0, size=(copies, num_points, 2))
+        box_unit[:, p] = rng.uniform(-1.0, 1.0, size=(copies, 4))
+
+    scale = magnitudes.pixel_scale((height, width))
+    upper = np.array([width - 1, height - 1], dtype=np.float64)
+    valid = labels_np >= 0  # P x N; padding keeps its coordinates and label
+    moved = points_np[None] + point_unit * (magnitudes.point_noise_px * scale)
+    moved = np.where(valid[None, ..., None], np.clip(moved, 0.0, upper), points_np[None])
+    columns = np.clip(np.rint(moved[..., 0]).astype(np.int64), 0, width - 1)
+    rows = np.clip(np.rint(moved[..., 1]).astype(np.int64), 0, height - 1)
+    relabelled = np.where(valid[None], mask[rows, columns].astype(np.int64), labels_np[None])
+
+    sides = boxes_np[:, 2:4] - boxes_np[:, 0:2] + 1.0  # P x 2 (width, height)
+    bound = np.minimum(magnitudes.box_noise_fraction * sides, magnitudes.box_noise_max_px * scale)
+    jittered = boxes_np[None] + box_unit * np.concatenate([bound, bound], axis=1)[None]
+    jittered = np.clip(jittered, 0.0, np.concatenate([upper, upper]))
+    low = np.minimum(jittered[..., 0:2], jittered[..., 2:4])
+    high = np.maximum(jittered[..., 0:2], jittered[..., 2:4])
+    jittered = np.concatenate([low, high], axis=-1)
+
+    all_points = np.concatenate([points_np[None], moved]).reshape(num_samples * num_sets, num_points, 2)
+    all_labels = np.concatenate([labels_np[None], relabelled]).reshape(num_samples * num_sets, num_points)
+    all_boxes = np.concatenate([boxes_np[None], jittered]).reshape(num_samples * num_sets, 4)
+    return (torch.from_numpy(all_points).float(), torch.from_numpy(all_labels).long(),
+            torch.from_numpy(all_boxes).float())
+
+
+def prompt_perturbation_predict(
+    backbone,
+    features: Mapping[str, torch.Tensor],
+    original_hw: tuple[int, int],
+    points: torch.Tensor,
+    labels: torch.Tensor,
+    boxes: torch.Tensor,
+    gt_mask: np.ndarray,
+    num_samples: int,
+    prompt_mode: str,
+    multimask_policy: str,
+    seed: int,
+    sample_key: int | str,
+    promptset_ids: Sequence[int] | None = None,
+    magnitudes: PerturbationMagnitudes = PerturbationMagnitudes(),
+) -> torch.Tensor:
+    """Foreground probabilities of the K prompt variants, from ONE decoder call on the cached embedding.
+
+    Args:
+        backbone: a ``modules.backbones.Backbone`` (only ``decode`` is used).
+        features: the cached encoder features of one image (``name -> C x h x w`` or ``1 x C x h x w``).
+        original_hw: ``(H, W)`` of the ORIGINAL image; must equal ``gt_mask.shape``.
+        points, labels, boxes, gt_mask, num_samples, seed, sample_key, promptset_ids, magnitudes:
+            as ``perturbed_prompts``.
+        prompt_mode, multimask_policy: as ``sam.prompt_mode`` / ``sam.multimask_policy``.
+
+    Returns:
+        ``K x P x 256 x 256`` float32 on ``backbone.device`` in FRAME256; sample 0 is the original prompt.
+    """
+    original_hw = (int(original_hw[0]), int(original_hw[1]))
+    if tuple(np.shape(gt_mask)) != original_hw:
+        raise ValueError(f"prompt_perturbation_predict: gt_mask shape {np.shape(gt_mask)} != original_hw {original_hw}")
+    num_sets = int(torch.as_tensor(labels).shape[0])
+    all_points, all_labels, all_boxes = perturbed_prompts(
+        points, labels, boxes, gt_mask, num_samples, seed, sample_key, promptset_ids, magnitudes
+    )
+    logits = decode_selected_logits(backbone, features, original_hw, all_points, all_labels, all_boxes,
+                                  prompt_mode, multimask_policy)
+    return torch.sigmoid(logits).reshape(int(num_samples), num_sets, *logits.shape[-2:]).float()

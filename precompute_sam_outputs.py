@@ -1,0 +1,19 @@
+"""Stage 3: run the frozen SAM once per image; cache its features and per-prompt-set logits.
+
+Writes ``<project_root>/sam_cache/<backbone_id>/shard-III-of-NNN.h5`` (one file per shard;
+``--num-shards/--shard-index``, torchrun or a SLURM array split the samples). Complete images
+are skipped; a damaged shard file is salvaged and only what it lost is recomputed.
+"""
+
+from modules import precompute
+from modules.stage import default_argument_parser, resolve_shard, stage_context
+
+
+def main() -> None:
+    args = default_argument_parser(__doc__.splitlines()[0], sharded=True).parse_args()
+    with stage_context("precompute_sam_outputs", args, output_dir="sam_cache") as ctx:
+        precompute.run_stage(ctx, resolve_shard(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Stage 3 end to end on a tiny project: shapes, decoder consistency, SIGKILL + resume,
+truncated shard repair, invalidation by prompt-set md5 and checkpoint, two-shard equivalence."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from modules import sam_cache
+from modules.backbones import load_backbone, registered_backbones
+from modules.config import load_config
+from modules.precompute import KILL_AFTER_IMAGES_ENV, run_precompute
+from modules.promptset import promptset_path, promptset_tensors
+from modules.sam_cache import SamCache
+from modules.stage import Shard
+from tests.helpers.precompute_fixtures import make_project, save_random_checkpoint
+from tests.stage_runner import REPO, run_stage
+
+SCRIPT = "precompute_sam_outputs.py"
+
+
+def sam_overrides(family, model_type, checkpoint):
+    return ["--set", f"sam.family={family}", "--set", f"sam.model_type={model_type}",
+            "--set", f"sam.checkpoint={checkpoint}"]
+
+
+def all_arrays(project_root):
+    cache = SamCache(project_root)
+    result = {}
+    for safe_id in cache.sample_ids():
+        entry = cache.entry(safe_id, verify=True)
+        result[safe_id] = {**{f"f/{k}": v for k, v in entry.features.items()}, "logits": entry.logits,
+                           "ids": entry.promptset_ids, "branch": entry.branch_index, "iou": entry.iou_predictions,
+                           "hw": np.array(entry.original_hw + entry.input_hw)}
+    return result
+
+
+def assert_caches_equal(a, b):
+    assert sorted(a) == sorted(b) and a
+    for safe_id in a:
+        for name in a[safe_id]:
+            np.testing.assert_array_equal(a[safe_id][name], b[safe_id][name], err_msg=f"{safe_id} {name}")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A tiny project (4 images, demo_tiny random weights) and its uninterrupted cache."""
+    folder = tmp_path_factory.mktemp("stage3")
+    checkpoint = save_random_checkpoint("sam", "demo_tiny", folder / "demo_tiny.pt", seed=1)
+    config = make_project(folder / "base", per_group=2,
+                          overrides={"prompt_generation": {"num_promptsets_train": 3, "num_promptsets_val": 2,
+                                                           "num_promptsets_test": 2}})
+    pristine = folder / "pristine"  # stages 1-2 only, copied for each scenario
+    shutil.copytree(folder / "base" / "project", pristine)
+    run_stage(SCRIPT, config, *sam_overrides("sam", "demo_tiny", checkpoint))
+    reference = all_arrays(folder / "base" / "project")
+    return {"folder": folder, "config": config, "checkpoint": checkpoint, "pristine": pristine,
+            "reference": reference}
+
+
+def fresh_project(demo, name):
+    """A copy of the stage-1/2 outputs with its own config; returns (config, project_root)."""
+    root = demo["folder"] / name
+    shutil.copytree(demo["pristine"], root / "project")
+    text = demo["config"].read_text().replace(str(demo["folder"] / "base" / "project"), str(root / "project"))
+    config = root / "config.yaml"
+    config.write_text(text)
+    return config, root / "project"
+
+
+def test_shapes_dtypes_and_decoder_consistency(demo):
+    cache = SamCache(demo["folder"] / "base" / "project")
+    assert len(cache) == 4
+    backbone = load_backbone("sam", "demo_tiny", demo["checkpoint"], "cpu")
+    cfg = load_config(demo["config"])
+    for safe_id in cache.sample_ids():
+        entry = cache.entry(safe_id)
+        assert entry.features["image_embed"].shape == (256, 64, 64)
+        assert entry.features["image_embed"].dtype == np.float16
+        count = entry.logits.shape[0]
+        assert entry.logits.shape == (count, 256, 256) and entry.logits.dtype == np.float16
+        assert entry.iou_predictions.shape == (count, 3) and entry.branch_index.shape == (count,)
+        np.testing.assert_array_equal(entry.branch_index, entry.iou_predictions.argmax(1))
+        split = cache._split[safe_id]
+        assert count == getattr(cfg.prompt_generation, f"num_promptsets_{split}")
+        assert entry.input_hw == tuple(backbone.input_size(entry.original_hw))
+        record = json.loads(promptset_path(demo["folder"] / "base" / "project", split, safe_id).read_text())
+        points, labels, _, _ = promptset_tensors(record)
+        logits, iou = backbone.decode(entry.features, entry.original_hw, points, labels, None, None, True)
+        chosen = logits[torch.arange(count), torch.as_tensor(entry.branch_index, dtype=torch.long)]
+        np.testing.assert_allclose(chosen.numpy(), entry.logits.astype(np.float32), atol=2e-2, rtol=1e-2)
+        np.testing.assert_allclose(iou.numpy(), entry.iou_predictions, atol=1e-4)
+        # A prompt set decoded ALONE gives its cached logits too: padding is canonical, so no
+        # prompt set's output depends on which other prompt sets shared the batched call.
+        for index in range(count):
+            alone, _ = backbone.decode(entry.features, entry.original_hw, points[index:index + 1],
+                                       labels[index:index + 1], None, None, True)
+            np.testing.assert_allclose(alone[0, int(entry.branch_index[index])].numpy(),
+                                       entry.logits[index].astype(np.float32), atol=2e-2, rtol=1e-2)
+
+
+def test_rerun_skips_everything(demo):
+    result = run_stage(SCRIPT, demo["config"], *sam_overrides("sam", "demo_tiny", demo["checkpoint"]))
+    assert "skipped: 4" in result.stdout and "done: 0" in result.stdout
+
+
+def test_sigkill_hook_then_resume_equals_uninterrupted(demo):
+    config, root = fresh_project(demo, "killed")
+    args = sam_overrides("sam", "demo_tiny", demo["checkpoint"])
+    killed = run_stage(SCRIPT, config, *args, env={KILL_AFTER_IMAGES_ENV: "2"}, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert len(SamCache(root)) < 4  # the batch being written when killed has no flags
+    resumed = run_stage(SCRIPT, config, *args)
+    assert "done: 0" not in resumed.stdout
+    assert_caches_equal(all_arrays(root), demo["reference"])
+
+
+def test_sigkill_at_random_moment_then_resume(demo):
+    config, root = fresh_project(demo, "random_kill")
+    args = sam_overrides("sam", "demo_tiny", demo["checkpoint"])
+    process = subprocess.Popen([sys.executable, str(REPO / SCRIPT), "--config", str(config), *args],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(random.Random(7).uniform(4.0, 9.0))
+    process.kill()
+    process.wait()
+    run_stage(SCRIPT, config, *args)
+    assert_caches_equal(all_arrays(root), demo["reference"])
+
+
+def test_truncated_shard_repaired_and_promptset_change_recomputed(demo, capsys):
+    config, root = fresh_project(demo, "repair")
+    shutil.copytree(demo["folder"] / "base" / "project" / "sam_cache", root / "sam_cache")
+    (shard_file,) = sam_cache.shard_files(next((root / "sam_cache").iterdir()))
+    os.truncate(shard_file, shard_file.stat().st_size - 200_000)  # cuts into the last entry's logits
+    cfg = load_config(config, ["sam.device=cpu", f"sam.checkpoint={demo['checkpoint']}"])
+    backbone = load_backbone("sam", "demo_tiny", demo["checkpoint"], "cpu")
+    result = run_precompute(cfg, backbone, Shard())
+    out = capsys.readouterr().out
+    assert "truncated or corrupt" in out
+    assert 1 <= result.counts.done < 4 and result.counts.done + result.counts.skipped == 4
+    assert_caches_equal(all_arrays(root), demo["reference"])
+
+    # A changed prompt-set file invalidates exactly that entry.
+    cache = SamCache(root)
+    safe_id = cache.sample_ids()[0]
+    path = promptset_path(root, cache._split[safe_id], safe_id)
+    record = json.loads(path.read_text())
+    record["promptsets"] = record["promptsets"][:1]
+    path.write_text(json.dumps(record))
+    result = run_precompute(cfg, backbone, Shard())
+    assert (result.counts.done, result.counts.skipped) == (1, 3)
+    after = all_arrays(root)
+    assert after[safe_id]["logits"].shape[0] == 1
+    assert_caches_equal({k: v for k, v in after.items() if k != safe_id},
+                        {k: v for k, v in demo["reference"].items() if k != safe_id})
+    entry = SamCache(root).entry(safe_id)
+    assert entry.promptset_md5 != demo_md5(demo, cache._split[safe_id], safe_id)
+    points, labels, _, _ = promptset_tensors(record)
+    logits, _ = backbone.decode(entry.features, entry.original_hw, points, labels, None, None, True)
+    np.testing.assert_allclose(logits[0, int(entry.branch_index[0])].numpy(), entry.logits[0].astype(np.float32),
+                               atol=2e-2, rtol=1e-2)
+
+
+def demo_md5(demo, split, safe_id):
+    from modules.fileio import file_md5
+
+    return file_md5(promptset_path(demo["folder"] / "base" / "project", split, safe_id))
+
+
+def test_changed_checkpoint_gets_own_folder(demo, tmp_path):
+    config, root = fresh_project(demo, "other_checkpoint")
+    shutil.copytree(demo["folder"] / "base" / "project" / "sam_cache", root / "sam_cache")
+    other = save_random_checkpoint("sam", "demo_tiny", tmp_path / "other.pt", seed=2)
+    cfg = load_config(config, ["sam.device=cpu", f"sam.checkpoint={other}"])
+    backbone = load_backbone("sam", "demo_tiny", other, "cpu")
+    result = run_precompute(cfg, backbone, Shard())
+    assert result.counts.done == 4
+    folders = sorted(p.name for p in (root / "sam_cache").iterdir() if p.is_dir())
+    assert len(folders) == 2 and all(f.startswith("sam-demo_tiny-") for f in folders)
+    new = SamCache(root, backbone=result.shard_path.parent.name)
+    old = SamCache(root, backbone=next(f for f in folders if f != result.shard_path.parent.name))
+    safe_id = new.sample_ids()[0]
+    assert not np.array_equal(new.entry(safe_id).logits, old.entry(safe_id).logits)
+    assert_caches_equal(all_arrays(old.folder), demo["reference"])
+
+
+def test_bad_inputs_fail_units_not_the_stage(demo):
+    config, root = fresh_project(demo, "bad_inputs")
+    from modules.manifest import load_split_manifest
+
+    train = load_split_manifest(root, "train")
+    promptset_path(root, "train", train["safe_id"].iloc[0]).unlink()
+    result = run_stage(SCRIPT, config, *sam_overrides("sam", "demo_tiny", demo["checkpoint"]), check=False)
+    assert result.returncode == 0, result.stderr
+    assert "failed: 1" in result.stdout and "missing or unreadable prompt-set file" in result.stdout
+    assert len(SamCache(root)) == 3
+
+
+def test_two_shards_as_two_processes_equal_one_process(demo):
+    config, root = fresh_project(demo, "sharded")
+    args = sam_overrides("sam", "demo_tiny", demo["checkpoint"])
+    processes = [subprocess.Popen([sys.executable, str(REPO / SCRIPT), "--config", str(config), *args,
+                                   "--num-shards", "2", "--shard-index", str(i)], cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for i in range(2)]
+    for process in processes:
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output
+    folder = next((root / "sam_cache").iterdir())
+    assert [p.name for p in sam_cache.shard_files(folder)] == ["shard-000-of-002.h5", "shard-001-of-002.h5"]
+    assert_caches_equal(all_arrays(root), demo["reference"])
+
+
+@pytest.mark.skipif(("sam2", "hiera_t") not in registered_backbones(), reason="SAM 2 backbone not registered yet")
+def test_sam2_hiera_t_features_and_decoder_consistency(tmp_path):
+    checkpoint = save_random_checkpoint("sam2", "hiera_t", tmp_path / "hiera_t.pt", seed=0)
+    config = make_project(tmp_path, per_group=1, overrides={"prompt_generation": {"num_promptsets_train": 2}})
+    cfg = load_config(config, ["sam.family=sam2", "sam.model_type=hiera_t", f"sam.checkpoint={checkpoint}",
+                               "sam.multimask_policy=single", "sam.prompt_mode=points_and_box"])
+    backbone = load_backbone("sam2", "hiera_t", checkpoint, "cpu")
+    result = run_precompute(cfg, backbone, Shard())
+    assert result.counts.done == 2
+    cache = SamCache(cfg.project_root)
+    shapes = {"image_embed": (256, 64, 64), "high_res_feat0": (32, 256, 256), "high_res_feat1": (64, 128, 128)}
+    for safe_id in cache.sample_ids():
+        entry = cache.entry(safe_id, verify=True)
+        assert {k: v.shape for k, v in entry.features.items()} == shapes
+        assert all(v.dtype == np.float16 for v in entry.features.values())
+        assert entry.iou_predictions.shape[1] == 1 and not entry.branch_index.any()
+        record = json.loads(promptset_path(cfg.project_root, cache._split[safe_id], safe_id).read_text())
+        points, labels, _, boxes = promptset_tensors(record)
+        logits, _ = backbone.decode(entry.features, entry.original_hw, points, labels, boxes, None, False)
+        np.testing.assert_allclose(logits[:, 0].numpy(), entry.logits.astype(np.float32), atol=2e-2, rtol=1e-2)
