@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -93,7 +93,7 @@ class TrainingConfig:
     amp: bool = True
     early_stop_patience: int = 5
     logit_clip: float = 20.0
-    in_memory: Literal["auto", "true", "false"] = "auto"
+    in_memory: Union[Literal["auto"], bool] = "auto"  # auto: load a packed split when it fits in RAM
     seed: int = 0
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
@@ -122,6 +122,59 @@ class LaplaceConfig:
 
 
 @dataclass
+class FusionConfig:
+    """The uncertainty-guided dense embedding fusion module (``train_head.py --model fusion``)."""
+
+    uncertainty_source: Literal["laplace_epistemic", "map_entropy", "raw_sam_entropy", "variance_network",
+                                "constant"] = "laplace_epistemic"
+    hidden_channels: int = 16
+    focal_weight: float = 20.0
+    num_epochs: int = 8
+    lr: float = 1e-3
+
+
+@dataclass
+class TtaMagnitudes:
+    brightness: float = 0.1
+    contrast: float = 0.05
+    saturation: float = 0.05
+    hue: float = 0.5
+
+
+@dataclass
+class TtaConfig:
+    transforms: list[str] = field(default_factory=lambda: ["hflip", "vflip", "rot90", "rescale_0.75",
+                                                           "brightness", "contrast", "hue"])
+    magnitudes: TtaMagnitudes = field(default_factory=TtaMagnitudes)
+    seed: int = 0
+    reuse_cached_features: bool = True
+
+
+@dataclass
+class PromptPerturbationConfig:
+    num_samples: int = 10
+    point_noise_px: float = 20.0
+    box_noise_fraction: float = 0.1
+    box_noise_max_px: float = 20.0
+    reference_side: float = 1024.0
+    seed: int = 0
+
+
+@dataclass
+class EvaluationConfig:
+    split: Literal["train", "val", "test"] = "test"
+    strategies: list[str] = field(default_factory=lambda: ["raw_sam", "map_head", "tta", "prompt_perturbation",
+                                                           "laplace", "variance_network"])
+    tta: TtaConfig = field(default_factory=TtaConfig)
+    prompt_perturbation: PromptPerturbationConfig = field(default_factory=PromptPerturbationConfig)
+    variance_mc_samples: int = 0
+    refinement: bool = True
+    ece_bins: int = 15
+    qualitative_per_domain: int = 2
+    max_samples: int = 0  # 0 = every sample of the split
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = False
     project: str = "sam-uncertainty"
@@ -141,6 +194,8 @@ class PipelineConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     variance: VarianceConfig = field(default_factory=VarianceConfig)
     laplace: LaplaceConfig = field(default_factory=LaplaceConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     config_path: Optional[Path] = field(default=None, metadata={"internal": True})
 
@@ -186,8 +241,13 @@ def _coerce(value: Any, tp: Any, key: str, base_dir: Path) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], key, base_dir)
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key, base_dir)
+            except ConfigError as exc:
+                errors.append(str(exc).split(": ", 1)[-1])
+        raise ConfigError(f"{key}: {' or '.join(errors)}")
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
@@ -273,6 +333,8 @@ def _check_semantics(cfg: PipelineConfig) -> None:
         raise ConfigError("prompt_generation.box_jitter: must lie in [0, 1)")
     if not cfg.laplace.prior_precision_grid or any(p <= 0 for p in cfg.laplace.prior_precision_grid):
         raise ConfigError("laplace.prior_precision_grid: need a non-empty list of positive values")
+    if cfg.evaluation.prompt_perturbation.num_samples < 1:
+        raise ConfigError("evaluation.prompt_perturbation.num_samples: must be at least 1")
     for key in ("batch_size", "num_epochs"):
         if getattr(cfg.training, key) < 1:
             raise ConfigError(f"training.{key}: must be at least 1")

@@ -33,7 +33,7 @@ from modules.promptset import sample_key as sample_key_of_id
 from modules.tta import decode_selected_logits
 
 SAM_REFERENCE_SIDE = 1024
-MAGNITUDES_KEY = "prompt_perturbation"
+MAGNITUDES_KEY = "evaluation.prompt_perturbation"
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,8 @@ from modules.config import ConfigError
 PHOTOMETRIC_DEFAULTS: dict[str, float] = {"brightness": 0.1, "contrast": 0.05, "saturation": 0.05, "hue": 0.5}
 IDENTITY = "identity"
 RESCALE_PREFIX = "rescale_"
-TRANSFORMS_KEY = "tta.transforms"
-MAGNITUDES_KEY = "tta.magnitudes"
+TRANSFORMS_KEY = "evaluation.tta.transforms"
+MAGNITUDES_KEY = "evaluation.tta.magnitudes"
 
 
 def transform_rng(seed: int, sample_key: int, transform_index: int) -> np.random.Generator:

@@ -1,0 +1,18 @@
+"""Stage 4: index every (sample, prompt set) whose image is in the SAM cache, per split.
+
+Writes ``<project_root>/training_data/<split>_index.csv``; samples missing from the cache are left
+out and counted. A rerun with unchanged inputs rewrites nothing.
+"""
+
+from modules import packing
+from modules.stage import default_argument_parser, stage_context
+
+
+def main() -> None:
+    args = default_argument_parser(__doc__.splitlines()[0]).parse_args()
+    with stage_context("build_training_indices", args, output_dir=packing.TRAINING_DATA_DIR) as ctx:
+        packing.run_index_stage(ctx)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,428 @@
+"""One interface for every uncertainty strategy of the evaluation stage.
+
+A strategy turns one ``EvalSample`` (an image's cache entry, prompt sets and ground truth) into a
+``StrategyOutput``: the foreground probability ``P x 256 x 256`` and named uncertainty maps of the same
+shape (higher = more uncertain), all in FRAME256 (the ORIGINAL image stretched to 256 x 256), one map
+per prompt set. Entropies and mutual information are in nats.
+
+Strategies (``STRATEGIES``; each takes its dependencies in its constructor):
+
+============================  =============================================  =====================
+name                          probability                                    maps (primary first)
+============================  =============================================  =====================
+``raw_sam``                   sigmoid of the cached SAM logits               entropy
+``map_head``                  sigmoid of the MAP prompt-aware head           entropy
+``tta``                       mean over augmentations (``modules/tta.py``)   entropy, std,
+                                                                             mutual_information,
+                                                                             expected_entropy
+``prompt_perturbation``       mean over prompt variants                      as ``tta``
+                              (``modules/prompt_perturbation.py``)
+``laplace``                   probit predictive of the last-layer Laplace    mutual_information,
+                              posterior (``modules/laplace_posterior.py``)   total_entropy,
+                                                                             expected_entropy
+``variance_network``          the MAP head's probability, or the MC average  log_variance, entropy
+                              of ``sigmoid(logit + sigma * eps)``
+============================  =============================================  =====================
+
+Devices: each strategy has an explicit ``device``; the sample's arrays (CPU numpy / tensors) are moved
+there, and outputs are float32 tensors on that device. All prompt sets of a sample run as one batch.
+Seeds: stochastic strategies derive their generator from ``(seed, sample key)``, where the sample key
+is ``promptset.sample_key(sample_id)``; results never depend on the order samples are processed in.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.entropy import binary_entropy, binary_entropy_from_logits
+from modules.backbones import resolve_device
+from modules.config import PipelineError
+from modules.packing import packed_inputs
+from modules.promptset import gaussian_prompt_maps, promptset_tensors, sample_key
+from modules.prompt_perturbation import PerturbationMagnitudes, prompt_perturbation_predict
+from modules.tta import ImageTransform, tta_predict
+
+if TYPE_CHECKING:
+    from modules.sam_cache import CacheEntry
+
+FRAME = 256
+#: The cache feature holding the image embedding (``C x 64 x 64``) a head may consume.
+EMBEDDING_FEATURE = "image_embed"
+
+
+class UncertaintyError(PipelineError):
+    """Inconsistent inputs for a strategy (the message names the sample or the setting)."""
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def sample_statistics(probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-pixel statistics of K probability samples ``K x ...`` (each output has shape ``...``).
+
+    - ``mean_prob``: the mean probability.
+    - ``entropy``: binary entropy of ``mean_prob`` (total uncertainty), nats.
+    - ``std``: standard deviation of the probabilities over the K samples (population, divisor K;
+      0 for K = 1).
+    - ``expected_entropy``: mean of the per-sample binary entropies (aleatoric part), nats.
+    - ``mutual_information``: ``entropy - expected_entropy`` clamped at 0 (>= 0 by Jensen's
+      inequality; the clamp removes float rounding only), nats.
+    """
+    if probs.ndim < 1 or probs.shape[0] < 1:
+        raise ValueError(f"sample_statistics: expected K x ... samples with K >= 1, got shape {tuple(probs.shape)}")
+    probs = probs.float().clamp(0.0, 1.0)
+    mean_prob = probs.mean(dim=0)
+    entropy = binary_entropy(mean_prob)
+    expected_entropy = binary_entropy(probs).mean(dim=0)
+    return {
+        "mean_prob": mean_prob,
+        "entropy": entropy,
+        "std": probs.std(dim=0, unbiased=False),
+        "expected_entropy": expected_entropy,
+        "mutual_information": (entropy - expected_entropy).clamp_min(0.0),
+    }
+
+
+# --------------------------------------------------------------------------- inputs and outputs
+
+
+def head_inputs(cache_logits: torch.Tensor | np.ndarray, record: dict, logit_clip: float) -> torch.Tensor:
+    """The prompt-aware head's input ``P x 3 x 256 x 256`` float32 (CPU) for one sample.
+
+    Channel 0: the cached SAM logits ``P x 256 x 256`` clamped to ``[-logit_clip, logit_clip]``
+    (``training.logit_clip``); channels 1 and 2: the positive and negative Gaussian prompt maps of the
+    record's prompt sets (``promptset.gaussian_prompt_maps`` at the record's ``gaussian_sigma``).
+    Built by ``packing.packed_inputs``, so the values (float16-rounded) are exactly those the head and
+    the variance network were trained on.
+    """
+    logits = np.asarray(torch.as_tensor(cache_logits).detach().cpu().numpy(), dtype=np.float32)
+    _, labels, points_256, _ = promptset_tensors(record)
+    if logits.ndim != 3 or logits.shape[0] != labels.shape[0]:
+        raise UncertaintyError(
+            f"{record.get('safe_id', '?')}: cache logits {tuple(logits.shape)} do not match "
+            f"{labels.shape[0]} prompt sets"
+        )
+    prompt_maps = gaussian_prompt_maps(points_256, labels, float(record["gaussian_sigma"]), size=logits.shape[-1])
+    return torch.from_numpy(packed_inputs(logits, prompt_maps.numpy(), float(logit_clip))).float()
+
+
+@dataclass
+class EvalSample:
+    """Everything a strategy may need for one image (build it with ``EvalSample.build``).
+
+    - ``safe_id``, ``sample_id``, ``group``: identity (``sample_id`` seeds stochastic strategies).
+    - ``gt_mask``: ``H x W`` bool ground truth at ORIGINAL resolution.
+    - ``cache_entry``: the ``sam_cache.CacheEntry`` (``features`` name -> ``C x h x w`` float16,
+      ``logits`` ``P x 256 x 256`` float16 in FRAME256, ``original_hw``).
+    - ``record``: the prompt-set JSON record; ``points`` ``P x N x 2`` / ``boxes`` ``P x 4`` ORIGINAL
+      pixels, ``labels`` ``P x N`` (-1 padding), ``points_256`` ``P x N x 2`` FRAME256.
+    - ``head_inputs``: ``P x 3 x 256 x 256`` float32 (``head_inputs``).
+    - ``image``: ``H x W x 3`` uint8, read on first access through ``image_loader`` and kept.
+    """
+
+    safe_id: str
+    sample_id: str
+    group: str
+    gt_mask: np.ndarray
+    cache_entry: "CacheEntry"
+    record: dict
+    points: torch.Tensor
+    labels: torch.Tensor
+    points_256: torch.Tensor
+    boxes: torch.Tensor
+    head_inputs: torch.Tensor
+    image_loader: Callable[[], np.ndarray] | None = None
+    _image: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, safe_id: str, group: str, gt_mask: np.ndarray, cache_entry: "CacheEntry", record: dict,
+              logit_clip: float, image_loader: Callable[[], np.ndarray] | None = None) -> "EvalSample":
+        """Check that cache, prompt sets and mask belong together, then derive the tensors."""
+        cached_ids = [int(i) for i in np.asarray(cache_entry.promptset_ids).tolist()]
+        record_ids = [int(s["promptset_id"]) for s in record["promptsets"]]
+        if cached_ids != record_ids:
+            raise UncertaintyError(f"{safe_id}: cached prompt sets {cached_ids} differ from the prompt-set file's "
+                                   f"{record_ids}; rerun the SAM precompute stage")
+        original_hw = (int(cache_entry.original_hw[0]), int(cache_entry.original_hw[1]))
+        gt_mask = np.asarray(gt_mask, dtype=bool)
+        if gt_mask.shape != original_hw:
+            raise UncertaintyError(f"{safe_id}: ground-truth mask {gt_mask.shape} differs from the cached image "
+                                   f"size {original_hw}")
+        points, labels, points_256, boxes = promptset_tensors(record)
+        return cls(
+            safe_id=safe_id, sample_id=str(record["sample_id"]), group=group, gt_mask=gt_mask,
+            cache_entry=cache_entry, record=record, points=points, labels=labels, points_256=points_256,
+            boxes=boxes, head_inputs=head_inputs(cache_entry.logits, record, logit_clip), image_loader=image_loader,
+        )
+
+    @property
+    def original_hw(self) -> tuple[int, int]:
+        return (int(self.cache_entry.original_hw[0]), int(self.cache_entry.original_hw[1]))
+
+    @property
+    def num_promptsets(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def sample_key(self) -> int:
+        return sample_key(self.sample_id)
+
+    @property
+    def image(self) -> np.ndarray:
+        if self._image is None:
+            if self.image_loader is None:
+                raise UncertaintyError(f"{self.safe_id}: this strategy needs the image but no image_loader was given")
+            image = self.image_loader()
+            if tuple(image.shape[:2]) != self.original_hw:
+                raise UncertaintyError(f"{self.safe_id}: image {tuple(image.shape)} differs from the cached size "
+                                       f"{self.original_hw}")
+            self._image = image
+        return self._image
+
+    def features(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The cached encoder features ``name -> 1 x C x h x w`` float32 on ``device``."""
+        return {name: torch.from_numpy(np.asarray(value)).float().unsqueeze(0).to(device)
+                for name, value in self.cache_entry.features.items()}
+
+
+@dataclass
+class StrategyOutput:
+    """``mean_prob`` ``P x 256 x 256`` and ``maps`` name -> ``P x 256 x 256`` (higher = more uncertain),
+    FRAME256, float32; ``primary_map`` names the map that stands for the strategy in summaries."""
+
+    mean_prob: torch.Tensor
+    maps: dict[str, torch.Tensor]
+    primary_map: str
+
+    def __post_init__(self) -> None:
+        if self.primary_map not in self.maps:
+            raise ValueError(f"StrategyOutput: primary map {self.primary_map!r} not among {list(self.maps)}")
+        for name, values in self.maps.items():
+            if values.shape != self.mean_prob.shape:
+                raise ValueError(f"StrategyOutput: map {name!r} has shape {tuple(values.shape)}, "
+                                 f"mean_prob {tuple(self.mean_prob.shape)}")
+
+    @property
+    def primary(self) -> torch.Tensor:
+        return self.maps[self.primary_map]
+
+
+def _derived_seed(seed: int, sample_key_value: int) -> int:
+    """A 63-bit seed for one sample's draws from ``(seed, sample key)``."""
+    state = np.random.SeedSequence((int(seed), int(sample_key_value))).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _head_logits(head: nn.Module, sample: EvalSample) -> torch.Tensor:
+    """The MAP head's logits ``P x 256 x 256`` float32 on the head's device, autocast off."""
+    device = _module_device(head)
+    x = sample.head_inputs.to(device)
+    embedding = None
+    if getattr(head, "use_image_embedding", False):
+        embed = torch.from_numpy(np.asarray(sample.cache_entry.features[EMBEDDING_FEATURE])).float().to(device)
+        embedding = embed.unsqueeze(0).expand(x.shape[0], -1, -1, -1)
+    with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=False):
+        logits = head(x) if embedding is None else head(x, embedding)
+    return logits[:, 0].float()
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+class Strategy(ABC):
+    """Common interface: ``predict(sample) -> StrategyOutput`` (outputs on ``self.device``)."""
+
+    name: ClassVar[str]
+    primary_map: ClassVar[str]
+    device: torch.device
+
+    @abstractmethod
+    def predict(self, sample: EvalSample) -> StrategyOutput:
+        """All prompt sets of ``sample`` at once."""
+
+
+class RawSamStrategy(Strategy):
+    """The frozen SAM's own cached prediction; uncertainty = binary entropy of its probability."""
+
+    name = "raw_sam"
+    primary_map = "entropy"
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = resolve_device(device)
+
+    def predict(self, sample: EvalSample) -> StrategyOutput:
+        logits = torch.from_numpy(np.asarray(sample.cache_entry.logits)).float().to(self.device)
+        return StrategyOutput(torch.sigmoid(logits), {"entropy": binary_entropy_from_logits(logits)}, self.primary_map)
+
+
+class MapHeadStrategy(Strategy):
+    """The MAP prompt-aware head (``modules/models.py``); uncertainty = binary entropy of its probability."""
+
+    name = "map_head"
+    primary_map = "entropy"
+
+    def __init__(self, head: nn.Module) -> None:
+        self.head = head.eval()
+        self.device = _module_device(head)
+
+    def predict(self, sample: EvalSample) -> StrategyOutput:
+        logits = _head_logits(self.head, sample)
+        return StrategyOutput(torch.sigmoid(logits), {"entropy": binary_entropy_from_logits(logits)}, self.primary_map)
+
+
+def _statistics_output(probs: torch.Tensor, primary_map: str) -> StrategyOutput:
+    statistics = sample_statistics(probs)
+    mean_prob = statistics.pop("mean_prob")
+    return StrategyOutput(mean_prob, statistics, primary_map)
+
+
+class TTAStrategy(Strategy):
+    """Test-time augmentation (``tta.tta_predict``) + ``sample_statistics``.
+
+    With ``reuse_cached_features`` the clean pass decodes the cached embedding instead of re-encoding
+    the image (the cache must come from the same backbone; the evaluation stage guarantees it).
+    """
+
+    name = "tta"
+    primary_map = "entropy"
+
+    def __init__(self, backbone, transforms: Sequence[ImageTransform], prompt_mode: str, multimask_policy: str,
+                 encoder_batch_size: int, seed: int = 0, reuse_cached_features: bool = True) -> None:
+        self.backbone = backbone
+        self.transforms = list(transforms)
+        self.prompt_mode = prompt_mode
+        self.multimask_policy = multimask_policy
+        self.encoder_batch_size = int(encoder_batch_size)
+        self.seed = int(seed)
+        self.reuse_cached_features = bool(reuse_cached_features)
+        self.device = backbone.device
+
+    def predict(self, sample: EvalSample) -> StrategyOutput:
+        probs = tta_predict(
+            self.backbone, sample.image, sample.points, sample.labels, sample.boxes, self.transforms,
+            self.prompt_mode, self.multimask_policy, self.encoder_batch_size, seed=self.seed,
+            sample_key=sample.sample_key,
+            clean_features=sample.cache_entry.features if self.reuse_cached_features else None,
+        )
+        return _statistics_output(probs, self.primary_map)
+
+
+class PromptPerturbationStrategy(Strategy):
+    """The original prompt + K-1 jittered copies (``prompt_perturbation``), decoded on the cached
+    embedding in one call, + ``sample_statistics``. Point labels are re-read from the ground truth."""
+
+    name = "prompt_perturbation"
+    primary_map = "entropy"
+
+    def __init__(self, backbone, num_samples: int, prompt_mode: str, multimask_policy: str, seed: int = 0,
+                 magnitudes: PerturbationMagnitudes = PerturbationMagnitudes()) -> None:
+        self.backbone = backbone
+        self.num_samples = int(num_samples)
+        self.prompt_mode = prompt_mode
+        self.multimask_policy = multimask_policy
+        self.seed = int(seed)
+        self.magnitudes = magnitudes
+        self.device = backbone.device
+
+    def predict(self, sample: EvalSample) -> StrategyOutput:
+        probs = prompt_perturbation_predict(
+            self.backbone, sample.features(self.device), sample.original_hw, sample.points, sample.labels,
+            sample.boxes, sample.gt_mask, self.num_samples, self.prompt_mode, self.multimask_policy,
+            seed=self.seed, sample_key=sample.sample_key,
+            promptset_ids=[int(s["promptset_id"]) for s in sample.record["promptsets"]], magnitudes=self.magnitudes,
+        )
+        return _statistics_output(probs, self.primary_map)
+
+
+class LaplaceStrategy(Strategy):
+    """A last-layer Laplace posterior of the head (``laplace_posterior.LastLayerPosterior`` or any
+    object with ``uncertainty_maps(inputs, num_samples, seed) -> dict`` of ``mean_prob``,
+    ``total_entropy``, ``expected_entropy``, ``mutual_information``, each ``P x 256 x 256``).
+
+    ``mean_prob`` is the posterior's closed-form probit predictive; the maps come from
+    ``num_samples`` weight draws seeded per sample. Primary map: ``mutual_information`` (BALD).
+    """
+
+    name = "laplace"
+    primary_map = "mutual_information"
+    MAP_NAMES: ClassVar[tuple[str, ...]] = ("mutual_information", "total_entropy", "expected_entropy")
+
+    def __init__(self, posterior, num_samples: int, seed: int = 0) -> None:
+        self.posterior = posterior
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.device = posterior.device
+
+    def predict(self, sample: EvalSample) -> StrategyOutput:
+        from modules.laplace_posterior import HeadInputs
+
+        head = getattr(self.posterior, "head", None)
+        embedding = None
+        if head is not None and getattr(head, "use_image_embedding", False):
+            embed = torch.from_numpy(np.asarray(sample.cache_entry.features[EMBEDDING_FEATURE])).float()
+            embedding = embed.unsqueeze(0).expand(sample.num_promptsets, -1, -1, -1).to(self.device)
+        inputs = HeadInputs(sample.head_inputs.to(self.device), embedding)
+        result = self.posterior.uncertainty_maps(inputs, self.num_samples,
+                                                 seed=_derived_seed(self.seed, sample.sample_key))
+        maps = {name: result[name].float() for name in self.MAP_NAMES}
+        return StrategyOutput(result["mean_prob"].float(), maps, self.primary_map)
+
+
+class VarianceNetworkStrategy(Strategy):
+    """The MAP head plus a ``VarianceNetwork`` predicting the log-variance ``s`` of the head's logit.
+
+    ``mc_samples == 0`` (default): ``mean_prob`` is the MAP head's probability. ``mc_samples = T > 0``:
+    ``mean_prob = mean_t sigmoid(logit + exp(s / 2) * eps_t)`` with ``eps_t ~ N(0, 1)`` per pixel, the
+    predictive of the Kendall & Gal logit-noise model the network is trained with (``mc_logit_noise``),
+    seeded per sample. Maps: ``log_variance`` (primary; ``s`` itself) and ``entropy`` of ``mean_prob``.
+    """
+
+    name = "variance_network"
+    primary_map = "log_variance"
+
+    def __init__(self, head: nn.Module, variance_net: nn.Module, mc_samples: int = 0, seed: int = 0) -> None:
+        self.head = head.eval()
+        self.variance_net = variance_net.eval()
+        self.device = _module_device(head)
+        if _module_device(variance_net) != self.device:
+            raise UncertaintyError(f"variance_network: head on {self.device}, variance network on "
+                                   f"{_module_device(variance_net)}; put both on one device")
+        if int(mc_samples) < 0:
+            raise UncertaintyError(f"variance.mc_samples: must be >= 0, got {mc_samples}")
+        self.mc_samples = int(mc_samples)
+        self.seed = int(seed)
+
+    def predict(self, sample: EvalSample) -> StrategyOutput:
+        from modules.models import VarianceNetwork
+
+        logits = _head_logits(self.head, sample)
+        inputs = VarianceNetwork.build_inputs(sample.head_inputs.to(self.device), logits.unsqueeze(1))
+        with torch.inference_mode(), torch.autocast(device_type=self.device.type, enabled=False):
+            log_variance = self.variance_net(inputs)[:, 0].float()
+        if self.mc_samples == 0:
+            mean_prob, entropy = torch.sigmoid(logits), binary_entropy_from_logits(logits)
+        else:
+            generator = torch.Generator(device=self.device).manual_seed(_derived_seed(self.seed, sample.sample_key))
+            noise = torch.randn((self.mc_samples, *logits.shape), generator=generator, device=self.device)
+            mean_prob = torch.sigmoid(logits + torch.exp(0.5 * log_variance) * noise).mean(dim=0)
+            entropy = binary_entropy(mean_prob)
+        return StrategyOutput(mean_prob, {"log_variance": log_variance, "entropy": entropy}, self.primary_map)
+
+
+#: Strategy name (as in the config) -> class.
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (RawSamStrategy, MapHeadStrategy, TTAStrategy, PromptPerturbationStrategy, LaplaceStrategy,
+                VarianceNetworkStrategy)
+}

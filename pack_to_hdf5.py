@@ -1,0 +1,18 @@
+"""Stage 4.5: pack each split's head inputs and targets into one HDF5 file.
+
+Writes ``<project_root>/training_data/<split>.h5`` (via ``<split>.h5.partial``, resumable row by
+row); a split whose file is complete and was packed from the same inputs is skipped.
+"""
+
+from modules import packing
+from modules.stage import default_argument_parser, stage_context
+
+
+def main() -> None:
+    args = default_argument_parser(__doc__.splitlines()[0]).parse_args()
+    with stage_context("pack_to_hdf5", args, output_dir=packing.TRAINING_DATA_DIR) as ctx:
+        packing.run_pack_stage(ctx)
+
+
+if __name__ == "__main__":
+    main()
