@@ -13,9 +13,20 @@ from modules.stage import default_argument_parser
 
 REPO = Path(__file__).resolve().parent
 
+RUN_ID = "v1"
+
 STAGES = [
     ("build_manifests.py", []),
     ("generate_promptsets.py", []),
+    ("precompute_sam_outputs.py", []),
+    ("visualize_sanity.py", ["--n", "8", "--split", "train"]),
+    ("build_training_indices.py", []),
+    ("pack_to_hdf5.py", []),
+    ("train_head.py", ["--model", "head", "--run_id", RUN_ID, "--resume-if-exists"]),
+    ("train_head.py", ["--model", "variance", "--run_id", RUN_ID, "--resume-if-exists"]),
+    ("fit_laplace.py", ["--run_id", RUN_ID]),
+    ("train_head.py", ["--model", "fusion", "--run_id", RUN_ID, "--resume-if-exists"]),
+    ("evaluate_uncertainty.py", ["--run_id", RUN_ID]),
 ]
 
 

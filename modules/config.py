@@ -116,6 +116,9 @@ class LaplaceConfig:
     prior_precision_grid: list[float] = field(
         default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]
     )
+    # Likelihood temperatures tried with every prior precision (the GGN is divided by T): a mask's
+    # pixels are not independent, and T = 1 counts each as a full observation.
+    temperature_grid: list[float] = field(default_factory=lambda: [1.0, 1e1, 1e2, 1e3, 1e4, 1e5])
     num_samples: int = 32
     seed: int = 0
     nll_eps: float = 1e-6
@@ -331,8 +334,10 @@ def _check_semantics(cfg: PipelineConfig) -> None:
         raise ConfigError("prompt_generation.gaussian_sigma: must be positive")
     if not 0 <= pg.box_jitter < 1:
         raise ConfigError("prompt_generation.box_jitter: must lie in [0, 1)")
-    if not cfg.laplace.prior_precision_grid or any(p <= 0 for p in cfg.laplace.prior_precision_grid):
-        raise ConfigError("laplace.prior_precision_grid: need a non-empty list of positive values")
+    for key in ("prior_precision_grid", "temperature_grid"):
+        values = getattr(cfg.laplace, key)
+        if not values or any(v <= 0 for v in values):
+            raise ConfigError(f"laplace.{key}: need a non-empty list of positive values")
     if cfg.evaluation.prompt_perturbation.num_samples < 1:
         raise ConfigError("evaluation.prompt_perturbation.num_samples: must be at least 1")
     for key in ("batch_size", "num_epochs"):

@@ -350,11 +350,13 @@ def resolve_backend(name: str) -> type[CurvatureInterface]:
 
 
 def build_head_laplace(
-    head: nn.Module, backend: str = DEFAULT_BACKEND, prior_precision: float = 1.0
+    head: nn.Module, backend: str = DEFAULT_BACKEND, prior_precision: float = 1.0, temperature: float = 1.0
 ) -> ParametricLaplace:
     """An unfitted last-layer diagonal Laplace (laplace-torch) over the head's final conv as a 2-logit Linear.
 
     Its inputs are per-pixel features ``N x C`` (``pixels_as_rows(head_pixel_features(...))``).
+    ``temperature`` T divides the GGN (posterior precision ``H / T + prior``): the pixels of a
+    mask are far from independent observations, and T > 1 stops them from being counted as such.
     """
     last_layer = two_class_last_layer(check_head(head))
     return Laplace(
@@ -365,6 +367,7 @@ def build_head_laplace(
         last_layer_name=LAST_LAYER_NAME,
         backend=resolve_backend(backend),
         prior_precision=float(prior_precision),
+        temperature=float(temperature),
     )
 
 
@@ -798,6 +801,8 @@ class PosteriorMeta:
     prior_precision_nll: list[float]
     n_data: int  # training pixels
     source_checkpoint_md5: str
+    temperature: float = 1.0  # likelihood temperature (GGN divided by it), tuned with the prior
+    tuning_nll: list[dict] = field(default_factory=list)  # every (temperature, prior precision, val NLL) tried
     library_versions: dict[str, str] = field(default_factory=library_versions)
     entropy_units: str = ENTROPY_UNITS
 
@@ -815,6 +820,7 @@ class PosteriorMeta:
             prior_precision_nll=list(search.nll),
             n_data=int(la.n_data),
             source_checkpoint_md5=source_checkpoint_md5,
+            temperature=float(la.temperature),
         )
 
 
@@ -878,7 +884,7 @@ def load_head_laplace(run_dir: str | Path, head: nn.Module, device: str | torch.
         raise LaplacePosteriorError(
             f"{path}: unreadable Laplace state ({type(error).__name__}: {_first_line(error)})"
         ) from error
-    la = build_head_laplace(head, meta.backend)
+    la = build_head_laplace(head, meta.backend, temperature=meta.temperature)
     try:
         la.load_state_dict(state)
     except (KeyError, ValueError) as error:

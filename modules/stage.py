@@ -265,9 +265,13 @@ def upstream_fingerprint(paths: Iterable[Path]) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def stage_context(name: str, args: argparse.Namespace, output_dir: str,
-                  extra_tracker_config: dict | None = None) -> Iterator[StageContext]:
-    """Set up a stage run (config, output folder, resolved config, W&B) and report errors as one line."""
+def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callable[[PipelineConfig], str],
+                  extra_tracker_config: dict | None = None, track: bool = True) -> Iterator[StageContext]:
+    """Set up a stage run (config, output folder, resolved config, W&B) and report errors as one line.
+
+    ``output_dir``: the stage's folder under the project root, or a function of the config giving it.
+    ``track=False`` (e.g. DDP ranks other than 0) opens no W&B run.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tracker = NullTracker()
     try:
@@ -276,10 +280,11 @@ def stage_context(name: str, args: argparse.Namespace, output_dir: str,
         project_root.mkdir(parents=True, exist_ok=True)
         # Libraries that cache to the home folder write under the project root instead.
         os.environ.setdefault("MPLCONFIGDIR", str(project_root / ".cache" / "matplotlib"))
-        out = project_root / output_dir
+        out = project_root / (output_dir(cfg) if callable(output_dir) else output_dir)
         out.mkdir(parents=True, exist_ok=True)
         tracker_config = {**cfg.to_dict(), **(extra_tracker_config or {})}
-        tracker = start_tracker(cfg.wandb, name, project_root, tracker_config)
+        if track:
+            tracker = start_tracker(cfg.wandb, name, project_root, tracker_config)
         ctx = StageContext(name=name, cfg=cfg, args=args, output_dir=out, tracker=tracker)
         print(f"[{name}] project root: {project_root}")
         yield ctx

@@ -1,0 +1,207 @@
+"""Dense embedding fusion: uncertainty-guided refinement of SAM's mask in one extra decoder pass.
+
+SAM's prompt encoder turns a mask prompt (low-res logits) into a dense ``256 x 64 x 64`` embedding.
+The fusion module adds a second input, an uncertainty map: a downscaling stack shaped like SAM's
+mask downscaling (2x2 stride-2 conv 1->4, LayerNorm, GELU, 2x2 stride-2 conv 4->16, LayerNorm,
+GELU, 1x1 conv 16->256) embeds it at 64 x 64, and a 1x1 conv 512->256 fuses it with the mask
+embedding of the first-pass logits. The fused embedding replaces the dense prompt embedding in
+one more pass of the frozen mask decoder (with the same sparse prompts). Only the fusion module
+trains; it is trained on cached image embeddings, so no encoder pass is needed.
+
+The fuse conv starts as the identity on the mask embedding (zero on the uncertainty half), so an
+untrained module reproduces SAM's plain mask-prompt refinement and training can only add to it.
+
+Uncertainty sources (``UNCERTAINTY_SOURCES``) map a batch of head inputs to ``B x 256 x 256`` maps in
+[0, 1] (FRAME256); ``constant`` is the ablation without information.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from segment_anything.modeling.common import LayerNorm2d
+from torch import nn
+
+from modules.entropy import binary_entropy_from_logits
+
+LN2 = math.log(2.0)
+
+
+class UncertaintyFusion(nn.Module):
+    """``forward(mask_embedding P x E x 64 x 64, uncertainty P x 1 x 256 x 256) -> P x E x 64 x 64``.
+
+    ``uncertainty`` is in the model's low-res mask frame (``Backbone.from_frame256`` with padding 0).
+    """
+
+    def __init__(self, embed_dim: int = 256, hidden_channels: int = 16):
+        super().__init__()
+        quarter = max(1, hidden_channels // 4)
+        self.uncertainty_downscaling = nn.Sequential(
+            nn.Conv2d(1, quarter, kernel_size=2, stride=2),
+            LayerNorm2d(quarter),
+            nn.GELU(),
+            nn.Conv2d(quarter, hidden_channels, kernel_size=2, stride=2),
+            LayerNorm2d(hidden_channels),
+            nn.GELU(),
+            nn.Conv2d(hidden_channels, embed_dim, kernel_size=1),
+        )
+        self.fuse = nn.Conv2d(2 * embed_dim, embed_dim, kernel_size=1)
+        with torch.no_grad():
+            self.fuse.weight.zero_()
+            self.fuse.weight[:, :embed_dim, 0, 0] = torch.eye(embed_dim)
+            self.fuse.bias.zero_()
+
+    def forward(self, mask_embedding: torch.Tensor, uncertainty: torch.Tensor) -> torch.Tensor:
+        uncertainty_embedding = self.uncertainty_downscaling(uncertainty)
+        return self.fuse(torch.cat([mask_embedding, uncertainty_embedding], dim=1))
+
+
+# --------------------------------------------------------------------------- refinement pass
+
+
+@dataclass
+class Prompts:
+    """One image's prompt sets: points ``P x N x 2`` (original pixels), labels ``P x N``, boxes ``P x 4``."""
+
+    point_coords: torch.Tensor | None
+    point_labels: torch.Tensor | None
+    boxes: torch.Tensor | None
+
+
+def refine(backbone, fusion: UncertaintyFusion, features: dict, original_hw, prompts: Prompts,
+           first_pass_logits: torch.Tensor, uncertainty: torch.Tensor, enable_grad: bool = False):
+    """One refinement pass for the P prompt sets of one image.
+
+    Args:
+        features: the image's cached features (``Backbone.encode`` output for one image).
+        first_pass_logits: ``P x 1 x 256 x 256`` FRAME256 logits of the first pass (or an oracle mask).
+        uncertainty: ``P x 1 x 256 x 256`` FRAME256 uncertainty in [0, 1].
+    Returns:
+        ``(logits P x 1 x 256 x 256 FRAME256, iou_predictions P x 1)``; differentiable w.r.t. the
+        fusion module's parameters when ``enable_grad``.
+    """
+    mask_embedding = backbone.mask_embedding(first_pass_logits, original_hw)
+    uncertainty_model_frame = backbone.from_frame256(uncertainty, original_hw, pad_value=0.0)
+    with torch.set_grad_enabled(enable_grad):
+        dense = fusion(mask_embedding, uncertainty_model_frame)
+    return backbone.decode(features, original_hw, prompts.point_coords, prompts.point_labels, prompts.boxes,
+                           multimask_output=False, dense_embedding_override=dense, enable_grad=enable_grad)
+
+
+# --------------------------------------------------------------------------- uncertainty sources
+
+
+UncertaintySource = Callable[[torch.Tensor], torch.Tensor]
+
+
+def make_uncertainty_source(name: str, head=None, posterior=None, variance_network=None,
+                            num_samples: int = 16, seed: int = 0, log_var_range=(-5.0, 5.0)) -> UncertaintySource:
+    """A function ``head_inputs B x 3 x 256 x 256 -> uncertainty B x 256 x 256 in [0, 1]``."""
+
+    def raw_sam_entropy(x):
+        return binary_entropy_from_logits(x[:, 0]) / LN2
+
+    def map_entropy(x):
+        return binary_entropy_from_logits(head(x)[:, 0]) / LN2
+
+    def laplace_epistemic(x):
+        return posterior.uncertainty_maps(x, num_samples, seed=seed)["mutual_information"].clamp(0, LN2) / LN2
+
+    def variance_network_map(x):
+        from modules.models import VarianceNetwork
+
+        log_var = variance_network(VarianceNetwork.build_inputs(x, head(x)))[:, 0]
+        low, high = log_var_range
+        return ((log_var - low) / (high - low)).clamp(0, 1)
+
+    def constant(x):
+        return torch.full_like(x[:, 0], 0.5)
+
+    sources = {"raw_sam_entropy": raw_sam_entropy, "map_entropy": map_entropy,
+               "laplace_epistemic": laplace_epistemic, "variance_network": variance_network_map,
+               "constant": constant}
+    if name not in sources:
+        from modules.config import PipelineError
+
+        raise PipelineError(f"fusion.uncertainty_source: {name!r} is not one of {', '.join(sources)}")
+    needs = {"map_entropy": head, "laplace_epistemic": posterior, "variance_network": variance_network}
+    if name in needs and needs[name] is None:
+        from modules.config import PipelineError
+
+        raise PipelineError(f"fusion.uncertainty_source: {name!r} needs its trained model (head/Laplace/variance run)")
+    return torch.no_grad()(sources[name])
+
+
+UNCERTAINTY_SOURCES = ("laplace_epistemic", "map_entropy", "raw_sam_entropy", "variance_network", "constant")
+
+
+# --------------------------------------------------------------------------- training data
+
+
+class FusionDataset(torch.utils.data.Dataset):
+    """Packed rows joined with what a refinement pass needs: cached features and the prompt set.
+
+    Item: the packed row (``inputs 3 x 256 x 256``: clipped SAM logits = the first pass, prompt
+    maps; ``target 1 x 256 x 256``) plus ``features`` (dict of ``C x h x w`` float32 from the SAM
+    cache), ``point_coords N x 2``, ``point_labels N`` (canonical padding), ``box 4`` (original
+    pixels) and ``original_hw (2,)``.
+    """
+
+    def __init__(self, packed, cache, project_root):
+        self.packed = packed
+        self.cache = cache
+        self.project_root = project_root
+        self._prompts: dict[str, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def _prompt_tensors(self, safe_id: str):
+        if safe_id not in self._prompts:
+            from modules.promptset import load_promptsets, promptset_tensors
+
+            record = load_promptsets(self.project_root, self.packed.split, safe_id)
+            points, labels, _, boxes = promptset_tensors(record)
+            ids = {ps["promptset_id"]: i for i, ps in enumerate(record["promptsets"])}
+            self._prompts[safe_id] = (points, labels, boxes, ids)
+        return self._prompts[safe_id]
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.packed[index])
+        entry = self.cache.entry(item["safe_id"])
+        points, labels, boxes, ids = self._prompt_tensors(item["safe_id"])
+        row = ids[item["promptset_id"]]
+        item.update(
+            features={name: torch.from_numpy(value).float() for name, value in entry.features.items()},
+            point_coords=points[row], point_labels=labels[row], box=boxes[row],
+            original_hw=torch.tensor(entry.original_hw),
+        )
+        return item
+
+
+def refinement_step(backbone, prompt_mode: str, uncertainty_source: UncertaintySource, loss_fn):
+    """The ``step_fn`` of fusion training: one refinement pass per row, loss on the refined mask."""
+    from modules.precompute import PROMPT_MODES
+
+    def step_fn(model, batch):
+        inputs = batch["inputs"]
+        uncertainty = uncertainty_source(inputs)[:, None]
+        logits, ious = [], []
+        for b in range(inputs.shape[0]):
+            prompts = PROMPT_MODES[prompt_mode](batch["point_coords"][b:b + 1], batch["point_labels"][b:b + 1],
+                                                batch["box"][b:b + 1])
+            features = {name: value[b:b + 1] for name, value in batch["features"].items()}
+            hw = tuple(int(v) for v in batch["original_hw"][b])
+            refined, iou = refine(backbone, model, features, hw,
+                                  Prompts(prompts.point_coords, prompts.point_labels, prompts.boxes),
+                                  inputs[b:b + 1, 0:1], uncertainty[b:b + 1], enable_grad=model.training)
+            logits.append(refined)
+            ious.append(iou)
+        logits, ious = torch.cat(logits), torch.cat(ious)[:, 0]
+        loss = loss_fn(logits, batch["target"], ious)
+        return loss, (logits.detach(), batch["target"])
+
+    return step_fn

@@ -1,0 +1,278 @@
+"""Stage 5: train the prompt-aware head (MAP), the variance network, or the fusion module.
+
+Each trainable model is a ``TrainingTask`` built by a function in ``TASKS``: the model, its
+``step_fn(model, batch) -> (loss, outputs)``, the validation metrics, how the best epoch is
+chosen, and the datasets. ``modules/training.Trainer`` does the rest (resume, DDP, checkpoints).
+
+Runs live in ``<project_root>/checkpoints/<model>/run_<id>/`` (``last.pt``, ``best.pt``, optimizer,
+scaler and scheduler states, ``epoch_state.json``, ``config.resolved.yaml``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from modules.config import PipelineConfig, PipelineError
+from modules.losses import BceDiceLoss, build_variance_loss, hard_iou
+from modules.models import PromptAwareHead, VarianceNetwork, build_model
+from modules.training import Trainer, TrainerConfig, load_checkpoint_file, sanity_check, segmentation_metrics
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def run_dir(project_root: Path, model_kind: str, run_id: str) -> Path:
+    return Path(project_root) / CHECKPOINT_DIR / model_kind / f"run_{run_id}"
+
+
+def has_run(folder: Path) -> bool:
+    """Whether a training run committed at least one epoch in ``folder``."""
+    from modules.training import STATE_FILE
+
+    return (Path(folder) / STATE_FILE).is_file()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("training.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_head(cfg: PipelineConfig) -> PromptAwareHead:
+    return build_model("head", channels_in=cfg.head.channels_in, hidden_channels=cfg.head.hidden_channels,
+                       use_image_embedding=cfg.head.use_image_embedding)
+
+
+def load_trained_head(cfg: PipelineConfig, run_id: str, device: torch.device | str = "cpu",
+                      which: str = "best.pt") -> tuple[PromptAwareHead, Path]:
+    """The MAP head of ``checkpoints/head/run_<run_id>/<which>``, frozen, and its checkpoint path."""
+    path = run_dir(cfg.project_root, "head", run_id) / which
+    if not path.is_file():
+        raise PipelineError(f"{path}: no trained head; run train_head.py --model head --run_id {run_id} first")
+    head = build_head(cfg)
+    head.load_state_dict(load_checkpoint_file(path))
+    head.to(device).eval().requires_grad_(False)
+    return head, path
+
+
+def build_variance_network(cfg: PipelineConfig) -> VarianceNetwork:
+    return build_model("variance", channels_in=cfg.head.channels_in + 1, hidden_channels=cfg.variance.hidden_channels,
+                       log_var_clamp=(cfg.variance.log_var_min, cfg.variance.log_var_max))
+
+
+def load_trained_variance_network(cfg: PipelineConfig, run_id: str, device="cpu") -> VarianceNetwork:
+    path = run_dir(cfg.project_root, "variance", run_id) / "best.pt"
+    if not path.is_file():
+        raise PipelineError(f"{path}: no trained variance network; run train_head.py --model variance --run_id {run_id}")
+    network = build_variance_network(cfg)
+    network.load_state_dict(load_checkpoint_file(path))
+    return network.to(device).eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class TrainingTask:
+    model: nn.Module
+    step_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, Any]]
+    metric_fn: Callable[[Any], dict]
+    train_dataset: Any
+    val_dataset: Any
+    selection_metric: str = "val_iou"
+    selection_mode: str = "max"
+    collate_fn: Callable | None = None
+    num_epochs: int | None = None  # task-specific overrides of the training section
+    lr: float | None = None
+
+
+def packed_datasets(cfg: PipelineConfig):
+    """The packed train and val splits (stage 4.5) as datasets."""
+    from modules.packing import packed_dataset
+
+    return [packed_dataset(cfg, split) for split in ("train", "val")]
+
+
+def head_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
+    model = build_head(cfg)
+    loss_fn = BceDiceLoss(dice_lambda=cfg.training.dice_lambda)
+
+    def step_fn(model, batch):
+        logits = model(batch["inputs"], batch.get("image_embedding"))
+        return loss_fn(logits.float(), batch["target"]), (logits.detach().float(), batch["target"])
+
+    train, val = packed_datasets(cfg)
+    return TrainingTask(model, step_fn, segmentation_metrics, train, val)
+
+
+def variance_margin(log_var: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
+    """Per sample: mean log-variance on pixels the MAP head gets wrong minus on those it gets right
+    (0 where a sample has no pixel of one kind). ``log_var``, ``wrong``: ``B x 1 x H x W``."""
+    wrong = wrong.float()
+    right = 1.0 - wrong
+    dims = (1, 2, 3)
+    mean_wrong = (log_var * wrong).sum(dims) / wrong.sum(dims).clamp_min(1)
+    mean_right = (log_var * right).sum(dims) / right.sum(dims).clamp_min(1)
+    both = (wrong.sum(dims) > 0) & (right.sum(dims) > 0)
+    return torch.where(both, mean_wrong - mean_right, torch.zeros_like(mean_wrong))
+
+
+def variance_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
+    head, _ = load_trained_head(cfg, head_run_id, device)
+    model = build_variance_network(cfg)
+    loss_fn = build_variance_loss(cfg.variance.loss, **({"num_samples": cfg.variance.mc_samples}
+                                                         if cfg.variance.loss == "mc_logit_noise" else {}))
+
+    def step_fn(model, batch):
+        inputs = batch["inputs"]
+        with torch.no_grad():
+            map_logits = head.to(inputs.device)(inputs, batch.get("image_embedding")).float()
+        log_var = model(VarianceNetwork.build_inputs(inputs, map_logits)).float()
+        loss = loss_fn(map_logits, log_var, batch["target"])
+        return loss, (map_logits, batch["target"], log_var.detach())
+
+    def metric_fn(outputs):
+        map_logits, target, log_var = outputs
+        wrong = (map_logits > 0) != (target > 0.5)
+        iou = hard_iou(map_logits, target)
+        return {"iou": iou, "log_var_margin": variance_margin(log_var, wrong)}
+
+    train, val = packed_datasets(cfg)
+    return TrainingTask(model, step_fn, metric_fn, train, val, selection_metric="val_loss", selection_mode="min")
+
+
+def fusion_uncertainty_source(cfg: PipelineConfig, run_id: str, device):
+    """The configured uncertainty map (``fusion.uncertainty_source``) from the trained runs of ``run_id``."""
+    from modules.fusion import make_uncertainty_source
+
+    name = cfg.fusion.uncertainty_source
+    head = posterior = variance_network = None
+    if name == "laplace_epistemic":
+        from modules.laplace_stage import load_head_posterior
+
+        head, posterior = load_head_posterior(cfg, run_id, device)
+    elif name in ("map_entropy", "variance_network"):
+        head, _ = load_trained_head(cfg, run_id, device)
+    if name == "variance_network":
+        variance_network = load_trained_variance_network(cfg, run_id, device)
+    return make_uncertainty_source(name, head=head, posterior=posterior, variance_network=variance_network,
+                                   num_samples=cfg.laplace.num_samples, seed=cfg.laplace.seed,
+                                   log_var_range=(cfg.variance.log_var_min, cfg.variance.log_var_max))
+
+
+def build_fusion(cfg: PipelineConfig, embed_dim: int = 256):
+    from modules.fusion import UncertaintyFusion
+
+    return UncertaintyFusion(embed_dim=embed_dim, hidden_channels=cfg.fusion.hidden_channels)
+
+
+def load_trained_fusion(cfg: PipelineConfig, run_id: str, device="cpu"):
+    """The trained dense embedding fusion module of ``checkpoints/fusion/run_<run_id>``, frozen."""
+    path = run_dir(cfg.project_root, "fusion", run_id) / "best.pt"
+    if not path.is_file():
+        raise PipelineError(f"{path}: no trained fusion module; run train_head.py --model fusion --run_id {run_id}")
+    fusion = build_fusion(cfg)
+    fusion.load_state_dict(load_checkpoint_file(path))
+    return fusion.to(device).eval().requires_grad_(False)
+
+
+def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
+    from modules.backbones import load_backbone
+    from modules.fusion import FusionDataset, refinement_step
+    from modules.losses import FocalDiceIouLoss
+    from modules.packing import open_cache
+
+    backbone = load_backbone(cfg.sam.family, cfg.sam.model_type, cfg.sam.checkpoint, device)
+    cache = open_cache(cfg)
+    train, val = (FusionDataset(packed, cache, cfg.project_root) for packed in packed_datasets(cfg))
+    step_fn = refinement_step(backbone, cfg.sam.prompt_mode, fusion_uncertainty_source(cfg, head_run_id, device),
+                              FocalDiceIouLoss(focal_weight=cfg.fusion.focal_weight))
+    return TrainingTask(build_fusion(cfg), step_fn, segmentation_metrics, train, val,
+                        num_epochs=cfg.fusion.num_epochs, lr=cfg.fusion.lr)
+
+
+TASKS: dict[str, Callable[[PipelineConfig, torch.device, str | None], TrainingTask]] = {
+    "head": head_task,
+    "variance": variance_task,
+    "fusion": fusion_task,
+}
+
+
+def kill_hook_from_env():
+    """Tests set ``PIPELINE_TEST_KILL_AFTER_UNITS=n`` to SIGKILL training once epoch n is published."""
+    import os
+    import signal
+
+    from modules.stage import KILL_HOOK_ENV
+
+    kill_after = int(os.environ.get(KILL_HOOK_ENV, "0"))
+    if not kill_after:
+        return None
+
+    def hook(event: str, epoch: int) -> None:
+        if event == "published" and epoch >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def trainer_config(cfg: PipelineConfig, task: TrainingTask) -> TrainerConfig:
+    t = cfg.training
+    return TrainerConfig(batch_size=t.batch_size, num_workers=t.num_workers, lr=task.lr or t.lr,
+                         weight_decay=t.weight_decay, num_epochs=task.num_epochs or t.num_epochs,
+                         early_stop_patience=t.early_stop_patience, amp=t.amp,
+                         seed=t.seed, selection_metric=task.selection_metric, selection_mode=task.selection_mode)
+
+
+def run_stage(ctx, model_kind: str, run_id: str, resume: bool, run_sanity_check: bool,
+              head_run_id: str | None) -> None:
+    """Train (or resume, or sanity-check) one model; see the module docstring."""
+    cfg = ctx.cfg
+    if model_kind not in TASKS:
+        raise PipelineError(f"--model: {model_kind!r} is not one of {', '.join(TASKS)}")
+    device = resolve_device(cfg.training.device)
+    torch.manual_seed(cfg.training.seed)
+    task = TASKS[model_kind](cfg, device, head_run_id or run_id)
+
+    if run_sanity_check:
+        loader = torch.utils.data.DataLoader(task.train_dataset, batch_size=min(4, len(task.train_dataset)),
+                                             shuffle=False, collate_fn=task.collate_fn)
+        reached, loss = sanity_check(task.model, task.step_fn, next(iter(loader)), device=device)
+        ctx.summary({"sanity_check_reached": reached, "sanity_check_final_loss": round(loss, 5)})
+        if not reached:
+            raise PipelineError(f"sanity check: could not overfit one batch (final loss {loss:.4f})")
+        return
+
+    folder = ctx.output_dir
+    if ctx.force and not resume:  # a fresh run replaces the old one
+        shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    sections = ["head", "training"] + {"variance": ["variance"], "fusion": ["fusion", "sam"]}.get(model_kind, [])
+    upstream = pack_fingerprint(cfg)
+    ctx.check_inputs(sections, upstream)
+    ctx.tracker.watch(task.model)
+    trainer = Trainer(task.model, task.step_fn, task.train_dataset, task.val_dataset, trainer_config(cfg, task),
+                      folder, ctx.tracker, device=device, metric_fn=task.metric_fn, collate_fn=task.collate_fn,
+                      artifact_name=f"{model_kind}-run_{run_id}", checkpoint_hook=kill_hook_from_env())
+    result = trainer.fit(resume=resume)
+    last = result.history[-1] if result.history else {}
+    ctx.summary({"run_dir": str(folder), "epochs_completed": result.epochs_completed,
+                 f"best_{task.selection_metric}": result.best_metric, "best_epoch": result.best_epoch,
+                 "stopped_early": result.stopped_early,
+                 **{k: v for k, v in last.items() if k.startswith("val_")}})
+
+
+def pack_fingerprint(cfg: PipelineConfig) -> dict[str, str]:
+    """What a training run is computed from upstream: the packing stage's own fingerprint."""
+    from modules.fileio import file_md5
+    from modules.packing import training_data_dir
+
+    stage_file = training_data_dir(cfg.project_root) / ".stage.pack_to_hdf5.json"
+    return {"packed_splits": file_md5(stage_file)} if stage_file.is_file() else {}

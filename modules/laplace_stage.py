@@ -1,0 +1,166 @@
+"""Stage 6: fit the last-layer Laplace posterior, tune its prior, save it, and check it is worth having.
+
+Artifacts in ``<project_root>/laplace/<target>/run_<id>/``: ``laplace_state.pt``, ``laplace_config.yaml``,
+``posterior_meta.json`` (see ``modules/laplace_posterior``), ``prior_precision_nll.csv`` and
+``prior_precision_nll.png``, and ``quality.json`` (the checks below). The fit is skipped when the
+artifacts exist and were fitted on the same checkpoint (md5); a different checkpoint is an error
+until ``--force`` refits.
+
+Quality checks on the validation split (printed and logged): NLL and ECE of the Laplace predictive
+(probit) against the MAP head, and the mean mutual information on pixels the MAP head gets wrong
+against those it gets right.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from modules import laplace_posterior as lp
+from modules.config import PipelineError
+from modules.fileio import atomic_write_csv, atomic_write_json, cached_file_md5, read_json
+from modules.head_training import load_trained_head, packed_datasets, resolve_device
+from modules.metrics import CalibrationAccumulator
+
+LAPLACE_DIR = "laplace"
+ARTIFACTS = ("laplace_state.pt", "laplace_config.yaml", "posterior_meta.json")
+
+
+def run_dir(project_root: Path, target: str, run_id: str) -> Path:
+    return Path(project_root) / LAPLACE_DIR / target / f"run_{run_id}"
+
+
+class HeadSamples:
+    """A packed split seen as ``(x 3 x H x W, target H x W[, image_embedding])`` float32 samples."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        sample = (item["inputs"].float(), item["target"][0].float())
+        if "image_embedding" in item:
+            sample += (item["image_embedding"].float(),)
+        return sample
+
+
+def load_head_posterior(cfg, run_id: str, device) -> tuple[torch.nn.Module, lp.LastLayerPosterior]:
+    """The frozen MAP head of ``run_id`` and its fitted Laplace posterior (for later stages)."""
+    head, checkpoint = load_trained_head(cfg, run_id, device)
+    folder = run_dir(cfg.project_root, "head", run_id)
+    meta = lp.read_posterior_meta(folder)
+    if meta.source_checkpoint_md5 != cached_file_md5(checkpoint):
+        raise PipelineError(f"{folder}: fitted on another checkpoint than {checkpoint}; rerun fit_laplace.py --force")
+    return head, lp.load_posterior(folder, head, device)
+
+
+@torch.no_grad()
+def quality_checks(head, posterior, val_samples: HeadSamples, num_samples: int, seed: int,
+                   nll_eps: float, batch_size: int = 8) -> dict:
+    """MAP vs Laplace NLL/ECE and the mutual-information margin on MAP errors (validation split)."""
+    calibration = {"map": CalibrationAccumulator(eps=nll_eps), "laplace": CalibrationAccumulator(eps=nll_eps)}
+    mi_sum = {True: 0.0, False: 0.0}
+    mi_count = {True: 0, False: 0}
+    for batch_index, (inputs, targets) in enumerate(lp.iterate_in_batches(val_samples, batch_size)):
+        x = inputs.x if isinstance(inputs, lp.HeadInputs) else inputs
+        embedding = inputs.image_embedding if isinstance(inputs, lp.HeadInputs) else None
+        device = posterior.device
+        x, targets = x.to(device), targets.to(device)
+        embedding = None if embedding is None else embedding.to(device)
+        map_prob = torch.sigmoid(head(x, embedding))[:, 0]
+        head_inputs = x if embedding is None else lp.HeadInputs(x, embedding)
+        maps = posterior.uncertainty_maps(head_inputs, num_samples, seed=seed + batch_index)
+        calibration["map"].update(map_prob, targets)
+        calibration["laplace"].update(maps["mean_prob"], targets)
+        wrong = (map_prob > 0.5) != (targets > 0.5)
+        for is_wrong in (True, False):
+            selected = maps["mutual_information"][wrong == is_wrong]
+            mi_sum[is_wrong] += float(selected.double().sum())
+            mi_count[is_wrong] += int(selected.numel())
+    results = {name: acc.compute() for name, acc in calibration.items()}
+    mi_wrong = mi_sum[True] / max(mi_count[True], 1)
+    mi_right = mi_sum[False] / max(mi_count[False], 1)
+    return {
+        "map_nll": results["map"]["nll"], "laplace_nll": results["laplace"]["nll"],
+        "map_ece": results["map"]["ece"], "laplace_ece": results["laplace"]["ece"],
+        "ece_bins": results["laplace"]["n_bins"],
+        "mi_on_map_errors": mi_wrong, "mi_on_map_correct": mi_right,
+        "mi_error_ratio": mi_wrong / mi_right if mi_right > 0 else float("inf"),
+        "nll_no_worse": results["laplace"]["nll"] <= results["map"]["nll"] + 1e-9,
+        "ece_better": results["laplace"]["ece"] < results["map"]["ece"],
+        "mi_higher_on_errors": mi_wrong > mi_right,
+    }
+
+
+def tune_temperature_and_prior(la, head, val_samples: HeadSamples, settings, batch_size: int):
+    """Grid-search (temperature, prior precision) on the validation NLL of the probit predictive.
+
+    Sets the best pair on ``la`` and returns ``(temperature, prior search at that temperature,
+    table of every pair's NLL)``. Ties go to the first (lowest) temperature.
+    """
+    best = None
+    rows = []
+    for temperature in settings.temperature_grid:
+        la.temperature = float(temperature)
+        search = lp.tune_head_prior_precision(la, head, lp.iterate_in_batches(val_samples, batch_size),
+                                              grid=settings.prior_precision_grid, nll_eps=settings.nll_eps)
+        rows += [{"temperature": float(temperature), "prior_precision": p, "val_nll": nll}
+                 for p, nll in zip(search.grid, search.nll)]
+        if best is None or min(search.nll) < min(best[1].nll):
+            best = (float(temperature), search)
+    temperature, search = best
+    la.temperature = temperature
+    la.prior_precision = search.best_prior_precision
+    return temperature, search, pd.DataFrame(rows)
+
+
+def run_stage(ctx, run_id: str) -> None:
+    cfg = ctx.cfg
+    settings = cfg.laplace
+    if settings.target != "head":
+        raise PipelineError("laplace.target: 'sam_decoder' is not implemented yet; use 'head'")
+    device = resolve_device(cfg.training.device)
+    head, checkpoint = load_trained_head(cfg, run_id, device)
+    checkpoint_md5 = cached_file_md5(checkpoint)
+    folder = ctx.output_dir
+    meta_path = folder / "posterior_meta.json"
+    if all((folder / name).is_file() for name in ARTIFACTS) and not ctx.force:
+        fitted_on = read_json(meta_path).get("source_checkpoint_md5")
+        if fitted_on == checkpoint_md5:
+            print(f"[{ctx.name}] {folder}: already fitted on {checkpoint} (md5 {checkpoint_md5}); skipping")
+            ctx.summary({"skipped": True, "prior_precision": read_json(meta_path).get("prior_precision")})
+            return
+        raise PipelineError(f"{folder}: fitted on checkpoint md5 {fitted_on}, but {checkpoint} now has md5 "
+                            f"{checkpoint_md5}; rerun with --force to refit")
+    ctx.check_inputs(["laplace"], {"head_checkpoint_md5": checkpoint_md5})
+
+    train_set, val_set = (HeadSamples(d) for d in packed_datasets(cfg))
+    print(f"[{ctx.name}] fitting a diagonal last-layer Laplace ({settings.backend}) on "
+          f"{len(train_set)} training rows of {checkpoint}")
+    with torch.autocast(device_type=device.type, enabled=False):
+        la = lp.fit_head_laplace(head, train_set, backend=settings.backend)
+        temperature, search, grid_table = tune_temperature_and_prior(la, head, val_set, settings,
+                                                                     cfg.training.batch_size)
+    for step, row in grid_table.iterrows():
+        ctx.tracker.log(row.to_dict(), step=int(step))
+    meta = lp.PosteriorMeta.for_head(la, settings.backend, search, checkpoint_md5)
+    meta.tuning_nll = grid_table.to_dict("records")
+    lp.save_posterior(folder, la, meta, cfg.section("laplace"))
+    atomic_write_csv(folder / "prior_precision_nll.csv", grid_table)
+
+    from modules.plots import plot_prior_grid
+
+    plot_prior_grid(list(search.grid), list(search.nll), search.best_prior_precision,
+                    folder / "prior_precision_nll.png", title=f"Laplace prior precision (temperature {temperature:g})")
+    posterior = lp.LastLayerPosterior.from_laplace(head, la)
+    checks = quality_checks(head, posterior, val_set, settings.num_samples, settings.seed, settings.nll_eps)
+    atomic_write_json(folder / "quality.json", checks)
+    ctx.tracker.log_table("prior_precision_nll", grid_table)
+    ctx.tracker.log_artifact(folder, name=f"laplace-head-run_{run_id}", type="laplace")
+    ctx.summary({"prior_precision": search.best_prior_precision, "temperature": temperature,
+                 "n_data_pixels": int(la.n_data), **checks})

@@ -1,0 +1,94 @@
+"""Session fixtures: the demo pipeline run once, at small scale, through the real stage scripts.
+
+``packed_project``   demo data (6 scenes per group), stages 1-4.5 with the shipped demo backbone.
+``trained_project``  + the MAP head (run ``v1``), the variance network (``v1``) and the Laplace (``v1``).
+``fusion_project``   + the dense embedding fusion module (``v1``).
+
+Each fixture returns a ``PipelineProject``; tests that write must use their own run ids or copy
+the project, so the shared folders stay as the fixtures left them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.stage_runner import REPO, run_stage
+
+DEMO_CHECKPOINT = REPO / "assets" / "demo_backbone" / "demo_tiny.pt"
+
+
+@dataclass
+class PipelineProject:
+    folder: Path
+    config: Path
+
+    @property
+    def root(self) -> Path:
+        return self.folder / "project"
+
+    def run(self, script: str, *args: str, **kwargs):
+        return run_stage(script, self.config, *args, **kwargs)
+
+    def load_config(self, *overrides: str):
+        from modules.config import load_config
+
+        return load_config(self.config, list(overrides))
+
+
+def small_demo_config(folder: Path) -> Path:
+    import yaml
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["data"].update(images_root=str(folder / "data" / "images"), masks_root=str(folder / "data" / "masks"),
+                          project_root=str(folder / "project"))
+    config["demo"].update(scenes_per_group=6)
+    config["prompt_generation"].update(num_promptsets_train=3, num_promptsets_val=2, num_promptsets_test=2,
+                                       max_pairs=4)
+    config["sam"].update(checkpoint=str(DEMO_CHECKPOINT), device="cpu", num_workers=0)
+    config["training"].update(num_epochs=4, batch_size=8, num_workers=0, device="cpu", early_stop_patience=10)
+    config["laplace"].update(num_samples=8)
+    config["fusion"].update(num_epochs=2)
+    config["evaluation"]["tta"].update(transforms=["hflip", "rot90", "brightness"])
+    config["evaluation"]["prompt_perturbation"].update(num_samples=3)
+    config["evaluation"].update(qualitative_per_domain=1)
+    config["wandb"].update(enabled=False)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def packed_project(tmp_path_factory) -> PipelineProject:
+    if not DEMO_CHECKPOINT.is_file():
+        pytest.skip(f"{DEMO_CHECKPOINT} is missing (tools/train_demo_backbone.py makes it)")
+    folder = tmp_path_factory.mktemp("pipeline")
+    project = PipelineProject(folder, small_demo_config(folder))
+    for script in ("build_manifests.py", "generate_promptsets.py", "precompute_sam_outputs.py",
+                   "build_training_indices.py", "pack_to_hdf5.py"):
+        project.run(script)
+    return project
+
+
+@pytest.fixture(scope="session")
+def trained_project(packed_project) -> PipelineProject:
+    packed_project.run("train_head.py", "--model", "head", "--run_id", "v1")
+    packed_project.run("train_head.py", "--model", "variance", "--run_id", "v1")
+    packed_project.run("fit_laplace.py", "--run_id", "v1")
+    return packed_project
+
+
+@pytest.fixture(scope="session")
+def fusion_project(trained_project) -> PipelineProject:
+    trained_project.run("train_head.py", "--model", "fusion", "--run_id", "v1")
+    return trained_project
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_threads():
+    """Two cores: keep torch from oversubscribing them when tests spawn stage processes."""
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    yield
