@@ -50,16 +50,22 @@ def build_head(cfg: PipelineConfig) -> PromptAwareHead:
                        use_image_embedding=cfg.head.use_image_embedding)
 
 
+def load_trained(cfg: PipelineConfig, model_kind: str, run_id: str, device: torch.device | str = "cpu",
+                 which: str = "best.pt") -> tuple[nn.Module, Path]:
+    """The trained model of ``checkpoints/<model_kind>/run_<run_id>/<which>``, frozen, and its path."""
+    path = run_dir(cfg.project_root, model_kind, run_id) / which
+    if not path.is_file():
+        raise PipelineError(f"{path}: no trained {model_kind} model; run train_head.py --model {model_kind} "
+                            f"--run_id {run_id} first")
+    model = BUILDERS[model_kind](cfg)
+    model.load_state_dict(load_checkpoint_file(path))
+    return model.to(device).eval().requires_grad_(False), path
+
+
 def load_trained_head(cfg: PipelineConfig, run_id: str, device: torch.device | str = "cpu",
                       which: str = "best.pt") -> tuple[PromptAwareHead, Path]:
     """The MAP head of ``checkpoints/head/run_<run_id>/<which>``, frozen, and its checkpoint path."""
-    path = run_dir(cfg.project_root, "head", run_id) / which
-    if not path.is_file():
-        raise PipelineError(f"{path}: no trained head; run train_head.py --model head --run_id {run_id} first")
-    head = build_head(cfg)
-    head.load_state_dict(load_checkpoint_file(path))
-    head.to(device).eval().requires_grad_(False)
-    return head, path
+    return load_trained(cfg, "head", run_id, device, which)
 
 
 def build_variance_network(cfg: PipelineConfig) -> VarianceNetwork:
@@ -68,12 +74,7 @@ def build_variance_network(cfg: PipelineConfig) -> VarianceNetwork:
 
 
 def load_trained_variance_network(cfg: PipelineConfig, run_id: str, device="cpu") -> VarianceNetwork:
-    path = run_dir(cfg.project_root, "variance", run_id) / "best.pt"
-    if not path.is_file():
-        raise PipelineError(f"{path}: no trained variance network; run train_head.py --model variance --run_id {run_id}")
-    network = build_variance_network(cfg)
-    network.load_state_dict(load_checkpoint_file(path))
-    return network.to(device).eval().requires_grad_(False)
+    return load_trained(cfg, "variance", run_id, device)[0]
 
 
 # --------------------------------------------------------------------------- tasks
@@ -175,12 +176,7 @@ def build_fusion(cfg: PipelineConfig, embed_dim: int = 256):
 
 def load_trained_fusion(cfg: PipelineConfig, run_id: str, device="cpu"):
     """The trained dense embedding fusion module of ``checkpoints/fusion/run_<run_id>``, frozen."""
-    path = run_dir(cfg.project_root, "fusion", run_id) / "best.pt"
-    if not path.is_file():
-        raise PipelineError(f"{path}: no trained fusion module; run train_head.py --model fusion --run_id {run_id}")
-    fusion = build_fusion(cfg)
-    fusion.load_state_dict(load_checkpoint_file(path))
-    return fusion.to(device).eval().requires_grad_(False)
+    return load_trained(cfg, "fusion", run_id, device)[0]
 
 
 def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
@@ -197,6 +193,12 @@ def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | No
     return TrainingTask(build_fusion(cfg), step_fn, segmentation_metrics, train, val,
                         num_epochs=cfg.fusion.num_epochs, lr=cfg.fusion.lr)
 
+
+BUILDERS: dict[str, Callable[[PipelineConfig], nn.Module]] = {
+    "head": build_head,
+    "variance": build_variance_network,
+    "fusion": build_fusion,
+}
 
 TASKS: dict[str, Callable[[PipelineConfig, torch.device, str | None], TrainingTask]] = {
     "head": head_task,

@@ -122,8 +122,12 @@ def tune_temperature_and_prior(la, head, val_samples: HeadSamples, settings, bat
 def run_stage(ctx, run_id: str) -> None:
     cfg = ctx.cfg
     settings = cfg.laplace
+    if settings.target == "sam_decoder":
+        from modules.decoder_laplace import run_decoder_stage
+
+        return run_decoder_stage(ctx, run_id)
     if settings.target != "head":
-        raise PipelineError("laplace.target: 'sam_decoder' is not implemented yet; use 'head'")
+        raise PipelineError(f"laplace.target: unknown target {settings.target!r}; use 'head' or 'sam_decoder'")
     device = resolve_device(cfg.training.device)
     head, checkpoint = load_trained_head(cfg, run_id, device)
     checkpoint_md5 = cached_file_md5(checkpoint)
