@@ -134,6 +134,9 @@ class FusionConfig:
     focal_weight: float = 20.0
     num_epochs: int = 8
     lr: float = 1e-3
+    # Each row costs a decoder pass: train (and validate) on a seeded subset of at most this many
+    # rows (0 = every row).
+    max_train_rows: int = 0
 
 
 @dataclass

@@ -72,23 +72,34 @@ class Prompts:
 
 
 def refine(backbone, fusion: UncertaintyFusion, features: dict, original_hw, prompts: Prompts,
-           first_pass_logits: torch.Tensor, uncertainty: torch.Tensor, enable_grad: bool = False):
+           first_pass_logits: torch.Tensor, uncertainty: torch.Tensor, enable_grad: bool = False,
+           multimask_policy: str = "best_iou"):
     """One refinement pass for the P prompt sets of one image.
+
+    The output is chosen as in the first pass (``sam.multimask_policy``): SAM's single-mask token
+    is a different head from its multimask tokens, and refining through another output than the
+    one that made the first-pass mask would compare two different predictors.
 
     Args:
         features: the image's cached features (``Backbone.encode`` output for one image).
         first_pass_logits: ``P x 1 x 256 x 256`` FRAME256 logits of the first pass (or an oracle mask).
         uncertainty: ``P x 1 x 256 x 256`` FRAME256 uncertainty in [0, 1].
     Returns:
-        ``(logits P x 1 x 256 x 256 FRAME256, iou_predictions P x 1)``; differentiable w.r.t. the
-        fusion module's parameters when ``enable_grad``.
+        ``(logits P x 1 x 256 x 256 FRAME256, iou_predictions P x 1)`` of the chosen output;
+        differentiable w.r.t. the fusion module's parameters when ``enable_grad``.
     """
+    from modules.precompute import MULTIMASK_POLICIES
+
+    policy = MULTIMASK_POLICIES[multimask_policy]
     mask_embedding = backbone.mask_embedding(first_pass_logits, original_hw)
     uncertainty_model_frame = backbone.from_frame256(uncertainty, original_hw, pad_value=0.0)
     with torch.set_grad_enabled(enable_grad):
         dense = fusion(mask_embedding, uncertainty_model_frame)
-    return backbone.decode(features, original_hw, prompts.point_coords, prompts.point_labels, prompts.boxes,
-                           multimask_output=False, dense_embedding_override=dense, enable_grad=enable_grad)
+    logits, ious = backbone.decode(features, original_hw, prompts.point_coords, prompts.point_labels, prompts.boxes,
+                                   multimask_output=policy.multimask_output, dense_embedding_override=dense,
+                                   enable_grad=enable_grad)
+    chosen, branch = policy.select(logits, ious)
+    return chosen[:, None], ious.gather(1, branch[:, None])
 
 
 # --------------------------------------------------------------------------- uncertainty sources
@@ -182,7 +193,8 @@ class FusionDataset(torch.utils.data.Dataset):
         return item
 
 
-def refinement_step(backbone, prompt_mode: str, uncertainty_source: UncertaintySource, loss_fn):
+def refinement_step(backbone, prompt_mode: str, multimask_policy: str, uncertainty_source: UncertaintySource,
+                    loss_fn):
     """The ``step_fn`` of fusion training: one refinement pass per row, loss on the refined mask."""
     from modules.precompute import PROMPT_MODES
 
@@ -197,7 +209,8 @@ def refinement_step(backbone, prompt_mode: str, uncertainty_source: UncertaintyS
             hw = tuple(int(v) for v in batch["original_hw"][b])
             refined, iou = refine(backbone, model, features, hw,
                                   Prompts(prompts.point_coords, prompts.point_labels, prompts.boxes),
-                                  inputs[b:b + 1, 0:1], uncertainty[b:b + 1], enable_grad=model.training)
+                                  inputs[b:b + 1, 0:1], uncertainty[b:b + 1], enable_grad=model.training,
+                                  multimask_policy=multimask_policy)
             logits.append(refined)
             ious.append(iou)
         logits, ious = torch.cat(logits), torch.cat(ious)[:, 0]

@@ -179,6 +179,14 @@ def load_trained_fusion(cfg: PipelineConfig, run_id: str, device="cpu"):
     return load_trained(cfg, "fusion", run_id, device)[0]
 
 
+def subset_rows(dataset, max_rows: int, seed: int):
+    """A seeded random subset of at most ``max_rows`` rows (all rows when 0 or enough)."""
+    if not max_rows or len(dataset) <= max_rows:
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.Subset(dataset, sorted(order[:max_rows].tolist()))
+
+
 def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
     from modules.backbones import load_backbone
     from modules.fusion import FusionDataset, refinement_step
@@ -187,8 +195,10 @@ def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | No
 
     backbone = load_backbone(cfg.sam.family, cfg.sam.model_type, cfg.sam.checkpoint, device)
     cache = open_cache(cfg)
-    train, val = (FusionDataset(packed, cache, cfg.project_root) for packed in packed_datasets(cfg))
-    step_fn = refinement_step(backbone, cfg.sam.prompt_mode, fusion_uncertainty_source(cfg, head_run_id, device),
+    train, val = (subset_rows(FusionDataset(packed, cache, cfg.project_root), cfg.fusion.max_train_rows,
+                              cfg.training.seed) for packed in packed_datasets(cfg))
+    step_fn = refinement_step(backbone, cfg.sam.prompt_mode, cfg.sam.multimask_policy,
+                              fusion_uncertainty_source(cfg, head_run_id, device),
                               FocalDiceIouLoss(focal_weight=cfg.fusion.focal_weight))
     return TrainingTask(build_fusion(cfg), step_fn, segmentation_metrics, train, val,
                         num_epochs=cfg.fusion.num_epochs, lr=cfg.fusion.lr)

@@ -51,7 +51,7 @@ def small_demo_config(folder: Path) -> Path:
     config["sam"].update(checkpoint=str(DEMO_CHECKPOINT), device="cpu", num_workers=0)
     config["training"].update(num_epochs=4, batch_size=8, num_workers=0, device="cpu", early_stop_patience=10)
     config["laplace"].update(num_samples=8)
-    config["fusion"].update(num_epochs=2)
+    config["fusion"].update(num_epochs=2, max_train_rows=16)
     config["evaluation"]["tta"].update(transforms=["hflip", "rot90", "brightness"])
     config["evaluation"]["prompt_perturbation"].update(num_samples=3)
     config["evaluation"].update(qualitative_per_domain=1)

@@ -1,0 +1,31 @@
+"""Stage 7: evaluate every uncertainty strategy and the fusion refinement per domain.
+
+    python evaluate_uncertainty.py --config config.yaml --run_id v1            # head/variance/Laplace/fusion v1
+    python evaluate_uncertainty.py --config config.yaml --run_id v1 --fusion_run_id v2 --name ablation
+    python evaluate_uncertainty.py --config config.yaml --run_id v1 --force    # recompute from scratch
+
+Reports go to ``<project_root>/reports/eval/<name>/`` (default name ``run_<run_id>``); a killed run
+resumes where it stopped.
+"""
+
+from modules import evaluation
+from modules.stage import default_argument_parser, stage_context
+
+
+def main() -> None:
+    parser = default_argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--run_id", default="v1", help="the trained runs to evaluate (head, variance, Laplace, fusion)")
+    for model in ("head", "variance", "laplace", "fusion"):
+        parser.add_argument(f"--{model}_run_id", default=None, help=f"the {model} run (default: --run_id)")
+    parser.add_argument("--name", default=None, help="report folder name (default: run_<run_id>)")
+    args = parser.parse_args()
+    runs = evaluation.RunIds.resolve(args.run_id, args.head_run_id, args.variance_run_id, args.laplace_run_id,
+                                     args.fusion_run_id)
+    name = args.name or f"run_{args.run_id}"
+    with stage_context("evaluate_uncertainty", args, output_dir=str(evaluation.EVAL_DIR / name),
+                       extra_tracker_config={"run_ids": vars(runs)}) as ctx:
+        evaluation.run_stage(ctx, runs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""The evaluation stage's report files (``<project_root>/reports/eval/<name>/``) and their W&B copies.
+
+Files (all written atomically):
+
+- ``per_mask.csv``: one row per (sample, prompt set, method): segmentation, calibration, the exact
+  uncertainty metrics of the method's primary map (``u_*``), its mean and the mean of every map.
+- ``summary_by_domain.csv`` / ``summary_overall.csv``: one row per (method, map, domain) with every
+  streaming metric (``metrics.UncertaintyAccumulator.compute``, ``ece_bins`` and ``n_pixels``
+  included), the per-mask means of the segmentation metrics and ``mask_spearman`` (Spearman
+  between a mask's mean uncertainty and 1 - IoU, across the masks of the domain).
+- ``reliability_bins.csv`` and ``sparsification_curves.csv``: the plotted data.
+- ``reliability_<domain>.png``, ``sparsification_<domain>.png`` (``overall`` too): the strategies'
+  reliability diagrams and the sparsification curves of their primary maps.
+- ``refinement.csv`` and ``refinement.md``: unrefined vs refined vs the ablations, per domain.
+- ``summary.md``: method x domain tables of the key metrics and the refinement table (written last:
+  its presence marks a complete report).
+- ``qualitative/<method>/<safe_id>_<promptset_id>.png``: image, ground truth, prediction, primary
+  uncertainty map and errors of the first prompt set of the chosen samples.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from modules import metrics
+from modules.evaluation import OVERALL, SEGMENTATION_KEYS
+from modules.fileio import atomic_write_csv, atomic_write_text
+
+if TYPE_CHECKING:
+    from modules.evaluation import Scoreboard, ScoredMethod
+    from modules.uncertainty import EvalSample
+
+QUALITATIVE_DIR = "qualitative"
+SUMMARY_MARKDOWN = "summary.md"
+CSV_FILES = ("per_mask.csv", "summary_by_domain.csv", "summary_overall.csv", "reliability_bins.csv",
+             "sparsification_curves.csv", "refinement.csv")
+#: summary.md: (column of the summary tables, heading, higher is better?).
+KEY_METRICS = (
+    ("mean_iou", "IoU (mean over masks)", True),
+    ("ece", "ECE", False),
+    ("nll", "NLL (nats / pixel)", False),
+    ("auroc", "AUROC of error detection (primary map)", True),
+    ("ause", "AUSE (primary map)", False),
+    ("mask_spearman", "Spearman(mean uncertainty, 1 - IoU) across masks (primary map)", True),
+)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def file_label(name: str) -> str:
+    """A domain or method name as a file-name part."""
+    return _UNSAFE.sub("_", name) or "_"
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+def remove_reports(folder: Path) -> None:
+    """Delete the report files of an earlier run (a fresh run must not leave stale domains behind)."""
+    for pattern in (*CSV_FILES, "*.png", "*.md"):
+        for path in folder.glob(pattern):
+            path.unlink()
+    shutil.rmtree(folder / QUALITATIVE_DIR, ignore_errors=True)
+
+
+def reports_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in (*CSV_FILES, "refinement.md", SUMMARY_MARKDOWN))
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def summary_frame(scoreboard: "Scoreboard", methods: list[str], refinement_methods: list[str]) -> pd.DataFrame:
+    """One row per (method, map, domain): streaming metrics + per-mask means + mask-level Spearman."""
+    masks = pd.DataFrame(scoreboard.rows)
+    entries = []
+    for (method, map_name, domain), accumulator in scoreboard.accumulators.items():
+        selected = masks[masks["method"] == method]
+        if domain != OVERALL:
+            selected = selected[selected["group"] == domain]
+        entry = {"method": method, "kind": "refinement" if method in refinement_methods else "strategy",
+                 "map": map_name, "is_primary": scoreboard.primary_maps.get(method) == map_name,
+                 "domain": domain, "n_masks": len(selected), "ece_bins": scoreboard.ece_bins,
+                 **accumulator.compute()}
+        entry["mask_spearman"] = _mask_spearman(selected[f"mean_{map_name}"], 1.0 - selected["iou"])
+        entry.update({f"mean_{key}": float(selected[key].mean()) for key in SEGMENTATION_KEYS})
+        entries.append(entry)
+    frame = pd.DataFrame(entries)
+    order = {method: index for index, method in enumerate(methods)}
+    frame["_method_order"] = frame["method"].map(order)
+    frame["_domain_order"] = frame["domain"] == OVERALL
+    frame = frame.sort_values(["_domain_order", "domain", "_method_order", "is_primary", "map"],
+                              ascending=[True, True, True, False, True])
+    return frame.drop(columns=["_method_order", "_domain_order"]).reset_index(drop=True)
+
+
+def _mask_spearman(mean_uncertainty: pd.Series, one_minus_iou: pd.Series) -> float:
+    if len(mean_uncertainty) < 2:
+        return math.nan
+    return metrics.spearman(torch.tensor(mean_uncertainty.to_numpy(dtype=np.float64)),
+                            torch.tensor(one_minus_iou.to_numpy(dtype=np.float64)))
+
+
+def curve_frames(scoreboard: "Scoreboard") -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Reliability bins and sparsification curves (long tables) of every method's primary map,
+    and ``{domain: {method: curves}}`` for the plots."""
+    reliability_rows, sparsification_rows = [], []
+    curves_by_domain: dict[str, dict[str, dict]] = {}
+    for (method, map_name, domain), accumulator in scoreboard.accumulators.items():
+        if scoreboard.primary_maps.get(method) != map_name:
+            continue
+        curves = accumulator.curves()
+        curves_by_domain.setdefault(domain, {})[method] = curves
+        bins = curves["reliability"]["reliability"]
+        for index in range(len(bins["count"])):
+            reliability_rows.append({"method": method, "domain": domain, "n_bins": curves["reliability"]["n_bins"],
+                                     **{key: bins[key][index] for key in bins}})
+        sparsification = curves["sparsification"]
+        for index, fraction in enumerate(sparsification["fractions"]):
+            sparsification_rows.append({"method": method, "map": map_name, "domain": domain,
+                                        "fraction_removed": fraction,
+                                        "uncertainty": sparsification["uncertainty"][index],
+                                        "oracle": sparsification["oracle"][index],
+                                        "random": sparsification["random"]})
+    return pd.DataFrame(reliability_rows), pd.DataFrame(sparsification_rows), curves_by_domain
+
+
+def refinement_frame(summary: pd.DataFrame, baselines: list[str], variants: list[str],
+                     unrefined: str) -> pd.DataFrame:
+    """Per domain: the unrefined baselines beside the refinement variants (primary-map rows)."""
+    primary = summary[summary["is_primary"] & summary["method"].isin([*baselines, *variants])]
+    columns = ["domain", "method", "n_masks", "mean_iou", "mean_dice", "mean_boundary_iou_1pct", "ece", "nll",
+               "auroc"]
+    frame = primary[columns].copy()
+    reference = frame[frame["method"] == unrefined].set_index("domain")["mean_iou"]
+    frame[f"delta_iou_vs_{unrefined}"] = frame["mean_iou"] - frame["domain"].map(reference)
+    order = {method: index for index, method in enumerate([*baselines, *variants])}
+    frame["_order"] = frame["method"].map(order)
+    frame["_overall"] = frame["domain"] == OVERALL
+    return frame.sort_values(["_overall", "domain", "_order"]).drop(columns=["_order", "_overall"]).reset_index(drop=True)
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "n/a" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub markdown table of a small frame (index ignored), floats with 4 decimals."""
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(_format(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def method_by_domain(summary: pd.DataFrame, column: str, methods: list[str]) -> pd.DataFrame:
+    """``methods`` x (domains, then overall) table of one column over the primary-map rows."""
+    primary = summary[summary["is_primary"]]
+    table = primary.pivot_table(index="method", columns="domain", values=column, aggfunc="first", dropna=False)
+    domains = sorted(d for d in table.columns if d != OVERALL) + ([OVERALL] if OVERALL in table.columns else [])
+    table = table.reindex(index=[m for m in methods if m in table.index], columns=domains)
+    return table.reset_index()
+
+
+def summary_markdown(summary: pd.DataFrame, refinement: pd.DataFrame, refinement_md: str, methods: list[str],
+                     n_samples: int, n_masks: int, ece_bins: int) -> str:
+    strategies = [m for m in methods if m in set(summary.loc[summary["kind"] == "strategy", "method"])]
+    primary = summary[summary["is_primary"] & (summary["domain"] == OVERALL)].set_index("method")["map"]
+    lines = ["# Uncertainty evaluation", "",
+             f"{n_samples} samples, {n_masks} masks (sample x prompt set x method rows in per_mask.csv). "
+             f"Scored at ground-truth resolution. ECE with {ece_bins} equal-width bins of the foreground "
+             "probability. Uncertainty metrics use each method's primary map: "
+             + ", ".join(f"{m}: {primary.get(m, '?')}" for m in strategies) + ".", ""]
+    for column, heading, higher_better in KEY_METRICS:
+        lines += [f"## {heading} ({'higher' if higher_better else 'lower'} is better)", "",
+                  markdown_table(method_by_domain(summary[summary["kind"] == "strategy"], column, strategies)), ""]
+    if not refinement.empty:
+        lines += ["## Dense embedding fusion refinement", "", refinement_md, ""]
+    lines += ["Files: per_mask.csv, summary_by_domain.csv, summary_overall.csv, refinement.csv, "
+              "reliability_<domain>.png, sparsification_<domain>.png, qualitative/<method>/.", ""]
+    return "\n".join(lines)
+
+
+def refinement_markdown(refinement: pd.DataFrame, unrefined: str) -> str:
+    if refinement.empty:
+        return "Refinement not evaluated (evaluation.refinement is false)."
+    methods = list(dict.fromkeys(refinement["method"]))
+    iou = refinement.pivot_table(index="method", columns="domain", values="mean_iou", aggfunc="first")
+    domains = sorted(d for d in iou.columns if d != OVERALL) + ([OVERALL] if OVERALL in iou.columns else [])
+    iou = iou.reindex(index=methods, columns=domains).reset_index()
+    overall = refinement[refinement["domain"] == OVERALL].drop(columns=["domain"])
+    return "\n".join([
+        "Mean IoU per domain. `refined`: fusion with the configured uncertainty source on SAM's first pass; "
+        "`refined_constant`: the same with a constant uncertainty map (ablation); `refined_oracle_mask`: the "
+        "ground-truth mask as the mask prompt (oracle ablation).", "",
+        markdown_table(iou), "", f"Overall (deltas against `{unrefined}`):", "", markdown_table(overall)])
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def write_qualitative_panels(folder: Path, sample: "EvalSample", scored: dict[str, "ScoredMethod"],
+                             methods: Iterable[str]) -> list[Path]:
+    """One panel per method for the sample's first prompt set."""
+    from modules.plots import plot_qualitative_panel
+
+    promptset_id = int(sample.record["promptsets"][0]["promptset_id"])
+    gt = torch.from_numpy(sample.gt_mask)
+    paths = []
+    for method in methods:
+        if method not in scored:
+            continue
+        output = scored[method]
+        prob = output.prob[0].float().cpu()
+        prediction = prob > metrics.PROB_THRESHOLD
+        union = int((prediction | gt).sum())
+        iou = int((prediction & gt).sum()) / union if union else 1.0
+        path = folder / QUALITATIVE_DIR / file_label(method) / f"{file_label(sample.safe_id)}_{promptset_id}.png"
+        plot_qualitative_panel(sample.image, sample.gt_mask, prob, output.maps[output.primary_map][0].float().cpu(),
+                               path, f"{method} ({output.primary_map}) | {sample.safe_id} prompt set "
+                                     f"{promptset_id} | IoU {iou:.3f}")
+        paths.append(path)
+    return paths
+
+
+def write_curve_plots(folder: Path, curves_by_domain: dict[str, dict[str, dict]], strategies: list[str]) -> list[Path]:
+    from modules.plots import plot_reliability_diagram, plot_sparsification
+
+    paths = []
+    for domain, by_method in curves_by_domain.items():
+        shown = {m: by_method[m] for m in strategies if m in by_method}
+        if not shown:
+            continue
+        label = file_label(domain)
+        reliability = folder / f"reliability_{label}.png"
+        plot_reliability_diagram({m: c["reliability"] for m, c in shown.items()}, reliability,
+                                 f"Reliability ({domain})")
+        sparsification = folder / f"sparsification_{label}.png"
+        plot_sparsification({m: c["sparsification"] for m, c in shown.items()}, sparsification,
+                            f"Sparsification, primary maps ({domain})")
+        paths += [reliability, sparsification]
+    return paths
+
+
+# --------------------------------------------------------------------------- everything
+
+
+def write_reports(folder: Path, scoreboard: "Scoreboard", methods: list[str], refinement_methods: list[str],
+                  unrefined: str, tracker) -> dict[str, Any]:
+    """Write every report file from the scoreboard and log them; returns headline figures."""
+    per_mask = pd.DataFrame(scoreboard.rows)
+    summary = summary_frame(scoreboard, methods, refinement_methods)
+    reliability, sparsification, curves_by_domain = curve_frames(scoreboard)
+    evaluated = set(summary["method"])
+    baselines = [m for m in (unrefined, "map_head") if m in evaluated]
+    variants = [m for m in refinement_methods if m in evaluated]
+    refinement = refinement_frame(summary, baselines, variants, unrefined) if variants else pd.DataFrame()
+    refinement_md = refinement_markdown(refinement, unrefined)
+
+    atomic_write_csv(folder / "per_mask.csv", per_mask)
+    atomic_write_csv(folder / "summary_by_domain.csv", summary[summary["domain"] != OVERALL])
+    atomic_write_csv(folder / "summary_overall.csv", summary[summary["domain"] == OVERALL])
+    atomic_write_csv(folder / "reliability_bins.csv", reliability)
+    atomic_write_csv(folder / "sparsification_curves.csv", sparsification)
+    atomic_write_csv(folder / "refinement.csv", refinement)
+    atomic_write_text(folder / "refinement.md", refinement_md + "\n")
+    strategies = [m for m in methods if m not in refinement_methods]
+    plots = write_curve_plots(folder, curves_by_domain, strategies)
+    atomic_write_text(folder / SUMMARY_MARKDOWN,
+                      summary_markdown(summary, refinement, refinement_md, methods, len(scoreboard.done),
+                                       len(per_mask), scoreboard.ece_bins))
+
+    tracker.log_table("eval/summary_overall", summary[summary["domain"] == OVERALL])
+    tracker.log_table("eval/summary_by_domain", summary[summary["domain"] != OVERALL])
+    tracker.log_table("eval/per_mask", per_mask)
+    if not refinement.empty:
+        tracker.log_table("eval/refinement", refinement)
+    for path in [*plots, *sorted((folder / QUALITATIVE_DIR).glob("*/*.png"))]:
+        tracker.log_image(f"eval/{path.relative_to(folder).with_suffix('').as_posix()}", path)
+
+    overall = summary[(summary["domain"] == OVERALL) & summary["is_primary"]].set_index("method")
+    figures: dict[str, Any] = {"report_dir": str(folder)}
+    for method in methods:
+        if method in overall.index:
+            figures[f"{method}/mean_iou"] = round(float(overall.at[method, "mean_iou"]), 4)
+            figures[f"{method}/auroc"] = round(float(overall.at[method, "auroc"]), 4)
+    return figures
