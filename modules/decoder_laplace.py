@@ -65,7 +65,6 @@ from modules import laplace_posterior as lp
 from modules.config import PipelineConfig
 from modules.fileio import (atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_yaml,
                             cached_file_md5, read_json)
-from modules.metrics import CalibrationAccumulator
 from modules.precompute import MULTIMASK_POLICIES, PROMPT_MODES
 from modules.uncertainty import EvalSample, Strategy, StrategyOutput, _derived_seed
 
@@ -551,33 +550,13 @@ def search_temperature_and_prior(
 def quality_checks(posterior: DecoderPosterior, validation: Sequence[DecodedRows] | SplitRows, num_samples: int,
                    seed: int, nll_eps: float) -> dict:
     """Decoder (MAP) vs Laplace NLL/ECE and the mutual-information margin on the decoder's errors."""
-    calibration = {"map": CalibrationAccumulator(eps=nll_eps), "laplace": CalibrationAccumulator(eps=nll_eps)}
-    mi_sum = {True: 0.0, False: 0.0}
-    mi_count = {True: 0, False: 0}
+    quality = lp.PosteriorQualityAccumulator(nll_eps)
     for batch_index, decoded in enumerate(validation):
         targets = decoded.targets.to(posterior.device)
         map_prob = torch.sigmoid(decoded.decoder_logits.to(posterior.device))
         maps = posterior.uncertainty_maps(decoded.inputs, num_samples, seed=seed + batch_index)
-        calibration["map"].update(map_prob, targets)
-        calibration["laplace"].update(maps["mean_prob"], targets)
-        wrong = (map_prob > 0.5) != (targets > 0.5)
-        for is_wrong in (True, False):
-            selected = maps["mutual_information"][wrong == is_wrong]
-            mi_sum[is_wrong] += float(selected.double().sum())
-            mi_count[is_wrong] += int(selected.numel())
-    results = {name: accumulator.compute() for name, accumulator in calibration.items()}
-    mi_wrong = mi_sum[True] / max(mi_count[True], 1)
-    mi_right = mi_sum[False] / max(mi_count[False], 1)
-    return {
-        "map_nll": results["map"]["nll"], "laplace_nll": results["laplace"]["nll"],
-        "map_ece": results["map"]["ece"], "laplace_ece": results["laplace"]["ece"],
-        "ece_bins": results["laplace"]["n_bins"],
-        "mi_on_map_errors": mi_wrong, "mi_on_map_correct": mi_right,
-        "mi_error_ratio": mi_wrong / mi_right if mi_right > 0 else float("inf"),
-        "nll_no_worse": results["laplace"]["nll"] <= results["map"]["nll"] + 1e-9,
-        "ece_better": results["laplace"]["ece"] < results["map"]["ece"],
-        "mi_higher_on_errors": mi_wrong > mi_right,
-    }
+        quality.update(map_prob, maps, targets)
+    return quality.compute()
 
 
 # --------------------------------------------------------------------------- artifacts

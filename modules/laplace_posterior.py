@@ -919,3 +919,44 @@ def iterate_in_batches(samples: Sequence[Any], batch_size: int) -> Iterator[tupl
             raise LaplacePosteriorError(
                 f"validation samples {start}..{indices[-1]}: image_embedding given for some samples only"
             )
+
+
+# --------------------------------------------------------------------------- quality checks
+
+
+class PosteriorQualityAccumulator:
+    """Is the posterior worth having? Streams, over validation batches, the calibration of the MAP
+    prediction and of the probit predictive, and the mean mutual information on the pixels the
+    MAP gets wrong vs right. ``update`` takes ``B x H x W`` maps on one device."""
+
+    def __init__(self, nll_eps: float = DEFAULT_NLL_EPS):
+        from modules.metrics import CalibrationAccumulator
+
+        self.calibration = {"map": CalibrationAccumulator(eps=nll_eps), "laplace": CalibrationAccumulator(eps=nll_eps)}
+        self.mi_sum = {True: 0.0, False: 0.0}
+        self.mi_count = {True: 0, False: 0}
+
+    def update(self, map_prob: torch.Tensor, maps: Mapping[str, torch.Tensor], targets: torch.Tensor) -> None:
+        self.calibration["map"].update(map_prob, targets)
+        self.calibration["laplace"].update(maps["mean_prob"], targets)
+        wrong = (map_prob > 0.5) != (targets > 0.5)
+        for is_wrong in (True, False):
+            selected = maps["mutual_information"][wrong == is_wrong]
+            self.mi_sum[is_wrong] += float(selected.double().sum())
+            self.mi_count[is_wrong] += int(selected.numel())
+
+    def compute(self) -> dict:
+        results = {name: accumulator.compute() for name, accumulator in self.calibration.items()}
+        mi_wrong = self.mi_sum[True] / max(self.mi_count[True], 1)
+        mi_right = self.mi_sum[False] / max(self.mi_count[False], 1)
+        return {
+            "map_nll": results["map"]["nll"], "laplace_nll": results["laplace"]["nll"],
+            "map_ece": results["map"]["ece"], "laplace_ece": results["laplace"]["ece"],
+            "ece_bins": results["laplace"]["n_bins"],
+            "mi_on_map_errors": mi_wrong, "mi_on_map_correct": mi_right,
+            "mi_error_ratio": mi_wrong / mi_right if mi_right > 0 else float("inf"),
+            # relative tolerance: a posterior tuned onto the MAP differs from it by float rounding
+            "nll_no_worse": results["laplace"]["nll"] <= results["map"]["nll"] * (1 + 1e-6),
+            "ece_better": results["laplace"]["ece"] < results["map"]["ece"],
+            "mi_higher_on_errors": mi_wrong > mi_right,
+        }

@@ -22,7 +22,6 @@ from modules import laplace_posterior as lp
 from modules.config import PipelineError
 from modules.fileio import atomic_write_csv, atomic_write_json, cached_file_md5, read_json
 from modules.head_training import load_trained_head, packed_datasets, resolve_device
-from modules.metrics import CalibrationAccumulator
 
 LAPLACE_DIR = "laplace"
 ARTIFACTS = ("laplace_state.pt", "laplace_config.yaml", "posterior_meta.json")
@@ -63,9 +62,7 @@ def load_head_posterior(cfg, run_id: str, device) -> tuple[torch.nn.Module, lp.L
 def quality_checks(head, posterior, val_samples: HeadSamples, num_samples: int, seed: int,
                    nll_eps: float, batch_size: int = 8) -> dict:
     """MAP vs Laplace NLL/ECE and the mutual-information margin on MAP errors (validation split)."""
-    calibration = {"map": CalibrationAccumulator(eps=nll_eps), "laplace": CalibrationAccumulator(eps=nll_eps)}
-    mi_sum = {True: 0.0, False: 0.0}
-    mi_count = {True: 0, False: 0}
+    quality = lp.PosteriorQualityAccumulator(nll_eps)
     for batch_index, (inputs, targets) in enumerate(lp.iterate_in_batches(val_samples, batch_size)):
         x = inputs.x if isinstance(inputs, lp.HeadInputs) else inputs
         embedding = inputs.image_embedding if isinstance(inputs, lp.HeadInputs) else None
@@ -75,26 +72,8 @@ def quality_checks(head, posterior, val_samples: HeadSamples, num_samples: int, 
         map_prob = torch.sigmoid(head(x, embedding))[:, 0]
         head_inputs = x if embedding is None else lp.HeadInputs(x, embedding)
         maps = posterior.uncertainty_maps(head_inputs, num_samples, seed=seed + batch_index)
-        calibration["map"].update(map_prob, targets)
-        calibration["laplace"].update(maps["mean_prob"], targets)
-        wrong = (map_prob > 0.5) != (targets > 0.5)
-        for is_wrong in (True, False):
-            selected = maps["mutual_information"][wrong == is_wrong]
-            mi_sum[is_wrong] += float(selected.double().sum())
-            mi_count[is_wrong] += int(selected.numel())
-    results = {name: acc.compute() for name, acc in calibration.items()}
-    mi_wrong = mi_sum[True] / max(mi_count[True], 1)
-    mi_right = mi_sum[False] / max(mi_count[False], 1)
-    return {
-        "map_nll": results["map"]["nll"], "laplace_nll": results["laplace"]["nll"],
-        "map_ece": results["map"]["ece"], "laplace_ece": results["laplace"]["ece"],
-        "ece_bins": results["laplace"]["n_bins"],
-        "mi_on_map_errors": mi_wrong, "mi_on_map_correct": mi_right,
-        "mi_error_ratio": mi_wrong / mi_right if mi_right > 0 else float("inf"),
-        "nll_no_worse": results["laplace"]["nll"] <= results["map"]["nll"] + 1e-9,
-        "ece_better": results["laplace"]["ece"] < results["map"]["ece"],
-        "mi_higher_on_errors": mi_wrong > mi_right,
-    }
+        quality.update(map_prob, maps, targets)
+    return quality.compute()
 
 
 def tune_temperature_and_prior(la, head, val_samples: HeadSamples, settings, batch_size: int):
