@@ -1,0 +1,65 @@
+"""The shipped demo backbone: loads through the registry and meets its quality bar on held-out scenes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from modules import demo_data
+from modules.backbones import build_model, load_backbone
+
+CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "demo_backbone" / "demo_tiny.pt"
+SCENES = 8  # plain scenes of purpose "backbone_eval" (never used in training)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone("sam", "demo_tiny", CHECKPOINT, "cpu")
+
+
+def test_checkpoint_is_a_small_float16_state_dict_of_demo_tiny():
+    assert CHECKPOINT.stat().st_size <= 20 * 2**20
+    state = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)
+    expected = build_model("sam", "demo_tiny").state_dict()
+    assert set(state) == set(expected)
+    assert all(state[k].shape == expected[k].shape for k in expected)
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
+    record = json.loads(CHECKPOINT.with_suffix(".json").read_text())
+    assert record["complete"] is True and record["steps_done"] > 0 and "train_demo_backbone.py" in record["command"]
+
+
+def test_loads_like_every_backbone(backbone):
+    assert (backbone.family, backbone.model_type, backbone.image_size) == ("sam", "demo_tiny", 256)
+    image, _ = demo_data.render_scene("plain", demo_data.scene_seed("backbone_eval", 0, "plain", 0))
+    features = backbone.encode(backbone.preprocess(image)[None])
+    assert features["image_embed"].shape == (1, 256, 64, 64)  # like the real SAM: nothing special-cases it
+
+
+def _iou(logits: torch.Tensor, mask: np.ndarray) -> float:
+    """FRAME256 ``256 x 256`` logits vs the ``H x W`` mask, at the original resolution."""
+    predicted = F.interpolate(logits[None, None], mask.shape, mode="bilinear", align_corners=False)[0, 0] > 0
+    truth = torch.from_numpy(mask)
+    return float((predicted & truth).sum() / (predicted | truth).sum().clamp(min=1))
+
+
+def test_plain_scenes_meet_the_quality_bar(backbone):
+    point_ious, box_ious = [], []
+    for index in range(SCENES):
+        image, mask = demo_data.render_scene("plain", demo_data.scene_seed("backbone_eval", 0, "plain", index))
+        features = backbone.encode(backbone.preprocess(image)[None])
+        row, col = np.unravel_index(np.argmax(ndimage.distance_transform_edt(mask)), mask.shape)
+        logits, iou_predictions = backbone.decode(features, mask.shape, torch.tensor([[[float(col), float(row)]]]),
+                                                  torch.ones(1, 1), multimask_output=True)
+        point_ious.append(_iou(logits[0, iou_predictions[0].argmax()], mask))
+        rows, cols = np.nonzero(mask)
+        box = torch.tensor([[cols.min(), rows.min(), cols.max(), rows.max()]], dtype=torch.float32)
+        logits, _ = backbone.decode(features, mask.shape, boxes=box, multimask_output=False)
+        box_ious.append(_iou(logits[0, 0], mask))
+    assert np.mean(point_ious) >= 0.75, f"one-point IoU on plain scenes: {np.round(point_ious, 3).tolist()}"
+    assert np.mean(box_ious) >= 0.85, f"box IoU on plain scenes: {np.round(box_ious, 3).tolist()}"

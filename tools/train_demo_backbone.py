@@ -1,0 +1,403 @@
+"""Train the tiny demo SAM (``sam`` / ``demo_tiny``) from scratch on procedural scenes.
+
+Reproduces ``assets/demo_backbone/demo_tiny.pt`` in three runs, each continuing the last one's state
+(the exact commands are in README.md, "Backbones and the bundled demo backbone"):
+
+    .venv/bin/python tools/train_demo_backbone.py --seed 0 --threads 1 --time-budget-min 42 --state run1.pt
+    ... --seed 1 --time-budget-min 10 --lr 3e-4 --init-state run1.pt ...
+    ... --seed 2 --threads 2 --time-budget-min 15 --lr 2e-4 --init-state run2.pt ...
+
+(``--threads 1``: on the shared 2-core machine, with about eight runnable processes, one thread
+ran a decoder step 1.8x faster in wall time than two, which stalled on each other.)
+
+Scenes come from ``modules.demo_data`` with purpose ``"backbone_train"`` (never ``"demo"``),
+rendered in a DataLoader worker so rendering overlaps training. Every image gets three prompt
+sets: one single positive point (half the time biased to the object interior, else anywhere on
+it), one set of 1-3 positives with sometimes 1-2 negatives from the background, and one tight
+box with a small jitter. The loss follows SAM's recipe with one change: pixel loss + dice on the
+best of the three multimask outputs (the minimum over them), the same on the single-mask output,
+plus the MSE between the IoU head and the true IoU of each of the four outputs. The pixel loss
+is binary cross-entropy rather than SAM's 20 x focal loss (``--pixel-loss focal``): with focal
+loss this tiny model trained from scratch sat at an all-background prediction for its first
+~150 steps and its single-mask output had not left it after 300 steps (16 minutes). AdamW, linear warmup then
+cosine decay. The schedule's progress is ``max(step / steps, wall time / time budget)``, so on
+a CPU shared with other jobs the run still ends on time with a fully decayed learning rate
+(the number of steps done is recorded; ``--time-budget-min 0`` makes it purely step based and
+reproducible step for step). The checkpoint is written atomically as a float16 state dict (``load_state_dict``
+casts back to float32), with ``demo_tiny.json`` beside it (command, seed, steps, wall time,
+metrics). ``--measure N`` times N steps and exits without saving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from scipy import ndimage  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from modules import demo_data  # noqa: E402
+from modules.backbones import SamPreprocessor, build_demo_tiny, sam_mask_decoder_pass  # noqa: E402
+from modules.fileio import atomic_path, atomic_write_json  # noqa: E402
+
+DEFAULT_OUTPUT = REPO_ROOT / "assets" / "demo_backbone" / "demo_tiny.pt"
+#: Sampling weight of each scene group; every group is seen, ``plain`` most often.
+GROUP_WEIGHTS = {"plain": 0.5, "camouflage": 0.1, "shadow": 0.1, "transparent": 0.1,
+                 "medical_gray": 0.1, "thin": 0.1}
+MAX_POSITIVES = 3
+MAX_NEGATIVES = 2
+FOCAL_WEIGHT = 20.0
+BOX_JITTER = 0.05  # each box side moves by up to this fraction of the box size
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def _pick_pixels(rng: np.random.Generator, candidates: np.ndarray, count: int) -> np.ndarray:
+    """``count`` (row, col) picks (with replacement) from a ``K x 2`` candidate array."""
+    return candidates[rng.integers(0, len(candidates), size=count)]
+
+
+def _interior_candidates(mask: np.ndarray) -> np.ndarray:
+    """Mask pixels at least 30% of the maximal distance from the boundary, ``K x 2`` (row, col)."""
+    distance = ndimage.distance_transform_edt(mask)
+    interior = distance >= 0.3 * distance.max()
+    return np.argwhere(interior)
+
+
+def _jittered_box(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    """Tight box (x0, y0, x1, y1) of ``mask`` with each side moved by up to BOX_JITTER x size."""
+    rows, cols = np.nonzero(mask)
+    x0, x1, y0, y1 = cols.min(), cols.max(), rows.min(), rows.max()
+    width, height = x1 - x0 + 1, y1 - y0 + 1
+    jitter = rng.uniform(-BOX_JITTER, BOX_JITTER, size=4) * np.array([width, height, width, height])
+    box = np.array([x0, y0, x1, y1], dtype=np.float64) + jitter
+    box[[0, 2]] = np.clip(box[[0, 2]], 0, mask.shape[1] - 1)
+    box[[1, 3]] = np.clip(box[[1, 3]], 0, mask.shape[0] - 1)
+    return box
+
+
+class SceneDataset(Dataset):
+    """Sample ``i``: a scene of a group drawn by ``GROUP_WEIGHTS`` and its prompt sets.
+
+    Returns a dict of tensors, all prompts in the padded INPUT frame of the 256 px encoder:
+    ``image`` 3 x 256 x 256 (preprocessed), ``target`` 256 x 256 float {0, 1} (the mask resized
+    like the image and zero padded), ``single_points`` 1 x 1 x 2 with ``single_labels`` 1 x 1,
+    ``multi_points`` 1 x 5 x 2 with ``multi_labels`` 1 x 5 (-1 = padding), ``box`` 1 x 4,
+    ``group`` (index into ``demo_data.GROUPS``).
+    """
+
+    def __init__(self, num_samples: int, seed: int, preprocessor: SamPreprocessor) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.preprocessor = preprocessor
+        self.groups = list(GROUP_WEIGHTS)
+        weights = np.array([GROUP_WEIGHTS[g] for g in self.groups])
+        self.probabilities = weights / weights.sum()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng(np.random.SeedSequence((self.seed, index, 0x7A1)))
+        group = self.groups[rng.choice(len(self.groups), p=self.probabilities)]
+        image, mask = demo_data.render_scene(group, demo_data.scene_seed("backbone_train", self.seed, group, index))
+        height, width = mask.shape
+        input_h, input_w = self.preprocessor.input_size((height, width))
+        scale = np.array([input_w / width, input_h / height])
+
+        inside = np.argwhere(mask)
+        outside = np.argwhere(~mask)
+        interior = _interior_candidates(mask)
+        single = _pick_pixels(rng, interior if rng.random() < 0.5 else inside, 1)
+        single_points = single[:, None, ::-1] * scale  # (row, col) -> (x, y), input frame
+
+        num_pos = int(rng.integers(1, MAX_POSITIVES + 1))
+        num_neg = int(rng.integers(1, MAX_NEGATIVES + 1)) if rng.random() < 0.5 else 0
+        multi_points = np.zeros((1, MAX_POSITIVES + MAX_NEGATIVES, 2))
+        multi_labels = -np.ones((1, MAX_POSITIVES + MAX_NEGATIVES))
+        picks = np.concatenate([_pick_pixels(rng, inside, num_pos), _pick_pixels(rng, outside, num_neg)])
+        multi_points[0, : len(picks)] = picks[:, ::-1] * scale
+        multi_labels[0, :num_pos] = 1
+        multi_labels[0, num_pos : num_pos + num_neg] = 0
+
+        box = _jittered_box(rng, mask).reshape(2, 2) * scale
+
+        target = torch.from_numpy(mask.astype(np.float32))[None, None]
+        target = F.interpolate(target, (input_h, input_w), mode="bilinear", align_corners=False)[0, 0]
+        target = F.pad((target > 0.5).float(), (0, 256 - input_w, 0, 256 - input_h))
+        return {
+            "image": self.preprocessor(image),
+            "target": target,
+            "single_points": torch.tensor(single_points, dtype=torch.float32),
+            "single_labels": torch.ones(1, 1),
+            "multi_points": torch.tensor(multi_points, dtype=torch.float32),
+            "multi_labels": torch.tensor(multi_labels, dtype=torch.float32),
+            "box": torch.tensor(box.reshape(1, 4), dtype=torch.float32),
+            "group": demo_data.GROUPS.index(group),
+        }
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------
+
+
+def mask_losses(logits: torch.Tensor, target: torch.Tensor, pixel_loss: str = "bce") -> torch.Tensor:
+    """``P x K x h x w`` logits vs ``P x h x w`` target -> ``P x K`` of pixel loss + dice.
+
+    ``pixel_loss``: ``"focal"`` = SAM's 20 x sigmoid focal loss (alpha 0.25, gamma 2);
+    ``"bce"`` = plain binary cross-entropy (weight 1), the shipped default: with focal loss the
+    demo model sat at an all-background prediction for its first ~150 steps and the single-mask
+    output never left it within the CPU budget.
+    """
+    target = target[:, None].expand_as(logits)
+    probability = torch.sigmoid(logits)
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    if pixel_loss == "focal":
+        p_t = probability * target + (1 - probability) * (1 - target)
+        alpha_t = 0.25 * target + 0.75 * (1 - target)
+        pixel = FOCAL_WEIGHT * (alpha_t * cross_entropy * (1 - p_t) ** 2).mean(dim=(-2, -1))
+    else:
+        pixel = cross_entropy.mean(dim=(-2, -1))
+    intersection = (probability * target).sum(dim=(-2, -1))
+    dice = 1 - (2 * intersection + 1) / (probability.sum(dim=(-2, -1)) + target.sum(dim=(-2, -1)) + 1)
+    return pixel + dice
+
+
+def hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``P x K x h x w`` logits vs ``P x h x w`` target -> ``P x K`` IoU of (logits > 0)."""
+    predicted = logits > 0
+    truth = target[:, None].bool()
+    intersection = (predicted & truth).sum(dim=(-2, -1)).float()
+    union = (predicted | truth).sum(dim=(-2, -1)).float()
+    return intersection / union.clamp(min=1)
+
+
+def prompt_set_loss(model, embeddings, targets, points=None, boxes=None,
+                    pixel_loss: str = "bce") -> tuple[torch.Tensor, dict]:
+    """Loss of one batched decoder call over prompt sets (``embeddings``: P x 256 x 64 x 64)."""
+    sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=None)
+    decoded = sam_mask_decoder_pass(model.mask_decoder, embeddings, model.prompt_encoder.get_dense_pe(),
+                                    sparse, dense)
+    per_output = mask_losses(decoded.masks, targets, pixel_loss)  # P x 4
+    best_multimask = per_output[:, 1:].min(dim=1).values
+    true_iou = hard_iou(decoded.masks.detach(), targets)
+    iou_loss = F.mse_loss(decoded.iou_predictions, true_iou)
+    loss = best_multimask.mean() + per_output[:, 0].mean() + iou_loss
+    stats = {"best_iou": true_iou[:, 1:].max(dim=1).values.mean().item(),
+             "multimask_iou": true_iou[:, 1:].mean().item(),
+             "single_iou": true_iou[:, 0].mean().item(), "iou_mse": iou_loss.item()}
+    return loss, stats
+
+
+def training_step(model, batch, pixel_loss: str = "bce") -> tuple[torch.Tensor, dict]:
+    """Encoder once per image, then three batched decoder calls (single point, multi, box)."""
+    embeddings = model.image_encoder(batch["image"])
+    targets = batch["target"]
+    num_images = embeddings.shape[0]
+
+    loss_single, stats_single = prompt_set_loss(
+        model, embeddings, targets,
+        points=(batch["single_points"].reshape(num_images, 1, 2), batch["single_labels"].reshape(num_images, 1)),
+        pixel_loss=pixel_loss)
+    loss_multi, stats_multi = prompt_set_loss(
+        model, embeddings, targets,
+        points=(batch["multi_points"].reshape(num_images, -1, 2), batch["multi_labels"].reshape(num_images, -1)),
+        pixel_loss=pixel_loss)
+    loss_box, stats_box = prompt_set_loss(model, embeddings, targets, boxes=batch["box"].reshape(num_images, 4),
+                                          pixel_loss=pixel_loss)
+    loss = (loss_single + loss_multi + loss_box) / 3
+    stats = {"loss": loss.item(), "point_iou": stats_single["best_iou"], "multi_iou": stats_multi["best_iou"],
+             "box_iou": stats_box["single_iou"], "box_best_iou": stats_box["best_iou"],
+             "iou_mse": stats_box["iou_mse"]}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def learning_rate(step: int, progress: float, peak: float, warmup: int, floor: float = 0.05) -> float:
+    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine decay (``progress`` 0 -> 1)
+    to ``floor * peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, max(0.0, progress))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def schedule_progress(step: int, total_steps: int, elapsed_s: float, budget_s: float) -> float:
+    """Fraction of the run done: by steps, or by wall time when a time budget is set."""
+    by_steps = step / total_steps
+    return max(by_steps, elapsed_s / budget_s) if budget_s > 0 else by_steps
+
+
+def save_checkpoint(model, path: Path, record: dict) -> None:
+    """float16 state dict (atomic), plus the JSON record beside it (atomic)."""
+    state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).clone()
+             for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    atomic_write_json(path.with_suffix(".json"), record)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3000, help="at most this many optimizer steps")
+    parser.add_argument("--time-budget-min", type=float, default=48.0,
+                        help="wall-time budget; the LR schedule ends with it (0 = step based only)")
+    parser.add_argument("--batch-images", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--pixel-loss", choices=("bce", "focal"), default="bce",
+                        help="per-pixel term next to dice (focal = SAM's 20 x focal)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--save-every", type=int, default=50)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--state", type=Path, default=None,
+                        help="also save the float32 model + optimizer state here at every save (not shipped)")
+    parser.add_argument("--init-state", type=Path, default=None,
+                        help="start from a --state file (model and optimizer), with a fresh LR schedule")
+    parser.add_argument("--log", type=Path, default=None, help="progress log file (default: beside output)")
+    parser.add_argument("--measure", type=int, default=0, help="time this many steps and exit (no save)")
+    parser.add_argument("--eval-scenes", type=int, default=8, help="held-out scenes per group at the end")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv)
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    model = build_demo_tiny()
+    model.train()
+    preprocessor = SamPreprocessor(256, tuple(model.pixel_mean.flatten().tolist()),
+                                   tuple(model.pixel_std.flatten().tolist()))
+    total_steps = args.measure or args.steps
+    dataset = SceneDataset(total_steps * args.batch_images, args.seed, preprocessor)
+    loader = DataLoader(dataset, batch_size=args.batch_images, shuffle=False, num_workers=args.workers,
+                        worker_init_fn=_worker_init if args.workers else None,
+                        prefetch_factor=4 if args.workers else None, persistent_workers=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.init_state is not None:
+        state = torch.load(args.init_state, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    log_path = args.log or args.output.with_suffix(".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "a", encoding="utf-8") if not args.measure else None
+
+    start = time.time()
+    history: list[dict] = []
+    step = 0
+    progress = tqdm(loader, total=total_steps, desc="demo_tiny", mininterval=5, file=sys.stderr)
+    budget_s = 0.0 if args.measure else args.time_budget_min * 60
+    for batch in progress:
+        progress_fraction = schedule_progress(step, total_steps, time.time() - start, budget_s)
+        if progress_fraction >= 1.0:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, progress_fraction, args.lr, args.warmup)
+        loss, stats = training_step(model, batch, args.pixel_loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        stats.update(step=step, lr=optimizer.param_groups[0]["lr"], wall_s=round(time.time() - start, 1))
+        history.append(stats)
+        recent = history[-20:]
+        progress.set_postfix({k: f"{np.mean([h[k] for h in recent]):.3f}" for k in ("loss", "point_iou", "box_iou")})
+        if log is not None and (step % 10 == 0 or step == 1):
+            log.write(json.dumps(stats) + "\n")
+            log.flush()
+        if not args.measure and step % args.save_every == 0:
+            save_checkpoint(model, args.output, _record(args, command, step, total_steps, start, history,
+                                                        complete=False))
+            _save_state(args.state, model, optimizer, step)
+    progress.close()
+
+    wall = time.time() - start
+    if args.measure:
+        per_step = [h["wall_s"] for h in history]
+        steady = np.diff(per_step[1:]).mean() if len(per_step) > 2 else per_step[-1]
+        print(f"measured {len(history)} steps in {wall:.1f} s; steady step time {steady:.2f} s")
+        return 0
+
+    record = _record(args, command, step, total_steps, start, history, complete=True)
+    _save_state(args.state, model, optimizer, step)
+    if args.eval_scenes:
+        sys.path.insert(0, str(REPO_ROOT / "tools"))
+        from eval_demo_backbone import evaluate  # noqa: E402 (sibling tool)
+
+        save_checkpoint(model, args.output, record)  # evaluate what is shipped: the float16 file
+        record["heldout_quick_eval"] = evaluate(args.output, scenes_per_group=args.eval_scenes)["summary"]
+    save_checkpoint(model, args.output, record)
+    if log is not None:
+        log.write(json.dumps({"final": record}) + "\n")
+        log.close()
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def _save_state(path: Path | None, model, optimizer, step: int) -> None:
+    if path is not None:
+        with atomic_path(path) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
+
+
+def _record(args, command: str, step: int, total_steps: int, start: float, history: list[dict],
+            complete: bool) -> dict:
+    recent = history[-50:]
+    return {
+        "command": command,
+        "seed": args.seed,
+        "steps_done": step,
+        "steps_planned": total_steps,
+        "batch_images": args.batch_images,
+        "prompt_sets_per_image": 3,
+        "time_budget_min": args.time_budget_min,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "weight_decay": args.weight_decay,
+        "pixel_loss": args.pixel_loss,
+        "group_weights": GROUP_WEIGHTS,
+        "threads": args.threads,
+        "wall_time_s": round(time.time() - start, 1),
+        "complete": complete,
+        "train_metrics_last50": {k: round(float(np.mean([h[k] for h in recent])), 4)
+                                 for k in ("loss", "point_iou", "multi_iou", "box_iou", "box_best_iou", "iou_mse")},
+        "init_state": None if args.init_state is None else str(args.init_state),
+        "torch": torch.__version__,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
