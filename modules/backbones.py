@@ -500,6 +500,12 @@ class SamBackbone(Backbone):
     def _prompt_encoder(self) -> nn.Module:
         return self.model.prompt_encoder
 
+    @property
+    def feature_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """``name -> (C, h, w)`` of ``encode``'s outputs, from the architecture (no probe encode)."""
+        encoder = self.model.prompt_encoder
+        return {"image_embed": (int(encoder.embed_dim), *map(int, encoder.image_embedding_size))}
+
     # -- encoder -------------------------------------------------------------------------------
 
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -685,6 +691,16 @@ class Sam2Backbone(Backbone):
 
     def _prompt_encoder(self) -> nn.Module:
         return self.model.sam_prompt_encoder
+
+    @property
+    def feature_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """``name -> (C, h, w)`` of ``encode``'s outputs, from the architecture (no probe encode):
+        the high-resolution maps are the decoder's ``conv_s0`` / ``conv_s1`` inputs at 4x / 2x."""
+        side = int(self.model.sam_image_embedding_size)
+        decoder = self.model.sam_mask_decoder
+        return {"image_embed": (int(self.model.sam_prompt_encoder.embed_dim), side, side),
+                "high_res_feat0": (int(decoder.conv_s0.out_channels), 4 * side, 4 * side),
+                "high_res_feat1": (int(decoder.conv_s1.out_channels), 2 * side, 2 * side)}
 
     # -- encoder -------------------------------------------------------------------------------
 

@@ -205,6 +205,8 @@ def test_encode_shapes(sam_v1, sam2):
     assert sam2["backbone"].feature_names == ("image_embed", "high_res_feat0", "high_res_feat1")
     for loaded in (sam_v1, sam2):
         assert all(v.dtype == torch.float32 for v in loaded["features"].values())
+        # The architecture-derived shapes (used to allocate cache files) equal what encode returns.
+        assert loaded["backbone"].feature_shapes == {k: tuple(v.shape[1:]) for k, v in loaded["features"].items()}
     with pytest.raises(BackboneError, match="B x 3 x 1024 x 1024"):
         sam_v1["backbone"].encode(torch.zeros(1, 3, 256, 256))
 
