@@ -743,22 +743,15 @@ class DecoderLaplaceStrategy(Strategy):
 def run_decoder_stage(ctx, run_id: str) -> None:
     """Stage 6 for ``laplace.target: sam_decoder`` (see the module docstring); ``run_id`` names the run."""
     from modules.backbones import BackboneError, load_backbone
-    from modules.laplace_stage import ARTIFACTS
+    from modules.laplace_stage import already_fitted
     from modules.plots import plot_prior_grid
 
     cfg = ctx.cfg
     settings = cfg.laplace
     checkpoint_md5 = sam_checkpoint_md5(cfg)
     folder = ctx.output_dir
-    meta_path = folder / lp.META_FILE
-    if all((folder / name).is_file() for name in ARTIFACTS) and not ctx.force:
-        fitted_on = read_json(meta_path).get("source_checkpoint_md5")
-        if fitted_on == checkpoint_md5:
-            print(f"[{ctx.name}] {folder}: already fitted on {cfg.sam.checkpoint} (md5 {checkpoint_md5}); skipping")
-            ctx.summary({"skipped": True, "prior_precision": read_json(meta_path).get("prior_precision")})
-            return
-        raise DecoderLaplaceError(f"{folder}: fitted on SAM checkpoint md5 {fitted_on}, but {cfg.sam.checkpoint} "
-                                  f"now has md5 {checkpoint_md5}; rerun with --force to refit")
+    if already_fitted(ctx, cfg.sam.checkpoint, checkpoint_md5):
+        return
     sam = cfg.sam
     ctx.check_inputs(["laplace"], {"sam_checkpoint_md5": checkpoint_md5, "sam_family": sam.family,
                                    "sam_model_type": sam.model_type, "prompt_mode": sam.prompt_mode,

@@ -48,6 +48,24 @@ class HeadSamples:
         return sample
 
 
+def already_fitted(ctx, checkpoint: Path | str, checkpoint_md5: str) -> bool:
+    """True when the run folder holds a complete posterior fitted on this checkpoint (skip it).
+
+    Artifacts fitted on another checkpoint are an error until ``--force``; ``--force`` refits.
+    """
+    folder = ctx.output_dir
+    if ctx.force or not all((folder / name).is_file() for name in ARTIFACTS):
+        return False
+    meta = read_json(folder / lp.META_FILE)
+    fitted_on = meta.get("source_checkpoint_md5")
+    if fitted_on != checkpoint_md5:
+        raise PipelineError(f"{folder}: fitted on checkpoint md5 {fitted_on}, but {checkpoint} now has md5 "
+                            f"{checkpoint_md5}; rerun with --force to refit")
+    print(f"[{ctx.name}] {folder}: already fitted on {checkpoint} (md5 {checkpoint_md5}); skipping")
+    ctx.summary({"skipped": True, "prior_precision": meta.get("prior_precision")})
+    return True
+
+
 def load_head_posterior(cfg, run_id: str, device) -> tuple[torch.nn.Module, lp.LastLayerPosterior]:
     """The frozen MAP head of ``run_id`` and its fitted Laplace posterior (for later stages)."""
     head, checkpoint = load_trained_head(cfg, run_id, device)
@@ -111,15 +129,8 @@ def run_stage(ctx, run_id: str) -> None:
     head, checkpoint = load_trained_head(cfg, run_id, device)
     checkpoint_md5 = cached_file_md5(checkpoint)
     folder = ctx.output_dir
-    meta_path = folder / "posterior_meta.json"
-    if all((folder / name).is_file() for name in ARTIFACTS) and not ctx.force:
-        fitted_on = read_json(meta_path).get("source_checkpoint_md5")
-        if fitted_on == checkpoint_md5:
-            print(f"[{ctx.name}] {folder}: already fitted on {checkpoint} (md5 {checkpoint_md5}); skipping")
-            ctx.summary({"skipped": True, "prior_precision": read_json(meta_path).get("prior_precision")})
-            return
-        raise PipelineError(f"{folder}: fitted on checkpoint md5 {fitted_on}, but {checkpoint} now has md5 "
-                            f"{checkpoint_md5}; rerun with --force to refit")
+    if already_fitted(ctx, checkpoint, checkpoint_md5):
+        return
     ctx.check_inputs(["laplace"], {"head_checkpoint_md5": checkpoint_md5})
 
     train_set, val_set = (HeadSamples(d) for d in packed_datasets(cfg))
