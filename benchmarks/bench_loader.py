@@ -8,15 +8,16 @@ a small CPU), then stages 4 and 4.5. From the same rows it writes the seed's lay
 file read and resized per item) and measures:
 
 1. items/s through a ``DataLoader`` (batch 8, shuffled, workers 0 and 2; worker start-up counted)
-   for the packed file read from disk, the packed file in memory, and the seed layout, with warm
+   for the packed file read from disk and in memory, item-wise (``PackedSplitDataset``) and batch
+   at once in the stored dtypes (``PackedBatches``, what training uses; also with the float32
+   conversion done in the main process), and the seed layout, with warm
    page caches and with cold ones (every file the source reads is evicted from the page cache
    with ``posix_fadvise(DONTNEED)`` before each pass; only this benchmark's files are touched);
 2. one training epoch of the seed head (Conv 3->16->16->1, BCE + Dice, CPU) with
    ``modules.training.Trainer``, reporting its ``data_wait_fraction`` for each source.
 
-Both datasets convert float16 -> float32 with torch (numpy's conversion is ~10x slower and would
-dominate either). ``--threads`` sets torch's intra-op threads in the main process (default 1: on
-a small shared machine, OpenMP threads that wait for busy cores make a 6 MB ``torch.stack`` take
+float16 -> float32 is converted with torch (numpy's conversion is ~10x slower and would dominate).
+``--threads`` sets torch's intra-op threads in the main process (default 1: on a small shared machine, OpenMP threads that wait for busy cores make a 6 MB ``torch.stack`` take
 100 ms instead of 1 ms).
 
     python benchmarks/bench_loader.py [--scenes-per-group 8] [--repeats 3] [--train-rows 96] [--keep DIR]
@@ -131,30 +132,44 @@ class PassTiming:
     first_batch_s: float        # loader start (worker start-up) until the first batch
 
 
-def loader_throughput(dataset: Dataset, workers: int, repeats: int,
-                      cold_files: list[Path] | None = None) -> PassTiming:
-    """Medians over full shuffled passes; ``cold_files`` are evicted before each pass,
-    otherwise one untimed pass warms the page cache first."""
+@dataclass
+class Source:
+    label: str
+    datasets: dict[str, Dataset]  # split -> dataset
+    files: list[Path] | None  # what a pass reads (None: in memory, no cold-cache measurement)
+    collate_fn: object = None  # None: default collation of items
+    convert: bool = False  # convert each batch to float32 in the main process (timed)
+
+
+def loader_throughput(source: Source, workers: int, repeats: int, cold: bool = False) -> PassTiming:
+    """Medians over full shuffled passes of the train split; with ``cold`` the source's files are
+    evicted before each pass, otherwise one untimed pass warms the page cache first."""
+    dataset = source.datasets["train"]
+
     def one_pass() -> PassTiming:
-        if cold_files is not None:
-            evict_from_page_cache(cold_files)
+        if cold:
+            evict_from_page_cache(source.files)
         loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, num_workers=workers,
-                            generator=torch.Generator().manual_seed(0))
+                            collate_fn=source.collate_fn, generator=torch.Generator().manual_seed(0))
         started = time.perf_counter()
         batches = iter(loader)
         next(batches)
         first = time.perf_counter()
-        count = sum(len(batch["index"]) for batch in batches)
+        count = 0
+        for batch in batches:
+            if source.convert:
+                batch = packing.as_float32(batch)
+            count += len(batch["index"])
         return PassTiming(count / (time.perf_counter() - first), first - started)
 
-    if cold_files is None:
+    if not cold:
         one_pass()
     timings = [one_pass() for _ in range(repeats)]
     return PassTiming(statistics.median(t.items_per_s for t in timings),
                       statistics.median(t.first_batch_s for t in timings))
 
 
-def training_epoch(train: Dataset, val: Dataset, workers: int, run_dir: Path) -> dict:
+def training_epoch(train: Dataset, val: Dataset, workers: int, run_dir: Path, collate_fn=None) -> dict:
     """One epoch of the seed head through ``modules.training.Trainer`` on CPU (fp32)."""
     from modules.losses import BceDiceLoss
     from modules.models import PromptAwareHead
@@ -163,6 +178,7 @@ def training_epoch(train: Dataset, val: Dataset, workers: int, run_dir: Path) ->
     loss_fn = BceDiceLoss(0.5)
 
     def step_fn(model, batch):
+        batch = packing.as_float32(batch)  # what the head task does; a no-op for float32 items
         logits = model(batch["inputs"])
         return loss_fn(logits, batch["target"]), (logits, batch["target"])
 
@@ -170,7 +186,7 @@ def training_epoch(train: Dataset, val: Dataset, workers: int, run_dir: Path) ->
     config = TrainerConfig(batch_size=BATCH_SIZE, num_workers=workers, num_epochs=1, amp=False,
                            early_stop_patience=None, show_progress=False)
     trainer = Trainer(PromptAwareHead(hidden_channels=16), step_fn, train, val, config, run_dir,
-                      tracker=NullTracker(), device="cpu")
+                      tracker=NullTracker(), device="cpu", collate_fn=collate_fn)
     record = trainer.fit().history[0]
     return {"data_wait_fraction": record["data_wait_fraction"], "epoch_time_s": record["epoch_time_s"],
             "train_time_s": record["data_wait_s"] + record["compute_s"]}
@@ -210,17 +226,27 @@ def main() -> None:
         print(f"train: {len(packed['train'])} rows ({packed['train'].index['safe_id'].nunique()} images, "
               f"{sizes.min().min()}-{sizes.max().max()} px); machine: {machine()}")
 
-        sources = {  # key (run folder name) -> (label, datasets, files a pass reads or None: in memory)
-            "packed_disk": ("packed HDF5, from disk", packed, [packing.packed_path(root, "train")]),
-            "packed_memory": ("packed HDF5, in memory", in_memory, None),
-            "seed": ("seed .npy layout", seed, seed["train"].files()),
+        batches = {split: packing.PackedBatches(dataset) for split, dataset in packed.items()}
+        batches_in_memory = {split: packing.PackedBatches(dataset) for split, dataset in in_memory.items()}
+        packed_files = [packing.packed_path(root, "train")]
+        collate = packing.collate_batch
+        sources = {  # key (run folder name) -> Source
+            "packed_disk": Source("packed HDF5, from disk, item-wise", packed, packed_files),
+            "packed_memory": Source("packed HDF5, in memory, item-wise", in_memory, None),
+            "batches_disk": Source("packed HDF5, from disk, batch at once", batches, packed_files, collate),
+            "batches_memory": Source("packed HDF5, in memory, batch at once", batches_in_memory, None, collate),
+            "batches_disk_f32": Source("packed HDF5, from disk, batch at once + float32 in main", batches,
+                                       packed_files, collate, convert=True),
+            "batches_memory_f32": Source("packed HDF5, in memory, batch at once + float32 in main",
+                                         batches_in_memory, None, collate, convert=True),
+            "seed": Source("seed .npy layout", seed, seed["train"].files()),
         }
         warm, cold = {}, {}
         for workers in (0, 2):
-            for key, (_, datasets, files) in sources.items():
-                warm[key, workers] = loader_throughput(datasets["train"], workers, args.repeats)
-                if files is not None:
-                    cold[key, workers] = loader_throughput(datasets["train"], workers, args.repeats, cold_files=files)
+            for key, source in sources.items():
+                warm[key, workers] = loader_throughput(source, workers, args.repeats)
+                if source.files is not None:
+                    cold[key, workers] = loader_throughput(source, workers, args.repeats, cold=True)
         print("\nItems/s after the first batch (steady state); first batch = loader start-up until it arrives.")
         print("\n| source | workers | items/s, warm cache | vs seed | items/s, cold cache | vs seed | first batch s (warm) |")
         print("|---|---|---|---|---|---|---|")
@@ -229,21 +255,21 @@ def main() -> None:
             cold_timing = cold.get((key, workers))
             cold_text = (f"{cold_timing.items_per_s:.0f} | {cold_timing.items_per_s / cold['seed', workers].items_per_s:.1f}x"
                          if cold_timing else "- | -")
-            print(f"| {sources[key][0]} | {workers} | {rate:.0f} | {rate / seed_rate:.1f}x | {cold_text} | "
+            print(f"| {sources[key].label} | {workers} | {rate:.0f} | {rate / seed_rate:.1f}x | {cold_text} | "
                   f"{timing.first_batch_s:.2f} |")
 
         print(f"\nOne training epoch ({args.train_rows} train rows + {args.train_rows // 4} val rows, warm cache):")
         print("\n| source | workers | epoch s (train+val) | train s | data wait fraction |\n|---|---|---|---|---|")
         for workers in (0, 2):
-            for key, (label, datasets, _) in sources.items():
-                train = Subset(datasets["train"], range(min(args.train_rows, len(datasets["train"]))))
-                val = Subset(datasets["val"], range(min(args.train_rows // 4, len(datasets["val"]))))
+            for key in ("batches_disk", "batches_memory", "seed"):
+                source = sources[key]
+                train = Subset(source.datasets["train"], range(min(args.train_rows, len(source.datasets["train"]))))
+                val = Subset(source.datasets["val"], range(min(args.train_rows // 4, len(source.datasets["val"]))))
                 run_dir = folder / "runs" / f"{key}_workers{workers}"
                 shutil.rmtree(run_dir, ignore_errors=True)
-                result = training_epoch(train, val, workers, run_dir)
-                print(f"| {label} | {workers} | {result['epoch_time_s']:.1f} | {result['train_time_s']:.1f} | "
+                result = training_epoch(train, val, workers, run_dir, source.collate_fn)
+                print(f"| {source.label} | {workers} | {result['epoch_time_s']:.1f} | {result['train_time_s']:.1f} | "
                       f"{result['data_wait_fraction']:.1%} |")
-
 
 if __name__ == "__main__":
     main()

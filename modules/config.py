@@ -89,7 +89,9 @@ class TrainingConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     dice_lambda: float = 0.5
-    num_workers: int = 2
+    # 0: batches are read whole in the main process (benchmarks/README.md: faster than workers,
+    # which must copy every batch between processes); raise it for slow network storage.
+    num_workers: int = 0
     amp: bool = True
     early_stop_patience: int = 5
     logit_clip: float = 20.0

@@ -103,16 +103,27 @@ def packed_datasets(cfg: PipelineConfig):
     return [packed_dataset(cfg, split) for split in ("train", "val")]
 
 
+def packed_batch_datasets(cfg: PipelineConfig):
+    """The packed train and val splits as batch-at-once datasets (``collate_fn=collate_batch``;
+    batches arrive in the stored float16 / uint8 and the step converts them on its device)."""
+    from modules.packing import PackedBatches
+
+    return [PackedBatches(packed) for packed in packed_datasets(cfg)]
+
+
 def head_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
+    from modules.packing import as_float32, collate_batch
+
     model = build_head(cfg)
     loss_fn = BceDiceLoss(dice_lambda=cfg.training.dice_lambda)
 
     def step_fn(model, batch):
+        batch = as_float32(batch)
         logits = model(batch["inputs"], batch.get("image_embedding"))
         return loss_fn(logits.float(), batch["target"]), (logits.detach().float(), batch["target"])
 
-    train, val = packed_datasets(cfg)
-    return TrainingTask(model, step_fn, segmentation_metrics, train, val)
+    train, val = packed_batch_datasets(cfg)
+    return TrainingTask(model, step_fn, segmentation_metrics, train, val, collate_fn=collate_batch)
 
 
 def variance_margin(log_var: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
@@ -128,12 +139,15 @@ def variance_margin(log_var: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
 
 
 def variance_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
+    from modules.packing import as_float32, collate_batch
+
     head, _ = load_trained_head(cfg, head_run_id, device)
     model = build_variance_network(cfg)
     loss_fn = build_variance_loss(cfg.variance.loss, **({"num_samples": cfg.variance.mc_samples}
                                                          if cfg.variance.loss == "mc_logit_noise" else {}))
 
     def step_fn(model, batch):
+        batch = as_float32(batch)
         inputs = batch["inputs"]
         with torch.no_grad():
             map_logits = head.to(inputs.device)(inputs, batch.get("image_embedding")).float()
@@ -147,8 +161,9 @@ def variance_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | 
         iou = hard_iou(map_logits, target)
         return {"iou": iou, "log_var_margin": variance_margin(log_var, wrong)}
 
-    train, val = packed_datasets(cfg)
-    return TrainingTask(model, step_fn, metric_fn, train, val, selection_metric="val_loss", selection_mode="min")
+    train, val = packed_batch_datasets(cfg)
+    return TrainingTask(model, step_fn, metric_fn, train, val, selection_metric="val_loss", selection_mode="min",
+                        collate_fn=collate_batch)
 
 
 def fusion_uncertainty_source(cfg: PipelineConfig, run_id: str, device):

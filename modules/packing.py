@@ -777,30 +777,39 @@ class PackedSplitDataset(Dataset):
                 out[position] = dataset[int(row)]
         return out
 
-    def __getitems__(self, indices) -> list[dict[str, Any]]:
-        """The items of a batch of row numbers (read and converted together)."""
+    def read_batch(self, indices, float32: bool = True) -> dict[str, Any]:
+        """Rows ``indices`` as one batch: ``inputs B x 3 x 256 x 256``, ``target B x 1 x 256 x 256``,
+        ``index`` / ``promptset_id`` (int64, ``B``), ``safe_id`` (list of ``B`` str) and, with
+        embeddings, ``image_embedding B x C x h x w``.
+
+        ``float32=False`` keeps the stored dtypes (inputs and embeddings float16, target uint8):
+        half the bytes to copy between processes and to the GPU; ``as_float32`` converts there.
+        """
         rows = np.asarray(indices, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"{self.path}: rows {rows.tolist()} not all in 0..{len(self) - 1}")
-        inputs = torch.from_numpy(self._rows("inputs", rows)).float()
-        targets = torch.from_numpy(self._rows("targets", rows)).float()
         samples = self.row_sample[rows]
-        embeddings = {}
+        batch = {
+            "inputs": torch.from_numpy(self._rows("inputs", rows)),
+            "target": torch.from_numpy(self._rows("targets", rows)),
+            "index": torch.from_numpy(rows),
+            "safe_id": [self.sample_safe_ids[sample] for sample in samples],
+            "promptset_id": torch.from_numpy(self.promptset_ids[rows].astype(np.int64)),
+        }
         if self.with_embeddings:
-            unique = np.unique(samples)
-            stacked = torch.from_numpy(self._rows("samples/embedding", unique)).float()
-            embeddings = {int(sample): stacked[position] for position, sample in enumerate(unique)}
+            unique, position = np.unique(samples, return_inverse=True)
+            batch["image_embedding"] = torch.from_numpy(self._rows("samples/embedding", unique))[position]
+        return as_float32(batch) if float32 else batch
+
+    def __getitems__(self, indices) -> list[dict[str, Any]]:
+        """The items of a batch of row numbers (read and converted together)."""
+        batch = self.read_batch(indices)
         items = []
-        for position, row in enumerate(rows):
-            item = {
-                "inputs": inputs[position],
-                "target": targets[position],
-                "index": int(row),
-                "safe_id": self.sample_safe_ids[samples[position]],
-                "promptset_id": int(self.promptset_ids[row]),
-            }
+        for position, row in enumerate(batch["index"].tolist()):
+            item = {"inputs": batch["inputs"][position], "target": batch["target"][position], "index": row,
+                    "safe_id": batch["safe_id"][position], "promptset_id": int(batch["promptset_id"][position])}
             if self.with_embeddings:
-                item["image_embedding"] = embeddings[int(samples[position])]
+                item["image_embedding"] = batch["image_embedding"][position]
             items.append(item)
         return items
 
@@ -824,6 +833,36 @@ class PackedSplitDataset(Dataset):
             self.close()
         except Exception:
             pass
+
+
+def as_float32(batch: dict[str, Any]) -> dict[str, Any]:
+    """``inputs``, ``target`` and ``image_embedding`` of a ``read_batch`` batch as float32 (others as they are)."""
+    return {key: value.float() if key in ("inputs", "target", "image_embedding") else value
+            for key, value in batch.items()}
+
+
+class PackedBatches(Dataset):
+    """A packed split for ``DataLoader``: ``__getitems__`` returns the whole batch already stacked, in
+    the stored dtypes (``read_batch(float32=False)``), so neither per-item dicts nor default
+    collation copy it again. Use with ``collate_fn=collate_batch``; the consumer converts on its
+    device (``as_float32``). Sampling is by row, exactly as for the item-wise dataset."""
+
+    def __init__(self, packed: PackedSplitDataset):
+        self.packed = packed
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def __getitems__(self, indices) -> dict[str, Any]:
+        return self.packed.read_batch(indices, float32=False)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.packed.read_batch([index], float32=False)
+
+
+def collate_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """``collate_fn`` for ``PackedBatches``: the batch is already stacked."""
+    return batch
 
 
 def _one_chunk_per_row(dataset: h5py.Dataset) -> bool:

@@ -340,6 +340,32 @@ def test_dataset_in_memory_and_from_disk_agree_and_work_with_workers(packed_proj
         assert torch.equal(inputs, in_memory[row]["inputs"])
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_batch_at_once_loader_equals_item_wise_items(packed_project, in_memory):
+    """``PackedBatches`` (what head / variance training use) gives the rows of the sampler's batches,
+    stacked, in the stored dtypes; as float32 they equal the item-wise dataset's items."""
+    path = packed_project["root"] / "training_data" / "train.h5"
+    items = packing.PackedSplitDataset(path, in_memory=True)
+    batches = packing.PackedBatches(packing.PackedSplitDataset(path, in_memory=in_memory))
+    loader = DataLoader(batches, batch_size=4, shuffle=True, num_workers=2, collate_fn=packing.collate_batch,
+                        generator=torch.Generator().manual_seed(0))
+    item_loader = DataLoader(items, batch_size=4, shuffle=True, num_workers=0,
+                             generator=torch.Generator().manual_seed(0))
+    seen = []
+    for batch, item_batch in zip(loader, item_loader, strict=True):
+        assert batch["inputs"].dtype == torch.float16 and batch["target"].dtype == torch.uint8
+        assert batch["inputs"].shape == (len(batch["index"]), 3, 256, 256)
+        assert batch["target"].shape == (len(batch["index"]), 1, 256, 256)
+        assert torch.equal(batch["index"], item_batch["index"])  # same sampler order
+        as_float = packing.as_float32(batch)
+        assert torch.equal(as_float["inputs"], item_batch["inputs"])
+        assert torch.equal(as_float["target"], item_batch["target"])
+        assert batch["safe_id"] == list(item_batch["safe_id"])
+        assert torch.equal(batch["promptset_id"], item_batch["promptset_id"])
+        seen += batch["index"].tolist()
+    assert sorted(seen) == list(range(len(items)))
+
+
 def test_in_memory_policy_and_refused_files(packed_project, tmp_path):
     assert packing.resolve_in_memory("auto", 1024) is True
     assert packing.resolve_in_memory("auto", 1 << 62) is False
