@@ -19,6 +19,7 @@ from laplace import Laplace
 from laplace.curvature import BackPackGGN
 
 from modules import laplace_posterior as lp
+from modules.entropy import binary_entropy
 from modules.models import PromptAwareHead
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -204,11 +205,57 @@ def test_uncertainty_maps_decompose_total_entropy(fitted):
     # Same draws as sample_logits, evaluated chunk-wise.
     probability = torch.sigmoid(posterior.sample_logits(x, 64, seed=3))
     torch.testing.assert_close(
-        maps["total_entropy"], lp.binary_entropy(probability.mean(0)), rtol=0, atol=1e-5
+        maps["total_entropy"], binary_entropy(probability.mean(0)), rtol=0, atol=1e-5
     )
     torch.testing.assert_close(
-        maps["expected_entropy"], lp.binary_entropy(probability).mean(0), rtol=0, atol=1e-5
+        maps["expected_entropy"], binary_entropy(probability).mean(0), rtol=0, atol=1e-5
     )
+
+
+def _mutual_information_float64(posterior, x, num_samples, seed):
+    """BALD computed the direct way, ``H(mean p) - mean H(p)``, entirely in float64."""
+    features = posterior.prepare(x).double()
+    weights = posterior.sample_weights(num_samples, seed=seed).double()
+    logits = torch.einsum("sc,bchw->sbhw", weights[:, :-1], features) + weights[:, -1, None, None, None]
+    probability = torch.sigmoid(logits)
+    return binary_entropy(probability.mean(0)) - binary_entropy(probability).mean(0)
+
+
+@pytest.mark.parametrize("variance_scale", [1.0, 1e-4, 1e-8])
+def test_mutual_information_is_accurate_for_tight_posteriors(fitted, variance_scale):
+    """A posterior fitted on many pixels moves logits by ~1e-3 or less; its mutual information
+    (~1e-6 nats and below) must still be the float64 value, not float32 rounding noise."""
+    head, _, validation, la = fitted
+    la.prior_precision = 1e-2
+    posterior = lp.LastLayerPosterior.from_laplace(head, la)
+    posterior.weight_variance = posterior.weight_variance * variance_scale
+    x = torch.stack([validation[0][0], validation[1][0]])
+    maps = posterior.uncertainty_maps(x, 32, seed=4, samples_per_chunk=7)
+    reference = _mutual_information_float64(posterior, x, 32, seed=4)
+    assert float(reference.max()) > 0
+    # where the reference is not itself at float64 rounding noise (~1e-16 nats)
+    big = reference > max(float(reference.max()) * 1e-3, 1e-13)
+    torch.testing.assert_close(maps["mutual_information"][big].double(), reference[big], rtol=2e-3, atol=0)
+    # the ordering of pixels (what AUROC and sparsification use) is the float64 one
+    ranks = torch.stack([maps["mutual_information"][big].double(), reference[big]]).argsort(dim=1).argsort(dim=1)
+    assert float(torch.corrcoef(ranks.double())[0, 1]) > 0.999
+
+
+def test_kl_excess_and_sigmoid_shift_match_float64():
+    from modules.entropy import kl_excess, sigmoid_shift
+
+    x = torch.tensor([-1.0, -0.5, -0.06, -0.05, -1e-2, -1e-5, -1e-9, 0.0, 1e-9, 1e-5, 1e-2, 0.05, 0.3, 5.0])
+    x64 = x.double()
+    exact = torch.where(x64.abs() < 1e-4, x64 ** 2 / 2 - x64 ** 3 / 6 + x64 ** 4 / 12,
+                        torch.special.xlogy(1 + x64, 1 + x64) - x64)  # float64: 1e-4 -> rel. error ~1e-8
+    torch.testing.assert_close(kl_excess(x).double(), exact, rtol=1e-5, atol=1e-30)
+    assert bool((kl_excess(x) >= 0).all())
+
+    logits = torch.tensor([-30.0, -4.0, 0.0, 2.5, 12.0])
+    for shift in (1e-4, -3e-4, 0.8):  # float64 differences of smaller shifts are themselves rounding noise
+        want = torch.sigmoid(logits.double() + shift) - torch.sigmoid(logits.double())
+        torch.testing.assert_close(sigmoid_shift(logits, torch.full_like(logits, shift)).double(), want,
+                                   rtol=1e-5, atol=1e-30)
 
 
 ROUND_TRIP_SCRIPT = textwrap.dedent("""
