@@ -53,7 +53,7 @@ from laplace.baselaplace import ParametricLaplace
 from laplace.curvature import AsdlGGN, BackPackGGN, CurvlinopsGGN
 from laplace.curvature.curvature import CurvatureInterface
 
-from modules.entropy import kl_excess, sigmoid_shift
+from modules.entropy import binary_entropy, binary_entropy_from_logits
 from modules.config import PipelineError
 from modules.fileio import atomic_write_bytes, atomic_write_json, atomic_write_yaml, read_json
 
@@ -246,47 +246,42 @@ class DiagonalLastLayerPosterior(ABC):
         """Per-pixel uncertainty decomposition, each map ``B x H x W`` float32, entropies in nats.
 
         Monte Carlo over ``S = num_samples`` weight draws (identical to ``sample_logits`` with the same
-        seed), with ``p_s = sigmoid(z_s)`` and ``p_bar`` their mean:
+        seed), with ``p_s = sigmoid(z_s)``:
 
         - ``mean_prob``: the probit predictive probability (closed form, not Monte Carlo).
-        - ``total_entropy``: binary entropy of ``p_bar``.
-        - ``mutual_information`` (epistemic, BALD): ``H(p_bar) - mean_s H(p_s)``, evaluated as the
-          equal quantity ``mean_s KL(Bern(p_s) || Bern(p_bar))``.
-        - ``expected_entropy`` (aleatoric): ``total_entropy - mutual_information``.
+        - ``total_entropy``: binary entropy of the Monte-Carlo mean of ``p_s``.
+        - ``expected_entropy`` (aleatoric): mean over samples of the binary entropy of ``p_s``.
+        - ``mutual_information`` (epistemic, BALD): ``total_entropy - expected_entropy`` clamped at 0
+          (it is >= 0 by Jensen's inequality; the clamp removes float rounding only).
 
-        Why the KL form: a tight posterior moves the logits by ~1e-3, so the mutual information is
-        ~1e-6 nats, below the float32 rounding of entropies near 0.69 and of ``z_s = mean + d_s``;
-        the direct difference of entropies is then noise and ranks pixels at random. Here each
-        sample's logit shift ``d_s`` is computed on its own (the logits are linear in the weights),
-        ``p_s - sigmoid(mean)`` by an exact identity (``entropy.sigmoid_shift``), and the KL by a
-        cancellation-free form (``entropy.kl_excess``), so the map keeps ~4 significant digits at
-        any posterior width. Logits are evaluated ``samples_per_chunk`` draws at a time.
+        Precision: a posterior fitted on millions of pixels moves the logits by ~1e-3, so the mutual
+        information is ~1e-6 nats, a difference of two entropies near 0.69: in float32 (and with
+        ``z_s`` rounded to float32) it is rounding noise that ranks pixels at random. So each draw's
+        logit shift ``z_s - mean`` is computed on its own (the logits are linear in the weights,
+        float32 keeps its relative precision), and the entropies are evaluated and summed in
+        float64 (good to ~1e-15 nats); the maps are returned as float32. Logits are evaluated
+        ``samples_per_chunk`` draws at a time to bound memory.
         """
         if int(samples_per_chunk) < 1:
             raise LaplacePosteriorError(f"samples_per_chunk: must be at least 1, got {samples_per_chunk}")
         prepared = self.prepare(inputs)
         logit_mean, logit_var = self.logit_moments(prepared)
         deviations = self.sample_weights(num_samples, seed, generator) - self.weight_mean  # S x W
-        num_draws = deviations.shape[0]
-        shifts = torch.empty((num_draws, *logit_mean.shape), device=logit_mean.device, dtype=torch.float32)
-        for start in range(0, num_draws, int(samples_per_chunk)):
-            chunk = deviations[start : start + int(samples_per_chunk)]
-            shifts[start : start + len(chunk)] = sigmoid_shift(logit_mean, self.logits_for_weights(prepared, chunk))
-        mean_shift = shifts.mean(dim=0)
-        mean_prob_mc = torch.sigmoid(logit_mean) + mean_shift  # p_bar
-        mean_complement = torch.sigmoid(-logit_mean) - mean_shift  # 1 - p_bar, without cancellation
-        p_bar = mean_prob_mc.clamp(torch.finfo(torch.float32).tiny, 1.0)
-        q_bar = mean_complement.clamp(torch.finfo(torch.float32).tiny, 1.0)
-        total_entropy = -(torch.special.xlogy(mean_prob_mc.clamp(0, 1), p_bar)
-                          + torch.special.xlogy(mean_complement.clamp(0, 1), q_bar))
-        excess = shifts.sub_(mean_shift)  # e_s = p_s - p_bar, in place
-        mutual_information = (p_bar * kl_excess(excess / p_bar) + q_bar * kl_excess(-excess / q_bar)).mean(dim=0)
-        mutual_information = torch.minimum(mutual_information, total_entropy).clamp_min(0.0)
+        precise_mean = logit_mean.double()
+        probability_sum = torch.zeros_like(precise_mean)
+        entropy_sum = torch.zeros_like(precise_mean)
+        for start in range(0, deviations.shape[0], int(samples_per_chunk)):
+            shifts = self.logits_for_weights(prepared, deviations[start : start + int(samples_per_chunk)])
+            logits = shifts.double().add_(precise_mean)
+            probability_sum += torch.sigmoid(logits).sum(dim=0)
+            entropy_sum += binary_entropy_from_logits(logits).sum(dim=0)
+        total_entropy = binary_entropy(probability_sum / deviations.shape[0])
+        expected_entropy = entropy_sum / deviations.shape[0]
         return {
             "mean_prob": binary_probit_probability(logit_mean, logit_var),
-            "total_entropy": total_entropy,
-            "expected_entropy": total_entropy - mutual_information,
-            "mutual_information": mutual_information,
+            "total_entropy": total_entropy.float(),
+            "expected_entropy": expected_entropy.float(),
+            "mutual_information": (total_entropy - expected_entropy).clamp_min(0.0).float(),
         }
 
 
