@@ -13,10 +13,11 @@ On one synthetic image (a bright disk on noise) with P prompt sets, same backbon
 
 Each figure is the best of ``--repeats`` timed calls after one warm-up call.
 
-Usage: python benchmarks/bench_evaluate.py [--checkpoint assets/demo_backbone/demo_tiny.pt]
+Usage: python benchmarks/bench_evaluate.py [--family sam --model-type demo_tiny] [--skip laplace,...]
        [--promptsets 4] [--pp-samples 10] [--laplace-samples 32] [--tta hflip,vflip,rot90,...]
        [--device cpu] [--threads 2]
-Without the checkpoint file the demo backbone gets random weights (timings do not depend on them).
+The demo backbone uses the shipped checkpoint; other models (``--model-type vit_b``, ``hiera_t``) get
+seeded random weights saved to a file and loaded by the pipeline's loader (timings do not depend on them).
 """
 
 from __future__ import annotations
@@ -62,13 +63,15 @@ def best_time(function: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def load_demo_backbone(checkpoint: Path, device: str):
-    if checkpoint.is_file():
-        return load_backbone("sam", "demo_tiny", checkpoint, device), str(checkpoint)
-    path = Path(tempfile.mkdtemp()) / "demo_tiny_random.pt"
+def load_bench_backbone(family: str, model_type: str, checkpoint: Path, device: str):
+    """The shipped demo checkpoint, or (other models, or no file) seeded random weights saved to a
+    file and loaded through the pipeline's loader; timings do not depend on the weights."""
+    if checkpoint.is_file() and (family, model_type) == ("sam", "demo_tiny"):
+        return load_backbone(family, model_type, checkpoint, device), str(checkpoint)
+    path = Path(tempfile.mkdtemp()) / f"{model_type}_random.pt"
     torch.manual_seed(0)
-    torch.save(build_model("sam", "demo_tiny").state_dict(), path)
-    return load_backbone("sam", "demo_tiny", path, device), "random weights"
+    torch.save(build_model(family, model_type).state_dict(), path)
+    return load_backbone(family, model_type, path, device), "random weights"
 
 
 def synthetic_sample(backbone, height: int, width: int, num_promptsets: int) -> EvalSample:
@@ -161,7 +164,10 @@ def bench_tta(backbone, sample: EvalSample, transform_names: list[str], encoder_
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--family", default="sam", help="sam or sam2")
+    parser.add_argument("--model-type", default="demo_tiny", help="e.g. demo_tiny, vit_b, hiera_t")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="used for demo_tiny")
+    parser.add_argument("--skip", default="", help="comma-separated strategies not to time")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--height", type=int, default=240)
@@ -175,16 +181,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    backbone, weights = load_demo_backbone(args.checkpoint, args.device)
+    backbone, weights = load_bench_backbone(args.family, args.model_type, args.checkpoint, args.device)
     sample = synthetic_sample(backbone, args.height, args.width, args.promptsets)
-    results = {
-        "prompt_perturbation": bench_prompt_perturbation(backbone, sample, args.pp_samples, args.repeats),
-        "laplace": bench_laplace(sample, args.laplace_samples, args.repeats, args.device),
-        "tta": bench_tta(backbone, sample, [n for n in args.tta.split(",") if n], args.encoder_batch_size,
-                         args.repeats),
+    benches = {
+        "prompt_perturbation": lambda: bench_prompt_perturbation(backbone, sample, args.pp_samples, args.repeats),
+        "laplace": lambda: bench_laplace(sample, args.laplace_samples, args.repeats, args.device),
+        "tta": lambda: bench_tta(backbone, sample, [n for n in args.tta.split(",") if n], args.encoder_batch_size,
+                                 args.repeats),
     }
+    skipped = {name for name in args.skip.split(",") if name}
+    results = {name: bench() for name, bench in benches.items() if name not in skipped}
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
-          f"device {args.device}; backbone sam/demo_tiny ({weights}); image {args.height} x {args.width}, "
+          f"device {args.device}; backbone {args.family}/{args.model_type} ({weights}); image {args.height} x {args.width}, "
           f"P = {args.promptsets} prompt sets; best of {args.repeats}")
     goals = {"prompt_perturbation": ("ratio_vs_one_decoder_pass", 2.0), "laplace": ("ratio_vs_one_head_forward", 2.0),
              "tta": ("ratio_vs_K_encoder_passes", 1.15)}
