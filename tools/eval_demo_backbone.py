@@ -7,7 +7,9 @@ never the demo data set). The checkpoint is loaded through ``load_backbone("sam"
 ...)``, the same path as every other backbone. Per scene two prompts, in ORIGINAL pixels:
 
 - point: one positive point at the maximum of the mask's distance transform (deepest interior);
-- box: the tight box (x0, y0, x1, y1) = (min col, min row, max col, max row) of the mask.
+- box: the tight box (x0, y0, x1, y1) = (min col, min row, max col, max row) of the mask;
+- point + oracle mask: the point again, with the ground truth as the mask prompt (+-10 logits on
+  the 256 x 256 frame, as the pipeline's oracle refinement ablation; multimask, best predicted).
 
 Each prompt is decoded with multimask output (the output with the best predicted IoU is kept)
 and with single-mask output. IoU is measured at the original resolution (FRAME256 logits
@@ -41,7 +43,8 @@ DEFAULT_CHECKPOINT = REPO_ROOT / "assets" / "demo_backbone" / "demo_tiny.pt"
 DEFAULT_REPORT = REPO_ROOT / "assets" / "demo_backbone" / "quality.md"
 BAR = {"point": 0.75, "box": 0.85}
 HARD_GROUPS = ("camouflage", "transparent", "shadow", "medical_gray")
-COLUMNS = ("point_multi", "point_single", "box_multi", "box_single")
+COLUMNS = ("point_multi", "point_single", "box_multi", "box_single", "point_oracle_mask")
+ORACLE_MASK_LOGIT = 10.0  # as modules.evaluation's oracle ablation
 
 
 def deepest_point(mask: np.ndarray) -> np.ndarray:
@@ -93,6 +96,13 @@ def evaluate(checkpoint: Path, scenes_per_group: int = 50, groups=demo_data.GROU
                 true.extend(iou.tolist())
                 logits, _ = backbone.decode(features, mask.shape, multimask_output=False, **prompt)
                 ious[f"{kind}_single"].append(iou_at_original(logits, mask)[0, 0])
+            truth_256 = F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], (256, 256),
+                                      mode="nearest") > 0.5
+            oracle = backbone.mask_embedding(torch.where(truth_256, ORACLE_MASK_LOGIT, -ORACLE_MASK_LOGIT),
+                                             mask.shape)
+            logits, iou_pred = backbone.decode(features, mask.shape, multimask_output=True,
+                                               dense_embedding_override=oracle, **prompts["point"])
+            ious["point_oracle_mask"].append(iou_at_original(logits, mask)[0][int(iou_pred[0].argmax())])
         row = {column: float(np.mean(values)) for column, values in ious.items()}
         # undefined (nan) when either side is constant, e.g. every prediction empty
         row["spearman"] = _spearman(predicted, true)
@@ -116,14 +126,15 @@ def markdown_table(result: dict, seconds: float, scenes_per_group: int) -> str:
         f"(purpose `backbone_eval`, checkpoint md5 `{result['checkpoint_md5']}`, {seconds:.0f} s on CPU).",
         "Mean IoU at the original resolution. point = one positive point at the deepest interior pixel; "
         "box = tight box. multi = the multimask output with the best predicted IoU; single = the "
-        "single-mask output. Spearman = predicted vs true IoU over all multimask outputs.",
+        "single-mask output. point + oracle mask = the point with the ground truth as mask prompt "
+        "(multi). Spearman = predicted vs true IoU over all multimask outputs of point and box.",
         "",
-        "| group | point (multi) | point (single) | box (multi) | box (single) | Spearman |",
-        "|---|---|---|---|---|---|",
+        "| group | point (multi) | point (single) | box (multi) | box (single) | point + oracle mask | Spearman |",
+        "|---|---|---|---|---|---|---|",
     ]
     for group, row in result["groups"].items():
         lines.append(f"| {group} | {row['point_multi']:.3f} | {row['point_single']:.3f} | {row['box_multi']:.3f} "
-                     f"| {row['box_single']:.3f} | {row['spearman']:.3f} |")
+                     f"| {row['box_single']:.3f} | {row['point_oracle_mask']:.3f} | {row['spearman']:.3f} |")
     summary = result["summary"]
     lines += ["", f"Spearman over all groups: {summary['spearman_all_groups']:.3f}."]
     if summary.get("plain_point") is not None:

@@ -16,7 +16,12 @@ sets: one single positive point (half the time biased to the object interior, el
 it), one set of 1-3 positives with sometimes 1-2 negatives from the background, and one tight
 box with a small jitter. The loss follows SAM's recipe with one change: pixel loss + dice on the
 best of the three multimask outputs (the minimum over them), the same on the single-mask output,
-plus the MSE between the IoU head and the true IoU of each of the four outputs. The pixel loss
+plus the MSE between the IoU head and the true IoU of each of the four outputs (``--box-weight``
+scales the box prompt set's share). With ``--mask-pass``, as in SAM's interactive training, a fourth
+decoder call repeats the single point with a mask prompt: the first pass's kept output (usually),
+or the ground truth as +-10 logits (a quarter of the time, so that a trustworthy mask prompt is
+followed, which the pipeline's oracle ablation relies on), plus, half of the time, one corrective
+point drawn from the pixels the first pass got wrong. The pixel loss
 is binary cross-entropy rather than SAM's 20 x focal loss (``--pixel-loss focal``): with focal
 loss this tiny model trained from scratch sat at an all-background prediction for its first
 ~150 steps and its single-mask output had not left it after 300 steps (16 minutes). AdamW, linear warmup then
@@ -61,6 +66,8 @@ MAX_POSITIVES = 3
 MAX_NEGATIVES = 2
 FOCAL_WEIGHT = 20.0
 BOX_JITTER = 0.05  # each box side moves by up to this fraction of the box size
+GT_MASK_PROMPT_P = 0.25  # mask-prompt pass: share of prompt sets given the ground truth as mask prompt
+GT_MASK_LOGIT = 10.0  # the pipeline's oracle mask prompt uses the same magnitude
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,10 +200,15 @@ def hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return intersection / union.clamp(min=1)
 
 
-def prompt_set_loss(model, embeddings, targets, points=None, boxes=None,
-                    pixel_loss: str = "bce") -> tuple[torch.Tensor, dict]:
-    """Loss of one batched decoder call over prompt sets (``embeddings``: P x 256 x 64 x 64)."""
-    sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=None)
+def prompt_set_loss(model, embeddings, targets, points=None, boxes=None, masks=None,
+                    pixel_loss: str = "bce") -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Loss of one batched decoder call over prompt sets (``embeddings``: P x 256 x 64 x 64).
+
+    ``masks``: optional ``P x 1 x 256 x 256`` mask prompt (logits, input frame). Also returns the
+    detached ``P x 1 x 256 x 256`` logits of the multimask output with the best predicted IoU
+    (what the pipeline's ``best_iou`` policy would keep), the input of a mask-prompt pass.
+    """
+    sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=masks)
     decoded = sam_mask_decoder_pass(model.mask_decoder, embeddings, model.prompt_encoder.get_dense_pe(),
                                     sparse, dense)
     per_output = mask_losses(decoded.masks, targets, pixel_loss)  # P x 4
@@ -207,29 +219,74 @@ def prompt_set_loss(model, embeddings, targets, points=None, boxes=None,
     stats = {"best_iou": true_iou[:, 1:].max(dim=1).values.mean().item(),
              "multimask_iou": true_iou[:, 1:].mean().item(),
              "single_iou": true_iou[:, 0].mean().item(), "iou_mse": iou_loss.item()}
-    return loss, stats
+    chosen = 1 + decoded.iou_predictions[:, 1:].detach().argmax(dim=1)
+    kept = decoded.masks.detach()[torch.arange(len(chosen)), chosen][:, None]
+    return loss, stats, kept
 
 
-def training_step(model, batch, pixel_loss: str = "bce") -> tuple[torch.Tensor, dict]:
-    """Encoder once per image, then three batched decoder calls (single point, multi, box)."""
+def mask_prompt_inputs(previous_logits: torch.Tensor, targets: torch.Tensor,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask prompts and one corrective point per prompt set for a mask-prompt pass.
+
+    As in SAM's interactive training, the mask prompt is usually the previous pass's logits; with
+    probability ``GT_MASK_PROMPT_P`` it is the ground truth as +-``GT_MASK_LOGIT`` logits instead,
+    so that the model also learns to follow a trustworthy mask prompt (the pipeline's oracle
+    ablation). With probability 1/2 a corrective point is added, drawn uniformly from the pixels
+    the previous pass got wrong (label = the ground truth there); otherwise the point is padding,
+    as in the pipeline's refinement, which repeats the first-pass prompts with a new dense prompt.
+
+    Args:
+        previous_logits: ``P x 1 x 256 x 256``; targets: ``P x 256 x 256`` {0, 1}.
+    Returns:
+        ``masks P x 1 x 256 x 256``, ``points P x 1 x 2`` (x, y), ``labels P x 1`` (-1 = padding).
+    """
+    num_sets = targets.shape[0]
+    use_truth = torch.rand(num_sets, generator=generator) < GT_MASK_PROMPT_P
+    truth_logits = (targets[:, None] * 2 - 1) * GT_MASK_LOGIT
+    masks = torch.where(use_truth[:, None, None, None], truth_logits, previous_logits)
+    points = torch.zeros(num_sets, 1, 2)
+    labels = -torch.ones(num_sets, 1)
+    wrong = ((previous_logits[:, 0] > 0) != targets.bool())
+    for index in range(num_sets):
+        candidates = wrong[index].nonzero()
+        if len(candidates) == 0 or torch.rand(1, generator=generator).item() < 0.5:
+            continue
+        row, col = candidates[torch.randint(len(candidates), (1,), generator=generator).item()].tolist()
+        points[index, 0] = torch.tensor([col + 0.5, row + 0.5])
+        labels[index, 0] = targets[index, row, col]
+    return masks, points, labels
+
+
+def training_step(model, batch, pixel_loss: str = "bce", box_weight: float = 1.0, mask_pass: bool = False,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """Encoder once per image, then three batched decoder calls (single point, multi, box), and
+    with ``mask_pass`` a fourth: the single point again with a mask prompt (``mask_prompt_inputs``)."""
     embeddings = model.image_encoder(batch["image"])
     targets = batch["target"]
     num_images = embeddings.shape[0]
 
-    loss_single, stats_single = prompt_set_loss(
-        model, embeddings, targets,
-        points=(batch["single_points"].reshape(num_images, 1, 2), batch["single_labels"].reshape(num_images, 1)),
-        pixel_loss=pixel_loss)
-    loss_multi, stats_multi = prompt_set_loss(
+    single_points = (batch["single_points"].reshape(num_images, 1, 2), batch["single_labels"].reshape(num_images, 1))
+    loss_single, stats_single, single_kept = prompt_set_loss(model, embeddings, targets, points=single_points,
+                                                             pixel_loss=pixel_loss)
+    loss_multi, stats_multi, _ = prompt_set_loss(
         model, embeddings, targets,
         points=(batch["multi_points"].reshape(num_images, -1, 2), batch["multi_labels"].reshape(num_images, -1)),
         pixel_loss=pixel_loss)
-    loss_box, stats_box = prompt_set_loss(model, embeddings, targets, boxes=batch["box"].reshape(num_images, 4),
-                                          pixel_loss=pixel_loss)
-    loss = (loss_single + loss_multi + loss_box) / 3
-    stats = {"loss": loss.item(), "point_iou": stats_single["best_iou"], "multi_iou": stats_multi["best_iou"],
+    loss_box, stats_box, _ = prompt_set_loss(model, embeddings, targets, boxes=batch["box"].reshape(num_images, 4),
+                                             pixel_loss=pixel_loss)
+    losses = [loss_single, loss_multi, box_weight * loss_box]
+    stats = {"point_iou": stats_single["best_iou"], "multi_iou": stats_multi["best_iou"],
              "box_iou": stats_box["single_iou"], "box_best_iou": stats_box["best_iou"],
              "iou_mse": stats_box["iou_mse"]}
+    if mask_pass:
+        masks, points, labels = mask_prompt_inputs(single_kept, targets, generator)
+        points = (torch.cat([single_points[0], points], dim=1), torch.cat([single_points[1], labels], dim=1))
+        loss_mask, stats_mask, _ = prompt_set_loss(model, embeddings, targets, points=points, masks=masks,
+                                                   pixel_loss=pixel_loss)
+        losses.append(loss_mask)
+        stats["mask_prompt_iou"] = stats_mask["best_iou"]
+    loss = sum(losses) / (len(losses) - 1 + box_weight)
+    stats["loss"] = loss.item()
     return loss, stats
 
 
@@ -273,6 +330,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--pixel-loss", choices=("bce", "focal"), default="bce",
                         help="per-pixel term next to dice (focal = SAM's 20 x focal)")
+    parser.add_argument("--box-weight", type=float, default=1.0, help="weight of the box prompt set's loss")
+    parser.add_argument("--mask-pass", action="store_true",
+                        help="add a mask-prompt pass per image (previous logits or ground truth as mask prompt)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
@@ -295,6 +355,7 @@ def main(argv=None) -> int:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
 
     model = build_demo_tiny()
     model.train()
@@ -325,7 +386,7 @@ def main(argv=None) -> int:
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, progress_fraction, args.lr, args.warmup)
-        loss, stats = training_step(model, batch, args.pixel_loss)
+        loss, stats = training_step(model, batch, args.pixel_loss, args.box_weight, args.mask_pass, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -388,12 +449,15 @@ def _record(args, command: str, step: int, total_steps: int, start: float, histo
         "warmup": args.warmup,
         "weight_decay": args.weight_decay,
         "pixel_loss": args.pixel_loss,
+        "box_weight": args.box_weight,
+        "mask_pass": args.mask_pass,
         "group_weights": GROUP_WEIGHTS,
         "threads": args.threads,
         "wall_time_s": round(time.time() - start, 1),
         "complete": complete,
         "train_metrics_last50": {k: round(float(np.mean([h[k] for h in recent])), 4)
-                                 for k in ("loss", "point_iou", "multi_iou", "box_iou", "box_best_iou", "iou_mse")},
+                                 for k in ("loss", "point_iou", "multi_iou", "box_iou", "box_best_iou", "iou_mse",
+                                           "mask_prompt_iou") if k in recent[-1]},
         "init_state": None if args.init_state is None else str(args.init_state),
         "torch": torch.__version__,
     }
