@@ -825,7 +825,8 @@ class PosteriorMeta:
             backend=backend,
             num_parameters=int(la.n_params),
             num_bernoulli_parameters=int(la.n_params) // 2,
-            prior_precision=float(la.prior_precision.item()),
+            # the grid value itself: laplace-torch stores it as a float32 tensor (1e-4 -> 9.99999975e-05)
+            prior_precision=search.best_prior_precision,
             prior_precision_grid=list(search.grid),
             prior_precision_nll=list(search.nll),
             n_data=int(la.n_data),
