@@ -27,24 +27,44 @@ def epoch_state(project, model, run_id):
     return json.loads((project.root / "checkpoints" / model / f"run_{run_id}" / "epoch_state.json").read_text())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known shortfall (issue 6): on the test fixture (about 70 training rows, 12 validation rows, "
-    "mostly hard scenes) the head does not beat the raw logits of the retrained demo backbone "
-    "(0.275 vs 0.282); on the full demo data set it does (0.48 vs 0.39 after 4 epochs), which "
-    "is too slow for CI"))
-def test_head_improves_validation_iou_over_raw_sam(trained_project):
+@pytest.fixture(scope="module")
+def head_vs_raw_project(tmp_path_factory):
+    """A larger slice of the demo data than the session fixture (12 scenes per group, 4 prompt
+    sets of up to 10 point pairs per image: ~230 training and 24 validation rows), with the MAP
+    head trained on it. The session fixture's ~70 training / 12 validation rows are too few to
+    tell the head from the raw logits (there it loses, 0.275 vs 0.282: one epoch overfits)."""
+    import yaml
+
+    from tests.conftest import DEMO_CHECKPOINT, PipelineProject, small_demo_config
+
+    if not DEMO_CHECKPOINT.is_file():
+        pytest.skip(f"{DEMO_CHECKPOINT} is missing")
+    folder = tmp_path_factory.mktemp("head_vs_raw")
+    config_path = small_demo_config(folder)
+    config = yaml.safe_load(config_path.read_text())
+    config["demo"].update(scenes_per_group=12)
+    config["prompt_generation"].update(num_promptsets_train=4, num_promptsets_val=4, max_pairs=10)
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    project = PipelineProject(folder, config_path)
+    for script in ("build_manifests.py", "generate_promptsets.py", "precompute_sam_outputs.py",
+                   "build_training_indices.py", "pack_to_hdf5.py"):
+        project.run(script)
+    project.run("train_head.py", "--model", "head", "--run_id", "v1")
+    return project
+
+
+def test_head_improves_validation_iou_over_raw_sam(head_vs_raw_project):
     from modules.losses import hard_iou
     from modules.packing import packed_dataset
 
-    cfg = trained_project.load_config()
+    cfg = head_vs_raw_project.load_config()
     val = packed_dataset(cfg, "val")
-    batch = val.__getitems__(list(range(len(val))))
-    inputs = torch.stack([item["inputs"] for item in batch])
-    targets = torch.stack([item["target"] for item in batch])
-    raw_sam_iou = float(hard_iou(inputs[:, :1], targets).mean())
-    head_iou = epoch_state(trained_project, "head", "v1")["best_metric"]
-    print(f"validation IoU: raw SAM {raw_sam_iou:.3f}, head {head_iou:.3f}")
-    assert head_iou > raw_sam_iou
+    assert len(val) >= 20
+    batch = val.read_batch(list(range(len(val))))
+    raw_sam_iou = float(hard_iou(batch["inputs"][:, :1], batch["target"]).mean())
+    head_iou = epoch_state(head_vs_raw_project, "head", "v1")["best_metric"]
+    print(f"validation IoU on {len(val)} rows: raw SAM {raw_sam_iou:.3f}, head {head_iou:.3f}")
+    assert head_iou > raw_sam_iou + 0.01
 
 
 def test_resume_after_sigkill_gives_the_same_weights(trained_project):
