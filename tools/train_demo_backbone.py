@@ -1,11 +1,12 @@
 """Train the tiny demo SAM (``sam`` / ``demo_tiny``) from scratch on procedural scenes.
 
-Reproduces ``assets/demo_backbone/demo_tiny.pt`` in three runs, each continuing the last one's state
+Reproduces ``assets/demo_backbone/demo_tiny.pt`` in four runs, each continuing the last one's state
 (the exact commands are in README.md, "Backbones and the bundled demo backbone"):
 
     .venv/bin/python tools/train_demo_backbone.py --seed 0 --threads 1 --time-budget-min 42 --state run1.pt
     ... --seed 1 --time-budget-min 10 --lr 3e-4 --init-state run1.pt ...
     ... --seed 2 --threads 2 --time-budget-min 15 --lr 2e-4 --init-state run2.pt ...
+    ... --seed 3 --threads 1 --time-budget-min 45 --lr 3e-4 --box-weight 2 --mask-pass --init-state run3.pt ...
 
 (``--threads 1``: on the shared 2-core machine, with about eight runnable processes, one thread
 ran a decoder step 1.8x faster in wall time than two, which stalled on each other.)
