@@ -239,7 +239,8 @@ class PhotometricTransform(ImageTransform):
         if rng is None:
             raise ValueError(f"tta transform {self.name!r}: a seeded np.random.Generator is required")
         function_name, _, _ = PHOTOMETRIC_ADJUSTMENTS[self.name]
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        # writable and contiguous (cached images may be read-only views; torch warns on those)
+        pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
         adjusted = getattr(TF, function_name)(pixels, self.draw_factor(rng))
         return adjusted.permute(1, 2, 0).contiguous().numpy()
 
