@@ -437,6 +437,15 @@ class Backbone:
         self.preprocessor = preprocessor
         self.image_size = preprocessor.image_size
 
+    def _prepare_inputs(self, features, original_hw, point_coords, point_labels, boxes, mask_input,
+                        dense_embedding_override):
+        """Checked ``(original_hw, features of one image on the device, prompts)`` for a decoder call."""
+        original_hw = _original_hw(original_hw)
+        features = _as_single_image_features(features, self.feature_names, self.device)
+        prompts = _prepare_prompts(self.device, point_coords, point_labels, boxes, mask_input,
+                                   dense_embedding_override, tuple(features["image_embed"].shape[1:]))
+        return original_hw, features, prompts
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(family={self.family!r}, model_type={self.model_type!r}, "
                 f"checkpoint={str(self.checkpoint_path)!r}, device={str(self.device)!r})")
@@ -581,12 +590,9 @@ class SamBackbone(Backbone):
 
     def _prepare(self, features, original_hw, point_coords, point_labels, boxes, mask_input,
                  dense_embedding_override):
-        original_hw = _original_hw(original_hw)
-        features = _as_single_image_features(features, self.feature_names, self.device)
-        embed = features["image_embed"]
-        prompts = _prepare_prompts(self.device, point_coords, point_labels, boxes, mask_input,
-                                   dense_embedding_override, tuple(embed.shape[1:]))
-        return original_hw, embed, prompts
+        original_hw, features, prompts = self._prepare_inputs(features, original_hw, point_coords, point_labels,
+                                                              boxes, mask_input, dense_embedding_override)
+        return original_hw, features["image_embed"], prompts
 
     def decode(
         self,
@@ -758,13 +764,10 @@ class Sam2Backbone(Backbone):
 
     def _prepare(self, features, original_hw, point_coords, point_labels, boxes, mask_input,
                  dense_embedding_override):
-        original_hw = _original_hw(original_hw)
-        features = _as_single_image_features(features, self.feature_names, self.device)
-        embed = features["image_embed"]
-        prompts = _prepare_prompts(self.device, point_coords, point_labels, boxes, mask_input,
-                                   dense_embedding_override, tuple(embed.shape[1:]))
+        original_hw, features, prompts = self._prepare_inputs(features, original_hw, point_coords, point_labels,
+                                                              boxes, mask_input, dense_embedding_override)
         high_res = [features["high_res_feat0"], features["high_res_feat1"]]
-        return original_hw, embed, high_res, prompts
+        return original_hw, features["image_embed"], high_res, prompts
 
     def decode(
         self,
