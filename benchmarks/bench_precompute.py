@@ -87,6 +87,25 @@ def bench_encoder(backbone, rows, batch_size) -> float:
     return time.perf_counter() - start
 
 
+def flop_ceiling(backbone, row, promptsets: int) -> tuple[float, float]:
+    """GFLOP of one image's encoder pass and of one decoder call on ``promptsets`` prompt sets.
+
+    Whatever the pipeline does, (b) also pays for the decoder, so when both run at the same FLOP
+    rate b/a cannot exceed ``encoder / (encoder + decoder)``; this prints that bound.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image = read_image_rgb(row["image_path"])
+    with FlopCounterMode(display=False) as counter:
+        features = backbone.encode(backbone.preprocess(image)[None].to(backbone.device))
+    encoder = counter.get_total_flops()
+    points = torch.rand(promptsets, 4, 2) * torch.tensor([image.shape[1], image.shape[0]], dtype=torch.float32)
+    labels = torch.tensor([[1, 0, 1, 0]] * promptsets)
+    with FlopCounterMode(display=False) as counter:
+        backbone.decode(features, image.shape[:2], points, labels, None, None, True)
+    return encoder / 1e9, counter.get_total_flops() / 1e9
+
+
 def bench_naive(backbone, project_root: Path, rows, sigma: float, out: Path) -> float:
     synchronize(backbone.device)
     start = time.perf_counter()
@@ -136,6 +155,7 @@ def main() -> None:
         rows = load_split_manifest(cfg.project_root, "train").to_dict("records")
         backbone.encode(backbone.preprocess(read_image_rgb(rows[0]["image_path"]))[None].to(backbone.device))  # warm-up
 
+        encoder_gflop, decoder_gflop = flop_ceiling(backbone, rows[0], args.promptsets)
         encoder_s = bench_encoder(backbone, rows, args.batch_size)
         start = time.perf_counter()
         result = run_precompute(cfg, backbone, Shard())
@@ -154,6 +174,8 @@ def main() -> None:
         print(f"{name:18s} {seconds:8.2f} s  {n / seconds:8.3f} images/s  {n * p / seconds:8.2f} prompt sets/s")
     print(f"b/a (fraction of the encoder ceiling): {encoder_s / stage_s:.3f}")
     print(f"b/c (speed-up over the naive loop):    {naive_s / stage_s:.3f}")
+    print(f"FLOP per image: encoder {encoder_gflop:.1f} GFLOP, decoder on {p} prompt sets {decoder_gflop:.1f} GFLOP; "
+          f"b/a at equal FLOP rates cannot exceed {encoder_gflop / (encoder_gflop + decoder_gflop):.3f}")
     print(f"cache: {cache_bytes / n / 2**20:.2f} MiB per image, {cache_bytes / (n * p) / 2**10:.1f} KiB per prompt set "
           f"(naive files: {naive_bytes / (n * p) / 2**10:.1f} KiB per prompt set)")
 

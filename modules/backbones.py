@@ -531,8 +531,11 @@ class SamBackbone(Backbone):
         input_h, input_w = self.input_size(original_hw)
         key = (input_h, input_w)
         if key not in self._frame_matrices:
-            rows = _sam_lowres_to_frame256_matrix(self.low_res_size, self.image_size, input_h)
-            cols = _sam_lowres_to_frame256_matrix(self.low_res_size, self.image_size, input_w)
+            # Normal tensors even when first asked for under inference_mode: a later trainable
+            # pass (fusion training) must be able to save them for backward.
+            with torch.inference_mode(False):
+                rows = _sam_lowres_to_frame256_matrix(self.low_res_size, self.image_size, input_h)
+                cols = _sam_lowres_to_frame256_matrix(self.low_res_size, self.image_size, input_w)
             self._frame_matrices[key] = (rows, cols)
         return self._frame_matrices[key]
 

@@ -303,7 +303,7 @@ class Refinement:
         self.backbone = artifacts.backbone
         self.fusion = artifacts.fusion.to(self.backbone.device)
         self.select_prompts = PROMPT_MODES[cfg.sam.prompt_mode]
-        self.multimask_policy = cfg.sam.multimask_policy
+        self.multimask_policy = cfg.fusion.multimask_policy
         self.head_device = artifacts.device
         needed = {variant.source for variant in REFINEMENT_VARIANTS.values()}
         configured = cfg.fusion.uncertainty_source

@@ -9,7 +9,9 @@ one more pass of the frozen mask decoder (with the same sparse prompts). Only th
 trains; it is trained on cached image embeddings, so no encoder pass is needed.
 
 The fuse conv starts as the identity on the mask embedding (zero on the uncertainty half), so an
-untrained module reproduces SAM's plain mask-prompt refinement and training can only add to it.
+untrained module reproduces SAM's plain mask-prompt refinement; its training validates that
+starting point as epoch 0 (``TrainerConfig.validate_initial``), so the module it keeps is never
+worse on validation than no fusion.
 
 Uncertainty sources (``UNCERTAINTY_SOURCES``) map a batch of head inputs to ``B x 256 x 256`` maps in
 [0, 1] (FRAME256); ``constant`` is the ablation without information.
@@ -73,12 +75,12 @@ class Prompts:
 
 def refine(backbone, fusion: UncertaintyFusion, features: dict, original_hw, prompts: Prompts,
            first_pass_logits: torch.Tensor, uncertainty: torch.Tensor, enable_grad: bool = False,
-           multimask_policy: str = "best_iou"):
+           multimask_policy: str = "single"):
     """One refinement pass for the P prompt sets of one image.
 
-    The output is chosen as in the first pass (``sam.multimask_policy``): SAM's single-mask token
-    is a different head from its multimask tokens, and refining through another output than the
-    one that made the first-pass mask would compare two different predictors.
+    ``multimask_policy`` (``fusion.multimask_policy``) picks the output kept: by default SAM's
+    single-mask output, which is what SAM itself uses once a mask prompt resolves the ambiguity
+    its multimask outputs are for.
 
     Args:
         features: the image's cached features (``Backbone.encode`` output for one image).

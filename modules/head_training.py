@@ -94,6 +94,7 @@ class TrainingTask:
     collate_fn: Callable | None = None
     num_epochs: int | None = None  # task-specific overrides of the training section
     lr: float | None = None
+    validate_initial: bool = False  # see TrainerConfig
 
 
 def packed_datasets(cfg: PipelineConfig):
@@ -214,11 +215,11 @@ def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | No
     cache = open_cache(cfg)
     train, val = (subset_rows(FusionDataset(packed, cache, cfg.project_root), cfg.fusion.max_train_rows,
                               cfg.training.seed) for packed in packed_datasets(cfg))
-    step_fn = refinement_step(backbone, cfg.sam.prompt_mode, cfg.sam.multimask_policy,
+    step_fn = refinement_step(backbone, cfg.sam.prompt_mode, cfg.fusion.multimask_policy,
                               fusion_uncertainty_source(cfg, head_run_id, device),
                               FocalDiceIouLoss(focal_weight=cfg.fusion.focal_weight))
     return TrainingTask(build_fusion(cfg), step_fn, segmentation_metrics, train, val,
-                        num_epochs=cfg.fusion.num_epochs, lr=cfg.fusion.lr)
+                        num_epochs=cfg.fusion.num_epochs, lr=cfg.fusion.lr, validate_initial=True)
 
 
 BUILDERS: dict[str, Callable[[PipelineConfig], nn.Module]] = {
@@ -257,7 +258,8 @@ def trainer_config(cfg: PipelineConfig, task: TrainingTask) -> TrainerConfig:
     return TrainerConfig(batch_size=t.batch_size, num_workers=t.num_workers, lr=task.lr or t.lr,
                          weight_decay=t.weight_decay, num_epochs=task.num_epochs or t.num_epochs,
                          early_stop_patience=t.early_stop_patience, amp=t.amp,
-                         seed=t.seed, selection_metric=task.selection_metric, selection_mode=task.selection_mode)
+                         seed=t.seed, selection_metric=task.selection_metric, selection_mode=task.selection_mode,
+                         validate_initial=task.validate_initial)
 
 
 def run_stage(ctx, model_kind: str, run_id: str, resume: bool, run_sanity_check: bool,

@@ -92,6 +92,9 @@ class TrainerConfig:
     ``early_stop_patience``: epochs without improvement of ``selection_metric`` before stopping
     (``None`` never stops). ``selection_metric`` names a key of the per-epoch record (``val_iou``,
     ``val_loss``, ``val_<metric>``); ``selection_mode`` is ``"max"`` or ``"min"``.
+    ``validate_initial``: validate the untrained model first and commit it as epoch 0, so that
+    ``best.pt`` is never worse on validation than the starting point (for modules that start as a
+    working model, such as the fusion module, which starts as SAM's own mask-prompt pass).
     ``amp_dtype``: ``"bfloat16"`` or ``"float16"`` (CUDA only). ``min_lr``: the cosine schedule's
     floor, reached after ``num_epochs`` epochs.
     """
@@ -109,6 +112,7 @@ class TrainerConfig:
     grad_clip_norm: float | None = None
     selection_metric: str = "val_iou"
     selection_mode: str = "max"
+    validate_initial: bool = False
     show_progress: bool | None = None  # None: only when stderr is a terminal
 
     def __post_init__(self) -> None:
@@ -121,7 +125,8 @@ class TrainerConfig:
 
     def resume_fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
-        keys = ("batch_size", "lr", "weight_decay", "num_epochs", "seed", "min_lr", "selection_metric", "selection_mode")
+        keys = ("batch_size", "lr", "weight_decay", "num_epochs", "seed", "min_lr", "selection_metric", "selection_mode",
+                "validate_initial")
         return {key: getattr(self, key) for key in keys}
 
 
@@ -668,6 +673,8 @@ class Trainer:
         if self.dist.is_main:
             self.tracker.watch(self.model)
         ran = 0
+        if cfg.validate_initial and not state["history"]:
+            self._commit_initial(state)
         for epoch in range(state["epoch"] + 1, cfg.num_epochs + 1):
             if state["stopped_early"]:
                 break
@@ -677,10 +684,7 @@ class Trainer:
             record.update(self._train_epoch(epoch))
             record.update(self._validate(epoch))
             self.scheduler.step()
-            if cfg.selection_metric not in record:
-                raise TrainingError(
-                    f"training.selection_metric: {cfg.selection_metric!r} is not among {', '.join(sorted(record))}"
-                )
+            self._check_selection_metric(record)
             improved = _is_better(record[cfg.selection_metric], state["best_metric"], cfg.selection_mode)
             if improved:
                 state["best_metric"], state["best_epoch"], state["patience_counter"] = record[cfg.selection_metric], epoch, 0
@@ -709,6 +713,26 @@ class Trainer:
             if state["stopped_early"]:
                 log.info("early stop after epoch %d (no improvement for %d epochs)", epoch, state["patience_counter"])
         return ran
+
+
+    def _check_selection_metric(self, record: dict[str, Any]) -> None:
+        metric = self.config.selection_metric
+        if metric not in record:
+            raise TrainingError(f"training.selection_metric: {metric!r} is not among {', '.join(sorted(record))}")
+
+    def _commit_initial(self, state: dict[str, Any]) -> None:
+        """Epoch 0: the untrained model's validation record, committed as the first best."""
+        record: dict[str, Any] = {"epoch": 0, "lr": 0.0, **self._validate(0)}
+        self._check_selection_metric(record)
+        state["best_metric"], state["best_epoch"] = record[self.config.selection_metric], 0
+        record[self.best_metric_key] = state["best_metric"]
+        record["patience_counter"] = 0
+        state["history"].append(record)
+        if self.dist.is_main:
+            self.tracker.log({k: v for k, v in record.items() if k != "epoch"}, step=0)
+        self._write_checkpoint(state, improved=True)
+        if self.dist.is_main:
+            log.info("epoch 0 (untrained): %s %.4f", self.config.selection_metric, state["best_metric"])
 
 
 # --------------------------------------------------------------------------- sanity check

@@ -195,6 +195,42 @@ def test_early_stopping_and_resuming_a_finished_run(tmp_path):
     assert resumed.epochs_completed == 3 and tracker.logged == [] and tracker.artifacts == []
 
 
+def test_validate_initial_keeps_the_starting_model_unless_training_beats_it(tmp_path):
+    data_path = tmp_path / "data.pt"
+    write_synthetic_dataset(data_path, num_train=16, num_val=8, size=8, seed=1)
+
+    class CrashAfterCommit(Exception):
+        pass
+
+    def crash_after_epoch_zero_commit(event, epoch):
+        if (event, epoch) == ("committed", 0):
+            raise CrashAfterCommit
+
+    # lr = 0: training never beats the starting model, so best.pt must stay the epoch-0 weights,
+    # also when the run dies between the epoch-0 commit and the publishing of its files.
+    with pytest.raises(CrashAfterCommit):
+        build_trainer(data_path, tmp_path / "frozen", epochs=2, lr=0.0, validate_initial=True,
+                      checkpoint_hook=crash_after_epoch_zero_commit).fit()
+    initial = {name: value.clone() for name, value in
+               build_trainer(data_path, tmp_path / "unused", epochs=2).model.state_dict().items()}
+    tracker = RecordingTracker()
+    result = build_trainer(data_path, tmp_path / "frozen", epochs=2, lr=0.0, validate_initial=True,
+                           tracker=tracker).fit(resume=True)
+    assert result.best_epoch == 0 and [record["epoch"] for record in result.history] == [0, 1, 2]
+    assert [record["patience_counter"] for record in result.history] == [0, 1, 2]
+    assert result.best_metric == pytest.approx(result.history[0]["val_iou"])
+    best = _load(tmp_path / "frozen" / BEST_FILE)
+    for name, value in initial.items():
+        torch.testing.assert_close(best[name], value, atol=0, rtol=0)
+    assert [step for step, _ in tracker.logged] == [1, 2]  # epoch 0 was logged before the crash
+
+    # A learning run replaces it as soon as an epoch does better on validation.
+    learned = build_trainer(data_path, tmp_path / "learning", epochs=3, validate_initial=True,
+                            tracker=RecordingTracker()).fit()
+    assert learned.history[0]["epoch"] == 0 and learned.best_epoch > 0
+    assert learned.best_metric > learned.history[0]["val_iou"]
+
+
 def test_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path):
     data_path = tmp_path / "data.pt"
     write_synthetic_dataset(data_path, num_train=8, num_val=4, size=8)

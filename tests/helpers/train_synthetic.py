@@ -108,6 +108,7 @@ def build_trainer(
     tracker=None,
     seen_indices: list[int] | None = None,
     checkpoint_hook=None,
+    validate_initial: bool = False,
 ) -> Trainer:
     """The synthetic run both the subprocess entry point and in-process tests use."""
     data = torch.load(data_path, weights_only=True)
@@ -117,7 +118,7 @@ def build_trainer(
     model = PromptAwareHead(hidden_channels=4)
     config = TrainerConfig(
         batch_size=batch_size, num_workers=0, lr=lr, weight_decay=1e-4, num_epochs=epochs,
-        early_stop_patience=patience, amp=True, seed=seed, show_progress=False,
+        early_stop_patience=patience, amp=True, seed=seed, show_progress=False, validate_initial=validate_initial,
     )
     rank = int(os.environ.get("RANK", "0"))
     tracker = tracker if tracker is not None else JsonlTracker(run_dir / f"tracker_rank{rank}.jsonl")

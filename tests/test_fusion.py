@@ -1,0 +1,80 @@
+"""The dense embedding fusion module: what an untrained module does, and that its uncertainty path learns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from modules import demo_data
+from modules.backbones import FRAME256, load_backbone
+from modules.fusion import Prompts, UncertaintyFusion, refine
+from modules.losses import FocalDiceIouLoss
+
+CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "demo_backbone" / "demo_tiny.pt"
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """The demo backbone, one held-out camouflage scene (where the backbone errs), its features,
+    two point prompt sets and the first pass's FRAME256 logits (multimask, best predicted IoU)."""
+    backbone = load_backbone("sam", "demo_tiny", CHECKPOINT, "cpu")
+    image, mask = demo_data.render_scene("camouflage", demo_data.scene_seed("backbone_eval", 0, "camouflage", 1))
+    features = {name: value[0] for name, value in backbone.encode(backbone.preprocess(image)[None]).items()}
+    row, col = np.unravel_index(np.argmax(ndimage.distance_transform_edt(mask)), mask.shape)
+    outside = np.argwhere(~ndimage.binary_dilation(mask, iterations=5))[0]
+    points = torch.tensor([[[col + 0.5, row + 0.5], [outside[1] + 0.5, outside[0] + 0.5]],
+                           [[col + 0.5, row + 0.5], [col + 0.5, row + 0.5]]], dtype=torch.float32)
+    labels = torch.tensor([[1, 0], [1, 1]])
+    logits, ious = backbone.decode(features, mask.shape, points, labels, multimask_output=True)
+    best = ious.argmax(dim=1)
+    first_pass = logits[torch.arange(2), best][:, None]
+    target = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None].float(), (FRAME256, FRAME256),
+                                             mode="nearest").expand(2, -1, -1, -1).contiguous()
+    return backbone, features, mask.shape, Prompts(points, labels, None), first_pass, target
+
+
+def test_an_untrained_module_is_sams_own_mask_prompt_pass(scene):
+    """The fuse conv starts as the identity on the mask embedding: refinement = SAM's decoder with
+    the first pass as mask prompt and the single-mask output, whatever the uncertainty map says."""
+    backbone, features, hw, prompts, first_pass, _ = scene
+    expected, expected_iou = backbone.decode(features, hw, prompts.point_coords, prompts.point_labels,
+                                             mask_input=first_pass, multimask_output=False)
+    fusion = UncertaintyFusion()
+    for uncertainty in (torch.zeros_like(first_pass), torch.rand(first_pass.shape, generator=torch.Generator().manual_seed(0))):
+        with torch.inference_mode():
+            refined, iou = refine(backbone, fusion, features, hw, prompts, first_pass, uncertainty)
+        assert refined.shape == (2, 1, FRAME256, FRAME256) and iou.shape == (2, 1)
+        torch.testing.assert_close(refined, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(iou, expected_iou, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        multimask, _ = refine(backbone, fusion, features, hw, prompts, first_pass, uncertainty, multimask_policy="best_iou")
+    assert not torch.allclose(multimask, expected, atol=1e-3)  # the policy does pick another output
+
+
+def test_training_steps_open_the_uncertainty_path_and_lower_the_loss(scene):
+    backbone, features, hw, prompts, first_pass, target = scene
+    uncertainty = ((first_pass.sigmoid() - 0.5).abs() < 0.4).float()
+    other_uncertainty = 1.0 - uncertainty
+    fusion = UncertaintyFusion()
+    optimizer = torch.optim.Adam(fusion.parameters(), lr=1e-3)
+    loss_fn = FocalDiceIouLoss(focal_weight=20.0)
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        refined, iou = refine(backbone, fusion, features, hw, prompts, first_pass, uncertainty, enable_grad=True)
+        loss = loss_fn(refined, target, iou[:, 0])
+        loss.backward()
+        assert fusion.fuse.weight.grad[:, 256:].abs().sum() > 0  # the uncertainty half gets a gradient
+        assert all(p.grad is None or p.grad.isfinite().all() for p in fusion.parameters())
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(not p.requires_grad or p.grad is None for p in backbone.model.parameters())  # SAM stays frozen
+    with torch.inference_mode():
+        with_map, _ = refine(backbone, fusion, features, hw, prompts, first_pass, uncertainty)
+        with_other, _ = refine(backbone, fusion, features, hw, prompts, first_pass, other_uncertainty)
+    assert (with_map - with_other).abs().max() > 1e-3  # the trained module reads the map
