@@ -93,15 +93,20 @@ def flop_ceiling(backbone, row, promptsets: int) -> tuple[float, float]:
     Whatever the pipeline does, (b) also pays for the decoder, so when both run at the same FLOP
     rate b/a cannot exceed ``encoder / (encoder + decoder)``; this prints that bound.
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils import flop_counter
 
+    def cpu_attention(query, key, value, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    # torch's counter knows the GPU attention kernels, not the CPU one (it would count 0).
+    attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
     image = read_image_rgb(row["image_path"])
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=attention) as counter:
         features = backbone.encode(backbone.preprocess(image)[None].to(backbone.device))
     encoder = counter.get_total_flops()
     points = torch.rand(promptsets, 4, 2) * torch.tensor([image.shape[1], image.shape[0]], dtype=torch.float32)
     labels = torch.tensor([[1, 0, 1, 0]] * promptsets)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=attention) as counter:
         backbone.decode(features, image.shape[:2], points, labels, None, None, True)
     return encoder / 1e9, counter.get_total_flops() / 1e9
 

@@ -714,7 +714,6 @@ class Trainer:
                 log.info("early stop after epoch %d (no improvement for %d epochs)", epoch, state["patience_counter"])
         return ran
 
-
     def _check_selection_metric(self, record: dict[str, Any]) -> None:
         metric = self.config.selection_metric
         if metric not in record:
