@@ -687,14 +687,15 @@ class DecoderLaplaceStrategy(Strategy):
     (``prompt_mode``), the output stage 3 chose is kept (the cache entry's ``branch_index`` under
     ``multimask_policy``), and the posterior of that output's token gives ``mean_prob`` (closed-form
     probit) and, from ``num_samples`` weight draws seeded by ``(seed, sample key)``, the maps
-    ``mutual_information`` (primary, BALD), ``total_entropy`` and ``expected_entropy``; each
+    ``total_entropy`` (primary, as ``uncertainty.LaplaceStrategy``), ``mutual_information`` (BALD)
+    and ``expected_entropy``; each
     ``P x 256 x 256`` FRAME256 float32 on the backbone's device. The posterior must be on that device
     and must have been fitted on the backbone's checkpoint (its means are checked against the
     decoder's weights on the first sample).
     """
 
     name = "laplace"
-    primary_map = "mutual_information"
+    primary_map = "total_entropy"
     MAP_NAMES: ClassVar[tuple[str, ...]] = ("mutual_information", "total_entropy", "expected_entropy")
 
     def __init__(self, backbone, posterior: DecoderPosterior, num_samples: int, seed: int = 0,

@@ -351,11 +351,13 @@ class LaplaceStrategy(Strategy):
     ``total_entropy``, ``expected_entropy``, ``mutual_information``, each ``P x 256 x 256``).
 
     ``mean_prob`` is the posterior's closed-form probit predictive; the maps come from
-    ``num_samples`` weight draws seeded per sample. Primary map: ``mutual_information`` (BALD).
+    ``num_samples`` weight draws seeded per sample. Primary map: ``total_entropy``, the entropy of
+    the predictive mean, as for every sampling strategy (TTA, prompt perturbation); its epistemic
+    part ``mutual_information`` (BALD) and aleatoric part ``expected_entropy`` are scored beside it.
     """
 
     name = "laplace"
-    primary_map = "mutual_information"
+    primary_map = "total_entropy"
     MAP_NAMES: ClassVar[tuple[str, ...]] = ("mutual_information", "total_entropy", "expected_entropy")
 
     def __init__(self, posterior, num_samples: int, seed: int = 0) -> None:

@@ -206,7 +206,7 @@ def test_strategy_shapes_and_a_fresh_process_reproduces_it(decoder_fit, cfg, bac
                                          multimask_policy=cfg.sam.multimask_policy)
     output = strategy.predict(sample)
     shape = (sample.num_promptsets, 256, 256)
-    assert output.mean_prob.shape == shape and output.primary_map == "mutual_information"
+    assert output.mean_prob.shape == shape and output.primary_map == "total_entropy"
     assert set(output.maps) == {"mutual_information", "total_entropy", "expected_entropy"}
     assert all(values.shape == shape and values.dtype == torch.float32 for values in output.maps.values())
     assert float(output.mean_prob.min()) >= 0 and float(output.mean_prob.max()) <= 1

@@ -221,18 +221,23 @@ def test_laplace_strategy_with_the_real_posterior():
     posterior = LastLayerPosterior(head, mean, torch.full_like(mean, 0.05), prior_precision=1.0)
     strategy = LaplaceStrategy(posterior, num_samples=16, seed=0)
     output = strategy.predict(sample)
-    assert output.primary_map == "mutual_information"
+    assert output.primary_map == "total_entropy"
     assert set(output.maps) == {"mutual_information", "total_entropy", "expected_entropy"}
     assert output.mean_prob.shape == (3, 256, 256)
     assert (output.primary >= 0).all() and output.primary.max() > 0
+    assert torch.equal(output.primary, output.maps["total_entropy"])
     torch.testing.assert_close(output.maps["total_entropy"] - output.maps["expected_entropy"],
-                               output.primary, atol=1e-6, rtol=0)
+                               output.maps["mutual_information"], atol=1e-6, rtol=0)
     with torch.no_grad():
         map_prob = torch.sigmoid(head(sample.head_inputs))[:, 0]
     assert (output.mean_prob - map_prob).abs().max() < 0.1
     strategy.predict(other)
     assert torch.equal(strategy.predict(sample).primary, output.primary)
     assert not torch.equal(LaplaceStrategy(posterior, 16, seed=1).predict(sample).primary, output.primary)
+    mutual_information = output.maps["mutual_information"]
+    assert torch.equal(strategy.predict(sample).maps["mutual_information"], mutual_information)
+    assert not torch.equal(LaplaceStrategy(posterior, 16, seed=1).predict(sample).maps["mutual_information"],
+                           mutual_information)
 
 
 def test_registry_names_every_strategy():
