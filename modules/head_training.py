@@ -271,6 +271,10 @@ def run_stage(ctx, model_kind: str, run_id: str, resume: bool, run_sanity_check:
     device = resolve_device(cfg.training.device)
     torch.manual_seed(cfg.training.seed)
     task = TASKS[model_kind](cfg, device, head_run_id or run_id)
+    for split, dataset in (("train", task.train_dataset), ("val", task.val_dataset)):
+        if len(dataset) == 0:
+            raise PipelineError(f"data.split_fractions: the {split!r} split has no packed rows; training needs "
+                                f"both a train and a val split (rerun the stages from build_manifests.py)")
 
     if run_sanity_check:
         loader = torch.utils.data.DataLoader(task.train_dataset, batch_size=min(4, len(task.train_dataset)),

@@ -91,6 +91,27 @@ def test_resume_with_a_missing_file_names_it(trained_project):
     assert "optimizer_last.pt" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_training_without_a_validation_split_is_one_line_naming_the_key(tmp_path):
+    import yaml
+
+    from tests.conftest import DEMO_CHECKPOINT, PipelineProject, small_demo_config
+
+    if not DEMO_CHECKPOINT.is_file():
+        pytest.skip(f"{DEMO_CHECKPOINT} is missing")
+    config_path = small_demo_config(tmp_path)
+    config = yaml.safe_load(config_path.read_text())
+    config["demo"].update(scenes_per_group=1)
+    config["data"].update(split_fractions=[1.0, 0.0, 0.0])
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    project = PipelineProject(tmp_path, config_path)
+    for script in ("build_manifests.py", "generate_promptsets.py", "precompute_sam_outputs.py",
+                   "build_training_indices.py", "pack_to_hdf5.py"):
+        project.run(script)
+    result = project.run("train_head.py", "--run_id", "v1", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "data.split_fractions: the 'val' split has no packed rows" in result.stderr
+
+
 def test_sanity_check_overfits_one_batch(trained_project):
     result = trained_project.run("train_head.py", "--run_id", "sanity", "--sanity_check")
     assert "sanity_check_reached: True" in result.stdout
