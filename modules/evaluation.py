@@ -106,6 +106,14 @@ def _laplace_path(cfg: PipelineConfig, runs: RunIds) -> Path:
     return run_dir(cfg.project_root, cfg.laplace.target, runs.laplace) / "laplace_state.pt"
 
 
+def _head_laplace_path(cfg: PipelineConfig, runs: RunIds) -> Path:
+    """The head's own last-layer Laplace (what ``fusion.uncertainty_source: laplace_epistemic``
+    reads in training and evaluation), whatever ``laplace.target`` the Laplace strategy scores."""
+    from modules.laplace_stage import run_dir
+
+    return run_dir(cfg.project_root, "head", runs.head) / "laplace_state.pt"
+
+
 def _fusion_path(cfg: PipelineConfig, runs: RunIds) -> Path:
     from modules.head_training import run_dir
 
@@ -118,6 +126,7 @@ ARTIFACT_FILES: dict[str, Callable[[PipelineConfig, RunIds], Path]] = {
     "head": _head_path,
     "variance": _variance_path,
     "laplace": _laplace_path,
+    "head_laplace": _head_laplace_path,
     "fusion": _fusion_path,
 }
 
@@ -154,6 +163,14 @@ class Artifacts:
         from modules.laplace_stage import load_head_posterior
 
         _, posterior = load_head_posterior(self.cfg, self.runs.laplace, self.device)
+        return posterior
+
+    @cached_property
+    def head_posterior(self):
+        """The Laplace posterior fitted on the head of ``runs.head`` (the fusion's uncertainty source)."""
+        from modules.laplace_stage import load_head_posterior
+
+        _, posterior = load_head_posterior(self.cfg, self.runs.head, self.device)
         return posterior
 
     @cached_property
@@ -283,7 +300,7 @@ REFINEMENT_VARIANTS: dict[str, RefinementVariant] = {
 UNREFINED_BASELINE = "raw_sam"
 #: ``fusion.uncertainty_source`` -> the artifacts it needs.
 SOURCE_NEEDS: dict[str, tuple[str, ...]] = {
-    "laplace_epistemic": ("head", "laplace"),
+    "laplace_epistemic": ("head", "head_laplace"),
     "map_entropy": ("head",),
     "variance_network": ("head", "variance"),
     "raw_sam_entropy": (),
@@ -314,7 +331,7 @@ class Refinement:
             self.sources[source] = make_uncertainty_source(
                 name,
                 head=artifacts.head if "head" in needs else None,
-                posterior=artifacts.posterior if "laplace" in needs else None,
+                posterior=artifacts.head_posterior if "head_laplace" in needs else None,
                 variance_network=artifacts.variance_network if "variance" in needs else None,
                 num_samples=cfg.laplace.num_samples, seed=cfg.laplace.seed,
                 log_var_range=(cfg.variance.log_var_min, cfg.variance.log_var_max),
