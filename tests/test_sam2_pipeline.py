@@ -2,8 +2,9 @@
 training, both Laplace targets, fusion, and the evaluation with all strategies and refinements.
 
 Random weights make the masks noise, so this checks that the SAM 2 code paths (high-resolution
-features, its unpadded frame, its decoder in TTA, prompt perturbation, the decoder Laplace and
-the refinement pass) run end to end and write every report, not what they score.
+features, its unpadded frame, boxes as labelled points, its decoder in TTA, prompt perturbation,
+the decoder Laplace and the refinement pass) run end to end and write every report, not what
+they score. Prompts are points and boxes (the demo fixture covers points alone).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def sam2_project(tmp_path_factory) -> PipelineProject:
     config_path = small_demo_config(folder)
     config = yaml.safe_load(config_path.read_text())
     config["demo"].update(scenes_per_group=3)  # a group of 3 gets one image in each split
-    config["sam"].update(family="sam2", model_type="hiera_t", checkpoint=str(checkpoint), encoder_batch_size=1)
+    # Boxes too: SAM 2 turns them into two labelled points, and TTA / prompt perturbation move them.
+    config["sam"].update(family="sam2", model_type="hiera_t", checkpoint=str(checkpoint), encoder_batch_size=1,
+                         prompt_mode="points_and_box")
     config["prompt_generation"].update(num_promptsets_train=2)
     config["training"].update(num_epochs=1)
     config["fusion"].update(num_epochs=1, max_train_rows=4)
