@@ -160,6 +160,9 @@ class Artifacts:
 
     @cached_property
     def posterior(self):
+        """The head Laplace posterior of ``runs.laplace`` (the Laplace strategy, target ``head``)."""
+        if self.runs.laplace == self.runs.head:
+            return self.head_posterior  # loaded once when the refinement reads it too
         from modules.laplace_stage import load_head_posterior
 
         _, posterior = load_head_posterior(self.cfg, self.runs.laplace, self.device)

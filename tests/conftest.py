@@ -39,7 +39,14 @@ class PipelineProject:
         return load_config(self.config, list(overrides))
 
 
-def small_demo_config(folder: Path) -> Path:
+#: Stages 1-4.5: what every later stage reads.
+PREPARE_STAGES = ("build_manifests.py", "generate_promptsets.py", "precompute_sam_outputs.py",
+                  "build_training_indices.py", "pack_to_hdf5.py")
+
+
+def small_demo_config(folder: Path, overrides: dict | None = None) -> Path:
+    """The small demo config in ``folder``; ``overrides`` maps dotted keys (``"demo.scenes_per_group"``)
+    to values."""
     import yaml
 
     config = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -59,21 +66,32 @@ def small_demo_config(folder: Path) -> Path:
     config["evaluation"]["prompt_perturbation"].update(num_samples=3)
     config["evaluation"].update(qualitative_per_domain=1)
     config["wandb"].update(enabled=False)
+    for dotted, value in (overrides or {}).items():
+        *sections, key = dotted.split(".")
+        section = config
+        for name in sections:
+            section = section[name]
+        section[key] = value
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
+def prepared_demo_project(folder: Path, overrides: dict | None = None, env: dict | None = None) -> PipelineProject:
+    """A small demo project (``small_demo_config`` with ``overrides``) run through ``PREPARE_STAGES``.
+    Skips the test when the config still names the bundled demo backbone and it is missing."""
+    config = small_demo_config(folder, overrides)
+    if "sam.checkpoint" not in (overrides or {}) and not DEMO_CHECKPOINT.is_file():
+        pytest.skip(f"{DEMO_CHECKPOINT} is missing (tools/train_demo_backbone.py makes it)")
+    project = PipelineProject(folder, config)
+    for script in PREPARE_STAGES:
+        project.run(script, env=env)
+    return project
+
+
 @pytest.fixture(scope="session")
 def packed_project(tmp_path_factory) -> PipelineProject:
-    if not DEMO_CHECKPOINT.is_file():
-        pytest.skip(f"{DEMO_CHECKPOINT} is missing (tools/train_demo_backbone.py makes it)")
-    folder = tmp_path_factory.mktemp("pipeline")
-    project = PipelineProject(folder, small_demo_config(folder))
-    for script in ("build_manifests.py", "generate_promptsets.py", "precompute_sam_outputs.py",
-                   "build_training_indices.py", "pack_to_hdf5.py"):
-        project.run(script)
-    return project
+    return prepared_demo_project(tmp_path_factory.mktemp("pipeline"))
 
 
 @pytest.fixture(scope="session")

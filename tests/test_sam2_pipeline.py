@@ -14,10 +14,8 @@ import math
 import pandas as pd
 import pytest
 import torch
-import yaml
-
 from modules.backbones import build_model
-from tests.conftest import PipelineProject, small_demo_config
+from tests.conftest import PipelineProject, prepared_demo_project
 
 STRATEGIES = ["raw_sam", "map_head", "tta", "prompt_perturbation", "laplace", "variance_network"]
 REFINEMENTS = ["refined", "refined_constant", "refined_oracle_mask"]
@@ -30,23 +28,16 @@ def sam2_project(tmp_path_factory) -> PipelineProject:
     checkpoint = folder / "hiera_t.pt"
     torch.manual_seed(0)
     torch.save(build_model("sam2", "hiera_t").state_dict(), checkpoint)
-    config_path = small_demo_config(folder)
-    config = yaml.safe_load(config_path.read_text())
-    config["demo"].update(scenes_per_group=3)  # a group of 3 gets one image in each split
-    # Boxes too: SAM 2 turns them into two labelled points, and TTA / prompt perturbation move them.
-    config["sam"].update(family="sam2", model_type="hiera_t", checkpoint=str(checkpoint), encoder_batch_size=1,
-                         prompt_mode="points_and_box")
-    config["prompt_generation"].update(num_promptsets_train=2)
-    config["training"].update(num_epochs=1)
-    config["fusion"].update(num_epochs=1, max_train_rows=4)
-    config["evaluation"].update(max_samples=2)
-    config["evaluation"]["tta"].update(transforms=["hflip", "rot90"])
-    config["evaluation"]["prompt_perturbation"].update(num_samples=2)
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    project = PipelineProject(folder, config_path)
-    for script, *args in [("build_manifests.py",), ("generate_promptsets.py",), ("precompute_sam_outputs.py",),
-                          ("build_training_indices.py",), ("pack_to_hdf5.py",),
-                          ("train_head.py", "--model", "head", "--run_id", "v1"),
+    project = prepared_demo_project(folder, {
+        "demo.scenes_per_group": 3,  # a group of 3 gets one image in each split
+        # Boxes too: SAM 2 turns them into two labelled points, and TTA / prompt perturbation move them.
+        "sam.family": "sam2", "sam.model_type": "hiera_t", "sam.checkpoint": str(checkpoint),
+        "sam.encoder_batch_size": 1, "sam.prompt_mode": "points_and_box",
+        "prompt_generation.num_promptsets_train": 2, "training.num_epochs": 1,
+        "fusion.num_epochs": 1, "fusion.max_train_rows": 4, "evaluation.max_samples": 2,
+        "evaluation.tta.transforms": ["hflip", "rot90"], "evaluation.prompt_perturbation.num_samples": 2,
+    }, env=ONE_THREAD)
+    for script, *args in [("train_head.py", "--model", "head", "--run_id", "v1"),
                           ("train_head.py", "--model", "variance", "--run_id", "v1"),
                           ("fit_laplace.py", "--run_id", "v1"),
                           ("fit_laplace.py", "--run_id", "dec", "--set", "laplace.target=sam_decoder"),

@@ -33,22 +33,11 @@ def head_vs_raw_project(tmp_path_factory):
     sets of up to 10 point pairs per image: ~230 training and 24 validation rows), with the MAP
     head trained on it. The session fixture's ~70 training / 12 validation rows are too few to
     tell the head from the raw logits (there it loses, 0.275 vs 0.282: one epoch overfits)."""
-    import yaml
+    from tests.conftest import prepared_demo_project
 
-    from tests.conftest import DEMO_CHECKPOINT, PipelineProject, small_demo_config
-
-    if not DEMO_CHECKPOINT.is_file():
-        pytest.skip(f"{DEMO_CHECKPOINT} is missing")
-    folder = tmp_path_factory.mktemp("head_vs_raw")
-    config_path = small_demo_config(folder)
-    config = yaml.safe_load(config_path.read_text())
-    config["demo"].update(scenes_per_group=12)
-    config["prompt_generation"].update(num_promptsets_train=4, num_promptsets_val=4, max_pairs=10)
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    project = PipelineProject(folder, config_path)
-    for script in ("build_manifests.py", "generate_promptsets.py", "precompute_sam_outputs.py",
-                   "build_training_indices.py", "pack_to_hdf5.py"):
-        project.run(script)
+    project = prepared_demo_project(tmp_path_factory.mktemp("head_vs_raw"), {
+        "demo.scenes_per_group": 12, "prompt_generation.num_promptsets_train": 4,
+        "prompt_generation.num_promptsets_val": 4, "prompt_generation.max_pairs": 10})
     project.run("train_head.py", "--model", "head", "--run_id", "v1")
     return project
 
@@ -92,21 +81,9 @@ def test_resume_with_a_missing_file_names_it(trained_project):
 
 
 def test_training_without_a_validation_split_is_one_line_naming_the_key(tmp_path):
-    import yaml
+    from tests.conftest import prepared_demo_project
 
-    from tests.conftest import DEMO_CHECKPOINT, PipelineProject, small_demo_config
-
-    if not DEMO_CHECKPOINT.is_file():
-        pytest.skip(f"{DEMO_CHECKPOINT} is missing")
-    config_path = small_demo_config(tmp_path)
-    config = yaml.safe_load(config_path.read_text())
-    config["demo"].update(scenes_per_group=1)
-    config["data"].update(split_fractions=[1.0, 0.0, 0.0])
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    project = PipelineProject(tmp_path, config_path)
-    for script in ("build_manifests.py", "generate_promptsets.py", "precompute_sam_outputs.py",
-                   "build_training_indices.py", "pack_to_hdf5.py"):
-        project.run(script)
+    project = prepared_demo_project(tmp_path, {"demo.scenes_per_group": 1, "data.split_fractions": [1.0, 0.0, 0.0]})
     result = project.run("train_head.py", "--run_id", "v1", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "data.split_fractions: the 'val' split has no packed rows" in result.stderr
