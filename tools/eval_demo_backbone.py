@@ -1,6 +1,6 @@
 """Quality bar of the shipped demo backbone on held-out procedural scenes.
 
-    .venv/bin/python tools/eval_demo_backbone.py --scenes-per-group 50
+    .venv/bin/python tools/eval_demo_backbone.py --scenes-per-group 100
 
 Scenes come from ``modules.demo_data`` with purpose ``"backbone_eval"`` (never seen in training,
 never the demo data set). The checkpoint is loaded through ``load_backbone("sam", "demo_tiny",
@@ -17,6 +17,11 @@ resized bilinearly to H x W, thresholded at 0). Spearman's rho compares predicte
 over every multimask output (both prompt kinds). The bar: on ``plain``, point (multimask,
 best predicted) >= 0.75 and box (single-mask, SAM's recommended use for a box) >= 0.85.
 Prints a markdown table and writes it to ``assets/demo_backbone/quality.md``.
+
+Use at least 50 scenes per group: a few scenes fail outright (IoU near 0, for example a box
+mask that leaks into a background of similar colour) while most score above 0.9, so a mean over
+10 scenes moves by about 0.1 with the choice of scenes (the first 10 plain scenes give a box IoU
+of 0.75, the first 100 give 0.86 for the same checkpoint).
 """
 
 from __future__ import annotations
@@ -74,11 +79,12 @@ def _spearman(x: list[float], y: list[float]) -> float:
     return float(stats.spearmanr(x, y).statistic)
 
 
-def evaluate(checkpoint: Path, scenes_per_group: int = 50, groups=demo_data.GROUPS, base_seed: int = 0,
+def evaluate(checkpoint: Path, scenes_per_group: int = 100, groups=demo_data.GROUPS, base_seed: int = 0,
              device: str = "cpu") -> dict:
-    """Per-group mean IoUs and Spearman rho; ``{"groups": {...}, "summary": {...}}``."""
+    """Per-group mean IoUs and Spearman rho: ``{"groups": {...}, "summary": {...},
+    "box_single_per_scene": {group: [IoU, ...]}, "checkpoint_md5": ...}``."""
     backbone = load_backbone("sam", "demo_tiny", checkpoint, device)
-    per_group = {}
+    per_group, per_scene_box = {}, {}
     all_predicted, all_true = [], []
     for group in groups:
         ious = {column: [] for column in COLUMNS}
@@ -108,6 +114,7 @@ def evaluate(checkpoint: Path, scenes_per_group: int = 50, groups=demo_data.GROU
         row["spearman"] = _spearman(predicted, true)
         row["scenes"] = scenes_per_group
         per_group[group] = row
+        per_scene_box[group] = [round(float(v), 4) for v in ious["box_single"]]
         all_predicted.extend(predicted)
         all_true.extend(true)
     summary = {"plain_point": per_group.get("plain", {}).get("point_multi"),
@@ -115,7 +122,8 @@ def evaluate(checkpoint: Path, scenes_per_group: int = 50, groups=demo_data.GROU
                "spearman_all_groups": _spearman(all_predicted, all_true)}
     if "plain" in per_group:
         summary["meets_bar"] = bool(summary["plain_point"] >= BAR["point"] and summary["plain_box"] >= BAR["box"])
-    return {"groups": per_group, "summary": summary, "checkpoint_md5": backbone.checkpoint_md5}
+    return {"groups": per_group, "summary": summary, "box_single_per_scene": per_scene_box,
+            "checkpoint_md5": backbone.checkpoint_md5}
 
 
 def markdown_table(result: dict, seconds: float, scenes_per_group: int) -> str:
@@ -137,6 +145,10 @@ def markdown_table(result: dict, seconds: float, scenes_per_group: int) -> str:
                      f"| {row['box_single']:.3f} | {row['point_oracle_mask']:.3f} | {row['spearman']:.3f} |")
     summary = result["summary"]
     lines += ["", f"Spearman over all groups: {summary['spearman_all_groups']:.3f}."]
+    if "plain" in result["box_single_per_scene"]:
+        box = np.asarray(result["box_single_per_scene"]["plain"])
+        lines += ["", f"plain, box (single) per scene: median {np.median(box):.3f}; {int((box < 0.5).sum())} "
+                      f"of {len(box)} scenes below 0.5, {int((box >= 0.9).sum())} at 0.9 or more."]
     if summary.get("plain_point") is not None:
         verdict = "met" if summary.get("meets_bar") else "NOT met"
         lines += ["", f"Bar (plain: point multi >= {BAR['point']}, box single >= {BAR['box']}): **{verdict}** "
@@ -147,7 +159,7 @@ def markdown_table(result: dict, seconds: float, scenes_per_group: int) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--scenes-per-group", type=int, default=50)
+    parser.add_argument("--scenes-per-group", type=int, default=100)
     parser.add_argument("--base-seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)

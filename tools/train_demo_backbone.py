@@ -345,7 +345,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="start from a --state file (model and optimizer), with a fresh LR schedule")
     parser.add_argument("--log", type=Path, default=None, help="progress log file (default: beside output)")
     parser.add_argument("--measure", type=int, default=0, help="time this many steps and exit (no save)")
-    parser.add_argument("--eval-scenes", type=int, default=8, help="held-out scenes per group at the end")
+    parser.add_argument("--eval-scenes", type=int, default=50, help="held-out scenes per group at the end")
     return parser.parse_args(argv)
 
 
