@@ -10,12 +10,14 @@ the project, so the shared folders stay as the fixtures left them.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from modules.config import apply_overrides, load_config
 from tests.stage_runner import REPO, run_stage
 
 DEMO_CHECKPOINT = REPO / "assets" / "demo_backbone" / "demo_tiny.pt"
@@ -34,8 +36,6 @@ class PipelineProject:
         return run_stage(script, self.config, *args, **kwargs)
 
     def load_config(self, *overrides: str):
-        from modules.config import load_config
-
         return load_config(self.config, list(overrides))
 
 
@@ -66,12 +66,8 @@ def small_demo_config(folder: Path, overrides: dict | None = None) -> Path:
     config["evaluation"]["prompt_perturbation"].update(num_samples=3)
     config["evaluation"].update(qualitative_per_domain=1)
     config["wandb"].update(enabled=False)
-    for dotted, value in (overrides or {}).items():
-        *sections, key = dotted.split(".")
-        section = config
-        for name in sections:
-            section = section[name]
-        section[key] = value
+    # JSON is YAML: the pipeline's own ``--set`` parser reads each value back unchanged.
+    apply_overrides(config, [f"{dotted}={json.dumps(value)}" for dotted, value in (overrides or {}).items()])
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -16,7 +16,8 @@ from scipy import ndimage
 from modules import demo_data
 from modules.backbones import build_model, load_backbone
 
-CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "demo_backbone" / "demo_tiny.pt"
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT = REPO / "assets" / "demo_backbone" / "demo_tiny.pt"
 # The first plain scenes of purpose "backbone_eval" (never used in training). Fewer are not a
 # measurement: a few scenes fail outright while most score above 0.9, so the mean box IoU of
 # the first 8 scenes is 0.75 and of the first 50 is 0.87 (see tools/eval_demo_backbone.py).
@@ -101,7 +102,7 @@ def test_quality_tool_reports_the_bar_and_the_outright_failures(tmp_path):
     line and the verdict (the shipped figures come from this tool with 100 scenes per group)."""
     report = tmp_path / "quality.md"
     result = subprocess.run(
-        [sys.executable, str(CHECKPOINT.parents[2] / "tools" / "eval_demo_backbone.py"), "--scenes-per-group", "2",
+        [sys.executable, str(REPO / "tools" / "eval_demo_backbone.py"), "--scenes-per-group", "2",
          "--threads", "1", "--report", str(report)],
         capture_output=True, text=True, timeout=300)
     table = report.read_text()
