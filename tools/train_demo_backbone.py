@@ -27,8 +27,9 @@ loss this tiny model trained from scratch sat at an all-background prediction fo
 
 The run is a sequence of phases (``--phase``, default ``DEFAULT_RECIPE``), each with its own
 AdamW learning-rate schedule (linear warmup, then cosine decay to 5% of its peak) and prompt
-settings; the optimizer state carries over. The schedule is step based, so a seed reproduces a
-run step for step on any machine (``--threads`` only changes the speed). The checkpoint is
+settings; the optimizer state carries over. The schedule is step based: the same seed sees the
+same scenes and learning rates on any machine, and with the same ``--threads`` on the same CPU
+gives bit-identical weights (other thread counts may round differently). The checkpoint is
 written atomically as a float16 state dict (``load_state_dict`` casts back to float32), with
 ``demo_tiny.json`` beside it (command, seed, phases, steps, wall time, metrics). ``--measure N``
 times the first N steps and exits without saving.
