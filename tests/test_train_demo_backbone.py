@@ -1,5 +1,5 @@
 """``tools/train_demo_backbone.py``: the phase recipe, its learning-rate restarts, and that one
-command reproduces a checkpoint bit for bit (the shipped one is made the same way, only longer)."""
+command with the same seed and threads reproduces its checkpoint bit for bit."""
 
 from __future__ import annotations
 

@@ -386,8 +386,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--state", type=Path, default=None,
-                        help="also save the float32 model + optimizer state here at every save (not shipped)")
     parser.add_argument("--log", type=Path, default=None, help="progress log file (default: beside output)")
     parser.add_argument("--measure", type=int, default=0, help="time the first this many steps and exit (no save)")
     parser.add_argument("--eval-scenes", type=int, default=50, help="held-out scenes per group at the end")
@@ -450,7 +448,6 @@ def main(argv=None) -> int:
             log.flush()
         if not args.measure and step % args.save_every == 0:
             save_checkpoint(model, args.output, _record(args, command, step, start, history, complete=False))
-            _save_state(args.state, model, optimizer, step)
     progress.close()
 
     wall = time.time() - start
@@ -461,7 +458,6 @@ def main(argv=None) -> int:
         return 0
 
     record = _record(args, command, step, start, history, complete=True)
-    _save_state(args.state, model, optimizer, step)
     if args.eval_scenes:
         sys.path.insert(0, str(REPO_ROOT / "tools"))
         from eval_demo_backbone import evaluate  # noqa: E402 (sibling tool)
@@ -474,12 +470,6 @@ def main(argv=None) -> int:
         log.close()
     print(json.dumps(record, indent=2))
     return 0
-
-
-def _save_state(path: Path | None, model, optimizer, step: int) -> None:
-    if path is not None:
-        with atomic_path(path) as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
 
 
 def _record(args, command: str, step: int, start: float, history: list[dict], complete: bool) -> dict:
