@@ -53,12 +53,21 @@ LOGIT_CLIP = 20.0
 
 
 def best_time(function: Callable[[], object], repeats: int) -> float:
-    """Best wall time in seconds of ``repeats`` calls after one warm-up call."""
+    """Best wall time in seconds of ``repeats`` calls after one warm-up call.
+
+    On CUDA kernels run asynchronously, so the clock stops only after the device has finished.
+    """
+    def synchronize():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
     function()
     times = []
     for _ in range(repeats):
+        synchronize()
         started = time.perf_counter()
         function()
+        synchronize()
         times.append(time.perf_counter() - started)
     return min(times)
 
