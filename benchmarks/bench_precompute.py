@@ -8,7 +8,9 @@
     set one decoder call and one folder with logits.npy, pos_map.npy, neg_map.npy, meta.json.
 
 Usage: python benchmarks/bench_precompute.py --family sam --model-type demo_tiny --images 8
-       --promptsets 10 --device cpu [--checkpoint PATH] (random weights when no checkpoint).
+       --promptsets 10 --device cpu [--checkpoint PATH] (random weights when no checkpoint)
+       [--verify 2] [--no-naive] [--profile]. Before the figures are printed, the cache that (b)
+       wrote is checked on --verify images against synchronous encoder and decoder passes.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from modules.backbones import build_model, load_backbone  # noqa: E402
 from modules.config import load_config  # noqa: E402
 from modules.imageio import read_image_rgb  # noqa: E402
 from modules.manifest import SPLITS, load_split_manifest  # noqa: E402
-from modules.precompute import run_precompute  # noqa: E402
+from modules.precompute import MULTIMASK_POLICIES, PROMPT_MODES, run_precompute  # noqa: E402
+from modules.sam_cache import SamCache  # noqa: E402
 from modules.promptset import gaussian_prompt_maps, load_promptsets, promptset_tensors  # noqa: E402
 from modules.stage import Shard  # noqa: E402
 
@@ -111,6 +114,37 @@ def flop_ceiling(backbone, row, promptsets: int) -> tuple[float, float]:
     return encoder / 1e9, counter.get_total_flops() / 1e9
 
 
+def verify_cache(backbone, cfg, rows, count: int) -> str:
+    """Check (b)'s cache against synchronous passes on its first ``count`` images: decoding from
+    the cached embedding must give the stored logits, and a batch-of-one encode the cached
+    features (up to the rounding of a different batch size). Raises on a mismatch."""
+    cache = SamCache(cfg.project_root)
+    policy = MULTIMASK_POLICIES[cfg.sam.multimask_policy]
+    worst_logits = worst_features = 0.0
+    for row in rows[:count]:
+        entry = cache.entry(row["safe_id"], verify=True)
+        features = {k: torch.from_numpy(v)[None].to(backbone.device) for k, v in entry.features.items()}
+        record = load_promptsets(cfg.project_root, "train", row["safe_id"])
+        points, labels, _, boxes = promptset_tensors(record)
+        prompts = PROMPT_MODES[cfg.sam.prompt_mode](points, labels, boxes)
+        logits, iou = backbone.decode(features, entry.original_hw, prompts.point_coords, prompts.point_labels,
+                                      prompts.boxes, None, policy.multimask_output)
+        chosen, _ = policy.select(logits, iou)
+        stored = torch.from_numpy(entry.logits).float()
+        worst_logits = max(worst_logits, float((chosen.float().cpu() - stored).abs().max()))
+        fresh = backbone.encode(backbone.preprocess(read_image_rgb(row["image_path"]))[None].to(backbone.device))
+        for name, value in fresh.items():
+            cached = torch.from_numpy(entry.features[name]).float()
+            relative = float((value[0].float().cpu() - cached).abs().mean() / cached.abs().mean().clamp_min(1e-12))
+            worst_features = max(worst_features, relative)
+    cache.close()
+    text = (f"verify ({count} images): max |logit - decode(cached embedding)| = {worst_logits:.4f}, "
+            f"features vs batch-of-one encode: mean relative difference {worst_features:.4f}")
+    if worst_logits > 0.25 or worst_features > 0.05:
+        raise SystemExit(f"cache does not match synchronous passes: {text}")
+    return text
+
+
 def bench_naive(backbone, project_root: Path, rows, sigma: float, out: Path) -> float:
     synchronize(backbone.device)
     start = time.perf_counter()
@@ -146,6 +180,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--verify", type=int, default=2,
+                        help="check (b)'s cache on this many images against synchronous passes")
+    parser.add_argument("--no-naive", action="store_true", help="skip (c), e.g. for a long steady-state run")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where (b) spends its time (cProfile, top 25 by cumulative time)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_precompute_") as tmp:
@@ -158,31 +197,47 @@ def main() -> None:
         cfg = load_config(config)
         backbone = load_backbone(args.family, args.model_type, checkpoint, args.device)
         rows = load_split_manifest(cfg.project_root, "train").to_dict("records")
-        backbone.encode(backbone.preprocess(read_image_rgb(rows[0]["image_path"]))[None].to(backbone.device))  # warm-up
+        # Warm-up at the timed batch size, so that (a) does not pay for CUDA's first-call setup.
+        warm_pixels = backbone.preprocess(read_image_rgb(rows[0]["image_path"]))
+        backbone.encode(torch.stack([warm_pixels] * min(args.batch_size, len(rows))).to(backbone.device))
 
         encoder_gflop, decoder_gflop = flop_ceiling(backbone, rows[0], args.promptsets)
         encoder_s = bench_encoder(backbone, rows, args.batch_size)
         start = time.perf_counter()
         result = run_precompute(cfg, backbone, Shard())
         stage_s = time.perf_counter() - start
-        naive_s = bench_naive(backbone, cfg.project_root, rows, cfg.prompt_generation.gaussian_sigma,
-                              folder / "naive")
         assert result.counts.done == len(rows), result.counts
         cache_bytes = result.shard_path.stat().st_size
-        naive_bytes = sum(p.stat().st_size for p in (folder / "naive").rglob("*") if p.is_file())
+        verified = verify_cache(backbone, cfg, rows, min(args.verify, len(rows)))
+        naive_s = naive_bytes = None
+        if not args.no_naive:
+            naive_s = bench_naive(backbone, cfg.project_root, rows, cfg.prompt_generation.gaussian_sigma,
+                                  folder / "naive")
+            naive_bytes = sum(p.stat().st_size for p in (folder / "naive").rglob("*") if p.is_file())
+        if args.profile:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.runcall(run_precompute, cfg, backbone, Shard(), force=True)
+            print("(b) profiled (force rerun), top 25 by cumulative time:")
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
 
     n, p = len(rows), args.promptsets
     print(f"model {args.family}/{args.model_type}, device {args.device}, {n} images "
           f"{args.height}x{args.width}, {p} prompt sets each, encoder batch {args.batch_size}, "
           f"{args.workers} workers, torch threads {torch.get_num_threads()}")
     for name, seconds in (("(a) encoder only", encoder_s), ("(b) this stage", stage_s), ("(c) naive loop", naive_s)):
-        print(f"{name:18s} {seconds:8.2f} s  {n / seconds:8.3f} images/s  {n * p / seconds:8.2f} prompt sets/s")
+        if seconds is not None:
+            print(f"{name:18s} {seconds:8.2f} s  {n / seconds:8.3f} images/s  {n * p / seconds:8.2f} prompt sets/s")
+    print(verified)
     print(f"b/a (fraction of the encoder ceiling): {encoder_s / stage_s:.3f}")
-    print(f"b/c (speed-up over the naive loop):    {naive_s / stage_s:.3f}")
+    if naive_s is not None:
+        print(f"b/c (speed-up over the naive loop):    {naive_s / stage_s:.3f}")
     print(f"FLOP per image: encoder {encoder_gflop:.1f} GFLOP, decoder on {p} prompt sets {decoder_gflop:.1f} GFLOP; "
           f"b/a at equal FLOP rates cannot exceed {encoder_gflop / (encoder_gflop + decoder_gflop):.3f}")
-    print(f"cache: {cache_bytes / n / 2**20:.2f} MiB per image, {cache_bytes / (n * p) / 2**10:.1f} KiB per prompt set "
-          f"(naive files: {naive_bytes / (n * p) / 2**10:.1f} KiB per prompt set)")
+    print(f"cache: {cache_bytes / n / 2**20:.2f} MiB per image, {cache_bytes / (n * p) / 2**10:.1f} KiB per prompt set"
+          + (f" (naive files: {naive_bytes / (n * p) / 2**10:.1f} KiB per prompt set)" if naive_bytes else ""))
 
 
 if __name__ == "__main__":

@@ -239,3 +239,47 @@ def test_sam2_hiera_t_features_and_decoder_consistency(tmp_path):
         points, labels, _, boxes = promptset_tensors(record)
         logits, _ = backbone.decode(entry.features, entry.original_hw, points, labels, boxes, None, False)
         np.testing.assert_allclose(logits[:, 0].numpy(), entry.logits.astype(np.float32), atol=2e-2, rtol=1e-2)
+
+
+def _load_bench_precompute():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_precompute", REPO / "benchmarks" / "bench_precompute.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_precompute_benchmark_runs_and_checks_the_cache_it_timed():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_precompute.py"), "--images", "2", "--promptsets", "2",
+         "--workers", "0", "--batch-size", "2", "--height", "96", "--width", "128"],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for line in ("(a) encoder only", "(b) this stage", "(c) naive loop", "verify (2 images)", "b/a", "b/c", "cache:"):
+        assert line in result.stdout, result.stdout
+
+
+def test_benchmark_cache_check_fails_for_a_cache_made_with_other_weights(tmp_path):
+    import argparse
+
+    from modules.backbones import build_model
+    from modules.manifest import load_split_manifest
+
+    bench = _load_bench_precompute()
+    args = argparse.Namespace(images=2, promptsets=2, height=96, width=128, family="sam", model_type="demo_tiny",
+                              device="cpu", batch_size=2, workers=0)
+    checkpoints = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        checkpoints.append(tmp_path / f"weights{seed}.pt")
+        torch.save(build_model("sam", "demo_tiny").state_dict(), checkpoints[-1])
+    cfg = load_config(bench.make_project(tmp_path, args, checkpoints[0]))
+    maker = load_backbone("sam", "demo_tiny", checkpoints[0], "cpu")
+    run_precompute(cfg, maker, Shard())
+    rows = load_split_manifest(cfg.project_root, "train").to_dict("records")
+
+    assert "max |logit - decode(cached embedding)| = 0.0" in bench.verify_cache(maker, cfg, rows, 2)
+    other = load_backbone("sam", "demo_tiny", checkpoints[1], "cpu")
+    with pytest.raises(SystemExit, match="does not match synchronous passes"):
+        bench.verify_cache(other, cfg, rows, 2)
