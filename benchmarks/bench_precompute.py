@@ -36,8 +36,8 @@ from modules.config import load_config  # noqa: E402
 from modules.imageio import read_image_rgb  # noqa: E402
 from modules.manifest import SPLITS, load_split_manifest  # noqa: E402
 from modules.precompute import MULTIMASK_POLICIES, PROMPT_MODES, run_precompute  # noqa: E402
-from modules.sam_cache import SamCache  # noqa: E402
 from modules.promptset import gaussian_prompt_maps, load_promptsets, promptset_tensors  # noqa: E402
+from modules.sam_cache import SamCache  # noqa: E402
 from modules.stage import Shard  # noqa: E402
 
 
