@@ -52,15 +52,15 @@ PROMPT_MODE, MULTIMASK_POLICY = "points", "best_iou"
 LOGIT_CLIP = 20.0
 
 
+def synchronize() -> None:
+    """Wait for queued CUDA work (kernels run asynchronously); nothing on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def best_time(function: Callable[[], object], repeats: int) -> float:
-    """Best wall time in seconds of ``repeats`` calls after one warm-up call.
-
-    On CUDA kernels run asynchronously, so the clock stops only after the device has finished.
-    """
-    def synchronize():
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-
+    """Best wall time in seconds of ``repeats`` calls after one warm-up call; on CUDA the clock
+    stops only after the device has finished."""
     function()
     times = []
     for _ in range(repeats):
