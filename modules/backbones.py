@@ -119,8 +119,30 @@ def _original_hw(original_hw) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 
 
+class _SplitPreprocessor:
+    """A preprocessing split in two halves, so that only uint8 pixels cross process boundaries:
+    ``prepare`` (CPU, picklable, runs in DataLoader workers) and ``finish`` (float work, on the
+    device that encodes). Calling the preprocessor runs both on the CPU; the halves are the same
+    elementwise operations in the same order, so either device gives the same encoder input
+    up to that device's arithmetic."""
+
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, prepared: list[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+        """``prepare`` outputs (on any device) -> ``B x 3 x S x S`` float32 encoder input on ``device``."""
+        return torch.stack([self._finish_one(pixels.to(device, non_blocking=True)) for pixels in prepared])
+
+    def _finish_one(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        """``H x W x 3`` uint8 RGB -> ``3 x S x S`` float32 encoder input (CPU)."""
+        return self.finish([self.prepare(image)])[0]
+
+
 @dataclass(frozen=True)
-class SamPreprocessor:
+class SamPreprocessor(_SplitPreprocessor):
     """SAM v1 preprocessing, exactly as ``SamPredictor.set_image`` + ``Sam.preprocess``.
 
     ``ResizeLongestSide(image_size)`` (PIL bilinear resize of the uint8 image), per-channel
@@ -139,28 +161,31 @@ class SamPreprocessor:
         height, width = _original_hw(original_hw)
         return ResizeLongestSide.get_preprocess_shape(height, width, self.image_size)
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        """``H x W x 3`` uint8 RGB -> ``3 x S x S`` float32 (normalised, zero padded)."""
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """``H x W x 3`` uint8 RGB -> ``3 x h x w`` uint8 resized (``input_size``), not padded."""
         from segment_anything.utils.transforms import ResizeLongestSide
 
         _check_image(image)
         resized = ResizeLongestSide(self.image_size).apply_image(np.ascontiguousarray(image))
-        pixels = torch.from_numpy(resized).permute(2, 0, 1).float()
-        mean = torch.tensor(self.pixel_mean).view(3, 1, 1)
-        std = torch.tensor(self.pixel_std).view(3, 1, 1)
-        pixels = (pixels - mean) / std
+        return torch.from_numpy(resized).permute(2, 0, 1).contiguous()
+
+    def _finish_one(self, pixels: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.pixel_mean, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(self.pixel_std, device=pixels.device).view(3, 1, 1)
+        pixels = (pixels.float() - mean) / std
         pad_h = self.image_size - pixels.shape[1]
         pad_w = self.image_size - pixels.shape[2]
         return F.pad(pixels, (0, pad_w, 0, pad_h)).contiguous()
 
 
 @dataclass(frozen=True)
-class Sam2Preprocessor:
+class Sam2Preprocessor(_SplitPreprocessor):
     """SAM 2 preprocessing, exactly as ``SAM2ImagePredictor`` (``SAM2Transforms``).
 
     ``ToTensor`` (uint8 -> [0, 1]), ``Resize((S, S))`` on the float tensor (bilinear, antialias
     as torchvision's default for tensors), then normalisation with ``pixel_mean`` / ``pixel_std``
-    (0-1 scale). No aspect preservation and no padding.
+    (0-1 scale). No aspect preservation and no padding. The resize works on floats, so
+    ``prepare`` hands over the original-size uint8 image.
     """
 
     image_size: int
@@ -172,12 +197,15 @@ class Sam2Preprocessor:
         _original_hw(original_hw)
         return (self.image_size, self.image_size)
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        """``H x W x 3`` uint8 RGB -> ``3 x S x S`` float32 (normalised)."""
-        from torchvision.transforms import Normalize, Resize, ToTensor
-
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """``H x W x 3`` uint8 RGB -> ``3 x H x W`` uint8 (the resize happens in ``finish``)."""
         _check_image(image)
-        pixels = ToTensor()(np.ascontiguousarray(image))
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+
+    def _finish_one(self, pixels: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms import Normalize, Resize
+
+        pixels = pixels.float().div(255)  # what ToTensor does with a uint8 array
         pixels = Resize((self.image_size, self.image_size))(pixels)
         pixels = Normalize(self.pixel_mean, self.pixel_std)(pixels)
         return pixels.float().contiguous()

@@ -194,6 +194,26 @@ def test_preprocessor_is_picklable_and_pure(sam_v1, sam2):
         sam_v1["backbone"].preprocess(sam_v1["image"][..., 0])
 
 
+def test_prepare_hands_over_uint8_and_finish_batches_images_of_any_size(sam_v1, sam2):
+    """Stage 3's split: workers send uint8 ``prepare`` outputs, ``finish`` makes the float batch on the
+    encoding device. A batch mixing a landscape and a portrait image equals each image's own
+    preprocessing, which equals the predictor's (tests above)."""
+    portrait = np.ascontiguousarray(np.rot90(sam_v1["image"]))
+    for loaded in (sam_v1, sam2):
+        preprocessor = loaded["backbone"].preprocessor
+        prepared = [preprocessor.prepare(loaded["image"]), preprocessor.prepare(portrait)]
+        assert all(p.dtype == torch.uint8 for p in prepared)
+        assert prepared[0].numel() <= 3 * 1024 * 1024 and prepared[0].shape[1:] != prepared[1].shape[1:]
+        batch = preprocessor.finish(prepared, "cpu")
+        assert batch.shape == (2, 3, 1024, 1024) and batch.dtype == torch.float32
+        torch.testing.assert_close(batch[0], loaded["pixels"], rtol=0, atol=0)
+        torch.testing.assert_close(batch[1], preprocessor(portrait), rtol=0, atol=0)
+    # SAM v1 pads each image by its own resized size: the portrait's right side is padding.
+    width = sam_v1["backbone"].input_size(portrait.shape[:2])[1]
+    assert width < 1024 and torch.count_nonzero(sam_v1["backbone"].preprocessor.finish(
+        [sam_v1["backbone"].preprocessor.prepare(portrait)])[0, :, :, width:]) == 0
+
+
 # --------------------------------------------------------------------------- encode
 
 

@@ -219,6 +219,15 @@ def test_two_shards_as_two_processes_equal_one_process(demo):
     assert_caches_equal(all_arrays(root), demo["reference"])
 
 
+def test_loader_workers_and_batch_size_leave_the_cache_unchanged(demo):
+    """Two DataLoader worker processes (uint8 pixels and prompt arrays cross their queue) and an
+    encoder batch of 3 (a batch mixing images, then a short last batch) write the same cache."""
+    config, root = fresh_project(demo, "workers")
+    run_stage(SCRIPT, config, *sam_overrides("sam", "demo_tiny", demo["checkpoint"]),
+              "--set", "sam.num_workers=2", "--set", "sam.encoder_batch_size=3")
+    assert_caches_equal(all_arrays(root), demo["reference"])
+
+
 @pytest.mark.skipif(("sam2", "hiera_t") not in registered_backbones(), reason="SAM 2 backbone not registered yet")
 def test_sam2_hiera_t_features_and_decoder_consistency(tmp_path):
     checkpoint = save_random_checkpoint("sam2", "hiera_t", tmp_path / "hiera_t.pt", seed=0)
