@@ -104,8 +104,39 @@ def fusion_project(trained_project) -> PipelineProject:
     return trained_project
 
 
+#: The fixtures above: every test file that uses one of them runs on the same xdist worker.
+PIPELINE_FIXTURES = {"packed_project", "trained_project", "fusion_project"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Group the tests for ``pytest -n N --dist loadgroup`` (tools/run_tests.sh): one group per
+    file, except that all files using the pipeline fixtures form one group ``pipeline``, so each
+    session fixture is built once, on one worker. That group is the longest, so it goes first."""
+    pipeline_files = {item.path for item in items if PIPELINE_FIXTURES & set(item.fixturenames)}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("pipeline" if item.path in pipeline_files else item.path.name))
+    items.sort(key=lambda item: item.path not in pipeline_files)  # stable: file order is kept otherwise
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_threads():
-    """Two cores: keep torch from oversubscribing them when tests spawn stage processes."""
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    """Few cores: the CPUs are shared out among the xdist workers, and this process and the stage
+    processes its tests spawn use the same count (``OMP_NUM_THREADS``, kept if already set)."""
+    import torch
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Tests that call a tool's ``main`` in-process (benchmarks set ``--threads``) must not change
+    the thread count of the tests after them: tests that compare an in-process result with a stage
+    subprocess's bit for bit rely on both using the same count (``OMP_NUM_THREADS`` above)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

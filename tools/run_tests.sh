@@ -12,7 +12,9 @@ fi
 SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install --quiet -r requirements.txt
 export WANDB_MODE=offline WANDB_SILENT=true MPLBACKEND=Agg
 set +e
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+# One xdist worker per CPU (at most 4); tests/conftest.py groups the tests so that each shared
+# fixture is built on one worker only.
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadgroup "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
