@@ -122,9 +122,9 @@ def _original_hw(original_hw) -> tuple[int, int]:
 class _SplitPreprocessor:
     """A preprocessing split in two halves, so that only uint8 pixels cross process boundaries:
     ``prepare`` (CPU, picklable, runs in DataLoader workers) and ``finish`` (float work, on the
-    device that encodes). Calling the preprocessor runs both on the CPU; the halves are the same
-    elementwise operations in the same order, so either device gives the same encoder input
-    up to that device's arithmetic."""
+    device that encodes). Calling the preprocessor runs both on the CPU. The halves are the
+    operations of the library's own preprocessing in its order, so any device gives its encoder
+    input up to that device's arithmetic (on an H200: SAM v1 bit-identical, SAM 2 within 1.2e-6)."""
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         raise NotImplementedError
