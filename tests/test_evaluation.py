@@ -192,11 +192,6 @@ def test_laplace_primary_map_is_its_total_entropy(evaluated):
     assert primary_auroc(evaluated).at["laplace", "map"] == "total_entropy"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known shortfall (issue 8): on the small fixture the tuned posterior is no longer degenerate "
-    "(mean mutual information 0.017 nats, 3.2x higher on the head's validation errors on average), "
-    "but as a per-pixel ranking its epistemic part alone does not find errors (test AUROC 0.47); "
-    "on the full demo data set it does (AUROC 0.83, README), which is too slow for CI"))
 def test_laplace_mutual_information_alone_detects_errors_better_than_chance(evaluated):
     _, folder, _ = evaluated
     overall = _read(folder, "summary_overall.csv").set_index(["method", "map"])
