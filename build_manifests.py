@@ -4,8 +4,8 @@ Writes ``<project_root>/manifests/{all_samples,train,val,test,invalid_samples}.c
 ``demo.enabled`` it first writes the procedural demo data set.
 """
 
-from modules import manifest
-from modules.stage import default_argument_parser, stage_context
+from modules.data import manifest
+from modules.core.stage import default_argument_parser, stage_context
 
 
 def main() -> None:

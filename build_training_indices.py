@@ -4,8 +4,8 @@ Writes ``<project_root>/training_data/<split>_index.csv``; samples missing from 
 out and counted. A rerun with unchanged inputs rewrites nothing.
 """
 
-from modules import packing
-from modules.stage import default_argument_parser, stage_context
+from modules.cache import packing
+from modules.core.stage import default_argument_parser, stage_context
 
 
 def main() -> None:

@@ -8,8 +8,8 @@ Reports go to ``<project_root>/reports/eval/<name>/`` (default name ``run_<run_i
 resumes where it stopped.
 """
 
-from modules import evaluation
-from modules.stage import default_argument_parser, stage_context
+from modules.evaluation import evaluate as evaluation
+from modules.core.stage import default_argument_parser, stage_context
 
 
 def main() -> None:

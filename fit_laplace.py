@@ -8,8 +8,8 @@ Artifacts go to ``<project_root>/laplace/<target>/run_<id>/``.
 
 import os
 
-from modules import laplace_stage
-from modules.stage import default_argument_parser, stage_context
+from modules.stages import fit_laplace as laplace_stage
+from modules.core.stage import default_argument_parser, stage_context
 
 
 def main() -> None:

@@ -3,8 +3,8 @@
 Writes ``<project_root>/prompt_sets/<split>/<safe_id>.json``; samples already done are skipped.
 """
 
-from modules import promptset
-from modules.stage import default_argument_parser, stage_context
+from modules.data import promptset
+from modules.core.stage import default_argument_parser, stage_context
 
 
 def main() -> None:

@@ -4,8 +4,8 @@ Writes ``<project_root>/training_data/<split>.h5`` (via ``<split>.h5.partial``, 
 row); a split whose file is complete and was packed from the same inputs is skipped.
 """
 
-from modules import packing
-from modules.stage import default_argument_parser, stage_context
+from modules.cache import packing
+from modules.core.stage import default_argument_parser, stage_context
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ Writes ``<project_root>/sam_cache/<backbone_id>/shard-III-of-NNN.h5`` (one file 
 are skipped; a damaged shard file is salvaged and only what it lost is recomputed.
 """
 
-from modules import precompute
-from modules.stage import default_argument_parser, resolve_shard, stage_context
+from modules.stages import precompute
+from modules.core.stage import default_argument_parser, resolve_shard, stage_context
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from modules.stage import default_argument_parser
+from modules.core.stage import default_argument_parser
 
 REPO = Path(__file__).resolve().parent
 

@@ -11,8 +11,8 @@ Checkpoints go to ``<project_root>/checkpoints/<model>/run_<id>/``.
 
 import os
 
-from modules import head_training
-from modules.stage import default_argument_parser, stage_context
+from modules.stages import train as head_training
+from modules.core.stage import default_argument_parser, stage_context
 
 
 def main() -> None:

@@ -4,8 +4,8 @@ Writes ``<project_root>/reports/debug_panels/<split>__<safe_id>.png`` for the fi
 cached samples of ``--split`` (first prompt set of each), everything shown in FRAME256.
 """
 
-from modules import precompute
-from modules.stage import default_argument_parser, stage_context
+from modules.stages import precompute
+from modules.core.stage import default_argument_parser, stage_context
 
 
 def main() -> None:

@@ -36,14 +36,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from modules.backbones import build_model, load_backbone  # noqa: E402
-from modules.laplace_posterior import LastLayerPosterior  # noqa: E402
-from modules.models import PromptAwareHead  # noqa: E402
-from modules.prompt_perturbation import perturbed_prompts  # noqa: E402
-from modules.promptset import PromptSpec, build_promptset_record  # noqa: E402
-from modules.sam_cache import CacheEntry  # noqa: E402
-from modules.tta import build_transforms, decode_selected_logits, round_features  # noqa: E402
-from modules.uncertainty import (EvalSample, LaplaceStrategy, PromptPerturbationStrategy,  # noqa: E402
+from modules.sam.backbones import build_model, load_backbone  # noqa: E402
+from modules.laplace.posterior import LastLayerPosterior  # noqa: E402
+from modules.training.models import PromptAwareHead  # noqa: E402
+from modules.uncertainty.prompt_perturbation import perturbed_prompts  # noqa: E402
+from modules.data.promptset import PromptSpec, build_promptset_record  # noqa: E402
+from modules.cache.sam_cache import CacheEntry  # noqa: E402
+from modules.uncertainty.tta import build_transforms, decode_selected_logits, round_features  # noqa: E402
+from modules.uncertainty.strategies import (EvalSample, LaplaceStrategy, PromptPerturbationStrategy,  # noqa: E402
                                  TTAStrategy)
 
 DEFAULT_CHECKPOINT = REPO / "assets" / "demo_backbone" / "demo_tiny.pt"
@@ -152,7 +152,7 @@ def bench_laplace(sample: EvalSample, num_samples: int, repeats: int, device: st
 
 def bench_tta(backbone, sample: EvalSample, transform_names: list[str], encoder_batch_size: int,
               repeats: int) -> dict:
-    from modules.tta import transform_rng
+    from modules.uncertainty.tta import transform_rng
 
     transforms = build_transforms(transform_names)
     strategy = TTAStrategy(backbone, transforms, PROMPT_MODE, MULTIMASK_POLICY, encoder_batch_size, seed=0,

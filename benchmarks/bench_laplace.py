@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modules import laplace_posterior as lp  # noqa: E402
-from modules.models import PromptAwareHead  # noqa: E402
+from modules.laplace import posterior as lp  # noqa: E402
+from modules.training.models import PromptAwareHead  # noqa: E402
 
 
 def timed(fn, repeats: int = 3) -> float:

@@ -43,9 +43,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from modules import packing  # noqa: E402
-from modules.imageio import read_mask, resize_mask_nearest  # noqa: E402
-from modules.tracking import NullTracker  # noqa: E402
+from modules.cache import packing  # noqa: E402
+from modules.data.imageio import read_mask, resize_mask_nearest  # noqa: E402
+from modules.core.tracking import NullTracker  # noqa: E402
 from tests.helpers.precompute_fixtures import save_random_checkpoint  # noqa: E402
 from tests.stage_runner import run_stage, write_config  # noqa: E402
 from tests.test_packing import write_fixture_cache  # noqa: E402
@@ -171,9 +171,9 @@ def loader_throughput(source: Source, workers: int, repeats: int, cold: bool = F
 
 def training_epoch(train: Dataset, val: Dataset, workers: int, run_dir: Path, collate_fn=None) -> dict:
     """One epoch of the seed head through ``modules.training.Trainer`` on CPU (fp32)."""
-    from modules.losses import BceDiceLoss
-    from modules.models import PromptAwareHead
-    from modules.training import Trainer, TrainerConfig
+    from modules.training.losses import BceDiceLoss
+    from modules.training.models import PromptAwareHead
+    from modules.training.trainer import Trainer, TrainerConfig
 
     loss_fn = BceDiceLoss(0.5)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from modules.config import apply_overrides, load_config
+from modules.core.config import apply_overrides, load_config
 from tests.stage_runner import REPO, run_stage
 
 DEMO_CHECKPOINT = REPO / "assets" / "demo_backbone" / "demo_tiny.pt"

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.backbones import (
+from modules.sam.backbones import (
     FRAME256,
     MASK_INPUT_PAD_LOGIT,
     BackboneError,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modules.config import ConfigError, load_config, require_existing
+from modules.core.config import ConfigError, load_config, require_existing
 
 REPO = Path(__file__).resolve().parents[1]
 

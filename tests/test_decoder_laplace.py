@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from modules import decoder_laplace as dl
-from modules import laplace_posterior as lp
+from modules.laplace import decoder as dl
+from modules.laplace import posterior as lp
 from tests.stage_runner import REPO
 
 RUN_ID = "dec"
@@ -32,7 +32,7 @@ def cfg(decoder_fit):
 
 @pytest.fixture(scope="module")
 def backbone(cfg):
-    from modules.backbones import load_backbone
+    from modules.sam.backbones import load_backbone
 
     return load_backbone(cfg.sam.family, cfg.sam.model_type, cfg.sam.checkpoint, "cpu")
 
@@ -54,8 +54,8 @@ def run_folder(cfg):
 
 
 def test_artifacts_hold_the_documented_metadata(decoder_fit, cfg):
-    from modules.fileio import file_md5
-    from modules.packing import packed_dataset
+    from modules.core.fileio import file_md5
+    from modules.cache.packing import packed_dataset
 
     folder = run_folder(cfg)
     for name in ("laplace_state.pt", "laplace_config.yaml", "posterior_meta.json", "prior_precision_nll.csv",
@@ -176,8 +176,8 @@ def test_posterior_refuses_other_decoder_weights(posterior, val_image):
 
 
 def _eval_sample(cfg):
-    from modules.evaluation import list_units, load_sample
-    from modules.packing import open_cache
+    from modules.evaluation.evaluate import list_units, load_sample
+    from modules.cache.packing import open_cache
 
     unit = list_units(cfg)[0]
     return load_sample(cfg, open_cache(cfg), unit)
@@ -185,9 +185,9 @@ def _eval_sample(cfg):
 
 STRATEGY_SCRIPT = """
 import sys, torch
-from modules.config import load_config
-from modules.backbones import load_backbone
-from modules import decoder_laplace as dl
+from modules.core.config import load_config
+from modules.sam.backbones import load_backbone
+from modules.laplace import decoder as dl
 from tests.test_decoder_laplace import _eval_sample
 cfg = load_config(sys.argv[1], ["laplace.target=sam_decoder"])
 backbone = load_backbone(cfg.sam.family, cfg.sam.model_type, cfg.sam.checkpoint, "cpu")

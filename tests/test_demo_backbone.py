@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from modules import demo_data
-from modules.backbones import build_model, load_backbone
+from modules.data import demo_data
+from modules.sam.backbones import build_model, load_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "assets" / "demo_backbone" / "demo_tiny.pt"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modules import demo_data
-from modules.demo_data import (
+from modules.data import demo_data
+from modules.data.demo_data import (
     GENERATOR_VERSION,
     GROUPS,
     MARKER_NAME,

@@ -19,13 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
-from modules import metrics
-from modules.evaluation import (REFINEMENT_VARIANTS, STRATEGY_BUILDERS, Scoreboard, accumulator_state, map_binning,
+from modules.scoring import metrics
+from modules.evaluation.evaluate import (REFINEMENT_VARIANTS, STRATEGY_BUILDERS, Scoreboard, accumulator_state, map_binning,
                                 report_dir, restore_accumulator, upsample)
-from modules.stage import KILL_HOOK_ENV
+from modules.core.stage import KILL_HOOK_ENV
 from tests.stage_runner import REPO
-from modules.entropy import binary_entropy
-from modules.uncertainty import LaplaceStrategy, StrategyOutput
+from modules.scoring.entropy import binary_entropy
+from modules.uncertainty.strategies import LaplaceStrategy, StrategyOutput
 
 # Stage processes run single-threaded: on the shared 2-core test machine two torch threads per process
 # spin against the other jobs and made scoring ~20x slower in measurements.
@@ -239,8 +239,8 @@ def test_changed_strategies_or_model_need_force(fusion_project):
     assert changed.returncode == 2 and "evaluation.strategies" in changed.stderr
 
     # another head checkpoint (one weight changed) is another model: refused, then --force recomputes
-    from modules.head_training import run_dir
-    from modules.training import load_checkpoint_file
+    from modules.stages.train import run_dir
+    from modules.training.trainer import load_checkpoint_file
 
     source = run_dir(project.root, "head", "v1")
     target = run_dir(project.root, "head", "evalchanged")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from scipy import ndimage
 
-from modules import demo_data
-from modules.backbones import FRAME256, load_backbone
-from modules.fusion import Prompts, UncertaintyFusion, refine
-from modules.losses import FocalDiceIouLoss
+from modules.data import demo_data
+from modules.sam.backbones import FRAME256, load_backbone
+from modules.uncertainty.fusion import Prompts, UncertaintyFusion, refine
+from modules.training.losses import FocalDiceIouLoss
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "demo_backbone" / "demo_tiny.pt"
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modules.imageio import (
+from modules.data.imageio import (
     ImageReadError,
     MaskNotTwoDError,
     MaskReadError,

@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from laplace import Laplace
 from laplace.curvature import BackPackGGN
 
-from modules import laplace_posterior as lp
-from modules.entropy import binary_entropy, binary_entropy_from_logits
-from modules.models import PromptAwareHead
+from modules.laplace import posterior as lp
+from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
+from modules.training.models import PromptAwareHead
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HIDDEN_CHANNELS = 4
@@ -252,8 +252,8 @@ def test_binary_entropy_from_logits_keeps_float64():
 
 ROUND_TRIP_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from modules import laplace_posterior as lp
-    from modules.models import PromptAwareHead
+    from modules.laplace import posterior as lp
+    from modules.training.models import PromptAwareHead
     run_dir, head_path, inputs_path, out_path = sys.argv[1:5]
     head = PromptAwareHead(channels_in=3, hidden_channels={channels})
     head.load_state_dict(torch.load(head_path, weights_only=True))
@@ -281,7 +281,7 @@ def test_save_and_reload_in_a_fresh_process_is_bit_identical(tmp_path):
     search = lp.tune_head_prior_precision(la, head, lp.iterate_in_batches(validation, 2), [1e-2, 1.0, 100.0])
     head_path = tmp_path / "head.pt"
     torch.save(head.state_dict(), head_path)
-    from modules.fileio import file_md5
+    from modules.core.fileio import file_md5
 
     meta = lp.PosteriorMeta.for_head(la, "backpack", search, file_md5(head_path))
     run_dir = tmp_path / "laplace"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modules.manifest import (
+from modules.data.manifest import (
     INVALID_COLUMNS,
     INVALID_REASONS,
     LAYOUTS,

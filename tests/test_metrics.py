@@ -11,8 +11,8 @@ from scipy import ndimage
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score
 
-from modules import metrics
-from modules.metrics import (
+from modules.scoring import metrics
+from modules.scoring.metrics import (
     CalibrationAccumulator,
     CorrelationAccumulator,
     ErrorDetectionAccumulator,

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.config import ConfigError
-from modules.losses import (
+from modules.core.config import ConfigError
+from modules.training.losses import (
     LOSSES,
     BceDiceLoss,
     FocalDiceIouLoss,
@@ -18,7 +18,7 @@ from modules.losses import (
     build_variance_loss,
     hard_iou,
 )
-from modules.models import FINAL_LAYER_NAME, MODELS, PromptAwareHead, VarianceNetwork, build_model, soft_clamp
+from modules.training.models import FINAL_LAYER_NAME, MODELS, PromptAwareHead, VarianceNetwork, build_model, soft_clamp
 
 
 def _head_inputs(batch: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -17,11 +17,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from modules import packing, sam_cache
-from modules.config import load_config
-from modules.fileio import cached_file_md5
-from modules.manifest import SPLITS, load_split_manifest
-from modules.promptset import load_promptsets, promptset_path
+from modules.cache import packing
+
+from modules.cache import sam_cache
+from modules.core.config import load_config
+from modules.core.fileio import cached_file_md5
+from modules.data.manifest import SPLITS, load_split_manifest
+from modules.data.promptset import load_promptsets, promptset_path
 from tests.helpers.precompute_fixtures import save_random_checkpoint, write_tiny_dataset
 from tests.stage_runner import run_stage, write_config
 

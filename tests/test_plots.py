@@ -7,8 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from modules import metrics, plots
-from modules.plots import PlotInputError
+from modules.scoring import metrics
+
+from modules.scoring import plots
+from modules.scoring.plots import PlotInputError
 
 
 def _open_png(path):

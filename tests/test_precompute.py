@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from modules import sam_cache
-from modules.backbones import load_backbone, registered_backbones
-from modules.config import load_config
-from modules.precompute import KILL_AFTER_IMAGES_ENV, run_precompute
-from modules.promptset import promptset_path, promptset_tensors
-from modules.sam_cache import SamCache
-from modules.stage import Shard
+from modules.cache import sam_cache
+from modules.sam.backbones import load_backbone, registered_backbones
+from modules.core.config import load_config
+from modules.stages.precompute import KILL_AFTER_IMAGES_ENV, run_precompute
+from modules.data.promptset import promptset_path, promptset_tensors
+from modules.cache.sam_cache import SamCache
+from modules.core.stage import Shard
 from tests.helpers.precompute_fixtures import make_project, save_random_checkpoint
 from tests.stage_runner import REPO, run_stage
 
@@ -170,7 +170,7 @@ def test_truncated_shard_repaired_and_promptset_change_recomputed(demo, capsys):
 
 
 def demo_md5(demo, split, safe_id):
-    from modules.fileio import file_md5
+    from modules.core.fileio import file_md5
 
     return file_md5(promptset_path(demo["folder"] / "base" / "project", split, safe_id))
 
@@ -194,7 +194,7 @@ def test_changed_checkpoint_gets_own_folder(demo, tmp_path):
 
 def test_bad_inputs_fail_units_not_the_stage(demo):
     config, root = fresh_project(demo, "bad_inputs")
-    from modules.manifest import load_split_manifest
+    from modules.data.manifest import load_split_manifest
 
     train = load_split_manifest(root, "train")
     promptset_path(root, "train", train["safe_id"].iloc[0]).unlink()
@@ -272,8 +272,8 @@ def test_precompute_benchmark_runs_and_checks_the_cache_it_timed():
 def test_benchmark_cache_check_fails_for_a_cache_made_with_other_weights(tmp_path):
     import argparse
 
-    from modules.backbones import build_model
-    from modules.manifest import load_split_manifest
+    from modules.sam.backbones import build_model
+    from modules.data.manifest import load_split_manifest
 
     bench = _load_bench_precompute()
     args = argparse.Namespace(images=2, promptsets=2, height=96, width=128, family="sam", model_type="demo_tiny",

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from modules.promptset import (
+from modules.data.promptset import (
     PromptSpec,
     build_promptset_record,
     dumps_record,

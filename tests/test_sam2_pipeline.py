@@ -14,7 +14,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from modules.backbones import build_model
+from modules.sam.backbones import build_model
 from tests.conftest import PipelineProject, prepared_demo_project
 
 STRATEGIES = ["raw_sam", "map_head", "tta", "prompt_perturbation", "laplace", "variance_network"]

@@ -2,8 +2,8 @@ import argparse
 
 import pytest
 
-from modules.config import PipelineError, load_config
-from modules.stage import Shard, StageContext, StageInputsChanged, UnitError, resolve_shard
+from modules.core.config import PipelineError, load_config
+from modules.core.stage import Shard, StageContext, StageInputsChanged, UnitError, resolve_shard
 
 
 def make_ctx(tmp_path, overrides=(), force=False):

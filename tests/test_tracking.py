@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from modules.config import load_config
-from modules.tracking import NullTracker, start_tracker
+from modules.core.config import load_config
+from modules.core.tracking import NullTracker, start_tracker
 from tests.wandb_records import offline_runs, read_offline_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +32,8 @@ def test_disabled_tracking_is_a_stub_and_never_imports_wandb(tmp_path):
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from modules.config import load_config\n"
-        "from modules.tracking import start_tracker\n"
+        "from modules.core.config import load_config\n"
+        "from modules.core.tracking import start_tracker\n"
         "cfg = load_config(None, ['wandb.enabled=false'])\n"
         f"t = start_tracker(cfg.wandb, 's', Path({str(tmp_path)!r}) / 'p', {{}})\n"
         "t.log({'a': 1}); t.summary({'b': 2}); t.finish()\n"

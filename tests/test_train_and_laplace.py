@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from modules.stage import KILL_HOOK_ENV
+from modules.core.stage import KILL_HOOK_ENV
 from tests.stage_runner import REPO
 
 FAST = ["--set", "training.num_epochs=3"]
@@ -43,8 +43,8 @@ def head_vs_raw_project(tmp_path_factory):
 
 
 def test_head_improves_validation_iou_over_raw_sam(head_vs_raw_project):
-    from modules.losses import hard_iou
-    from modules.packing import packed_dataset
+    from modules.training.losses import hard_iou
+    from modules.cache.packing import packed_dataset
 
     cfg = head_vs_raw_project.load_config()
     val = packed_dataset(cfg, "val")

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from modules.losses import BceDiceLoss, McLogitNoiseLoss, hard_iou
-from modules.models import PromptAwareHead, VarianceNetwork
-from modules.training import (
+from modules.training.losses import BceDiceLoss, McLogitNoiseLoss, hard_iou
+from modules.training.models import PromptAwareHead, VarianceNetwork
+from modules.training.trainer import (
     BEST_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,

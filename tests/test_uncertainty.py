@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from modules.models import PromptAwareHead, VarianceNetwork
-from modules.promptset import PromptSpec, build_promptset_record, gaussian_prompt_maps, promptset_tensors
-from modules.sam_cache import CacheEntry
-from modules.tta import build_transforms, round_features
-from modules.uncertainty import (
+from modules.training.models import PromptAwareHead, VarianceNetwork
+from modules.data.promptset import PromptSpec, build_promptset_record, gaussian_prompt_maps, promptset_tensors
+from modules.cache.sam_cache import CacheEntry
+from modules.uncertainty.tta import build_transforms, round_features
+from modules.uncertainty.strategies import (
     STRATEGIES,
     EvalSample,
     LaplaceStrategy,
@@ -213,7 +213,7 @@ def test_variance_network_strategy():
 
 
 def test_laplace_strategy_with_the_real_posterior():
-    from modules.laplace_posterior import LastLayerPosterior
+    from modules.laplace.posterior import LastLayerPosterior
 
     sample, other = make_sample("s1", seed=0), make_sample("s2", seed=1)
     head = seeded_head()
@@ -251,7 +251,7 @@ def test_registry_names_every_strategy():
 @pytest.fixture(scope="module")
 def demo_sample(tmp_path_factory):
     """The demo SAM (random weights) and a sample whose cache entry it produced (as stage 3 does)."""
-    from modules.backbones import load_backbone
+    from modules.sam.backbones import load_backbone
 
     path = save_random_checkpoint("sam", "demo_tiny", tmp_path_factory.mktemp("ckpt") / "demo_tiny.pt", seed=0)
     backbone = load_backbone("sam", "demo_tiny", path, "cpu")

@@ -57,9 +57,9 @@ from scipy import ndimage  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from modules import demo_data  # noqa: E402
-from modules.backbones import SamPreprocessor, build_demo_tiny, sam_mask_decoder_pass  # noqa: E402
-from modules.fileio import atomic_path, atomic_write_json  # noqa: E402
+from modules.data import demo_data  # noqa: E402
+from modules.sam.backbones import SamPreprocessor, build_demo_tiny, sam_mask_decoder_pass  # noqa: E402
+from modules.core.fileio import atomic_path, atomic_write_json  # noqa: E402
 
 DEFAULT_OUTPUT = REPO_ROOT / "assets" / "demo_backbone" / "demo_tiny.pt"
 #: Sampling weight of each scene group; every group is seen, ``plain`` most often (0.7 rather

@@ -13,7 +13,7 @@ from tests.stage_runner import run_stage, write_config
 
 def save_random_checkpoint(family: str, model_type: str, path: Path, seed: int = 0) -> Path:
     """A state dict of the registered model with seeded random weights (no download)."""
-    from modules.backbones import build_model
+    from modules.sam.backbones import build_model
 
     torch.manual_seed(seed)
     model = build_model(family, model_type)

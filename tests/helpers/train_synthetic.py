@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from modules.losses import BceDiceLoss
-from modules.models import PromptAwareHead
-from modules.training import Trainer, TrainerConfig
+from modules.training.losses import BceDiceLoss
+from modules.training.models import PromptAwareHead
+from modules.training.trainer import Trainer, TrainerConfig
 
 
 def make_synthetic_split(num_samples: int, size: int, seed: int, noise_std: float = 6.0) -> dict[str, torch.Tensor]:

@@ -205,10 +205,10 @@ def run_stage(ctx) -> None:
     A sample counts as finished when its JSON exists and was drawn from the same mask file
     (md5); the config it was drawn with is guarded by the stage fingerprint.
     """
-    from modules.fileio import atomic_write_text, cached_file_md5
-    from modules.imageio import MaskReadError, read_mask, resize_mask_nearest
-    from modules.manifest import SPLITS, load_split_manifest
-    from modules.stage import UnitError
+    from modules.core.fileio import atomic_write_text, cached_file_md5
+    from modules.data.imageio import MaskReadError, read_mask, resize_mask_nearest
+    from modules.data.manifest import SPLITS, load_split_manifest
+    from modules.core.stage import UnitError
 
     cfg = ctx.cfg
     pg = cfg.prompt_generation

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modules import metrics
-from modules.config import PipelineConfig, PipelineError
-from modules.entropy import binary_entropy_from_logits
-from modules.fileio import atomic_path, cached_file_md5
-from modules.uncertainty import EvalSample, Strategy, StrategyOutput
+from modules.scoring import metrics
+from modules.core.config import PipelineConfig, PipelineError
+from modules.scoring.entropy import binary_entropy_from_logits
+from modules.core.fileio import atomic_path, cached_file_md5
+from modules.uncertainty.strategies import EvalSample, Strategy, StrategyOutput
 
 log = logging.getLogger("pipeline")
 
@@ -89,19 +89,19 @@ class RunIds:
 
 
 def _head_path(cfg: PipelineConfig, runs: RunIds) -> Path:
-    from modules.head_training import run_dir
+    from modules.stages.train import run_dir
 
     return run_dir(cfg.project_root, "head", runs.head) / "best.pt"
 
 
 def _variance_path(cfg: PipelineConfig, runs: RunIds) -> Path:
-    from modules.head_training import run_dir
+    from modules.stages.train import run_dir
 
     return run_dir(cfg.project_root, "variance", runs.variance) / "best.pt"
 
 
 def _laplace_path(cfg: PipelineConfig, runs: RunIds) -> Path:
-    from modules.laplace_stage import run_dir
+    from modules.stages.fit_laplace import run_dir
 
     return run_dir(cfg.project_root, cfg.laplace.target, runs.laplace) / "laplace_state.pt"
 
@@ -109,13 +109,13 @@ def _laplace_path(cfg: PipelineConfig, runs: RunIds) -> Path:
 def _head_laplace_path(cfg: PipelineConfig, runs: RunIds) -> Path:
     """The head's own last-layer Laplace (what ``fusion.uncertainty_source: laplace_epistemic``
     reads in training and evaluation), whatever ``laplace.target`` the Laplace strategy scores."""
-    from modules.laplace_stage import run_dir
+    from modules.stages.fit_laplace import run_dir
 
     return run_dir(cfg.project_root, "head", runs.head) / "laplace_state.pt"
 
 
 def _fusion_path(cfg: PipelineConfig, runs: RunIds) -> Path:
-    from modules.head_training import run_dir
+    from modules.stages.train import run_dir
 
     return run_dir(cfg.project_root, "fusion", runs.fusion) / "best.pt"
 
@@ -143,7 +143,7 @@ class Artifacts:
 
     @cached_property
     def backbone(self):
-        from modules.backbones import BackboneError, load_backbone
+        from modules.sam.backbones import BackboneError, load_backbone
 
         sam = self.cfg.sam
         try:
@@ -153,7 +153,7 @@ class Artifacts:
 
     @cached_property
     def head(self):
-        from modules.head_training import load_trained_head
+        from modules.stages.train import load_trained_head
 
         head, _ = load_trained_head(self.cfg, self.runs.head, self.device)
         return head
@@ -163,7 +163,7 @@ class Artifacts:
         """The head Laplace posterior of ``runs.laplace`` (the Laplace strategy, target ``head``)."""
         if self.runs.laplace == self.runs.head:
             return self.head_posterior  # loaded once when the refinement reads it too
-        from modules.laplace_stage import load_head_posterior
+        from modules.stages.fit_laplace import load_head_posterior
 
         _, posterior = load_head_posterior(self.cfg, self.runs.laplace, self.device)
         return posterior
@@ -171,20 +171,20 @@ class Artifacts:
     @cached_property
     def head_posterior(self):
         """The Laplace posterior fitted on the head of ``runs.head`` (the fusion's uncertainty source)."""
-        from modules.laplace_stage import load_head_posterior
+        from modules.stages.fit_laplace import load_head_posterior
 
         _, posterior = load_head_posterior(self.cfg, self.runs.head, self.device)
         return posterior
 
     @cached_property
     def variance_network(self):
-        from modules.head_training import load_trained_variance_network
+        from modules.stages.train import load_trained_variance_network
 
         return load_trained_variance_network(self.cfg, self.runs.variance, self.device)
 
     @cached_property
     def fusion(self):
-        from modules.head_training import load_trained_fusion
+        from modules.stages.train import load_trained_fusion
 
         return load_trained_fusion(self.cfg, self.runs.fusion, self.device)
 
@@ -213,20 +213,20 @@ class StrategyBuilder:
 
 
 def _build_raw_sam(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
-    from modules.uncertainty import RawSamStrategy
+    from modules.uncertainty.strategies import RawSamStrategy
 
     return RawSamStrategy(artifacts.device)
 
 
 def _build_map_head(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
-    from modules.uncertainty import MapHeadStrategy
+    from modules.uncertainty.strategies import MapHeadStrategy
 
     return MapHeadStrategy(artifacts.head)
 
 
 def _build_tta(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
-    from modules.tta import build_transforms
-    from modules.uncertainty import TTAStrategy
+    from modules.uncertainty.tta import build_transforms
+    from modules.uncertainty.strategies import TTAStrategy
 
     tta = cfg.evaluation.tta
     transforms = build_transforms(tta.transforms, cfg.section("evaluation.tta.magnitudes"))
@@ -235,8 +235,8 @@ def _build_tta(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
 
 
 def _build_prompt_perturbation(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
-    from modules.prompt_perturbation import PerturbationMagnitudes
-    from modules.uncertainty import PromptPerturbationStrategy
+    from modules.uncertainty.prompt_perturbation import PerturbationMagnitudes
+    from modules.uncertainty.strategies import PromptPerturbationStrategy
 
     settings = cfg.evaluation.prompt_perturbation
     magnitudes = PerturbationMagnitudes(settings.point_noise_px, settings.box_noise_fraction,
@@ -248,18 +248,18 @@ def _build_prompt_perturbation(cfg: PipelineConfig, artifacts: Artifacts) -> Str
 def _build_laplace(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
     """The Laplace strategy of the fitted target: the head's last layer, or SAM's decoder."""
     if cfg.laplace.target == "sam_decoder":
-        from modules.decoder_laplace import DecoderLaplaceStrategy, load_decoder_posterior
+        from modules.laplace.decoder import DecoderLaplaceStrategy, load_decoder_posterior
 
         posterior = load_decoder_posterior(cfg, artifacts.runs.laplace, artifacts.backbone.device)
         return DecoderLaplaceStrategy(artifacts.backbone, posterior, cfg.laplace.num_samples, seed=cfg.laplace.seed,
                                       prompt_mode=cfg.sam.prompt_mode, multimask_policy=cfg.sam.multimask_policy)
-    from modules.uncertainty import LaplaceStrategy
+    from modules.uncertainty.strategies import LaplaceStrategy
 
     return LaplaceStrategy(artifacts.posterior, cfg.laplace.num_samples, seed=cfg.laplace.seed)
 
 
 def _build_variance_network(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
-    from modules.uncertainty import VarianceNetworkStrategy
+    from modules.uncertainty.strategies import VarianceNetworkStrategy
 
     return VarianceNetworkStrategy(artifacts.head, artifacts.variance_network,
                                    mc_samples=cfg.evaluation.variance_mc_samples, seed=cfg.training.seed)
@@ -317,8 +317,8 @@ class Refinement:
     primary_map = "entropy"
 
     def __init__(self, cfg: PipelineConfig, artifacts: Artifacts) -> None:
-        from modules.fusion import make_uncertainty_source
-        from modules.precompute import PROMPT_MODES
+        from modules.uncertainty.fusion import make_uncertainty_source
+        from modules.stages.precompute import PROMPT_MODES
 
         self.backbone = artifacts.backbone
         self.fusion = artifacts.fusion.to(self.backbone.device)
@@ -341,8 +341,8 @@ class Refinement:
             )
 
     def predict(self, sample: EvalSample) -> dict[str, StrategyOutput]:
-        from modules.fusion import Prompts, refine
-        from modules.imageio import resize_mask_nearest
+        from modules.uncertainty.fusion import Prompts, refine
+        from modules.data.imageio import resize_mask_nearest
 
         device = self.backbone.device
         inputs = self.select_prompts(sample.points, sample.labels, sample.boxes)
@@ -429,7 +429,7 @@ class EvalUnit:
 def list_units(cfg: PipelineConfig) -> list[EvalUnit]:
     """The split's samples; with ``evaluation.max_samples`` the first ones taken round-robin over
     the domains (so every domain is represented), in manifest order within a domain."""
-    from modules.manifest import load_split_manifest
+    from modules.data.manifest import load_split_manifest
 
     split = cfg.evaluation.split
     table = load_split_manifest(cfg.project_root, split)
@@ -455,12 +455,12 @@ def list_units(cfg: PipelineConfig) -> list[EvalUnit]:
 
 def read_ground_truth(unit: EvalUnit, threshold: int) -> np.ndarray:
     """``H x W`` bool mask at the image's size (resized nearest when the mask's size differs)."""
-    from modules.imageio import MaskReadError, read_mask, resize_mask_nearest
+    from modules.data.imageio import MaskReadError, read_mask, resize_mask_nearest
 
     try:
         mask = read_mask(unit.mask_path, threshold=threshold)
     except (MaskReadError, OSError) as exc:
-        from modules.stage import UnitError
+        from modules.core.stage import UnitError
 
         raise UnitError(f"{unit.mask_path}: {exc}") from None
     if mask.shape != unit.image_hw:
@@ -470,9 +470,9 @@ def read_ground_truth(unit: EvalUnit, threshold: int) -> np.ndarray:
 
 def load_sample(cfg: PipelineConfig, cache, unit: EvalUnit) -> EvalSample:
     """The ``EvalSample`` of one unit (cache entry, prompt sets, ground truth, lazy image)."""
-    from modules.imageio import read_image_rgb
-    from modules.promptset import load_promptsets, promptset_path
-    from modules.stage import UnitError
+    from modules.data.imageio import read_image_rgb
+    from modules.data.promptset import load_promptsets, promptset_path
+    from modules.core.stage import UnitError
 
     if unit.safe_id not in cache:
         raise UnitError(f"{unit.safe_id}: not in the SAM cache {cache.folder}; rerun precompute_sam_outputs.py")
@@ -709,11 +709,11 @@ def fingerprint_sections() -> list[str]:
 
 def run_stage(ctx, runs: RunIds) -> None:
     """Evaluate every configured method on ``evaluation.split`` and write the reports (module docstring)."""
-    from modules import reports
-    from modules.fileio import file_md5
-    from modules.head_training import resolve_device
-    from modules.manifest import manifest_path
-    from modules.packing import open_cache
+    from modules.evaluation import reports
+    from modules.core.fileio import file_md5
+    from modules.stages.train import resolve_device
+    from modules.data.manifest import manifest_path
+    from modules.cache.packing import open_cache
 
     cfg = ctx.cfg
     folder = ctx.output_dir

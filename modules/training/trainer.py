@@ -53,9 +53,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
-from modules.config import PipelineError
-from modules.fileio import atomic_path, atomic_write_json, read_json
-from modules.losses import hard_iou
+from modules.core.config import PipelineError
+from modules.core.fileio import atomic_path, atomic_write_json, read_json
+from modules.training.losses import hard_iou
 
 log = logging.getLogger(__name__)
 

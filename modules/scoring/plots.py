@@ -21,7 +21,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from modules.fileio import atomic_path  # noqa: E402
+from modules.core.fileio import atomic_path  # noqa: E402
 
 DPI = 120
 PROB_THRESHOLD = 0.5

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules.config import ConfigError
+from modules.core.config import ConfigError
 
 #: Default photometric magnitudes (see the module docstring).
 PHOTOMETRIC_DEFAULTS: dict[str, float] = {"brightness": 0.1, "contrast": 0.05, "saturation": 0.05, "hue": 0.5}
@@ -306,7 +306,7 @@ def build_transforms(names: Sequence[str], magnitudes: Mapping[str, float] | Non
 
 
 def _prompt_mode(prompt_mode: str):
-    from modules.precompute import PROMPT_MODES
+    from modules.stages.precompute import PROMPT_MODES
 
     if prompt_mode not in PROMPT_MODES:
         raise ConfigError(f"sam.prompt_mode: unknown {prompt_mode!r} (known: {', '.join(PROMPT_MODES)})")
@@ -314,7 +314,7 @@ def _prompt_mode(prompt_mode: str):
 
 
 def _multimask_policy(multimask_policy: str):
-    from modules.precompute import MULTIMASK_POLICIES
+    from modules.stages.precompute import MULTIMASK_POLICIES
 
     if multimask_policy not in MULTIMASK_POLICIES:
         raise ConfigError(

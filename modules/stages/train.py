@@ -18,10 +18,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from modules.config import PipelineConfig, PipelineError
-from modules.losses import BceDiceLoss, build_variance_loss, hard_iou
-from modules.models import PromptAwareHead, VarianceNetwork, build_model
-from modules.training import (Trainer, TrainerConfig, load_checkpoint_file, move_to_device, sanity_check,
+from modules.core.config import PipelineConfig, PipelineError
+from modules.training.losses import BceDiceLoss, build_variance_loss, hard_iou
+from modules.training.models import PromptAwareHead, VarianceNetwork, build_model
+from modules.training.trainer import (Trainer, TrainerConfig, load_checkpoint_file, move_to_device, sanity_check,
                               segmentation_metrics)
 
 CHECKPOINT_DIR = "checkpoints"
@@ -34,7 +34,7 @@ def run_dir(project_root: Path, model_kind: str, run_id: str) -> Path:
 
 def has_run(folder: Path) -> bool:
     """Whether a training run committed at least one epoch in ``folder``."""
-    from modules.training import STATE_FILE
+    from modules.training.trainer import STATE_FILE
 
     return (Path(folder) / STATE_FILE).is_file()
 
@@ -99,7 +99,7 @@ class TrainingTask:
 
 def packed_datasets(cfg: PipelineConfig):
     """The packed train and val splits (stage 4.5) as datasets."""
-    from modules.packing import packed_dataset
+    from modules.cache.packing import packed_dataset
 
     return [packed_dataset(cfg, split) for split in ("train", "val")]
 
@@ -107,13 +107,13 @@ def packed_datasets(cfg: PipelineConfig):
 def packed_batch_datasets(cfg: PipelineConfig):
     """The packed train and val splits as batch-at-once datasets (``collate_fn=collate_batch``;
     batches arrive in the stored float16 / uint8 and the step converts them on its device)."""
-    from modules.packing import PackedBatches
+    from modules.cache.packing import PackedBatches
 
     return [PackedBatches(packed) for packed in packed_datasets(cfg)]
 
 
 def head_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
-    from modules.packing import as_float32, collate_batch
+    from modules.cache.packing import as_float32, collate_batch
 
     model = build_head(cfg)
     loss_fn = BceDiceLoss(dice_lambda=cfg.training.dice_lambda)
@@ -140,7 +140,7 @@ def variance_margin(log_var: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
 
 
 def variance_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
-    from modules.packing import as_float32, collate_batch
+    from modules.cache.packing import as_float32, collate_batch
 
     head, _ = load_trained_head(cfg, head_run_id, device)
     model = build_variance_network(cfg)
@@ -169,12 +169,12 @@ def variance_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | 
 
 def fusion_uncertainty_source(cfg: PipelineConfig, run_id: str, device):
     """The configured uncertainty map (``fusion.uncertainty_source``) from the trained runs of ``run_id``."""
-    from modules.fusion import make_uncertainty_source
+    from modules.uncertainty.fusion import make_uncertainty_source
 
     name = cfg.fusion.uncertainty_source
     head = posterior = variance_network = None
     if name == "laplace_epistemic":
-        from modules.laplace_stage import load_head_posterior
+        from modules.stages.fit_laplace import load_head_posterior
 
         head, posterior = load_head_posterior(cfg, run_id, device)
     elif name in ("map_entropy", "variance_network"):
@@ -187,7 +187,7 @@ def fusion_uncertainty_source(cfg: PipelineConfig, run_id: str, device):
 
 
 def build_fusion(cfg: PipelineConfig, embed_dim: int = 256):
-    from modules.fusion import UncertaintyFusion
+    from modules.uncertainty.fusion import UncertaintyFusion
 
     return UncertaintyFusion(embed_dim=embed_dim, hidden_channels=cfg.fusion.hidden_channels)
 
@@ -206,10 +206,10 @@ def subset_rows(dataset, max_rows: int, seed: int):
 
 
 def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
-    from modules.backbones import load_backbone
-    from modules.fusion import FusionDataset, refinement_step
-    from modules.losses import FocalDiceIouLoss
-    from modules.packing import open_cache
+    from modules.sam.backbones import load_backbone
+    from modules.uncertainty.fusion import FusionDataset, refinement_step
+    from modules.training.losses import FocalDiceIouLoss
+    from modules.cache.packing import open_cache
 
     backbone = load_backbone(cfg.sam.family, cfg.sam.model_type, cfg.sam.checkpoint, device)
     cache = open_cache(cfg)
@@ -240,7 +240,7 @@ def kill_hook_from_env():
     import os
     import signal
 
-    from modules.stage import KILL_HOOK_ENV
+    from modules.core.stage import KILL_HOOK_ENV
 
     kill_after = int(os.environ.get(KILL_HOOK_ENV, "0"))
     if not kill_after:
@@ -314,8 +314,8 @@ def run_stage(ctx, model_kind: str, run_id: str, resume: bool, run_sanity_check:
 
 def pack_fingerprint(cfg: PipelineConfig) -> dict[str, str]:
     """What a training run is computed from upstream: the packing stage's own fingerprint."""
-    from modules.fileio import file_md5
-    from modules.packing import training_data_dir
+    from modules.core.fileio import file_md5
+    from modules.cache.packing import training_data_dir
 
     stage_file = training_data_dir(cfg.project_root) / ".stage.pack_to_hdf5.json"
     return {"packed_splits": file_md5(stage_file)} if stage_file.is_file() else {}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.config import ConfigError
+from modules.core.config import ConfigError
 
 
 def _per_sample_sum(values: torch.Tensor) -> torch.Tensor:

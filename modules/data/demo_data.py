@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from modules.fileio import atomic_write_bytes, atomic_write_json
+from modules.core.fileio import atomic_write_bytes, atomic_write_json
 
 GENERATOR_VERSION = "1"
 GROUPS: tuple[str, ...] = ("plain", "camouflage", "shadow", "transparent", "medical_gray", "thin")

@@ -18,10 +18,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from modules import laplace_posterior as lp
-from modules.config import PipelineError
-from modules.fileio import atomic_write_csv, atomic_write_json, cached_file_md5, read_json
-from modules.head_training import load_trained_head, packed_datasets, resolve_device
+from modules.laplace import posterior as lp
+from modules.core.config import PipelineError
+from modules.core.fileio import atomic_write_csv, atomic_write_json, cached_file_md5, read_json
+from modules.stages.train import load_trained_head, packed_datasets, resolve_device
 
 LAPLACE_DIR = "laplace"
 ARTIFACTS = ("laplace_state.pt", "laplace_config.yaml", "posterior_meta.json")
@@ -120,7 +120,7 @@ def run_stage(ctx, run_id: str) -> None:
     cfg = ctx.cfg
     settings = cfg.laplace
     if settings.target == "sam_decoder":
-        from modules.decoder_laplace import run_decoder_stage
+        from modules.laplace.decoder import run_decoder_stage
 
         return run_decoder_stage(ctx, run_id)
     if settings.target != "head":
@@ -147,7 +147,7 @@ def run_stage(ctx, run_id: str) -> None:
     lp.save_posterior(folder, la, meta, cfg.section("laplace"))
     atomic_write_csv(folder / "prior_precision_nll.csv", grid_table)
 
-    from modules.plots import plot_prior_grid
+    from modules.scoring.plots import plot_prior_grid
 
     plot_prior_grid(list(search.grid), list(search.nll), search.best_prior_precision,
                     folder / "prior_precision_nll.png", title=f"Laplace prior precision (temperature {temperature:g})")

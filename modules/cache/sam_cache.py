@@ -62,8 +62,8 @@ from typing import Iterable, Iterator
 import h5py
 import numpy as np
 
-from modules.config import PipelineError
-from modules.fileio import atomic_path, atomic_write_json, atomic_write_text
+from modules.core.config import PipelineError
+from modules.core.fileio import atomic_path, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("pipeline.sam_cache")
 

@@ -53,9 +53,9 @@ from laplace.baselaplace import ParametricLaplace
 from laplace.curvature import AsdlGGN, BackPackGGN, CurvlinopsGGN
 from laplace.curvature.curvature import CurvatureInterface
 
-from modules.entropy import binary_entropy, binary_entropy_from_logits
-from modules.config import PipelineError
-from modules.fileio import atomic_write_bytes, atomic_write_json, atomic_write_yaml, read_json
+from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
+from modules.core.config import PipelineError
+from modules.core.fileio import atomic_write_bytes, atomic_write_json, atomic_write_yaml, read_json
 
 # Measured on the 2-core development CPU, 8 images of 256 x 256 pixels, C = 16, one image per chunk:
 # backpack 7.4 s, asdl 8.1 s, curvlinops 14.3 s (with 16384-pixel chunks: 10.2 / 11.9 / 29.6 s).
@@ -941,7 +941,7 @@ class PosteriorQualityAccumulator:
     MAP gets wrong vs right. ``update`` takes ``B x H x W`` maps on one device."""
 
     def __init__(self, nll_eps: float = DEFAULT_NLL_EPS):
-        from modules.metrics import CalibrationAccumulator
+        from modules.scoring.metrics import CalibrationAccumulator
 
         self.calibration = {"map": CalibrationAccumulator(eps=nll_eps), "laplace": CalibrationAccumulator(eps=nll_eps)}
         self.mi_sum = {True: 0.0, False: 0.0}

@@ -27,7 +27,7 @@ import torch
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
-from modules.entropy import binary_entropy_from_logits
+from modules.scoring.entropy import binary_entropy_from_logits
 
 LN2 = math.log(2.0)
 
@@ -90,7 +90,7 @@ def refine(backbone, fusion: UncertaintyFusion, features: dict, original_hw, pro
         ``(logits P x 1 x 256 x 256 FRAME256, iou_predictions P x 1)`` of the chosen output;
         differentiable w.r.t. the fusion module's parameters when ``enable_grad``.
     """
-    from modules.precompute import MULTIMASK_POLICIES
+    from modules.stages.precompute import MULTIMASK_POLICIES
 
     policy = MULTIMASK_POLICIES[multimask_policy]
     mask_embedding = backbone.mask_embedding(first_pass_logits, original_hw)
@@ -124,7 +124,7 @@ def make_uncertainty_source(name: str, head=None, posterior=None, variance_netwo
         return posterior.uncertainty_maps(x, num_samples, seed=seed)["mutual_information"].clamp(0, LN2) / LN2
 
     def variance_network_map(x):
-        from modules.models import VarianceNetwork
+        from modules.training.models import VarianceNetwork
 
         log_var = variance_network(VarianceNetwork.build_inputs(x, head(x)))[:, 0]
         low, high = log_var_range
@@ -137,12 +137,12 @@ def make_uncertainty_source(name: str, head=None, posterior=None, variance_netwo
                "laplace_epistemic": laplace_epistemic, "variance_network": variance_network_map,
                "constant": constant}
     if name not in sources:
-        from modules.config import PipelineError
+        from modules.core.config import PipelineError
 
         raise PipelineError(f"fusion.uncertainty_source: {name!r} is not one of {', '.join(sources)}")
     needs = {"map_entropy": head, "laplace_epistemic": posterior, "variance_network": variance_network}
     if name in needs and needs[name] is None:
-        from modules.config import PipelineError
+        from modules.core.config import PipelineError
 
         raise PipelineError(f"fusion.uncertainty_source: {name!r} needs its trained model (head/Laplace/variance run)")
     return torch.no_grad()(sources[name])
@@ -174,7 +174,7 @@ class FusionDataset(torch.utils.data.Dataset):
 
     def _prompt_tensors(self, safe_id: str):
         if safe_id not in self._prompts:
-            from modules.promptset import load_promptsets, promptset_tensors
+            from modules.data.promptset import load_promptsets, promptset_tensors
 
             record = load_promptsets(self.project_root, self.packed.split, safe_id)
             points, labels, _, boxes = promptset_tensors(record)
@@ -198,7 +198,7 @@ class FusionDataset(torch.utils.data.Dataset):
 def refinement_step(backbone, prompt_mode: str, multimask_policy: str, uncertainty_source: UncertaintySource,
                     loss_fn):
     """The ``step_fn`` of fusion training: one refinement pass per row, loss on the refined mask."""
-    from modules.precompute import PROMPT_MODES
+    from modules.stages.precompute import PROMPT_MODES
 
     def step_fn(model, batch):
         inputs = batch["inputs"]

@@ -41,16 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.entropy import binary_entropy, binary_entropy_from_logits
-from modules.backbones import resolve_device
-from modules.config import PipelineError
-from modules.packing import packed_inputs
-from modules.promptset import gaussian_prompt_maps, promptset_tensors, sample_key
-from modules.prompt_perturbation import PerturbationMagnitudes, prompt_perturbation_predict
-from modules.tta import ImageTransform, tta_predict
+from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
+from modules.sam.backbones import resolve_device
+from modules.core.config import PipelineError
+from modules.cache.packing import packed_inputs
+from modules.data.promptset import gaussian_prompt_maps, promptset_tensors, sample_key
+from modules.uncertainty.prompt_perturbation import PerturbationMagnitudes, prompt_perturbation_predict
+from modules.uncertainty.tta import ImageTransform, tta_predict
 
 if TYPE_CHECKING:
-    from modules.sam_cache import CacheEntry
+    from modules.cache.sam_cache import CacheEntry
 
 FRAME = 256
 #: The cache feature holding the image embedding (``C x 64 x 64``) a head may consume.
@@ -367,7 +367,7 @@ class LaplaceStrategy(Strategy):
         self.device = posterior.device
 
     def predict(self, sample: EvalSample) -> StrategyOutput:
-        from modules.laplace_posterior import HeadInputs
+        from modules.laplace.posterior import HeadInputs
 
         head = getattr(self.posterior, "head", None)
         embedding = None
@@ -406,7 +406,7 @@ class VarianceNetworkStrategy(Strategy):
         self.seed = int(seed)
 
     def predict(self, sample: EvalSample) -> StrategyOutput:
-        from modules.models import VarianceNetwork
+        from modules.training.models import VarianceNetwork
 
         logits = _head_logits(self.head, sample)
         inputs = VarianceNetwork.build_inputs(sample.head_inputs.to(self.device), logits.unsqueeze(1))

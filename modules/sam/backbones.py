@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.fileio import cached_file_md5
+from modules.core.fileio import cached_file_md5
 
 FRAME256 = 256
 #: Logit written into the padded (outside-the-image) part of SAM v1's low-res mask input. SAM's

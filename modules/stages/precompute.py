@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from modules import sam_cache
-from modules.config import PipelineConfig
-from modules.stage import Shard, UnitCounts
+from modules.cache import sam_cache
+from modules.core.config import PipelineConfig
+from modules.core.stage import Shard, UnitCounts
 
 log = logging.getLogger("pipeline.precompute")
 
@@ -103,7 +103,7 @@ class CacheUnit:
 
 def list_units(project_root: Path) -> list[CacheUnit]:
     """Every sample of every split, in a fixed order (split order, then manifest order)."""
-    from modules.manifest import SPLITS, load_split_manifest
+    from modules.data.manifest import SPLITS, load_split_manifest
 
     units = []
     for split in SPLITS:
@@ -114,8 +114,8 @@ def list_units(project_root: Path) -> list[CacheUnit]:
 
 def promptset_md5(project_root: Path, unit: CacheUnit) -> str | None:
     """md5 of the unit's prompt-set JSON, None when the file is missing."""
-    from modules.fileio import cached_file_md5
-    from modules.promptset import promptset_path
+    from modules.core.fileio import cached_file_md5
+    from modules.data.promptset import promptset_path
 
     path = promptset_path(project_root, unit.split, unit.safe_id)
     return cached_file_md5(path) if path.is_file() else None
@@ -162,8 +162,8 @@ class ImageLoader(Dataset):
         return len(self.units)
 
     def __getitem__(self, index: int) -> LoadedImage:
-        from modules.imageio import ImageReadError, read_image_rgb
-        from modules.promptset import load_promptsets, promptset_path, promptset_tensors
+        from modules.data.imageio import ImageReadError, read_image_rgb
+        from modules.data.promptset import load_promptsets, promptset_path, promptset_tensors
 
         unit = self.units[index]
         item = LoadedImage(unit)
@@ -442,9 +442,9 @@ def _stored_feature_shapes(path: Path) -> dict[str, tuple[int, int, int]] | None
 
 def run_stage(ctx, shard: Shard) -> None:
     """Stage 3 entry point (``precompute_sam_outputs.py``)."""
-    from modules.backbones import BackboneError, load_backbone
-    from modules.config import PipelineError
-    from modules.fileio import cached_file_md5
+    from modules.sam.backbones import BackboneError, load_backbone
+    from modules.core.config import PipelineError
+    from modules.core.fileio import cached_file_md5
 
     sam = ctx.cfg.sam
     try:
@@ -479,11 +479,11 @@ def write_sanity_panels(ctx, split: str, count: int) -> list[Path]:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from modules.config import PipelineError
-    from modules.fileio import atomic_path, cached_file_md5
-    from modules.imageio import read_image_rgb, read_mask
-    from modules.manifest import load_split_manifest
-    from modules.promptset import FRAME, gaussian_prompt_maps, load_promptsets, promptset_tensors
+    from modules.core.config import PipelineError
+    from modules.core.fileio import atomic_path, cached_file_md5
+    from modules.data.imageio import read_image_rgb, read_mask
+    from modules.data.manifest import load_split_manifest
+    from modules.data.promptset import FRAME, gaussian_prompt_maps, load_promptsets, promptset_tensors
 
     cfg = ctx.cfg
     sam = cfg.sam

@@ -52,8 +52,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from modules import sam_cache
-from modules.config import PipelineConfig, PipelineError
+from modules.cache import sam_cache
+from modules.core.config import PipelineConfig, PipelineError
 
 log = logging.getLogger("pipeline.packing")
 
@@ -129,7 +129,7 @@ def _read_index_csv(data: bytes) -> pd.DataFrame:
 
 def configured_backbone_id(cfg: PipelineConfig) -> str:
     """The cache folder name of the backbone in ``cfg.sam`` (family, model type, checkpoint md5)."""
-    from modules.backbones import checkpoint_md5
+    from modules.sam.backbones import checkpoint_md5
 
     try:
         md5 = checkpoint_md5(cfg.sam.checkpoint)
@@ -224,9 +224,9 @@ def build_split_index(project_root: Path, split: str, locations: dict[str, Cache
     when its prompt-set file is not the one the cached logits were computed from
     (``stale_in_cache``: rerun precompute_sam_outputs.py).
     """
-    from modules.fileio import cached_file_md5
-    from modules.manifest import load_split_manifest
-    from modules.promptset import load_promptsets, promptset_path
+    from modules.core.fileio import cached_file_md5
+    from modules.data.manifest import load_split_manifest
+    from modules.data.promptset import load_promptsets, promptset_path
 
     rows: list[dict] = []
     missing: list[str] = []
@@ -270,9 +270,9 @@ def run_index_stage(ctx) -> None:
     Fingerprint: the backbone config, the split manifests and the cache manifests (which carry
     every entry's prompt-set md5). A CSV is rewritten only when its content changes.
     """
-    from modules.fileio import atomic_write_text
-    from modules.manifest import SPLITS, split_manifest_paths
-    from modules.stage import upstream_fingerprint
+    from modules.core.fileio import atomic_write_text
+    from modules.data.manifest import SPLITS, split_manifest_paths
+    from modules.core.stage import upstream_fingerprint
 
     cache = open_cache(ctx.cfg)
     locations = cache_locations(cache)
@@ -435,7 +435,7 @@ def _stored_fingerprint(path: Path) -> dict | None:
 
 def packed_target(mask_path: str, image_hw: tuple[int, int], threshold: int) -> np.ndarray:
     """``1 x 256 x 256`` uint8 (0/1) target: the mask at image size, nearest-resized to FRAME256."""
-    from modules.imageio import read_mask, resize_mask_nearest
+    from modules.data.imageio import read_mask, resize_mask_nearest
 
     mask = read_mask(mask_path, threshold=threshold)
     if mask.shape != tuple(image_hw):
@@ -475,7 +475,7 @@ class SplitPacker:
                 reason = "does not open" if stored is None else "was made from other inputs"
                 self.messages.append(f"{self.partial.name} {reason}; starting it over")
         if not reusable:
-            from modules.fileio import atomic_path
+            from modules.core.fileio import atomic_path
 
             with atomic_path(self.partial) as tmp:
                 _create_packed_file(tmp, self.plan, self._embedding_shape())
@@ -508,10 +508,10 @@ class SplitPacker:
 
     def pack_sample(self, sample: int) -> None:
         """Read the cache entry and the mask once, build all prompt maps in one call, write, flag."""
-        from modules.fileio import cached_file_md5
-        from modules.imageio import MaskReadError
-        from modules.promptset import gaussian_prompt_maps, load_promptsets, promptset_path, promptset_tensors
-        from modules.stage import UnitError
+        from modules.core.fileio import cached_file_md5
+        from modules.data.imageio import MaskReadError
+        from modules.data.promptset import gaussian_prompt_maps, load_promptsets, promptset_path, promptset_tensors
+        from modules.core.stage import UnitError
 
         rows = self.plan.rows_of(sample)
         index = self.plan.index.iloc[rows]
@@ -597,8 +597,8 @@ def run_pack_stage(ctx) -> None:
     and the index CSVs. Units are samples (via ``ctx.run_units``, so the SIGKILL test hook
     applies). A split whose final file matches is skipped; an interrupted one resumes.
     """
-    from modules.manifest import SPLITS
-    from modules.stage import upstream_fingerprint
+    from modules.data.manifest import SPLITS
+    from modules.core.stage import upstream_fingerprint
 
     cfg = ctx.cfg
     settings = PackSettings.from_config(cfg)

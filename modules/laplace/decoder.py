@@ -61,12 +61,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from modules import laplace_posterior as lp
-from modules.config import PipelineConfig
-from modules.fileio import (atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_yaml,
+from modules.laplace import posterior as lp
+from modules.core.config import PipelineConfig
+from modules.core.fileio import (atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_yaml,
                             cached_file_md5, read_json)
-from modules.precompute import MULTIMASK_POLICIES, PROMPT_MODES
-from modules.uncertainty import EvalSample, Strategy, StrategyOutput, _derived_seed
+from modules.stages.precompute import MULTIMASK_POLICIES, PROMPT_MODES
+from modules.uncertainty.strategies import EvalSample, Strategy, StrategyOutput, _derived_seed
 
 TARGET = "sam_decoder"
 #: ``posterior_meta.json``'s ``backend`` for this target: the closed-form factorised GGN diagonal.
@@ -404,7 +404,7 @@ class SplitRows:
     """
 
     def __init__(self, cfg: PipelineConfig, split: str, backbone, cache=None):
-        from modules.packing import PackedSplitDataset, open_cache, packed_path
+        from modules.cache.packing import PackedSplitDataset, open_cache, packed_path
 
         self.cfg, self.split, self.backbone = cfg, split, backbone
         self.packed = PackedSplitDataset(packed_path(cfg.project_root, split), in_memory=cfg.training.in_memory)
@@ -422,7 +422,7 @@ class SplitRows:
         return len(self.packed)
 
     def _record(self, safe_id: str) -> dict:
-        from modules.promptset import load_promptsets, promptset_path
+        from modules.data.promptset import load_promptsets, promptset_path
 
         try:
             return load_promptsets(self.cfg.project_root, self.split, safe_id)
@@ -433,8 +433,8 @@ class SplitRows:
 
     def decode(self, rows: np.ndarray) -> DecodedRows:
         """The packed rows ``rows`` (all of one image) decoded at their chosen outputs."""
-        from modules.promptset import promptset_tensors
-        from modules.sam_cache import SamCacheError
+        from modules.data.promptset import promptset_tensors
+        from modules.cache.sam_cache import SamCacheError
 
         safe_id = self.packed.sample_safe_ids[int(self.packed.row_sample[rows[0]])]
         try:
@@ -647,7 +647,7 @@ def load_decoder_posterior_from_dir(folder: str | Path, device: torch.device | s
 
 
 def decoder_run_dir(project_root: str | Path, run_id: str) -> Path:
-    from modules.laplace_stage import run_dir
+    from modules.stages.fit_laplace import run_dir
 
     return run_dir(project_root, TARGET, run_id)
 
@@ -743,9 +743,9 @@ class DecoderLaplaceStrategy(Strategy):
 
 def run_decoder_stage(ctx, run_id: str) -> None:
     """Stage 6 for ``laplace.target: sam_decoder`` (see the module docstring); ``run_id`` names the run."""
-    from modules.backbones import BackboneError, load_backbone
-    from modules.laplace_stage import already_fitted
-    from modules.plots import plot_prior_grid
+    from modules.sam.backbones import BackboneError, load_backbone
+    from modules.stages.fit_laplace import already_fitted
+    from modules.scoring.plots import plot_prior_grid
 
     cfg = ctx.cfg
     settings = cfg.laplace

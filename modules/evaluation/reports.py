@@ -30,13 +30,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from modules import metrics
-from modules.evaluation import OVERALL, SEGMENTATION_KEYS
-from modules.fileio import atomic_write_csv, atomic_write_text
+from modules.scoring import metrics
+from modules.evaluation.evaluate import OVERALL, SEGMENTATION_KEYS
+from modules.core.fileio import atomic_write_csv, atomic_write_text
 
 if TYPE_CHECKING:
-    from modules.evaluation import Scoreboard, ScoredMethod
-    from modules.uncertainty import EvalSample
+    from modules.evaluation.evaluate import Scoreboard, ScoredMethod
+    from modules.uncertainty.strategies import EvalSample
 
 QUALITATIVE_DIR = "qualitative"
 SUMMARY_MARKDOWN = "summary.md"
@@ -210,7 +210,7 @@ def refinement_markdown(refinement: pd.DataFrame, unrefined: str) -> str:
 def write_qualitative_panels(folder: Path, sample: "EvalSample", scored: dict[str, "ScoredMethod"],
                              methods: Iterable[str]) -> list[Path]:
     """One panel per method for the sample's first prompt set."""
-    from modules.plots import plot_qualitative_panel
+    from modules.scoring.plots import plot_qualitative_panel
 
     promptset_id = int(sample.record["promptsets"][0]["promptset_id"])
     gt = torch.from_numpy(sample.gt_mask)
@@ -232,7 +232,7 @@ def write_qualitative_panels(folder: Path, sample: "EvalSample", scored: dict[st
 
 
 def write_curve_plots(folder: Path, curves_by_domain: dict[str, dict[str, dict]], strategies: list[str]) -> list[Path]:
-    from modules.plots import plot_reliability_diagram, plot_sparsification
+    from modules.scoring.plots import plot_reliability_diagram, plot_sparsification
 
     paths = []
     for domain, by_method in curves_by_domain.items():

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.config import ConfigError
+from modules.core.config import ConfigError
 
 FINAL_LAYER_NAME = "final_conv"
 

@@ -34,9 +34,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
-from modules.config import PipelineConfig, PipelineError, load_config
-from modules.fileio import atomic_write_json, atomic_write_yaml, read_json, stable_hash
-from modules.tracking import NullTracker, start_tracker
+from modules.core.config import PipelineConfig, PipelineError, load_config
+from modules.core.fileio import atomic_write_json, atomic_write_yaml, read_json, stable_hash
+from modules.core.tracking import NullTracker, start_tracker
 
 log = logging.getLogger("pipeline")
 
@@ -259,7 +259,7 @@ def describe_changes(previous: dict, current: dict) -> list[str]:
 
 def upstream_fingerprint(paths: Iterable[Path]) -> dict[str, str]:
     """Content hashes of small upstream artifacts (CSV manifests, JSON), keyed by file name."""
-    from modules.fileio import file_md5
+    from modules.core.fileio import file_md5
 
     return {Path(p).name: file_md5(p) for p in paths}
 

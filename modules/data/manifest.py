@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import pandas as pd
 from tqdm import tqdm
 
-from modules.imageio import (
+from modules.data.imageio import (
     IMAGE_EXTENSIONS,
     MASK_EXTENSIONS,
     ImageReadError,
@@ -629,7 +629,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 def load_split_manifest(project_root: Path, split: str) -> pd.DataFrame:
     """The valid samples of one split (stage 1's output), as written by ``run_stage``."""
-    from modules.config import PipelineError
+    from modules.core.config import PipelineError
 
     path = manifest_path(project_root, split)
     if not path.is_file():
@@ -647,13 +647,13 @@ def run_stage(ctx) -> None:
     A rerun rescans the folders: samples already in ``all_samples.csv`` keep their split and
     safe id, new ones are assigned, and CSVs whose content did not change are not rewritten.
     """
-    from modules.config import PipelineError, require_existing
-    from modules.fileio import atomic_write_text
+    from modules.core.config import PipelineError, require_existing
+    from modules.core.fileio import atomic_write_text
 
     cfg = ctx.cfg
     data = cfg.data
     if cfg.demo.enabled:
-        from modules.demo_data import write_demo_dataset
+        from modules.data.demo_data import write_demo_dataset
 
         print(f"[{ctx.name}] demo data: {cfg.demo.scenes_per_group} scenes per group -> {data.images_root}")
         write_demo_dataset(data.images_root, data.masks_root, cfg.demo.scenes_per_group, cfg.demo.seed)

@@ -28,9 +28,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from modules.config import ConfigError
-from modules.promptset import sample_key as sample_key_of_id
-from modules.tta import decode_selected_logits
+from modules.core.config import ConfigError
+from modules.data.promptset import sample_key as sample_key_of_id
+from modules.uncertainty.tta import decode_selected_logits
 
 SAM_REFERENCE_SIDE = 1024
 MAGNITUDES_KEY = "evaluation.prompt_perturbation"
