@@ -5,12 +5,13 @@ Writes ``<project_root>/manifests/{all_samples,train,val,test,invalid_samples}.c
 """
 
 from modules.data import manifest
+from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 
 
 def main() -> None:
     args = default_argument_parser(__doc__.splitlines()[0]).parse_args()
-    with stage_context("build_manifests", args, output_dir="manifests") as ctx:
+    with stage_context("build_manifests", args, output_dir=paths.MANIFEST_DIR) as ctx:
         manifest.run_stage(ctx)
 
 

@@ -9,6 +9,7 @@ resumes where it stopped.
 """
 
 from modules.evaluation import evaluate as evaluation
+from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 
 
@@ -22,7 +23,7 @@ def main() -> None:
     runs = evaluation.RunIds.resolve(args.run_id, args.head_run_id, args.variance_run_id, args.laplace_run_id,
                                      args.fusion_run_id)
     name = args.name or f"run_{args.run_id}"
-    with stage_context("evaluate_uncertainty", args, output_dir=str(evaluation.EVAL_DIR / name),
+    with stage_context("evaluate_uncertainty", args, output_dir=paths.eval_report_relpath(name),
                        extra_tracker_config={"run_ids": vars(runs)}) as ctx:
         evaluation.run_stage(ctx, runs)
 

@@ -6,9 +6,8 @@
 Artifacts go to ``<project_root>/laplace/<target>/run_<id>/``.
 """
 
-import os
-
 from modules.stages import fit_laplace as laplace_stage
+from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 
 
@@ -18,7 +17,7 @@ def main() -> None:
     args = parser.parse_args()
 
     def output_dir(cfg) -> str:
-        return os.path.join(laplace_stage.LAPLACE_DIR, cfg.laplace.target, f"run_{args.run_id}")
+        return paths.laplace_run_relpath(cfg.laplace.target, args.run_id)
 
     with stage_context("fit_laplace", args, output_dir=output_dir) as ctx:
         laplace_stage.run_stage(ctx, args.run_id)

@@ -5,12 +5,13 @@ row); a split whose file is complete and was packed from the same inputs is skip
 """
 
 from modules.cache import packing
+from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 
 
 def main() -> None:
     args = default_argument_parser(__doc__.splitlines()[0]).parse_args()
-    with stage_context("pack_to_hdf5", args, output_dir=packing.TRAINING_DATA_DIR) as ctx:
+    with stage_context("pack_to_hdf5", args, output_dir=paths.TRAINING_DATA_DIR) as ctx:
         packing.run_pack_stage(ctx)
 
 

@@ -6,12 +6,13 @@ are skipped; a damaged shard file is salvaged and only what it lost is recompute
 """
 
 from modules.stages import precompute
+from modules.core import paths
 from modules.core.stage import default_argument_parser, resolve_shard, stage_context
 
 
 def main() -> None:
     args = default_argument_parser(__doc__.splitlines()[0], sharded=True).parse_args()
-    with stage_context("precompute_sam_outputs", args, output_dir="sam_cache") as ctx:
+    with stage_context("precompute_sam_outputs", args, output_dir=paths.SAM_CACHE_DIR) as ctx:
         precompute.run_stage(ctx, resolve_shard(args))
 
 

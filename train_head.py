@@ -12,6 +12,7 @@ Checkpoints go to ``<project_root>/checkpoints/<model>/run_<id>/``.
 import os
 
 from modules.stages import train as head_training
+from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 
 
@@ -25,7 +26,7 @@ def main() -> None:
     parser.add_argument("--sanity_check", action="store_true", help="overfit one small batch and exit")
     parser.add_argument("--head_run_id", default=None, help="the frozen head a variance/fusion run uses (default: --run_id)")
     args = parser.parse_args()
-    output = os.path.join(head_training.CHECKPOINT_DIR, args.model, f"run_{args.run_id}")
+    output = paths.checkpoint_run_relpath(args.model, args.run_id)
     with stage_context(f"train_{args.model}", args, output_dir=output,
                        track=int(os.environ.get("RANK", "0")) == 0) as ctx:
         resume = args.resume or (args.resume_if_exists and head_training.has_run(ctx.output_dir))

@@ -5,6 +5,7 @@ cached samples of ``--split`` (first prompt set of each), everything shown in FR
 """
 
 from modules.stages import precompute
+from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 
 
@@ -13,7 +14,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8, help="number of samples (default 8)")
     parser.add_argument("--split", default="train", choices=("train", "val", "test"))
     args = parser.parse_args()
-    with stage_context("visualize_sanity", args, output_dir="reports/debug_panels") as ctx:
+    with stage_context("visualize_sanity", args, output_dir=paths.DEBUG_PANELS_DIR) as ctx:
         precompute.write_sanity_panels(ctx, args.split, args.n)
 
 

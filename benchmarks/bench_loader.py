@@ -49,6 +49,7 @@ from modules.core.tracking import NullTracker  # noqa: E402
 from tests.helpers.precompute_fixtures import save_random_checkpoint  # noqa: E402
 from tests.stage_runner import run_stage, write_config  # noqa: E402
 from tests.test_packing import write_fixture_cache  # noqa: E402
+from modules.core.paths import packed_path  # noqa: E402
 
 BATCH_SIZE = 8
 SEED_ARRAYS = ("logits_256", "pos_map", "neg_map")
@@ -212,13 +213,13 @@ def main() -> None:
         folder = args.keep or Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
         root = folder / "project"
-        if not packing.packed_path(root, "train").is_file():  # --keep DIR of an earlier run: reused
+        if not packed_path(root, "train").is_file():  # --keep DIR of an earlier run: reused
             started = time.perf_counter()
             build_project(folder, args.scenes_per_group)
             print(f"project built in {time.perf_counter() - started:.1f} s: {root}")
-        packed = {split: packing.PackedSplitDataset(packing.packed_path(root, split), in_memory=False)
+        packed = {split: packing.PackedSplitDataset(packed_path(root, split), in_memory=False)
                   for split in ("train", "val")}
-        in_memory = {split: packing.PackedSplitDataset(packing.packed_path(root, split), in_memory=True)
+        in_memory = {split: packing.PackedSplitDataset(packed_path(root, split), in_memory=True)
                      for split in ("train", "val")}
         seed = {split: SeedLayoutDataset(write_seed_layout(packed[split], folder / "seed_layout" / split))
                 for split in ("train", "val")}
@@ -228,7 +229,7 @@ def main() -> None:
 
         batches = {split: packing.PackedBatches(dataset) for split, dataset in packed.items()}
         batches_in_memory = {split: packing.PackedBatches(dataset) for split, dataset in in_memory.items()}
-        packed_files = [packing.packed_path(root, "train")]
+        packed_files = [packed_path(root, "train")]
         collate = packing.collate_batch
         sources = {  # key (run folder name) -> Source
             "packed_disk": Source("packed HDF5, from disk, item-wise", packed, packed_files),

@@ -13,15 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from modules.core.device import DeviceError, resolve_device
+from modules.core.frames import FRAME256
 from modules.sam.backbones import (
-    FRAME256,
     MASK_INPUT_PAD_LOGIT,
     BackboneError,
     build_model,
     checkpoint_md5,
     load_backbone,
     registered_backbones,
-    resolve_device,
 )
 
 HW = (120, 160)
@@ -154,10 +154,10 @@ def test_load_errors_are_one_line_and_name_the_problem(tmp_path, demo_checkpoint
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(BackboneError, match="tpu"):
+    with pytest.raises(DeviceError, match="tpu"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(BackboneError, match="CUDA"):
+        with pytest.raises(DeviceError, match="CUDA"):
             resolve_device("cuda")
 
 

@@ -12,6 +12,7 @@ import torch
 from modules.laplace import decoder as dl
 from modules.laplace import posterior as lp
 from tests.stage_runner import REPO
+from modules.core.paths import laplace_run_dir
 
 RUN_ID = "dec"
 TARGET_SETTING = ["--set", "laplace.target=sam_decoder"]
@@ -50,7 +51,7 @@ def posterior(cfg):
 
 
 def run_folder(cfg):
-    return dl.decoder_run_dir(cfg.project_root, RUN_ID)
+    return laplace_run_dir(cfg.project_root, dl.TARGET, RUN_ID)
 
 
 def test_artifacts_hold_the_documented_metadata(decoder_fit, cfg):

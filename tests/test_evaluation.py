@@ -21,11 +21,12 @@ from PIL import Image
 
 from modules.scoring import metrics
 from modules.evaluation.evaluate import (REFINEMENT_VARIANTS, STRATEGY_BUILDERS, Scoreboard, accumulator_state, map_binning,
-                                report_dir, restore_accumulator, upsample)
+                                restore_accumulator, upsample)
 from modules.core.stage import KILL_HOOK_ENV
 from tests.stage_runner import REPO
 from modules.scoring.entropy import binary_entropy
 from modules.uncertainty.strategies import LaplaceStrategy, StrategyOutput
+from modules.core.paths import checkpoint_run_dir, eval_report_dir
 
 # Stage processes run single-threaded: on the shared 2-core test machine two torch threads per process
 # spin against the other jobs and made scoring ~20x slower in measurements.
@@ -125,7 +126,7 @@ def test_registries_cover_the_config_choices():
 def evaluated(fusion_project):
     """The full stage once, every strategy and the refinement (fixture config: tiny K)."""
     result = fusion_project.run("evaluate_uncertainty.py", "--run_id", "v1", "--name", "test_full", env=ONE_THREAD)
-    return fusion_project, report_dir(fusion_project.root, "test_full"), result
+    return fusion_project, eval_report_dir(fusion_project.root, "test_full"), result
 
 
 def _read(folder, name):
@@ -232,18 +233,17 @@ CHEAP = ("--set", "evaluation.strategies=[raw_sam,map_head]", "--set", "evaluati
 def test_changed_strategies_or_model_need_force(fusion_project):
     project = fusion_project
     args = ("--run_id", "v1", "--name", "test_changes")
-    shutil.rmtree(report_dir(project.root, "test_changes"), ignore_errors=True)
+    shutil.rmtree(eval_report_dir(project.root, "test_changes"), ignore_errors=True)
     project.run("evaluate_uncertainty.py", *args, *CHEAP, env=ONE_THREAD)
     changed = project.run("evaluate_uncertainty.py", *args, "--set", "evaluation.strategies=[raw_sam]",
                           "--set", "evaluation.refinement=false", check=False, env=ONE_THREAD)
     assert changed.returncode == 2 and "evaluation.strategies" in changed.stderr
 
     # another head checkpoint (one weight changed) is another model: refused, then --force recomputes
-    from modules.stages.train import run_dir
     from modules.training.trainer import load_checkpoint_file
 
-    source = run_dir(project.root, "head", "v1")
-    target = run_dir(project.root, "head", "evalchanged")
+    source = checkpoint_run_dir(project.root, "head", "v1")
+    target = checkpoint_run_dir(project.root, "head", "evalchanged")
     shutil.copytree(source, target, dirs_exist_ok=True)
     state = load_checkpoint_file(target / "best.pt")
     first = next(iter(state))
@@ -254,17 +254,17 @@ def test_changed_strategies_or_model_need_force(fusion_project):
     assert refused.returncode == 2 and "checkpoints.head" in refused.stderr
     forced = project.run("evaluate_uncertainty.py", *args, *other_model, *CHEAP, "--force", env=ONE_THREAD)
     assert int(re.search(r"^\s*done: (\d+)$", forced.stdout, re.M).group(1)) > 0  # recomputed, not skipped
-    folder = report_dir(project.root, "test_changes")
+    folder = eval_report_dir(project.root, "test_changes")
     assert set(_read(folder, "summary_overall.csv")["method"]) == {"raw_sam", "map_head"}
 
 
 def test_killed_run_resumes_to_the_same_reports(fusion_project, evaluated):
     project = fusion_project
     args = ("--run_id", "v1", "--name", "test_resume", *CHEAP)
-    shutil.rmtree(report_dir(project.root, "test_resume"), ignore_errors=True)
+    shutil.rmtree(eval_report_dir(project.root, "test_resume"), ignore_errors=True)
     killed = project.run("evaluate_uncertainty.py", *args, env={**ONE_THREAD, KILL_HOOK_ENV: "2"}, check=False)
     assert killed.returncode != 0
-    folder = report_dir(project.root, "test_resume")
+    folder = eval_report_dir(project.root, "test_resume")
     state = torch.load(folder / "state.pt", weights_only=True)
     assert 1 <= len(state["done"]) <= 2
     resumed = project.run("evaluate_uncertainty.py", *args, env=ONE_THREAD)

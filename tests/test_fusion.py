@@ -10,7 +10,8 @@ import torch
 from scipy import ndimage
 
 from modules.data import demo_data
-from modules.sam.backbones import FRAME256, load_backbone
+from modules.core.frames import FRAME256
+from modules.sam.backbones import load_backbone
 from modules.uncertainty.fusion import Prompts, UncertaintyFusion, refine
 from modules.training.losses import FocalDiceIouLoss
 

@@ -23,7 +23,8 @@ from modules.cache import sam_cache
 from modules.core.config import load_config
 from modules.core.fileio import cached_file_md5
 from modules.data.manifest import SPLITS, load_split_manifest
-from modules.data.promptset import load_promptsets, promptset_path
+from modules.core.paths import cache_dir, promptset_path
+from modules.data.promptset import load_promptsets
 from tests.helpers.precompute_fixtures import save_random_checkpoint, write_tiny_dataset
 from tests.stage_runner import run_stage, write_config
 
@@ -50,7 +51,7 @@ def write_fixture_cache(config_path, skip=(UNCACHED_SAMPLE,), seed=0):
                    cfg.prompt_generation.num_promptsets_test)
     layout = sam_cache.ShardLayout(backbone, cfg.sam.family, cfg.sam.model_type, md5, 0, 1, tuple(slots),
                                    FEATURES, max_sets, 3)
-    folder = sam_cache.cache_dir(root, backbone)
+    folder = cache_dir(root, backbone)
     writer = sam_cache.ShardWriter.open(folder, layout, {})
     rng = np.random.default_rng(seed)
     entries = []

@@ -18,7 +18,8 @@ from modules.cache import sam_cache
 from modules.sam.backbones import load_backbone, registered_backbones
 from modules.core.config import load_config
 from modules.stages.precompute import KILL_AFTER_IMAGES_ENV, run_precompute
-from modules.data.promptset import promptset_path, promptset_tensors
+from modules.core.paths import promptset_path
+from modules.data.promptset import promptset_tensors
 from modules.cache.sam_cache import SamCache
 from modules.core.stage import Shard
 from tests.helpers.precompute_fixtures import make_project, save_random_checkpoint

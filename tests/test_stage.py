@@ -2,7 +2,9 @@ import argparse
 
 import pytest
 
-from modules.core.config import PipelineError, load_config
+from modules.core.config import load_config
+
+from modules.core.errors import PipelineError
 from modules.core.stage import Shard, StageContext, StageInputsChanged, UnitError, resolve_shard
 
 

@@ -53,13 +53,17 @@ import torch
 from torch.utils.data import Dataset
 
 from modules.cache import sam_cache
-from modules.core.config import PipelineConfig, PipelineError
+from modules.core.config import PipelineConfig
+from modules.core.errors import PipelineError
+from modules.core.frames import FRAME256
+from modules.core.paths import cache_dir, index_path, packed_path, training_data_dir
+from modules.core.fileio import cached_file_md5, file_md5
 
 log = logging.getLogger("pipeline.packing")
 
-TRAINING_DATA_DIR = "training_data"
 PACK_FORMAT_VERSION = 1
-FRAME256 = 256
+#: The stage name of ``pack_to_hdf5.py`` (its fingerprint file is ``.stage.<name>.json``).
+PACK_STAGE = "pack_to_hdf5"
 #: The cache feature packed per sample when embeddings are requested (SAM and SAM 2 both have it).
 EMBEDDING_FEATURE = "image_embed"
 #: ``in_memory="auto"`` loads a split when its arrays take less than this share of available RAM.
@@ -96,20 +100,9 @@ class PackingError(PipelineError):
 # --------------------------------------------------------------------------- paths
 
 
-def training_data_dir(project_root: str | os.PathLike) -> Path:
-    return Path(project_root) / TRAINING_DATA_DIR
-
-
-def index_path(project_root: str | os.PathLike, split: str) -> Path:
-    return training_data_dir(project_root) / f"{split}_index.csv"
-
-
-def packed_path(project_root: str | os.PathLike, split: str) -> Path:
-    return training_data_dir(project_root) / f"{split}.h5"
-
-
 def partial_path(project_root: str | os.PathLike, split: str) -> Path:
-    return training_data_dir(project_root) / f"{split}.h5.partial"
+    """The packed split while it is being written (renamed onto ``packed_path`` when complete)."""
+    return packed_path(project_root, split).with_name(f"{split}.h5.partial")
 
 
 def load_index(project_root: str | os.PathLike, split: str) -> pd.DataFrame:
@@ -142,7 +135,7 @@ def configured_backbone_id(cfg: PipelineConfig) -> str:
 def open_cache(cfg: PipelineConfig) -> sam_cache.SamCache:
     """The SAM cache of the configured backbone; the one place later stages locate it."""
     backbone = configured_backbone_id(cfg)
-    folder = sam_cache.cache_dir(cfg.project_root, backbone)
+    folder = cache_dir(cfg.project_root, backbone)
     if not sam_cache.shard_files(folder):
         raise PackingError(f"{folder}: no SAM cache for the configured backbone ({backbone}); "
                            "run precompute_sam_outputs.py first")
@@ -588,6 +581,13 @@ def split_is_packed(project_root: Path, split: str, fingerprint: dict) -> bool:
     """The final file exists and was packed from exactly these inputs."""
     path = packed_path(project_root, split)
     return path.is_file() and _stored_fingerprint(path) == fingerprint
+
+
+def packed_splits_fingerprint(project_root: str | os.PathLike) -> dict[str, str]:
+    """What the packed splits were computed from (the packing stage's own record), for the stages
+    that train on them; empty before the packing stage ran."""
+    stage_file = training_data_dir(project_root) / f".stage.{PACK_STAGE}.json"
+    return {"packed_splits": file_md5(stage_file)} if stage_file.is_file() else {}
 
 
 def run_pack_stage(ctx) -> None:

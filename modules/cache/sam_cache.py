@@ -62,14 +62,15 @@ from typing import Iterable, Iterator
 import h5py
 import numpy as np
 
-from modules.core.config import PipelineError
+from modules.core.errors import PipelineError
 from modules.core.fileio import atomic_path, atomic_write_json, atomic_write_text
+from modules.core.errors import error_line
+from modules.core.frames import FRAME256
+from modules.core.paths import SAM_CACHE_DIR, cache_dir
 
 log = logging.getLogger("pipeline.sam_cache")
 
 FORMAT_VERSION = 1
-CACHE_DIR = "sam_cache"
-FRAME256 = 256
 MD5_BYTES = 32
 #: h5py's advice: chunks between 10 KiB and 1 MiB.
 MAX_CHUNK_BYTES = 1 << 20
@@ -87,10 +88,6 @@ class SamCacheError(PipelineError):
 def backbone_id(family: str, model_type: str, checkpoint_md5: str) -> str:
     """``"<family>-<model_type>-<md5[:12]>"``: the cache folder name of one exact checkpoint."""
     return f"{family}-{model_type}-{checkpoint_md5[:12]}"
-
-
-def cache_dir(project_root: str | os.PathLike, backbone: str) -> Path:
-    return Path(project_root) / CACHE_DIR / backbone
 
 
 def shard_file_name(index: int, count: int) -> str:
@@ -339,7 +336,7 @@ class _ReadableCopy:
             self.handle = h5py.File(self.path, "r", locking=False)
             return self
         except OSError as exc:
-            self.problem = _one_line(exc)
+            self.problem = error_line(exc)
             match = _STORED_EOF.search(str(exc))
         if match is None:
             return self
@@ -351,7 +348,7 @@ class _ReadableCopy:
         try:
             self.handle = h5py.File(self._padded, "r", locking=False)
         except OSError as exc:
-            self.problem += f"; padded copy unreadable too ({_one_line(exc)})"
+            self.problem += f"; padded copy unreadable too ({error_line(exc)})"
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -359,10 +356,6 @@ class _ReadableCopy:
             self.handle.close()
         if self._padded is not None:
             self._padded.unlink(missing_ok=True)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def salvage_entries(path: Path, wanted: dict[str, str]) -> Iterator[CacheEntry]:
@@ -383,7 +376,7 @@ def salvage_entries(path: Path, wanted: dict[str, str]) -> Iterator[CacheEntry]:
             md5s = handle["entries/promptset_md5"][:]
             checksums = handle["entries/checksum"][:]
         except (OSError, KeyError, ValueError) as exc:
-            log.warning("%s: cannot read its tables (%s); nothing salvaged", path, _one_line(exc))
+            log.warning("%s: cannot read its tables (%s); nothing salvaged", path, error_line(exc))
             return
         for slot, safe_id in enumerate(safe_ids):
             if not complete[slot] or wanted.get(safe_id) != md5s[slot].decode("ascii", "replace"):
@@ -437,14 +430,14 @@ class ShardWriter:
                 handle = h5py.File(path, "r+")
             except OSError as exc:
                 if "unable to lock file" in str(exc).lower():
-                    raise SamCacheError(f"{path}: open by another writer ({_one_line(exc)})") from None
-                messages.append(f"{path.name}: truncated or corrupt HDF5 file ({_one_line(exc)}); "
+                    raise SamCacheError(f"{path}: open by another writer ({error_line(exc)})") from None
+                messages.append(f"{path.name}: truncated or corrupt HDF5 file ({error_line(exc)}); "
                                 "salvaging its complete entries into a fresh file")
             else:
                 try:
                     mismatch = _layout_matches(handle, layout)
                 except (OSError, KeyError, ValueError) as exc:
-                    mismatch = f"unreadable tables ({_one_line(exc)})"
+                    mismatch = f"unreadable tables ({error_line(exc)})"
                 if mismatch is None:
                     return cls(path, layout, handle, messages)
                 handle.close()
@@ -616,7 +609,7 @@ class SamCache:
                     md5s = handle["entries/promptset_md5"][:]
             except (OSError, KeyError, ValueError) as exc:
                 log.warning("%s: unreadable shard file skipped (%s); rerun precompute_sam_outputs.py "
-                            "to repair it", path, _one_line(exc))
+                            "to repair it", path, error_line(exc))
                 continue
             self._feature_names[path] = names
             for slot, safe_id in enumerate(safe_ids):
@@ -631,7 +624,7 @@ class SamCache:
     def _resolve_folder(root: Path, backbone: str | None) -> Path:
         if shard_files(root) or (root / BACKBONE_INFO_FILE).is_file():
             return root
-        base = root / CACHE_DIR if (root / CACHE_DIR).is_dir() else root
+        base = root / SAM_CACHE_DIR if (root / SAM_CACHE_DIR).is_dir() else root
         if backbone is not None:
             folder = base / backbone
             if not folder.is_dir():
@@ -686,7 +679,7 @@ class SamCache:
             entry = _read_entry(handle, location.slot, names)
             stored = int(handle["entries/checksum"][location.slot]) if verify else None
         except (OSError, KeyError, ValueError) as exc:
-            raise SamCacheError(f"{location.path}: entry {safe_id} unreadable ({_one_line(exc)}); "
+            raise SamCacheError(f"{location.path}: entry {safe_id} unreadable ({error_line(exc)}); "
                                 "rerun precompute_sam_outputs.py to repair the cache") from None
         if verify and entry_checksum(entry, names) != stored:
             raise SamCacheError(f"{location.path}: entry {safe_id} fails its checksum; "

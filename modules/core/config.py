@@ -18,9 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class PipelineError(Exception):
-    """Base class of the errors the stage scripts report as one line, without a traceback."""
+from modules.core.errors import PipelineError
 
 
 class ConfigError(PipelineError):

@@ -34,7 +34,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
-from modules.core.config import PipelineConfig, PipelineError, load_config
+from modules.core.config import PipelineConfig, load_config
+
+from modules.core.errors import PipelineError
 from modules.core.fileio import atomic_write_json, atomic_write_yaml, read_json, stable_hash
 from modules.core.tracking import NullTracker, start_tracker
 

@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
+from modules.core.errors import error_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MASK_EXTENSIONS = IMAGE_EXTENSIONS + (".npy",)
@@ -85,11 +86,6 @@ def has_extension(path: str | Path, extensions: tuple[str, ...]) -> bool:
     return Path(path).suffix.lower() in extensions
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text
-
-
 # ---------------------------------------------------------------------------
 # Header-only access
 # ---------------------------------------------------------------------------
@@ -120,7 +116,7 @@ def probe_image(path: str | Path) -> ImageHeader:
             mode = image.mode
             orientation = _header_orientation(image)
     except _DECODE_ERRORS as error:
-        raise ImageReadError(f"{path}: cannot read image header ({_one_line(error)})") from None
+        raise ImageReadError(f"{path}: cannot read image header ({error_line(error)})") from None
     if orientation in _EXIF_ORIENTATIONS_SWAPPING_AXES:
         height, width = width, height
     return ImageHeader(height=height, width=width, mode=mode)
@@ -148,7 +144,7 @@ def _decode_oriented(path: str | Path, error_type: type[ValueError]) -> Image.Im
             image.load()
             return ImageOps.exif_transpose(image)
     except _DECODE_ERRORS as error:
-        raise error_type(f"{path}: truncated, corrupt or not an image ({_one_line(error)})") from None
+        raise error_type(f"{path}: truncated, corrupt or not an image ({error_line(error)})") from None
 
 
 def _sixteen_bit_levels(image: Image.Image, path: str | Path, error_type: type[ValueError]) -> np.ndarray:
@@ -264,7 +260,7 @@ def _read_npy_mask(path: str | Path) -> np.ndarray:
     try:
         values = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
-        raise MaskReadError(f"{path}: truncated, corrupt or not a .npy array ({_one_line(error)})") from None
+        raise MaskReadError(f"{path}: truncated, corrupt or not a .npy array ({error_line(error)})") from None
     if not isinstance(values, np.ndarray):  # an .npz archive behind a .npy name
         values.close()
         raise MaskReadError(f"{path}: holds an .npz archive, not a single array")

@@ -36,6 +36,7 @@ from modules.data.imageio import (
     read_image_rgb,
     read_mask,
 )
+from modules.core.paths import manifest_path
 
 SPLITS = ("train", "val", "test")
 
@@ -615,21 +616,13 @@ def build_manifest_tables(
 # Stage 1 outputs: written and read only here
 # ---------------------------------------------------------------------------
 
-MANIFEST_DIR = "manifests"
-
-
-def manifest_path(project_root: Path, name: str) -> Path:
-    """``name``: ``all_samples``, ``invalid_samples`` or a split."""
-    return Path(project_root) / MANIFEST_DIR / f"{name}.csv"
-
-
 def _read_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False, dtype={"stem": str, "group": str})
 
 
 def load_split_manifest(project_root: Path, split: str) -> pd.DataFrame:
     """The valid samples of one split (stage 1's output), as written by ``run_stage``."""
-    from modules.core.config import PipelineError
+    from modules.core.errors import PipelineError
 
     path = manifest_path(project_root, split)
     if not path.is_file():
@@ -647,7 +640,8 @@ def run_stage(ctx) -> None:
     A rerun rescans the folders: samples already in ``all_samples.csv`` keep their split and
     safe id, new ones are assigned, and CSVs whose content did not change are not rewritten.
     """
-    from modules.core.config import PipelineError, require_existing
+    from modules.core.config import require_existing
+    from modules.core.errors import PipelineError
     from modules.core.fileio import atomic_write_text
 
     cfg = ctx.cfg

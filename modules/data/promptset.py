@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from modules.core.frames import FRAME256
+from modules.core.paths import promptset_path
 
-FRAME = 256
 FORMAT_VERSION = 2
 
 
@@ -62,13 +63,13 @@ def tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 def to_frame256_points(points: np.ndarray, height: int, width: int) -> np.ndarray:
     """``N x 2`` original (x, y) pixel coordinates -> FRAME256 coordinates."""
-    scale = np.array([FRAME / width, FRAME / height])
+    scale = np.array([FRAME256 / width, FRAME256 / height])
     return (np.asarray(points, dtype=np.float64) + 0.5) * scale - 0.5
 
 
 def to_frame256_box(box, height: int, width: int) -> list[float]:
     x0, y0, x1, y1 = box
-    sx, sy = FRAME / width, FRAME / height
+    sx, sy = FRAME256 / width, FRAME256 / height
     return [x0 * sx, y0 * sy, (x1 + 1) * sx, (y1 + 1) * sy]
 
 
@@ -125,7 +126,7 @@ def build_promptset_record(sample: dict, split: str, mask: np.ndarray, num_sets:
         "split": split,
         "image_h": int(mask.shape[0]),
         "image_w": int(mask.shape[1]),
-        "frame": FRAME,
+        "frame": FRAME256,
         "gaussian_sigma": spec.gaussian_sigma,
         "point_width": point_width(spec),
         "source": source,
@@ -142,7 +143,7 @@ def dumps_record(record: dict) -> str:
 
 
 def gaussian_prompt_maps(points_256: torch.Tensor, labels: torch.Tensor, sigma: float,
-                         size: int = FRAME) -> torch.Tensor:
+                         size: int = FRAME256) -> torch.Tensor:
     """Positive and negative prompt maps in FRAME256.
 
     Args:
@@ -188,10 +189,6 @@ def promptset_tensors(record: dict) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 # --------------------------------------------------------------------------- stage 2
-
-
-def promptset_path(project_root, split: str, safe_id: str):
-    return project_root / "prompt_sets" / split / f"{safe_id}.json"
 
 
 def load_promptsets(project_root, split: str, safe_id: str) -> dict:

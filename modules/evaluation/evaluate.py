@@ -36,18 +36,20 @@ import torch
 import torch.nn.functional as F
 
 from modules.scoring import metrics
-from modules.core.config import PipelineConfig, PipelineError
+from modules.core.config import PipelineConfig
+from modules.core.errors import PipelineError
 from modules.scoring.entropy import binary_entropy_from_logits
 from modules.core.fileio import atomic_path, cached_file_md5
 from modules.uncertainty.strategies import EvalSample, Strategy, StrategyOutput
+from modules.core.device import resolve_device
+from modules.core.frames import FRAME256
+from modules.core.paths import checkpoint_run_dir, eval_report_dir, laplace_run_dir
 
 log = logging.getLogger("pipeline")
 
-EVAL_DIR = Path("reports") / "eval"
 STATE_FILE = "state.pt"
 STATE_FORMAT = 1
 OVERALL = "overall"
-FRAME = 256
 #: Checkpoint the state after a sample once the time since the last checkpoint is at least
 #: ``last checkpoint duration / CHECKPOINT_MAX_OVERHEAD``.
 CHECKPOINT_MAX_OVERHEAD = 0.1
@@ -63,11 +65,6 @@ LOG_SCALE_MAPS = ("entropy", "expected_entropy", "mutual_information", "std", "v
 
 class EvaluationError(PipelineError):
     pass
-
-
-def report_dir(project_root: str | Path, name: str) -> Path:
-    """``<project_root>/reports/eval/<name>``."""
-    return Path(project_root) / EVAL_DIR / name
 
 
 # --------------------------------------------------------------------------- runs and artifacts
@@ -89,35 +86,25 @@ class RunIds:
 
 
 def _head_path(cfg: PipelineConfig, runs: RunIds) -> Path:
-    from modules.stages.train import run_dir
-
-    return run_dir(cfg.project_root, "head", runs.head) / "best.pt"
+    return checkpoint_run_dir(cfg.project_root, "head", runs.head) / "best.pt"
 
 
 def _variance_path(cfg: PipelineConfig, runs: RunIds) -> Path:
-    from modules.stages.train import run_dir
-
-    return run_dir(cfg.project_root, "variance", runs.variance) / "best.pt"
+    return checkpoint_run_dir(cfg.project_root, "variance", runs.variance) / "best.pt"
 
 
 def _laplace_path(cfg: PipelineConfig, runs: RunIds) -> Path:
-    from modules.stages.fit_laplace import run_dir
-
-    return run_dir(cfg.project_root, cfg.laplace.target, runs.laplace) / "laplace_state.pt"
+    return laplace_run_dir(cfg.project_root, cfg.laplace.target, runs.laplace) / "laplace_state.pt"
 
 
 def _head_laplace_path(cfg: PipelineConfig, runs: RunIds) -> Path:
     """The head's own last-layer Laplace (what ``fusion.uncertainty_source: laplace_epistemic``
     reads in training and evaluation), whatever ``laplace.target`` the Laplace strategy scores."""
-    from modules.stages.fit_laplace import run_dir
-
-    return run_dir(cfg.project_root, "head", runs.head) / "laplace_state.pt"
+    return laplace_run_dir(cfg.project_root, "head", runs.head) / "laplace_state.pt"
 
 
 def _fusion_path(cfg: PipelineConfig, runs: RunIds) -> Path:
-    from modules.stages.train import run_dir
-
-    return run_dir(cfg.project_root, "fusion", runs.fusion) / "best.pt"
+    return checkpoint_run_dir(cfg.project_root, "fusion", runs.fusion) / "best.pt"
 
 
 #: Artifact name -> the file it is loaded from (its md5 goes into the stage fingerprint).
@@ -350,7 +337,7 @@ class Refinement:
                             (inputs.point_coords, inputs.point_labels, inputs.boxes)))
         features = sample.features(device)
         sam_logits = torch.from_numpy(np.asarray(sample.cache_entry.logits)).float().to(device).unsqueeze(1)
-        gt_256 = torch.from_numpy(resize_mask_nearest(sample.gt_mask, (FRAME, FRAME))).to(device)
+        gt_256 = torch.from_numpy(resize_mask_nearest(sample.gt_mask, (FRAME256, FRAME256))).to(device)
         first_passes = {
             "sam": sam_logits,
             "ground_truth": torch.where(gt_256, ORACLE_MASK_LOGIT, -ORACLE_MASK_LOGIT)
@@ -711,7 +698,6 @@ def run_stage(ctx, runs: RunIds) -> None:
     """Evaluate every configured method on ``evaluation.split`` and write the reports (module docstring)."""
     from modules.evaluation import reports
     from modules.core.fileio import file_md5
-    from modules.stages.train import resolve_device
     from modules.data.manifest import manifest_path
     from modules.cache.packing import open_cache
 
@@ -727,7 +713,7 @@ def run_stage(ctx, runs: RunIds) -> None:
         reports.remove_reports(folder)
         state_path.unlink(missing_ok=True)
 
-    device = resolve_device(cfg.training.device)
+    device = resolve_device(cfg.training.device, key="training.device")
     scoreboard = Scoreboard(cfg.evaluation.ece_bins, device)
     previous = None if fresh else load_state_file(state_path)
     if previous is not None:

@@ -67,6 +67,8 @@ from modules.core.fileio import (atomic_write_bytes, atomic_write_csv, atomic_wr
                             cached_file_md5, read_json)
 from modules.stages.precompute import MULTIMASK_POLICIES, PROMPT_MODES
 from modules.uncertainty.strategies import EvalSample, Strategy, StrategyOutput, _derived_seed
+from modules.core.errors import error_line
+from modules.core.paths import laplace_run_dir
 
 TARGET = "sam_decoder"
 #: ``posterior_meta.json``'s ``backend`` for this target: the closed-form factorised GGN diagonal.
@@ -83,12 +85,6 @@ ROW_BYTES = (32 + 2) * 256 * 256 * 4
 
 class DecoderLaplaceError(lp.LaplacePosteriorError):
     """Bad input, configuration or artifact for the decoder Laplace (one line naming the culprit)."""
-
-
-def _first_line(error: BaseException) -> str:
-    """The first line of an exception message (some torch and h5py errors span a page)."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _same_device(first: torch.device, second: torch.device) -> bool:
@@ -428,7 +424,7 @@ class SplitRows:
             return load_promptsets(self.cfg.project_root, self.split, safe_id)
         except (OSError, ValueError) as error:
             path = promptset_path(self.cfg.project_root, self.split, safe_id)
-            raise DecoderLaplaceError(f"{path}: unreadable prompt-set file ({_first_line(error)}); "
+            raise DecoderLaplaceError(f"{path}: unreadable prompt-set file ({error_line(error)}); "
                                       "rerun generate_promptsets.py") from None
 
     def decode(self, rows: np.ndarray) -> DecodedRows:
@@ -440,7 +436,7 @@ class SplitRows:
         try:
             entry = self.cache.entry(safe_id)
         except (KeyError, SamCacheError) as error:
-            raise DecoderLaplaceError(f"{self.cache.folder}: {_first_line(error)}; "
+            raise DecoderLaplaceError(f"{self.cache.folder}: {error_line(error)}; "
                                       "rerun precompute_sam_outputs.py") from None
         record = self._record(safe_id)
         record_ids = [int(s["promptset_id"]) for s in record["promptsets"]]
@@ -614,7 +610,7 @@ def read_decoder_meta(folder: str | Path) -> DecoderPosteriorMeta:
     try:
         meta = DecoderPosteriorMeta(**read_json(path))
     except (ValueError, TypeError) as error:
-        raise DecoderLaplaceError(f"{path}: unreadable posterior metadata ({_first_line(error)})") from None
+        raise DecoderLaplaceError(f"{path}: unreadable posterior metadata ({error_line(error)})") from None
     if meta.target != TARGET:
         raise DecoderLaplaceError(f"{path}: a posterior for target {meta.target!r}, not {TARGET!r}")
     return meta
@@ -629,7 +625,7 @@ def read_decoder_state(folder: str | Path, device: torch.device | str = "cpu") -
         state = torch.load(path, map_location=torch.device(device), weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise DecoderLaplaceError(f"{path}: unreadable Laplace state ({type(error).__name__}: "
-                                  f"{_first_line(error)})") from None
+                                  f"{error_line(error)})") from None
     if not isinstance(state, dict) or state.get("format_version") != STATE_FORMAT_VERSION or "tokens" not in state:
         raise DecoderLaplaceError(f"{path}: not a decoder Laplace state (format {STATE_FORMAT_VERSION}); "
                                   "rerun fit_laplace.py --force")
@@ -643,13 +639,7 @@ def load_decoder_posterior_from_dir(folder: str | Path, device: torch.device | s
         return DecoderPosterior.from_state_dict(read_decoder_state(folder, device), device)
     except (KeyError, TypeError, ValueError) as error:
         raise DecoderLaplaceError(f"{Path(folder) / lp.STATE_FILE}: malformed decoder Laplace state "
-                                  f"({_first_line(error)})") from None
-
-
-def decoder_run_dir(project_root: str | Path, run_id: str) -> Path:
-    from modules.stages.fit_laplace import run_dir
-
-    return run_dir(project_root, TARGET, run_id)
+                                  f"({error_line(error)})") from None
 
 
 def sam_checkpoint_md5(cfg: PipelineConfig) -> str:
@@ -662,7 +652,7 @@ def sam_checkpoint_md5(cfg: PipelineConfig) -> str:
 def load_decoder_posterior(cfg: PipelineConfig, run_id: str, device: torch.device | str) -> DecoderPosterior:
     """The decoder posterior of ``run_id`` on ``device``, after checking it was fitted on the configured
     SAM checkpoint (md5), backbone, prompt mode and multimask policy."""
-    folder = decoder_run_dir(cfg.project_root, run_id)
+    folder = laplace_run_dir(cfg.project_root, TARGET, run_id)
     meta = read_decoder_meta(folder)
     md5 = sam_checkpoint_md5(cfg)
     if meta.source_checkpoint_md5 != md5:

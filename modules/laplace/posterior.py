@@ -54,8 +54,9 @@ from laplace.curvature import AsdlGGN, BackPackGGN, CurvlinopsGGN
 from laplace.curvature.curvature import CurvatureInterface
 
 from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
-from modules.core.config import PipelineError
+from modules.core.errors import PipelineError
 from modules.core.fileio import atomic_write_bytes, atomic_write_json, atomic_write_yaml, read_json
+from modules.core.errors import error_line
 
 # Measured on the 2-core development CPU, 8 images of 256 x 256 pixels, C = 16, one image per chunk:
 # backpack 7.4 s, asdl 8.1 s, curvlinops 14.3 s (with 16384-pixel chunks: 10.2 / 11.9 / 29.6 s).
@@ -152,12 +153,6 @@ def _seeded_generator(
             )
         return generator
     return torch.Generator(device=device).manual_seed(int(seed))
-
-
-def _first_line(error: BaseException) -> str:
-    """The first line of an exception message (some torch errors span a page)."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _check_num_samples(num_samples: int) -> None:
@@ -866,7 +861,7 @@ def read_posterior_meta(run_dir: str | Path) -> PosteriorMeta:
         return PosteriorMeta(**read_json(path))
     except (json.JSONDecodeError, TypeError) as error:
         raise LaplacePosteriorError(
-            f"{path}: unreadable posterior metadata ({_first_line(error)})"
+            f"{path}: unreadable posterior metadata ({error_line(error)})"
         ) from error
 
 
@@ -893,13 +888,13 @@ def load_head_laplace(run_dir: str | Path, head: nn.Module, device: str | torch.
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise LaplacePosteriorError(
-            f"{path}: unreadable Laplace state ({type(error).__name__}: {_first_line(error)})"
+            f"{path}: unreadable Laplace state ({type(error).__name__}: {error_line(error)})"
         ) from error
     la = build_head_laplace(head, meta.backend, temperature=meta.temperature)
     try:
         la.load_state_dict(state)
     except (KeyError, ValueError) as error:
-        raise LaplacePosteriorError(f"{path}: does not match this head ({_first_line(error)})") from error
+        raise LaplacePosteriorError(f"{path}: does not match this head ({error_line(error)})") from error
     head_mean = parameters_from_module(la.model.last_layer)
     if not torch.allclose(la.mean, head_mean, rtol=0, atol=1e-6):
         raise LaplacePosteriorError(

@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.core.fileio import cached_file_md5
+from modules.core.device import enable_tf32, inference_autocast, resolve_device
+from modules.core.errors import PipelineError, error_line
+from modules.core.frames import FRAME256
 
-FRAME256 = 256
 #: Logit written into the padded (outside-the-image) part of SAM v1's low-res mask input. SAM's
 #: own low-res predictions there are confident background, so a strongly negative logit keeps a
 #: FRAME256 mask input in distribution. It is within SAM 2's clamp range [-32, 32].
@@ -44,47 +46,14 @@ SAM2_PIXEL_MEAN = (0.485, 0.456, 0.406)
 SAM2_PIXEL_STD = (0.229, 0.224, 0.225)
 
 
-class BackboneError(ValueError):
+class BackboneError(PipelineError, ValueError):
     """A backbone could not be built or loaded, or was given malformed input (one-line message)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Devices and precision
-# ----------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; ``"cuda"`` fails clearly without a GPU."""
-    if isinstance(device, torch.device):
-        device = str(device)
-    name = str(device).strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BackboneError(f"device {device!r} requested but CUDA is not available")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise BackboneError(f"unknown device {device!r}; expected 'auto', 'cuda', 'cuda:N' or 'cpu'")
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, nothing (float32) on CPU."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _grad_mode(enable_grad: bool) -> contextlib.AbstractContextManager:
     """``inference_mode`` normally; autograd on when a trainable module feeds the frozen decoder
     (the weights stay frozen, gradients flow to the inputs such as a dense embedding)."""
     return torch.enable_grad() if enable_grad else torch.inference_mode()
-
-
-def _enable_tf32() -> None:
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
 
 
 def checkpoint_md5(path: str | os.PathLike) -> str:
@@ -511,7 +480,7 @@ class Backbone:
             raise BackboneError(f"mask_embedding: logits must be P x 1 x 256 x 256, got {tuple(logits.shape)}")
         with torch.no_grad():
             model_frame = self.from_frame256(logits, original_hw)
-            with _autocast(self.device):
+            with inference_autocast(self.device):
                 embedding = self._prompt_encoder()._embed_masks(model_frame)
         return embedding.float()
 
@@ -548,7 +517,7 @@ class SamBackbone(Backbone):
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``B x 3 x S x S`` preprocessed images -> ``{"image_embed": B x 256 x 64 x 64}`` float32."""
         images = self._check_images(images)
-        with torch.inference_mode(), _autocast(self.device):
+        with torch.inference_mode(), inference_autocast(self.device):
             embeddings = self.model.image_encoder(images)
         return {"image_embed": embeddings.float()}
 
@@ -659,7 +628,7 @@ class SamBackbone(Backbone):
         with _grad_mode(enable_grad):
             original_hw, embed, prompts = self._prepare(features, original_hw, point_coords, point_labels,
                                                         boxes, mask_input, dense_embedding_override)
-        with _grad_mode(enable_grad), _autocast(self.device):
+        with _grad_mode(enable_grad), inference_autocast(self.device):
             sparse, dense = self._prompt_embeddings(original_hw, prompts)
             low_res, iou_predictions = self.model.mask_decoder(
                 image_embeddings=embed,
@@ -692,7 +661,7 @@ class SamBackbone(Backbone):
                                                     boxes, mask_input, dense_embedding_override)
         decoder = self.model.mask_decoder
         selected = list(range(1, decoder.num_mask_tokens)) if multimask_output else [0]
-        with torch.inference_mode(), _autocast(self.device):
+        with torch.inference_mode(), inference_autocast(self.device):
             sparse, dense = self._prompt_embeddings(original_hw, prompts)
             unrolled = sam_mask_decoder_pass(decoder, embed, self.model.prompt_encoder.get_dense_pe(),
                                              sparse, dense)
@@ -748,7 +717,7 @@ class Sam2Backbone(Backbone):
         the lowest-resolution map)."""
         images = self._check_images(images)
         batch = images.shape[0]
-        with torch.inference_mode(), _autocast(self.device):
+        with torch.inference_mode(), inference_autocast(self.device):
             backbone_out = self.model.forward_image(images)
             _, vision_feats, _, feat_sizes = self.model._prepare_backbone_features(backbone_out)
             if self.model.directly_add_no_mem_embed:
@@ -823,7 +792,7 @@ class Sam2Backbone(Backbone):
         with _grad_mode(enable_grad):
             original_hw, embed, high_res, prompts = self._prepare(
                 features, original_hw, point_coords, point_labels, boxes, mask_input, dense_embedding_override)
-        with _grad_mode(enable_grad), _autocast(self.device):
+        with _grad_mode(enable_grad), inference_autocast(self.device):
             sparse, dense = self._prompt_embeddings(original_hw, prompts)
             low_res, iou_predictions, _, _ = self.model.sam_mask_decoder(
                 image_embeddings=embed,
@@ -856,7 +825,7 @@ class Sam2Backbone(Backbone):
         original_hw, embed, high_res, prompts = self._prepare(
             features, original_hw, point_coords, point_labels, boxes, mask_input, dense_embedding_override)
         decoder = self.model.sam_mask_decoder
-        with torch.inference_mode(), _autocast(self.device):
+        with torch.inference_mode(), inference_autocast(self.device):
             sparse, dense = self._prompt_embeddings(original_hw, prompts)
             num_sets = sparse.shape[0]
             first = 1 if decoder.pred_obj_scores else 0  # the object-score token comes first
@@ -1032,7 +1001,7 @@ def _read_state_dict(path: Path, model_type: str) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt / non-tensor files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = error_line(error)
         raise BackboneError(f"{path}: cannot read checkpoint for model type {model_type!r}: {reason}") from None
     if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
         loaded = loaded["model"]
@@ -1075,7 +1044,7 @@ def load_backbone(family: str, model_type: str, checkpoint: str | os.PathLike,
         BackboneError: unknown family / model type, missing or unreadable file, or a
             checkpoint whose keys or shapes do not match the model type.
     """
-    device = resolve_device(device)
+    device = resolve_device(device, key="sam.device")
     model = build_model(family, model_type)
     path = Path(checkpoint)
     if not path.is_file():
@@ -1087,7 +1056,7 @@ def load_backbone(family: str, model_type: str, checkpoint: str | os.PathLike,
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if device.type == "cuda":
-        _enable_tf32()
+        enable_tf32()
     model.to(device)
     _, backbone_class = BACKBONE_REGISTRY[(family, model_type)]
     return backbone_class(model, model_type, path, device)

@@ -19,16 +19,13 @@ import pandas as pd
 import torch
 
 from modules.laplace import posterior as lp
-from modules.core.config import PipelineError
+from modules.core.errors import PipelineError
 from modules.core.fileio import atomic_write_csv, atomic_write_json, cached_file_md5, read_json
-from modules.stages.train import load_trained_head, packed_datasets, resolve_device
+from modules.stages.train import load_trained_head, packed_datasets
+from modules.core.device import resolve_device
+from modules.core.paths import laplace_run_dir
 
-LAPLACE_DIR = "laplace"
 ARTIFACTS = ("laplace_state.pt", "laplace_config.yaml", "posterior_meta.json")
-
-
-def run_dir(project_root: Path, target: str, run_id: str) -> Path:
-    return Path(project_root) / LAPLACE_DIR / target / f"run_{run_id}"
 
 
 class HeadSamples:
@@ -69,7 +66,7 @@ def already_fitted(ctx, checkpoint: Path | str, checkpoint_md5: str) -> bool:
 def load_head_posterior(cfg, run_id: str, device) -> tuple[torch.nn.Module, lp.LastLayerPosterior]:
     """The frozen MAP head of ``run_id`` and its fitted Laplace posterior (for later stages)."""
     head, checkpoint = load_trained_head(cfg, run_id, device)
-    folder = run_dir(cfg.project_root, "head", run_id)
+    folder = laplace_run_dir(cfg.project_root, "head", run_id)
     meta = lp.read_posterior_meta(folder)
     if meta.source_checkpoint_md5 != cached_file_md5(checkpoint):
         raise PipelineError(f"{folder}: fitted on another checkpoint than {checkpoint}; rerun fit_laplace.py --force")
@@ -125,7 +122,7 @@ def run_stage(ctx, run_id: str) -> None:
         return run_decoder_stage(ctx, run_id)
     if settings.target != "head":
         raise PipelineError(f"laplace.target: unknown target {settings.target!r}; use 'head' or 'sam_decoder'")
-    device = resolve_device(cfg.training.device)
+    device = resolve_device(cfg.training.device, key="training.device")
     head, checkpoint = load_trained_head(cfg, run_id, device)
     checkpoint_md5 = cached_file_md5(checkpoint)
     folder = ctx.output_dir

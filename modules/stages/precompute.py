@@ -34,6 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 from modules.cache import sam_cache
 from modules.core.config import PipelineConfig
 from modules.core.stage import Shard, UnitCounts
+from modules.core.frames import FRAME256
+from modules.core.paths import cache_dir
 
 log = logging.getLogger("pipeline.precompute")
 
@@ -356,7 +358,7 @@ def run_precompute(cfg: PipelineConfig, backbone, shard: Shard, force: bool = Fa
     policy = MULTIMASK_POLICIES[sam.multimask_policy]
     units = shard.select(list_units(project_root))
     md5s = {u.safe_id: promptset_md5(project_root, u) for u in units}
-    folder = sam_cache.cache_dir(project_root, sam_cache.backbone_id(
+    folder = cache_dir(project_root, sam_cache.backbone_id(
         backbone.family, backbone.model_type, backbone.checkpoint_md5))
     path = folder / sam_cache.shard_file_name(shard.index, shard.count)
     shapes = _stored_feature_shapes(path) or feature_shapes(backbone)
@@ -443,7 +445,7 @@ def _stored_feature_shapes(path: Path) -> dict[str, tuple[int, int, int]] | None
 def run_stage(ctx, shard: Shard) -> None:
     """Stage 3 entry point (``precompute_sam_outputs.py``)."""
     from modules.sam.backbones import BackboneError, load_backbone
-    from modules.core.config import PipelineError
+    from modules.core.errors import PipelineError
     from modules.core.fileio import cached_file_md5
 
     sam = ctx.cfg.sam
@@ -479,11 +481,11 @@ def write_sanity_panels(ctx, split: str, count: int) -> list[Path]:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from modules.core.config import PipelineError
+    from modules.core.errors import PipelineError
     from modules.core.fileio import atomic_path, cached_file_md5
     from modules.data.imageio import read_image_rgb, read_mask
     from modules.data.manifest import load_split_manifest
-    from modules.data.promptset import FRAME, gaussian_prompt_maps, load_promptsets, promptset_tensors
+    from modules.data.promptset import gaussian_prompt_maps, load_promptsets, promptset_tensors
 
     cfg = ctx.cfg
     sam = cfg.sam
@@ -503,9 +505,9 @@ def write_sanity_panels(ctx, split: str, count: int) -> list[Path]:
         record = load_promptsets(cfg.project_root, split, safe_id)
         _, labels, points_256, _ = promptset_tensors(record)
         maps = gaussian_prompt_maps(points_256[:1], labels[:1], cfg.prompt_generation.gaussian_sigma)[0]
-        image = np.asarray(Image.fromarray(read_image_rgb(row["image_path"])).resize((FRAME, FRAME), Image.BILINEAR))
+        image = np.asarray(Image.fromarray(read_image_rgb(row["image_path"])).resize((FRAME256, FRAME256), Image.BILINEAR))
         truth = read_mask(row["mask_path"], threshold=cfg.data.mask_threshold)
-        truth = np.asarray(Image.fromarray(truth.astype(np.uint8) * 255).resize((FRAME, FRAME), Image.NEAREST)) > 0
+        truth = np.asarray(Image.fromarray(truth.astype(np.uint8) * 255).resize((FRAME256, FRAME256), Image.NEAREST)) > 0
         logits = entry.logits[0].astype(np.float32)
         figure, axes = plt.subplots(1, 6, figsize=(18, 3.4))
         valid = labels[0] >= 0

@@ -18,18 +18,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from modules.core.config import PipelineConfig, PipelineError
+from modules.core.config import PipelineConfig
+
+from modules.core.errors import PipelineError
 from modules.training.losses import BceDiceLoss, build_variance_loss, hard_iou
 from modules.training.models import PromptAwareHead, VarianceNetwork, build_model
 from modules.training.trainer import (Trainer, TrainerConfig, load_checkpoint_file, move_to_device, sanity_check,
                               segmentation_metrics)
+from modules.core.device import resolve_device
+from modules.core.paths import checkpoint_run_dir
+from modules.cache.packing import packed_splits_fingerprint
 
-CHECKPOINT_DIR = "checkpoints"
 SANITY_LOSS_FRACTION = 0.6  # --sanity_check passes when one batch's loss falls below this fraction
-
-
-def run_dir(project_root: Path, model_kind: str, run_id: str) -> Path:
-    return Path(project_root) / CHECKPOINT_DIR / model_kind / f"run_{run_id}"
 
 
 def has_run(folder: Path) -> bool:
@@ -37,14 +37,6 @@ def has_run(folder: Path) -> bool:
     from modules.training.trainer import STATE_FILE
 
     return (Path(folder) / STATE_FILE).is_file()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("training.device: 'cuda' requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def build_head(cfg: PipelineConfig) -> PromptAwareHead:
@@ -55,7 +47,7 @@ def build_head(cfg: PipelineConfig) -> PromptAwareHead:
 def load_trained(cfg: PipelineConfig, model_kind: str, run_id: str, device: torch.device | str = "cpu",
                  which: str = "best.pt") -> tuple[nn.Module, Path]:
     """The trained model of ``checkpoints/<model_kind>/run_<run_id>/<which>``, frozen, and its path."""
-    path = run_dir(cfg.project_root, model_kind, run_id) / which
+    path = checkpoint_run_dir(cfg.project_root, model_kind, run_id) / which
     if not path.is_file():
         raise PipelineError(f"{path}: no trained {model_kind} model; run train_head.py --model {model_kind} "
                             f"--run_id {run_id} first")
@@ -268,7 +260,7 @@ def run_stage(ctx, model_kind: str, run_id: str, resume: bool, run_sanity_check:
     cfg = ctx.cfg
     if model_kind not in TASKS:
         raise PipelineError(f"--model: {model_kind!r} is not one of {', '.join(TASKS)}")
-    device = resolve_device(cfg.training.device)
+    device = resolve_device(cfg.training.device, key="training.device")
     torch.manual_seed(cfg.training.seed)
     task = TASKS[model_kind](cfg, device, head_run_id or run_id)
     for split, dataset in (("train", task.train_dataset), ("val", task.val_dataset)):
@@ -298,7 +290,7 @@ def run_stage(ctx, model_kind: str, run_id: str, resume: bool, run_sanity_check:
         shutil.rmtree(folder)
         folder.mkdir(parents=True)
     sections = ["head", "training"] + {"variance": ["variance"], "fusion": ["fusion", "sam"]}.get(model_kind, [])
-    upstream = pack_fingerprint(cfg)
+    upstream = packed_splits_fingerprint(cfg.project_root)
     ctx.check_inputs(sections, upstream)
     ctx.tracker.watch(task.model)
     trainer = Trainer(task.model, task.step_fn, task.train_dataset, task.val_dataset, trainer_config(cfg, task),
@@ -310,12 +302,3 @@ def run_stage(ctx, model_kind: str, run_id: str, resume: bool, run_sanity_check:
                  f"best_{task.selection_metric}": result.best_metric, "best_epoch": result.best_epoch,
                  "stopped_early": result.stopped_early,
                  **{k: v for k, v in last.items() if k.startswith("val_")}})
-
-
-def pack_fingerprint(cfg: PipelineConfig) -> dict[str, str]:
-    """What a training run is computed from upstream: the packing stage's own fingerprint."""
-    from modules.core.fileio import file_md5
-    from modules.cache.packing import training_data_dir
-
-    stage_file = training_data_dir(cfg.project_root) / ".stage.pack_to_hdf5.json"
-    return {"packed_splits": file_md5(stage_file)} if stage_file.is_file() else {}

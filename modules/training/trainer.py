@@ -53,7 +53,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
-from modules.core.config import PipelineError
+from modules.core.errors import PipelineError
 from modules.core.fileio import atomic_path, atomic_write_json, read_json
 from modules.training.losses import hard_iou
 

@@ -137,12 +137,12 @@ def make_uncertainty_source(name: str, head=None, posterior=None, variance_netwo
                "laplace_epistemic": laplace_epistemic, "variance_network": variance_network_map,
                "constant": constant}
     if name not in sources:
-        from modules.core.config import PipelineError
+        from modules.core.errors import PipelineError
 
         raise PipelineError(f"fusion.uncertainty_source: {name!r} is not one of {', '.join(sources)}")
     needs = {"map_entropy": head, "laplace_epistemic": posterior, "variance_network": variance_network}
     if name in needs and needs[name] is None:
-        from modules.core.config import PipelineError
+        from modules.core.errors import PipelineError
 
         raise PipelineError(f"fusion.uncertainty_source: {name!r} needs its trained model (head/Laplace/variance run)")
     return torch.no_grad()(sources[name])

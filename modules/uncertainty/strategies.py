@@ -42,17 +42,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
-from modules.sam.backbones import resolve_device
-from modules.core.config import PipelineError
+from modules.core.errors import PipelineError
 from modules.cache.packing import packed_inputs
 from modules.data.promptset import gaussian_prompt_maps, promptset_tensors, sample_key
 from modules.uncertainty.prompt_perturbation import PerturbationMagnitudes, prompt_perturbation_predict
 from modules.uncertainty.tta import ImageTransform, tta_predict
+from modules.core.device import resolve_device
+from modules.core.frames import FRAME256
 
 if TYPE_CHECKING:
     from modules.cache.sam_cache import CacheEntry
 
-FRAME = 256
 #: The cache feature holding the image embedding (``C x 64 x 64``) a head may consume.
 EMBEDDING_FEATURE = "image_embed"
 
