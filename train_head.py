@@ -11,7 +11,7 @@ Checkpoints go to ``<project_root>/checkpoints/<model>/run_<id>/``.
 
 import os
 
-from modules.stages import train as head_training
+from modules.stages import train_head as head_training
 from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 

@@ -4,7 +4,7 @@ Writes ``<project_root>/reports/debug_panels/<split>__<safe_id>.png`` for the fi
 cached samples of ``--split`` (first prompt set of each), everything shown in FRAME256.
 """
 
-from modules.stages import precompute
+from modules.stages import precompute_sam_outputs as precompute
 from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 

@@ -35,7 +35,7 @@ from modules.sam.backbones import build_model, load_backbone  # noqa: E402
 from modules.core.config import load_config  # noqa: E402
 from modules.data.imageio import read_image_rgb  # noqa: E402
 from modules.data.manifest import SPLITS, load_split_manifest  # noqa: E402
-from modules.stages.precompute import MULTIMASK_POLICIES, PROMPT_MODES, run_precompute  # noqa: E402
+from modules.stages.precompute_sam_outputs import MULTIMASK_POLICIES, PROMPT_MODES, run_precompute  # noqa: E402
 from modules.data.promptset import gaussian_prompt_maps, load_promptsets, promptset_tensors  # noqa: E402
 from modules.cache.sam_cache import SamCache  # noqa: E402
 from modules.core.stage import Shard  # noqa: E402

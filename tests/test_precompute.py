@@ -17,7 +17,7 @@ import torch
 from modules.cache import sam_cache
 from modules.sam.backbones import load_backbone, registered_backbones
 from modules.core.config import load_config
-from modules.stages.precompute import KILL_AFTER_IMAGES_ENV, run_precompute
+from modules.stages.precompute_sam_outputs import KILL_AFTER_IMAGES_ENV, run_precompute
 from modules.core.paths import promptset_path
 from modules.data.promptset import promptset_tensors
 from modules.cache.sam_cache import SamCache

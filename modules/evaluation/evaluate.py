@@ -140,7 +140,7 @@ class Artifacts:
 
     @cached_property
     def head(self):
-        from modules.stages.train import load_trained_head
+        from modules.stages.train_head import load_trained_head
 
         head, _ = load_trained_head(self.cfg, self.runs.head, self.device)
         return head
@@ -165,13 +165,13 @@ class Artifacts:
 
     @cached_property
     def variance_network(self):
-        from modules.stages.train import load_trained_variance_network
+        from modules.stages.train_head import load_trained_variance_network
 
         return load_trained_variance_network(self.cfg, self.runs.variance, self.device)
 
     @cached_property
     def fusion(self):
-        from modules.stages.train import load_trained_fusion
+        from modules.stages.train_head import load_trained_fusion
 
         return load_trained_fusion(self.cfg, self.runs.fusion, self.device)
 
@@ -305,7 +305,7 @@ class Refinement:
 
     def __init__(self, cfg: PipelineConfig, artifacts: Artifacts) -> None:
         from modules.uncertainty.fusion import make_uncertainty_source
-        from modules.stages.precompute import PROMPT_MODES
+        from modules.stages.precompute_sam_outputs import PROMPT_MODES
 
         self.backbone = artifacts.backbone
         self.fusion = artifacts.fusion.to(self.backbone.device)

@@ -65,7 +65,7 @@ from modules.laplace import posterior as lp
 from modules.core.config import PipelineConfig
 from modules.core.fileio import (atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_yaml,
                             cached_file_md5, read_json)
-from modules.stages.precompute import MULTIMASK_POLICIES, PROMPT_MODES
+from modules.stages.precompute_sam_outputs import MULTIMASK_POLICIES, PROMPT_MODES
 from modules.uncertainty.strategies import EvalSample, Strategy, StrategyOutput, _derived_seed
 from modules.core.errors import error_line
 from modules.core.paths import laplace_run_dir

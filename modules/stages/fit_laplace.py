@@ -21,7 +21,7 @@ import torch
 from modules.laplace import posterior as lp
 from modules.core.errors import PipelineError
 from modules.core.fileio import atomic_write_csv, atomic_write_json, cached_file_md5, read_json
-from modules.stages.train import load_trained_head, packed_datasets
+from modules.stages.train_head import load_trained_head, packed_datasets
 from modules.core.device import resolve_device
 from modules.core.paths import laplace_run_dir
 

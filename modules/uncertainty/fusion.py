@@ -90,7 +90,7 @@ def refine(backbone, fusion: UncertaintyFusion, features: dict, original_hw, pro
         ``(logits P x 1 x 256 x 256 FRAME256, iou_predictions P x 1)`` of the chosen output;
         differentiable w.r.t. the fusion module's parameters when ``enable_grad``.
     """
-    from modules.stages.precompute import MULTIMASK_POLICIES
+    from modules.stages.precompute_sam_outputs import MULTIMASK_POLICIES
 
     policy = MULTIMASK_POLICIES[multimask_policy]
     mask_embedding = backbone.mask_embedding(first_pass_logits, original_hw)
@@ -198,7 +198,7 @@ class FusionDataset(torch.utils.data.Dataset):
 def refinement_step(backbone, prompt_mode: str, multimask_policy: str, uncertainty_source: UncertaintySource,
                     loss_fn):
     """The ``step_fn`` of fusion training: one refinement pass per row, loss on the refined mask."""
-    from modules.stages.precompute import PROMPT_MODES
+    from modules.stages.precompute_sam_outputs import PROMPT_MODES
 
     def step_fn(model, batch):
         inputs = batch["inputs"]

@@ -306,7 +306,7 @@ def build_transforms(names: Sequence[str], magnitudes: Mapping[str, float] | Non
 
 
 def _prompt_mode(prompt_mode: str):
-    from modules.stages.precompute import PROMPT_MODES
+    from modules.stages.precompute_sam_outputs import PROMPT_MODES
 
     if prompt_mode not in PROMPT_MODES:
         raise ConfigError(f"sam.prompt_mode: unknown {prompt_mode!r} (known: {', '.join(PROMPT_MODES)})")
@@ -314,7 +314,7 @@ def _prompt_mode(prompt_mode: str):
 
 
 def _multimask_policy(multimask_policy: str):
-    from modules.stages.precompute import MULTIMASK_POLICIES
+    from modules.stages.precompute_sam_outputs import MULTIMASK_POLICIES
 
     if multimask_policy not in MULTIMASK_POLICIES:
         raise ConfigError(
