@@ -96,9 +96,3 @@ def cached_file_md5(path: str | os.PathLike) -> str:
     if key not in _MD5_CACHE:
         _MD5_CACHE[key] = file_md5(path)
     return _MD5_CACHE[key]
-
-
-def stable_hash(obj: Any) -> str:
-    """A short hash of a JSON-serialisable object that does not depend on dict order."""
-    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

@@ -32,19 +32,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
+import yaml
 from tqdm.auto import tqdm
 
 from modules.core.config import PipelineConfig, load_config
-
 from modules.core.errors import PipelineError
-from modules.core.fileio import atomic_write_json, atomic_write_yaml, read_json, stable_hash
+from modules.core.fileio import atomic_write_json, atomic_write_yaml, file_md5, read_json
+from modules.core.paths import FINGERPRINT_FILE
 from modules.core.tracking import NullTracker, start_tracker
 
 log = logging.getLogger("pipeline")
 
 Unit = TypeVar("Unit")
 
-FINGERPRINT_FILE = ".stage.json"
 # Tests set this to SIGKILL a stage right after its n-th computed unit, to prove resumability.
 KILL_HOOK_ENV = "PIPELINE_TEST_KILL_AFTER_UNITS"
 RESOLVED_CONFIG_FILE = "config.resolved.yaml"
@@ -137,6 +137,18 @@ class UnitCounts:
 
 @dataclass
 class StageContext:
+    """One run of one stage, handed to its ``run_stage``.
+
+    Attributes:
+        name: the stage name (``"precompute_sam_outputs"``, ``"train_head"`` ...), also the W&B job type.
+        cfg: the validated config, overrides applied.
+        args: the parsed command line (``--force`` and the script's own flags).
+        output_dir: the stage's folder under the project root (created), where ``.stage.json`` and
+            ``config.resolved.yaml`` are written.
+        tracker: the stage's W&B run, or a no-op.
+        started: wall-clock start, for the closing line.
+    """
+
     name: str
     cfg: PipelineConfig
     args: argparse.Namespace
@@ -236,8 +248,6 @@ class StageContext:
 
 
 def read_yaml_safe(path: Path) -> Any:
-    import yaml
-
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
@@ -261,8 +271,6 @@ def describe_changes(previous: dict, current: dict) -> list[str]:
 
 def upstream_fingerprint(paths: Iterable[Path]) -> dict[str, str]:
     """Content hashes of small upstream artifacts (CSV manifests, JSON), keyed by file name."""
-    from modules.core.fileio import file_md5
-
     return {Path(p).name: file_md5(p) for p in paths}
 
 
