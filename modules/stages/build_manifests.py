@@ -6,7 +6,7 @@ from modules.core.config import require_existing
 from modules.core.errors import PipelineError
 from modules.core.fileio import atomic_write_text
 from modules.core.paths import manifest_path
-from modules.data.demo_scenes import write_demo_dataset
+from modules.data.demo_dataset import write_demo_dataset
 from modules.data.manifest import SPLITS, build_manifest_tables, read_manifest_csv
 
 
