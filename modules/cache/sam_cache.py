@@ -19,6 +19,7 @@ from typing import Iterable
 
 import h5py
 import numpy as np
+import torch
 
 from modules.cache.hdf5_rows import allocate_dataset, allocate_rows, allocate_table, decode_strings, fixed_bytes
 from modules.core.errors import PipelineError, error_line
@@ -62,7 +63,7 @@ def shard_files(folder: str | os.PathLike) -> list[Path]:
 
 @dataclass
 class CacheEntry:
-    """Everything cached for one image (numpy arrays; frames as in the module docstring).
+    """Everything cached for one image (numpy arrays).
 
     - ``features``: name -> ``C x h x w`` float16 (the encoder output, ready for ``decode``).
     - ``logits``: ``P x 256 x 256`` float16, FRAME256, the selected output per prompt set.
@@ -361,8 +362,6 @@ class SamCache:
             raise SamCacheError(f"{location.path}: entry {safe_id} fails its checksum; "
                                 "rerun precompute_sam_outputs.py to repair the cache")
         if self.as_torch:
-            import torch
-
             entry.features = {k: torch.from_numpy(v) for k, v in entry.features.items()}
             for name in ("logits", "promptset_ids", "branch_index", "iou_predictions"):
                 setattr(entry, name, torch.from_numpy(getattr(entry, name)))

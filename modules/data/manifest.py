@@ -1,15 +1,8 @@
 """Scan a dataset folder, validate every image/mask pair, name samples and split them.
 
-Flow: ``scan_pairs`` finds files and pairs them by ``(group, stem)``;
-``validate_candidate`` decodes both files and returns a ``SampleRecord`` or an
-``InvalidRecord`` with a machine-readable reason; ``make_safe_ids`` turns
-canonical ids into unique file-name-safe ids; ``assign_splits`` gives each
-sample a split that never changes once assigned. ``build_manifest_tables``
-runs all of it and returns two pandas tables.
-
-Canonical sample id: ``"<group>/<stem>"`` (group = the class folder, stem =
-file name without its extension). Pairing never assumes an extension: image
-``cat/a.jpg`` pairs with mask ``cat/a.npy`` or ``cat/a.png`` alike.
+``build_manifest_tables`` runs it all: ``scan_pairs`` pairs files by ``(group, stem)`` (never by
+extension), ``validate_candidate`` checks each pair, ``make_safe_ids`` gives file-name-safe ids
+and ``assign_splits`` gives each sample a split that never changes once assigned.
 """
 
 from __future__ import annotations

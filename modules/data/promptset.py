@@ -1,22 +1,8 @@
 """Seeded point/box prompt sets per sample, and the Gaussian prompt maps built from them.
 
-Frames. Prompts are stored twice: in ORIGINAL image pixel coordinates (x = column, y = row, as
-SAM expects them) and in FRAME256, the original image stretched to 256 x 256, the frame of the
-cached logits, the prompt maps and the head. A pixel centre maps as
-``x256 = (x + 0.5) * 256 / W - 0.5`` (likewise y), so integer pixel centres stay pixel centres.
-Boxes are ``x0, y0, x1, y1`` with inclusive pixel indices (as torchvision's ``masks_to_boxes``);
-their FRAME256 version maps the box edges (``x0 * 256 / W`` and ``(x1 + 1) * 256 / W``).
-
-Padding. Decoding several prompt sets in one batched SAM call pads their point lists with
-label -1 ("not a point") tokens, and SAM's decoder attends to those tokens: a prompt set's
-logits would depend on which other prompt sets shared the call. So every record carries one
-canonical ``point_width`` (``2 * max_pairs + 1``: at least one padding point, as SAM's own
-predictor adds for point-only prompts) and ``promptset_tensors`` always pads to it. A prompt set
-then decodes to the same logits alone, in its sample's batch, or perturbed in evaluation.
-
-Seeding. Every prompt set draws from its own ``np.random.SeedSequence((prompt_seed, id_key,
-index))`` where ``id_key`` is derived from the canonical sample id, so a sample's prompts do not
-depend on file order, process count, sharding, or how many prompt sets exist.
+Prompts are stored in ORIGINAL pixel coordinates and in FRAME256; every record pads its point
+lists to one canonical ``point_width`` so a prompt set decodes the same alone or batched; each
+prompt set draws from its own seed derived from the sample id (``sample_key``).
 """
 
 from __future__ import annotations
@@ -50,7 +36,12 @@ class PromptSpec:
 
 
 def point_width(spec: PromptSpec) -> int:
-    """The canonical padded length of every prompt set's point list (see the module docstring)."""
+    """The canonical padded length of every prompt set's point list.
+
+    SAM's decoder attends to padding points (label -1), so a prompt set decoded in a batch padded
+    to another length would give other logits; ``2 * max_pairs + 1`` leaves at least one padding
+    point, as SAM's own predictor adds for point-only prompts.
+    """
     return 2 * spec.max_pairs + 1
 
 
