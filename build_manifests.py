@@ -4,15 +4,15 @@ Writes ``<project_root>/manifests/{all_samples,train,val,test,invalid_samples}.c
 ``demo.enabled`` it first writes the procedural demo data set.
 """
 
-from modules.data import manifest
 from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
+from modules.stages import build_manifests
 
 
 def main() -> None:
     args = default_argument_parser(__doc__.splitlines()[0]).parse_args()
     with stage_context("build_manifests", args, output_dir=paths.MANIFEST_DIR) as ctx:
-        manifest.run_stage(ctx)
+        build_manifests.run_stage(ctx)
 
 
 if __name__ == "__main__":

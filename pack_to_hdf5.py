@@ -4,15 +4,15 @@ Writes ``<project_root>/training_data/<split>.h5`` (via ``<split>.h5.partial``, 
 row); a split whose file is complete and was packed from the same inputs is skipped.
 """
 
-from modules.cache import packing
 from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
+from modules.stages import pack_to_hdf5
 
 
 def main() -> None:
     args = default_argument_parser(__doc__.splitlines()[0]).parse_args()
     with stage_context("pack_to_hdf5", args, output_dir=paths.TRAINING_DATA_DIR) as ctx:
-        packing.run_pack_stage(ctx)
+        pack_to_hdf5.run_stage(ctx)
 
 
 if __name__ == "__main__":

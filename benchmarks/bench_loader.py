@@ -1,7 +1,7 @@
 """Loader throughput: the packed per-split HDF5 file (stage 4.5) vs the seed's one-file-per-array layout.
 
 Builds a project in a temporary folder: the procedural demo data set (stage 1), seeded prompt sets
-(stage 2), a SAM cache with seeded random logits written through ``sam_cache.ShardWriter`` (the
+(stage 2), a SAM cache with seeded random logits written through ``shard_writer.ShardWriter`` (the
 loader's speed does not depend on the logit values, and the demo backbone would take minutes on
 a small CPU), then stages 4 and 4.5. From the same rows it writes the seed's layout
 (``<safe_id>/promptset_NNNN/{logits_256,pos_map,neg_map}.npy``, float16, plus the original mask
@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from modules.cache import packing  # noqa: E402
+from modules.cache import packed_reader  # noqa: E402
+from modules.cache import training_index  # noqa: E402
 from modules.data.imageio import read_mask, resize_mask_nearest  # noqa: E402
 from modules.core.tracking import NullTracker  # noqa: E402
 from tests.helpers.precompute_fixtures import save_random_checkpoint  # noqa: E402
@@ -75,7 +76,7 @@ def build_project(folder: Path, scenes_per_group: int) -> Path:
 # --------------------------------------------------------------------------- the seed's layout
 
 
-def write_seed_layout(packed: packing.PackedSplitDataset, folder: Path) -> list[dict]:
+def write_seed_layout(packed: packed_reader.PackedSplitDataset, folder: Path) -> list[dict]:
     """One ``.npy`` per array per prompt set, as the seed's stage 3 stored them; returns index rows."""
     rows = []
     for row in packed.index.to_dict("records"):
@@ -159,7 +160,7 @@ def loader_throughput(source: Source, workers: int, repeats: int, cold: bool = F
         count = 0
         for batch in batches:
             if source.convert:
-                batch = packing.as_float32(batch)
+                batch = packed_reader.as_float32(batch)
             count += len(batch["index"])
         return PassTiming(count / (time.perf_counter() - first), first - started)
 
@@ -179,7 +180,7 @@ def training_epoch(train: Dataset, val: Dataset, workers: int, run_dir: Path, co
     loss_fn = BceDiceLoss(0.5)
 
     def step_fn(model, batch):
-        batch = packing.as_float32(batch)  # what the head task does; a no-op for float32 items
+        batch = packed_reader.as_float32(batch)  # what the head task does; a no-op for float32 items
         logits = model(batch["inputs"])
         return loss_fn(logits, batch["target"]), (logits, batch["target"])
 
@@ -217,20 +218,20 @@ def main() -> None:
             started = time.perf_counter()
             build_project(folder, args.scenes_per_group)
             print(f"project built in {time.perf_counter() - started:.1f} s: {root}")
-        packed = {split: packing.PackedSplitDataset(packed_path(root, split), in_memory=False)
+        packed = {split: packed_reader.PackedSplitDataset(packed_path(root, split), in_memory=False)
                   for split in ("train", "val")}
-        in_memory = {split: packing.PackedSplitDataset(packed_path(root, split), in_memory=True)
+        in_memory = {split: packed_reader.PackedSplitDataset(packed_path(root, split), in_memory=True)
                      for split in ("train", "val")}
         seed = {split: SeedLayoutDataset(write_seed_layout(packed[split], folder / "seed_layout" / split))
                 for split in ("train", "val")}
-        sizes = packing.load_index(root, "train")[["image_h", "image_w"]]
+        sizes = training_index.load_index(root, "train")[["image_h", "image_w"]]
         print(f"train: {len(packed['train'])} rows ({packed['train'].index['safe_id'].nunique()} images, "
               f"{sizes.min().min()}-{sizes.max().max()} px); machine: {machine()}")
 
-        batches = {split: packing.PackedBatches(dataset) for split, dataset in packed.items()}
-        batches_in_memory = {split: packing.PackedBatches(dataset) for split, dataset in in_memory.items()}
+        batches = {split: packed_reader.PackedBatches(dataset) for split, dataset in packed.items()}
+        batches_in_memory = {split: packed_reader.PackedBatches(dataset) for split, dataset in in_memory.items()}
         packed_files = [packed_path(root, "train")]
-        collate = packing.collate_batch
+        collate = packed_reader.collate_batch
         sources = {  # key (run folder name) -> Source
             "packed_disk": Source("packed HDF5, from disk, item-wise", packed, packed_files),
             "packed_memory": Source("packed HDF5, in memory, item-wise", in_memory, None),

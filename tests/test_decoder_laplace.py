@@ -56,7 +56,7 @@ def run_folder(cfg):
 
 def test_artifacts_hold_the_documented_metadata(decoder_fit, cfg):
     from modules.core.fileio import file_md5
-    from modules.cache.packing import packed_dataset
+    from modules.cache.packed_reader import packed_dataset
 
     folder = run_folder(cfg)
     for name in ("laplace_state.pt", "laplace_config.yaml", "posterior_meta.json", "prior_precision_nll.csv",
@@ -178,7 +178,7 @@ def test_posterior_refuses_other_decoder_weights(posterior, val_image):
 
 def _eval_sample(cfg):
     from modules.evaluation.evaluate import list_units, load_sample
-    from modules.cache.packing import open_cache
+    from modules.cache.training_index import open_cache
 
     unit = list_units(cfg)[0]
     return load_sample(cfg, open_cache(cfg), unit)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from modules.data import demo_data
+from modules.data import demo_scenes
 from modules.sam.backbones import build_model, load_backbone
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def test_checkpoint_is_a_small_float16_state_dict_of_demo_tiny():
 
 def test_loads_like_every_backbone(backbone):
     assert (backbone.family, backbone.model_type, backbone.image_size) == ("sam", "demo_tiny", 256)
-    image, _ = demo_data.render_scene("plain", demo_data.scene_seed("backbone_eval", 0, "plain", 0))
+    image, _ = demo_scenes.render_scene("plain", demo_scenes.scene_seed("backbone_eval", 0, "plain", 0))
     features = backbone.encode(backbone.preprocess(image)[None])
     assert features["image_embed"].shape == (1, 256, 64, 64)  # like the real SAM: nothing special-cases it
 
@@ -61,7 +61,7 @@ def plain_scene_ious(backbone):
     ground truth as mask prompt (+-10 logits, as the pipeline's oracle ablation)."""
     point_ious, box_ious, oracle_ious = [], [], []
     for index in range(SCENES):
-        image, mask = demo_data.render_scene("plain", demo_data.scene_seed("backbone_eval", 0, "plain", index))
+        image, mask = demo_scenes.render_scene("plain", demo_scenes.scene_seed("backbone_eval", 0, "plain", index))
         features = backbone.encode(backbone.preprocess(image)[None])
         row, col = np.unravel_index(np.argmax(ndimage.distance_transform_edt(mask)), mask.shape)
         logits, iou_predictions = backbone.decode(features, mask.shape, torch.tensor([[[float(col), float(row)]]]),

@@ -1,4 +1,4 @@
-"""Tests for the procedural demo scenes and the demo data set writer (modules/demo_data.py)."""
+"""Tests for the procedural demo scenes and the demo data set writer (modules/data/demo_*.py)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modules.data import demo_data
-from modules.data.demo_data import (
-    GENERATOR_VERSION,
-    GROUPS,
-    MARKER_NAME,
-    PURPOSES,
-    SIZE_RANGE,
-    DemoDatasetError,
-    render_scene,
-    scene_seed,
-    write_demo_dataset,
-)
+from modules.data import demo_dataset, demo_scenes
+from modules.data.demo_dataset import MARKER_NAME, DemoDatasetError, write_demo_dataset
+from modules.data.demo_scenes import GENERATOR_VERSION, GROUPS, PURPOSES, SIZE_RANGE, render_scene, scene_seed
 
 
 def _hashes(*roots: Path) -> dict[str, str]:
@@ -175,7 +166,7 @@ def test_dataset_layout_formats_and_content(demo_roots):
     assert {"png_max255", "png_max1", "jpg", "npy_bool", "npy_uint8"} <= mask_kinds
     marker = json.loads((images_root / MARKER_NAME).read_text())
     assert (marker["scenes_per_group"], marker["seed"], marker["generator_version"]) == (3, 7, GENERATOR_VERSION)
-    assert not (images_root / demo_data.IN_PROGRESS_NAME).exists()
+    assert not (images_root / demo_dataset.IN_PROGRESS_NAME).exists()
 
 
 def test_same_arguments_give_byte_identical_files(tmp_path, demo_roots):
@@ -208,7 +199,7 @@ def test_rerun_restores_deleted_files_identically(demo_roots):
 def test_interrupted_run_resumes_to_identical_files(tmp_path, monkeypatch, demo_roots):
     reference = _hashes(*demo_roots[:2])
     images_root, masks_root = tmp_path / "resume" / "images", tmp_path / "resume" / "masks"
-    real_render = demo_data.render_scene
+    real_render = demo_scenes.render_scene
     calls = {"count": 0}
 
     def failing_render(*args, **kwargs):
@@ -217,12 +208,12 @@ def test_interrupted_run_resumes_to_identical_files(tmp_path, monkeypatch, demo_
             raise KeyboardInterrupt("simulated kill")
         return real_render(*args, **kwargs)
 
-    monkeypatch.setattr(demo_data, "render_scene", failing_render)
+    monkeypatch.setattr(demo_scenes, "render_scene", failing_render)
     with pytest.raises(KeyboardInterrupt):
         write_demo_dataset(images_root, masks_root, scenes_per_group=3, seed=7)
     assert not (images_root / MARKER_NAME).exists()
-    assert (images_root / demo_data.IN_PROGRESS_NAME).exists()
-    monkeypatch.setattr(demo_data, "render_scene", real_render)
+    assert (images_root / demo_dataset.IN_PROGRESS_NAME).exists()
+    monkeypatch.setattr(demo_scenes, "render_scene", real_render)
     write_demo_dataset(images_root, masks_root, scenes_per_group=3, seed=7)
     assert _hashes(images_root, masks_root) == reference
 

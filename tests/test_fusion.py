@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from modules.data import demo_data
+from modules.data import demo_scenes
 from modules.core.frames import FRAME256
 from modules.sam.backbones import load_backbone
 from modules.uncertainty.fusion import Prompts, UncertaintyFusion, refine
@@ -23,7 +23,7 @@ def scene():
     """The demo backbone, one held-out camouflage scene (where the backbone errs), its features,
     two point prompt sets and the first pass's FRAME256 logits (multimask, best predicted IoU)."""
     backbone = load_backbone("sam", "demo_tiny", CHECKPOINT, "cpu")
-    image, mask = demo_data.render_scene("camouflage", demo_data.scene_seed("backbone_eval", 0, "camouflage", 1))
+    image, mask = demo_scenes.render_scene("camouflage", demo_scenes.scene_seed("backbone_eval", 0, "camouflage", 1))
     features = {name: value[0] for name, value in backbone.encode(backbone.preprocess(image)[None]).items()}
     row, col = np.unravel_index(np.argmax(ndimage.distance_transform_edt(mask)), mask.shape)
     outside = np.argwhere(~ndimage.binary_dilation(mask, iterations=5))[0]

@@ -1,7 +1,7 @@
 """Stages 4 and 4.5 on a real project: index rows, packed arrays aligned with the cache, prompt sets
 and masks, resume after SIGKILL, fingerprints, and the Dataset (in memory, from disk, workers).
 
-The SAM cache of the fixture project is written through ``sam_cache.ShardWriter`` with seeded
+The SAM cache of the fixture project is written through ``shard_writer.ShardWriter`` with seeded
 random logits instead of running stage 3 (the demo backbone takes ~6 s per image on the 2-core
 test machine): the arrays are then known, and some logits are set far outside the clip range.
 """
@@ -17,9 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from modules.cache import packing
-
-from modules.cache import sam_cache
+from modules.cache import packed_reader, packing, sam_cache, shard_writer, training_index
 from modules.core.config import load_config
 from modules.core.fileio import cached_file_md5
 from modules.data.manifest import SPLITS, load_split_manifest
@@ -44,7 +42,7 @@ def write_fixture_cache(config_path, skip=(UNCACHED_SAMPLE,), seed=0):
     """
     cfg = load_config(config_path)
     root = cfg.project_root
-    backbone = packing.configured_backbone_id(cfg)
+    backbone = training_index.configured_backbone_id(cfg)
     md5 = cached_file_md5(cfg.sam.checkpoint)
     slots = [(split, safe_id) for split in SPLITS for safe_id in load_split_manifest(root, split)["safe_id"]]
     max_sets = max(cfg.prompt_generation.num_promptsets_train, cfg.prompt_generation.num_promptsets_val,
@@ -52,7 +50,7 @@ def write_fixture_cache(config_path, skip=(UNCACHED_SAMPLE,), seed=0):
     layout = sam_cache.ShardLayout(backbone, cfg.sam.family, cfg.sam.model_type, md5, 0, 1, tuple(slots),
                                    FEATURES, max_sets, 3)
     folder = cache_dir(root, backbone)
-    writer = sam_cache.ShardWriter.open(folder, layout, {})
+    writer = shard_writer.ShardWriter.open(folder, layout, {})
     rng = np.random.default_rng(seed)
     entries = []
     for split, safe_id in slots:
@@ -75,7 +73,7 @@ def write_fixture_cache(config_path, skip=(UNCACHED_SAMPLE,), seed=0):
     writer.write_batch(entries)
     writer.write_manifest()
     writer.close()
-    sam_cache.write_backbone_info(folder, {"backbone_id": backbone, "family": cfg.sam.family,
+    shard_writer.write_backbone_info(folder, {"backbone_id": backbone, "family": cfg.sam.family,
                                            "model_type": cfg.sam.model_type, "checkpoint_md5": md5,
                                            "feature_shapes": {name: list(shape) for name, shape in FEATURES}})
     return folder
@@ -168,12 +166,12 @@ def test_index_has_one_row_per_cached_prompt_set(packed_project):
     total_missing = 0
     for split in SPLITS:
         manifest = load_split_manifest(root, split)
-        index = packing.load_index(root, split)
+        index = training_index.load_index(root, split)
         cached = [s for s in manifest["safe_id"] if s != UNCACHED_SAMPLE]
         total_missing += len(manifest) - len(cached)
         expected_rows = sum(len(load_promptsets(root, split, s)["promptsets"]) for s in cached)
         assert len(index) == expected_rows > 0
-        assert list(index.columns) == list(packing.INDEX_COLUMNS)
+        assert list(index.columns) == list(training_index.INDEX_COLUMNS)
         assert UNCACHED_SAMPLE not in set(index["safe_id"])
         assert list(dict.fromkeys(index["safe_id"])) == cached  # manifest order
         for row in index.to_dict("records"):
@@ -206,7 +204,7 @@ def test_packed_rows_match_cache_promptsets_and_masks(packed_project):
     cache = sam_cache.SamCache(root / "sam_cache")
     clip = 20.0
     for split in SPLITS:
-        index = packing.load_index(root, split)
+        index = training_index.load_index(root, split)
         arrays, attrs = packed_arrays(root / "training_data" / f"{split}.h5")
         n = len(index)
         assert arrays["inputs"].shape == (n, 3, 256, 256) and arrays["inputs"].dtype == np.float16
@@ -232,7 +230,7 @@ def test_packed_rows_match_cache_promptsets_and_masks(packed_project):
             target = expected_target(entry_row["mask_path"], entry_row["image_h"], entry_row["image_w"])
             np.testing.assert_array_equal(arrays["targets"][row, 0], target)
     # The sample whose mask is 120 x 160 for a 60 x 80 image went through the resize.
-    resized = [r for s in SPLITS for r in packing.load_index(root, s).to_dict("records") if r["safe_id"] == RESIZED_MASK_SAMPLE]
+    resized = [r for s in SPLITS for r in training_index.load_index(root, s).to_dict("records") if r["safe_id"] == RESIZED_MASK_SAMPLE]
     assert resized and (resized[0]["mask_h"], resized[0]["image_h"]) == (120, 60)
 
 
@@ -284,7 +282,7 @@ def test_pack_rerun_skips_and_changed_clip_needs_force(packed_project, tmp_path)
     assert arrays["samples/embedding"].shape == (len(safe_ids), 8, 4, 4)
     for number, safe_id in enumerate(safe_ids):
         np.testing.assert_array_equal(arrays["samples/embedding"][number], cache.entry(safe_id).features["image_embed"])
-    dataset = packing.PackedSplitDataset(data / "train.h5", in_memory=False, with_embeddings=True)
+    dataset = packed_reader.PackedSplitDataset(data / "train.h5", in_memory=False, with_embeddings=True)
     item = dataset[len(dataset) - 1]
     np.testing.assert_array_equal(item["image_embedding"].numpy(),
                                   cache.entry(item["safe_id"]).features["image_embed"].astype(np.float32))
@@ -294,7 +292,7 @@ def test_failed_sample_leaves_partial_then_only_it_is_packed(packed_project, tmp
     root = copy_project(packed_project, tmp_path)
     for packed in (root / "training_data").glob("*.h5"):
         packed.unlink()
-    index = packing.load_index(root, "train")
+    index = training_index.load_index(root, "train")
     victim = index.iloc[len(index) - 1]
     mask = root.parent / "saved_mask.png"
     shutil.move(victim["mask_path"], mask)  # the fixture's data folder: restored right after
@@ -318,8 +316,8 @@ def test_failed_sample_leaves_partial_then_only_it_is_packed(packed_project, tmp
 
 def test_dataset_in_memory_and_from_disk_agree_and_work_with_workers(packed_project):
     path = packed_project["root"] / "training_data" / "train.h5"
-    in_memory = packing.PackedSplitDataset(path, in_memory=True)
-    from_disk = packing.PackedSplitDataset(path, in_memory="false")
+    in_memory = packed_reader.PackedSplitDataset(path, in_memory=True)
+    from_disk = packed_reader.PackedSplitDataset(path, in_memory="false")
     assert in_memory.in_memory and not from_disk.in_memory and len(in_memory) == len(from_disk) > 4
     arrays, _ = packed_arrays(path)
     for i in range(len(in_memory)):
@@ -348,9 +346,9 @@ def test_batch_at_once_loader_equals_item_wise_items(packed_project, in_memory):
     """``PackedBatches`` (what head / variance training use) gives the rows of the sampler's batches,
     stacked, in the stored dtypes; as float32 they equal the item-wise dataset's items."""
     path = packed_project["root"] / "training_data" / "train.h5"
-    items = packing.PackedSplitDataset(path, in_memory=True)
-    batches = packing.PackedBatches(packing.PackedSplitDataset(path, in_memory=in_memory))
-    loader = DataLoader(batches, batch_size=4, shuffle=True, num_workers=2, collate_fn=packing.collate_batch,
+    items = packed_reader.PackedSplitDataset(path, in_memory=True)
+    batches = packed_reader.PackedBatches(packed_reader.PackedSplitDataset(path, in_memory=in_memory))
+    loader = DataLoader(batches, batch_size=4, shuffle=True, num_workers=2, collate_fn=packed_reader.collate_batch,
                         generator=torch.Generator().manual_seed(0))
     item_loader = DataLoader(items, batch_size=4, shuffle=True, num_workers=0,
                              generator=torch.Generator().manual_seed(0))
@@ -360,7 +358,7 @@ def test_batch_at_once_loader_equals_item_wise_items(packed_project, in_memory):
         assert batch["inputs"].shape == (len(batch["index"]), 3, 256, 256)
         assert batch["target"].shape == (len(batch["index"]), 1, 256, 256)
         assert torch.equal(batch["index"], item_batch["index"])  # same sampler order
-        as_float = packing.as_float32(batch)
+        as_float = packed_reader.as_float32(batch)
         assert torch.equal(as_float["inputs"], item_batch["inputs"])
         assert torch.equal(as_float["target"], item_batch["target"])
         assert batch["safe_id"] == list(item_batch["safe_id"])
@@ -370,18 +368,18 @@ def test_batch_at_once_loader_equals_item_wise_items(packed_project, in_memory):
 
 
 def test_in_memory_policy_and_refused_files(packed_project, tmp_path):
-    assert packing.resolve_in_memory("auto", 1024) is True
-    assert packing.resolve_in_memory("auto", 1 << 62) is False
-    assert packing.resolve_in_memory(True, 1 << 62) is True and packing.resolve_in_memory("false", 1) is False
-    with pytest.raises(packing.PackingError, match="training.in_memory"):
-        packing.resolve_in_memory("sometimes", 1)
-    with pytest.raises(packing.PackingError, match="run pack_to_hdf5.py"):
-        packing.PackedSplitDataset(tmp_path / "train.h5")
-    with pytest.raises(packing.PackingError, match="without image embeddings"):
-        packing.PackedSplitDataset(packed_project["root"] / "training_data" / "val.h5", with_embeddings=True)
+    assert packed_reader.resolve_in_memory("auto", 1024) is True
+    assert packed_reader.resolve_in_memory("auto", 1 << 62) is False
+    assert packed_reader.resolve_in_memory(True, 1 << 62) is True and packed_reader.resolve_in_memory("false", 1) is False
+    with pytest.raises(training_index.PackingError, match="training.in_memory"):
+        packed_reader.resolve_in_memory("sometimes", 1)
+    with pytest.raises(training_index.PackingError, match="run pack_to_hdf5.py"):
+        packed_reader.PackedSplitDataset(tmp_path / "train.h5")
+    with pytest.raises(training_index.PackingError, match="without image embeddings"):
+        packed_reader.PackedSplitDataset(packed_project["root"] / "training_data" / "val.h5", with_embeddings=True)
     partial = tmp_path / "val.h5"
     shutil.copy(packed_project["root"] / "training_data" / "val.h5", partial)
     with h5py.File(partial, "r+") as handle:
         handle["rows/complete"][0] = 0
-    with pytest.raises(packing.PackingError, match="not every row is packed"):
-        packing.PackedSplitDataset(partial)
+    with pytest.raises(training_index.PackingError, match="not every row is packed"):
+        packed_reader.PackedSplitDataset(partial)

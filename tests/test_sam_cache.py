@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from modules.cache import sam_cache
-from modules.cache.sam_cache import CacheEntry, SamCache, ShardLayout, ShardWriter
+from modules.cache.sam_cache import CacheEntry, SamCache, ShardLayout
+from modules.cache.shard_writer import ShardWriter
 
 FEATURES = (("image_embed", (8, 4, 4)), ("high_res_feat0", (2, 16, 16)))
 

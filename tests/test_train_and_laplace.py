@@ -44,7 +44,7 @@ def head_vs_raw_project(tmp_path_factory):
 
 def test_head_improves_validation_iou_over_raw_sam(head_vs_raw_project):
     from modules.training.losses import hard_iou
-    from modules.cache.packing import packed_dataset
+    from modules.cache.packed_reader import packed_dataset
 
     cfg = head_vs_raw_project.load_config()
     val = packed_dataset(cfg, "val")

@@ -346,7 +346,7 @@ def test_demo_sam_shapes_batching_and_clean_pass(demo_backbone):
                     reason=f"needs the trained demo backbone {TRAINED_DEMO_CHECKPOINT} (written by tools/train_demo_backbone.py)")
 def test_trained_demo_sam_flipped_predictions_agree_after_the_inverse():
     from modules.sam.backbones import load_backbone
-    from modules.data.demo_data import render_scene
+    from modules.data.demo_scenes import render_scene
 
     backbone = load_backbone("sam", "demo_tiny", TRAINED_DEMO_CHECKPOINT, "cpu")
     # An object well away from the image centre, so that a missing inverse would show.

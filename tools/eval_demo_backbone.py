@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/eval_demo_backbone.py --scenes-per-group 100
 
-Scenes come from ``modules.demo_data`` with purpose ``"backbone_eval"`` (never seen in training,
+Scenes come from ``modules.data.demo_scenes`` with purpose ``"backbone_eval"`` (never seen in training,
 never the demo data set). The checkpoint is loaded through ``load_backbone("sam", "demo_tiny",
 ...)``, the same path as every other backbone. Per scene two prompts, in ORIGINAL pixels:
 
@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from scipy import ndimage, stats  # noqa: E402
 
-from modules.data import demo_data  # noqa: E402
+from modules.data import demo_scenes  # noqa: E402
 from modules.sam.backbones import load_backbone  # noqa: E402
 from modules.core.fileio import atomic_write_text  # noqa: E402
 
@@ -79,7 +79,7 @@ def _spearman(x: list[float], y: list[float]) -> float:
     return float(stats.spearmanr(x, y).statistic)
 
 
-def evaluate(checkpoint: Path, scenes_per_group: int = 100, groups=demo_data.GROUPS, base_seed: int = 0,
+def evaluate(checkpoint: Path, scenes_per_group: int = 100, groups=demo_scenes.GROUPS, base_seed: int = 0,
              device: str = "cpu") -> dict:
     """Per-group mean IoUs and Spearman rho: ``{"groups": {...}, "summary": {...},
     "box_single_per_scene": {group: [IoU, ...]}, "checkpoint_md5": ...}``."""
@@ -90,7 +90,7 @@ def evaluate(checkpoint: Path, scenes_per_group: int = 100, groups=demo_data.GRO
         ious = {column: [] for column in COLUMNS}
         predicted, true = [], []
         for index in range(scenes_per_group):
-            image, mask = demo_data.render_scene(group, demo_data.scene_seed("backbone_eval", base_seed, group, index))
+            image, mask = demo_scenes.render_scene(group, demo_scenes.scene_seed("backbone_eval", base_seed, group, index))
             features = backbone.encode(backbone.preprocess(image)[None])
             prompts = {"point": {"point_coords": deepest_point(mask), "point_labels": np.ones((1, 1))},
                        "box": {"boxes": tight_box(mask)}}

@@ -9,7 +9,7 @@ Its ``DEFAULT_RECIPE`` repeats, in one run, the phases of the four chained runs 
 previously shipped checkpoint (README.md, "Backbones and the bundled demo backbone", lists the
 single runs tried and their held-out figures; seed 0 missed the box bar by 0.01).
 
-Scenes come from ``modules.demo_data`` with purpose ``"backbone_train"`` (never ``"demo"``),
+Scenes come from ``modules.data.demo_scenes`` with purpose ``"backbone_train"`` (never ``"demo"``),
 rendered in a DataLoader worker so rendering overlaps training. Every image gets three prompt
 sets: one single positive point (half the time biased to the object interior, else anywhere on
 it), one set of 1-3 positives with sometimes 1-2 negatives from the background, and one tight
@@ -57,7 +57,7 @@ from scipy import ndimage  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from modules.data import demo_data  # noqa: E402
+from modules.data import demo_scenes  # noqa: E402
 from modules.sam.backbones import SamPreprocessor, build_demo_tiny, sam_mask_decoder_pass  # noqa: E402
 from modules.core.fileio import atomic_path, atomic_write_json  # noqa: E402
 
@@ -157,7 +157,7 @@ class SceneDataset(Dataset):
     ``image`` 3 x 256 x 256 (preprocessed), ``target`` 256 x 256 float {0, 1} (the mask resized
     like the image and zero padded), ``single_points`` 1 x 1 x 2 with ``single_labels`` 1 x 1,
     ``multi_points`` 1 x 5 x 2 with ``multi_labels`` 1 x 5 (-1 = padding), ``box`` 1 x 4,
-    ``group`` (index into ``demo_data.GROUPS``).
+    ``group`` (index into ``demo_scenes.GROUPS``).
     """
 
     def __init__(self, num_samples: int, seed: int, preprocessor: SamPreprocessor) -> None:
@@ -174,7 +174,7 @@ class SceneDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng(np.random.SeedSequence((self.seed, index, 0x7A1)))
         group = self.groups[rng.choice(len(self.groups), p=self.probabilities)]
-        image, mask = demo_data.render_scene(group, demo_data.scene_seed("backbone_train", self.seed, group, index))
+        image, mask = demo_scenes.render_scene(group, demo_scenes.scene_seed("backbone_train", self.seed, group, index))
         height, width = mask.shape
         input_h, input_w = self.preprocessor.input_size((height, width))
         scale = np.array([input_w / width, input_h / height])
@@ -207,7 +207,7 @@ class SceneDataset(Dataset):
             "multi_points": torch.tensor(multi_points, dtype=torch.float32),
             "multi_labels": torch.tensor(multi_labels, dtype=torch.float32),
             "box": torch.tensor(box.reshape(1, 4), dtype=torch.float32),
-            "group": demo_data.GROUPS.index(group),
+            "group": demo_scenes.GROUPS.index(group),
         }
 
 

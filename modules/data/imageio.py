@@ -1,16 +1,8 @@
 """Reading every supported image and mask file into plain numpy arrays.
 
-Images come back as ``H x W x 3`` uint8 RGB, masks as ``H x W`` bool (True =
-foreground). ``H`` and ``W`` are always in the *displayed* frame: the EXIF
-orientation tag is applied before anything else, for images and image masks
-alike, so that an image and a mask saved by the same tool line up.
-
-Every foreseeable bad input (missing file, non-image, truncated or corrupt
-data, unsupported pixel mode, a mask that is not 2-D) raises
-``ImageReadError`` or ``MaskReadError`` with a one-line message that starts
-with the file path. Nothing here changes PIL's global settings; in particular
-``ImageFile.LOAD_TRUNCATED_IMAGES`` stays False so a truncated file fails
-while it is decoded instead of yielding a half-grey picture.
+Images come back as ``H x W x 3`` uint8 RGB, masks as ``H x W`` bool, both in the displayed
+(EXIF-oriented) frame. Every bad input raises ``ImageReadError`` or ``MaskReadError`` with a
+one-line message that starts with the file path.
 """
 
 from __future__ import annotations

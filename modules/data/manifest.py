@@ -1,15 +1,8 @@
 """Scan a dataset folder, validate every image/mask pair, name samples and split them.
 
-Flow: ``scan_pairs`` finds files and pairs them by ``(group, stem)``;
-``validate_candidate`` decodes both files and returns a ``SampleRecord`` or an
-``InvalidRecord`` with a machine-readable reason; ``make_safe_ids`` turns
-canonical ids into unique file-name-safe ids; ``assign_splits`` gives each
-sample a split that never changes once assigned. ``build_manifest_tables``
-runs all of it and returns two pandas tables.
-
-Canonical sample id: ``"<group>/<stem>"`` (group = the class folder, stem =
-file name without its extension). Pairing never assumes an extension: image
-``cat/a.jpg`` pairs with mask ``cat/a.npy`` or ``cat/a.png`` alike.
+``build_manifest_tables`` runs it all: ``scan_pairs`` pairs files by ``(group, stem)`` (never by
+extension), ``validate_candidate`` checks each pair, ``make_safe_ids`` gives file-name-safe ids
+and ``assign_splits`` gives each sample a split that never changes once assigned.
 """
 
 from __future__ import annotations
@@ -25,6 +18,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import pandas as pd
 from tqdm import tqdm
 
+from modules.core.errors import PipelineError
+from modules.core.paths import manifest_path
 from modules.data.imageio import (
     IMAGE_EXTENSIONS,
     MASK_EXTENSIONS,
@@ -36,7 +31,6 @@ from modules.data.imageio import (
     read_image_rgb,
     read_mask,
 )
-from modules.core.paths import manifest_path
 
 SPLITS = ("train", "val", "test")
 
@@ -613,84 +607,21 @@ def build_manifest_tables(
 
 
 # ---------------------------------------------------------------------------
-# Stage 1 outputs: written and read only here
+# Reading stage 1's outputs
 # ---------------------------------------------------------------------------
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def read_manifest_csv(path: Path) -> pd.DataFrame:
+    """A manifest CSV as written by stage 1 (stems and groups stay strings, empty cells stay "")."""
     return pd.read_csv(path, keep_default_na=False, dtype={"stem": str, "group": str})
 
 
 def load_split_manifest(project_root: Path, split: str) -> pd.DataFrame:
-    """The valid samples of one split (stage 1's output), as written by ``run_stage``."""
-    from modules.core.errors import PipelineError
-
+    """The valid samples of one split (stage 1's output)."""
     path = manifest_path(project_root, split)
     if not path.is_file():
         raise PipelineError(f"{path}: missing; run build_manifests.py first")
-    return _read_csv(path)
+    return read_manifest_csv(path)
 
 
 def split_manifest_paths(project_root: Path) -> list[Path]:
     return [manifest_path(project_root, split) for split in SPLITS]
-
-
-def run_stage(ctx) -> None:
-    """Stage 1: (demo data,) scan, validate, name and split; write the manifest CSVs.
-
-    A rerun rescans the folders: samples already in ``all_samples.csv`` keep their split and
-    safe id, new ones are assigned, and CSVs whose content did not change are not rewritten.
-    """
-    from modules.core.config import require_existing
-    from modules.core.errors import PipelineError
-    from modules.core.fileio import atomic_write_text
-
-    cfg = ctx.cfg
-    data = cfg.data
-    if cfg.demo.enabled:
-        from modules.data.demo_data import write_demo_dataset
-
-        print(f"[{ctx.name}] demo data: {cfg.demo.scenes_per_group} scenes per group -> {data.images_root}")
-        write_demo_dataset(data.images_root, data.masks_root, cfg.demo.scenes_per_group, cfg.demo.seed)
-    require_existing(cfg, "data.images_root")
-    if data.layout == "split_roots":
-        require_existing(cfg, "data.masks_root")
-    fresh = ctx.check_inputs(["data", "demo"])
-
-    previous = manifest_path(ctx.project_root, "all_samples")
-    existing_splits = existing_safe_ids = None
-    if previous.is_file() and not fresh:
-        earlier = _read_csv(previous)
-        existing_splits = dict(zip(earlier["sample_id"], earlier["split"]))
-        existing_safe_ids = dict(zip(earlier["sample_id"], earlier["safe_id"]))
-    try:
-        valid, invalid = build_manifest_tables(
-            data.layout, data.images_root, data.masks_root, data.mask_threshold, data.min_image_side,
-            data.split_seed, data.split_fractions, existing_splits, existing_safe_ids=existing_safe_ids,
-        )
-    except (FileNotFoundError, ValueError) as exc:
-        raise PipelineError(str(exc)) from None
-    if valid.empty:
-        raise PipelineError(f"data.images_root: no valid image/mask pair found under {data.images_root} "
-                            f"({len(invalid)} invalid; see the layout options in README.md)")
-
-    tables = {"all_samples": valid, "invalid_samples": invalid}
-    tables.update({split: valid[valid["split"] == split] for split in SPLITS})
-    rewritten = []
-    for name, frame in tables.items():
-        path = manifest_path(ctx.project_root, name)
-        text = frame.to_csv(index=False)
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            atomic_write_text(path, text)
-            rewritten.append(name)
-
-    per_group = (valid.groupby(["group", "split"]).size().unstack(fill_value=0)
-                 .reindex(columns=list(SPLITS), fill_value=0).reset_index())
-    invalid_counts = invalid["reason"].value_counts().to_dict()
-    ctx.tracker.log({"valid": len(valid), "invalid": len(invalid),
-                     **{f"split/{s}": int((valid["split"] == s).sum()) for s in SPLITS}})
-    ctx.tracker.log_table("per_group", per_group)
-    ctx.tracker.log_table("invalid_samples", invalid)
-    print(per_group.to_string(index=False))
-    ctx.summary({"valid": len(valid), "invalid": len(invalid), "invalid_reasons": invalid_counts,
-                 **{f"{s}_samples": int((valid["split"] == s).sum()) for s in SPLITS},
-                 "rewritten": rewritten or "nothing (unchanged)"})

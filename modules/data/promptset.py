@@ -1,22 +1,8 @@
 """Seeded point/box prompt sets per sample, and the Gaussian prompt maps built from them.
 
-Frames. Prompts are stored twice: in ORIGINAL image pixel coordinates (x = column, y = row, as
-SAM expects them) and in FRAME256, the original image stretched to 256 x 256, the frame of the
-cached logits, the prompt maps and the head. A pixel centre maps as
-``x256 = (x + 0.5) * 256 / W - 0.5`` (likewise y), so integer pixel centres stay pixel centres.
-Boxes are ``x0, y0, x1, y1`` with inclusive pixel indices (as torchvision's ``masks_to_boxes``);
-their FRAME256 version maps the box edges (``x0 * 256 / W`` and ``(x1 + 1) * 256 / W``).
-
-Padding. Decoding several prompt sets in one batched SAM call pads their point lists with
-label -1 ("not a point") tokens, and SAM's decoder attends to those tokens: a prompt set's
-logits would depend on which other prompt sets shared the call. So every record carries one
-canonical ``point_width`` (``2 * max_pairs + 1``: at least one padding point, as SAM's own
-predictor adds for point-only prompts) and ``promptset_tensors`` always pads to it. A prompt set
-then decodes to the same logits alone, in its sample's batch, or perturbed in evaluation.
-
-Seeding. Every prompt set draws from its own ``np.random.SeedSequence((prompt_seed, id_key,
-index))`` where ``id_key`` is derived from the canonical sample id, so a sample's prompts do not
-depend on file order, process count, sharding, or how many prompt sets exist.
+Prompts are stored in ORIGINAL pixel coordinates and in FRAME256; every record pads its point
+lists to one canonical ``point_width`` so a prompt set decodes the same alone or batched; each
+prompt set draws from its own seed derived from the sample id (``sample_key``).
 """
 
 from __future__ import annotations
@@ -50,7 +36,12 @@ class PromptSpec:
 
 
 def point_width(spec: PromptSpec) -> int:
-    """The canonical padded length of every prompt set's point list (see the module docstring)."""
+    """The canonical padded length of every prompt set's point list.
+
+    SAM's decoder attends to padding points (label -1), so a prompt set decoded in a batch padded
+    to another length would give other logits; ``2 * max_pairs + 1`` leaves at least one padding
+    point, as SAM's own predictor adds for point-only prompts.
+    """
     return 2 * spec.max_pairs + 1
 
 
@@ -188,61 +179,9 @@ def promptset_tensors(record: dict) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return points, labels, points_256, boxes
 
 
-# --------------------------------------------------------------------------- stage 2
+# --------------------------------------------------------------------------- reading stage 2
 
 
 def load_promptsets(project_root, split: str, safe_id: str) -> dict:
     """The stage-2 record of one sample (read by every later stage through this function)."""
     return json.loads(promptset_path(project_root, split, safe_id).read_text(encoding="utf-8"))
-
-
-def run_stage(ctx) -> None:
-    """Stage 2: one JSON of seeded prompt sets per sample and split, skipping finished samples.
-
-    A sample counts as finished when its JSON exists and was drawn from the same mask file
-    (md5); the config it was drawn with is guarded by the stage fingerprint.
-    """
-    from modules.core.fileio import atomic_write_text, cached_file_md5
-    from modules.data.imageio import MaskReadError, read_mask, resize_mask_nearest
-    from modules.data.manifest import SPLITS, load_split_manifest
-    from modules.core.stage import UnitError
-
-    cfg = ctx.cfg
-    pg = cfg.prompt_generation
-    spec = PromptSpec(pg.min_pairs, pg.max_pairs, pg.prompt_seed, pg.gaussian_sigma, pg.box_jitter)
-    ctx.check_inputs(["prompt_generation", "data.mask_threshold"])
-
-    def source_of(sample) -> dict:
-        return {"mask_path": sample["mask_path"], "mask_md5": cached_file_md5(sample["mask_path"])}
-
-    totals = {}
-    for split in SPLITS:
-        samples = load_split_manifest(ctx.project_root, split).to_dict("records")
-        num_sets = getattr(pg, f"num_promptsets_{split}")
-
-        def is_complete(sample, split=split) -> bool:
-            path = promptset_path(ctx.project_root, split, sample["safe_id"])
-            if not path.is_file():
-                return False
-            try:
-                return json.loads(path.read_text(encoding="utf-8")).get("source") == source_of(sample)
-            except (OSError, ValueError):
-                return False
-
-        def process(sample, split=split, num_sets=num_sets) -> None:
-            try:
-                mask = read_mask(sample["mask_path"], threshold=cfg.data.mask_threshold)
-            except (MaskReadError, OSError) as exc:
-                raise UnitError(str(exc)) from None
-            size = (int(sample["image_h"]), int(sample["image_w"]))
-            if mask.shape != size:
-                mask = resize_mask_nearest(mask, size)
-            if not mask.any() or mask.all():
-                raise UnitError(f"{sample['mask_path']}: mask is empty or full at image size")
-            record = build_promptset_record(sample, split, mask, num_sets, spec, source_of(sample))
-            atomic_write_text(promptset_path(ctx.project_root, split, sample["safe_id"]), dumps_record(record))
-
-        counts = ctx.run_units(samples, is_complete, process, desc=f"prompt sets [{split}]",
-                               unit_name=lambda s: s["sample_id"], metric_prefix=f"{split}/")
-        totals.update({f"{split}_{k}": v for k, v in counts.as_dict().items()})
-    ctx.summary(totals)

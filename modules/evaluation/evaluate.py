@@ -699,7 +699,7 @@ def run_stage(ctx, runs: RunIds) -> None:
     from modules.evaluation import reports
     from modules.core.fileio import file_md5
     from modules.data.manifest import manifest_path
-    from modules.cache.packing import open_cache
+    from modules.cache.training_index import open_cache
 
     cfg = ctx.cfg
     folder = ctx.output_dir

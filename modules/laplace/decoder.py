@@ -400,7 +400,9 @@ class SplitRows:
     """
 
     def __init__(self, cfg: PipelineConfig, split: str, backbone, cache=None):
-        from modules.cache.packing import PackedSplitDataset, open_cache, packed_path
+        from modules.cache.packed_reader import PackedSplitDataset
+        from modules.cache.training_index import open_cache
+        from modules.core.paths import packed_path
 
         self.cfg, self.split, self.backbone = cfg, split, backbone
         self.packed = PackedSplitDataset(packed_path(cfg.project_root, split), in_memory=cfg.training.in_memory)

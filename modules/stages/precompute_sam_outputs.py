@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from modules.cache import sam_cache
+from modules.cache import sam_cache, shard_writer
 from modules.core.config import PipelineConfig
 from modules.core.stage import Shard, UnitCounts
 from modules.core.frames import FRAME256
@@ -265,7 +265,7 @@ class BackgroundWriter:
     next ``put`` or by ``close``.
     """
 
-    def __init__(self, writer: sam_cache.ShardWriter, on_written: Callable[[int], None],
+    def __init__(self, writer: shard_writer.ShardWriter, on_written: Callable[[int], None],
                  before_flags: Callable[[int], None] | None = None, depth: int = 2):
         self.writer = writer
         self.on_written = on_written
@@ -363,10 +363,10 @@ def run_precompute(cfg: PipelineConfig, backbone, shard: Shard, force: bool = Fa
     path = folder / sam_cache.shard_file_name(shard.index, shard.count)
     shapes = _stored_feature_shapes(path) or feature_shapes(backbone)
     layout = make_layout(cfg, backbone, shard, units, shapes)
-    writer = sam_cache.ShardWriter.open(folder, layout, {k: v for k, v in md5s.items() if v}, rebuild=force)
+    writer = shard_writer.ShardWriter.open(folder, layout, {k: v for k, v in md5s.items() if v}, rebuild=force)
     for message in writer.messages:
         print(f"[precompute] {message}")
-    sam_cache.write_backbone_info(folder, {
+    shard_writer.write_backbone_info(folder, {
         "backbone_id": layout.backbone_id, "family": backbone.family, "model_type": backbone.model_type,
         "checkpoint_path": str(backbone.checkpoint_path), "checkpoint_md5": backbone.checkpoint_md5,
         "image_size": backbone.image_size, "feature_shapes": {k: list(v) for k, v in layout.feature_shapes},

@@ -91,7 +91,7 @@ class TrainingTask:
 
 def packed_datasets(cfg: PipelineConfig):
     """The packed train and val splits (stage 4.5) as datasets."""
-    from modules.cache.packing import packed_dataset
+    from modules.cache.packed_reader import packed_dataset
 
     return [packed_dataset(cfg, split) for split in ("train", "val")]
 
@@ -99,13 +99,13 @@ def packed_datasets(cfg: PipelineConfig):
 def packed_batch_datasets(cfg: PipelineConfig):
     """The packed train and val splits as batch-at-once datasets (``collate_fn=collate_batch``;
     batches arrive in the stored float16 / uint8 and the step converts them on its device)."""
-    from modules.cache.packing import PackedBatches
+    from modules.cache.packed_reader import PackedBatches
 
     return [PackedBatches(packed) for packed in packed_datasets(cfg)]
 
 
 def head_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
-    from modules.cache.packing import as_float32, collate_batch
+    from modules.cache.packed_reader import as_float32, collate_batch
 
     model = build_head(cfg)
     loss_fn = BceDiceLoss(dice_lambda=cfg.training.dice_lambda)
@@ -132,7 +132,7 @@ def variance_margin(log_var: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
 
 
 def variance_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
-    from modules.cache.packing import as_float32, collate_batch
+    from modules.cache.packed_reader import as_float32, collate_batch
 
     head, _ = load_trained_head(cfg, head_run_id, device)
     model = build_variance_network(cfg)
@@ -201,7 +201,7 @@ def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | No
     from modules.sam.backbones import load_backbone
     from modules.uncertainty.fusion import FusionDataset, refinement_step
     from modules.training.losses import FocalDiceIouLoss
-    from modules.cache.packing import open_cache
+    from modules.cache.training_index import open_cache
 
     backbone = load_backbone(cfg.sam.family, cfg.sam.model_type, cfg.sam.checkpoint, device)
     cache = open_cache(cfg)

@@ -1,0 +1,66 @@
+"""Stage 1 (``build_manifests.py``): write the demo data if asked, then the manifest CSVs."""
+
+from __future__ import annotations
+
+from modules.core.config import require_existing
+from modules.core.errors import PipelineError
+from modules.core.fileio import atomic_write_text
+from modules.core.paths import manifest_path
+from modules.data.demo_dataset import write_demo_dataset
+from modules.data.manifest import SPLITS, build_manifest_tables, read_manifest_csv
+
+
+def run_stage(ctx) -> None:
+    """Stage 1: (demo data,) scan, validate, name and split; write the manifest CSVs.
+
+    A rerun rescans the folders: samples already in ``all_samples.csv`` keep their split and
+    safe id, new ones are assigned, and CSVs whose content did not change are not rewritten.
+    """
+    cfg = ctx.cfg
+    data = cfg.data
+    if cfg.demo.enabled:
+        print(f"[{ctx.name}] demo data: {cfg.demo.scenes_per_group} scenes per group -> {data.images_root}")
+        write_demo_dataset(data.images_root, data.masks_root, cfg.demo.scenes_per_group, cfg.demo.seed)
+    require_existing(cfg, "data.images_root")
+    if data.layout == "split_roots":
+        require_existing(cfg, "data.masks_root")
+    fresh = ctx.check_inputs(["data", "demo"])
+
+    previous = manifest_path(ctx.project_root, "all_samples")
+    existing_splits = existing_safe_ids = None
+    if previous.is_file() and not fresh:
+        earlier = read_manifest_csv(previous)
+        existing_splits = dict(zip(earlier["sample_id"], earlier["split"]))
+        existing_safe_ids = dict(zip(earlier["sample_id"], earlier["safe_id"]))
+    try:
+        valid, invalid = build_manifest_tables(
+            data.layout, data.images_root, data.masks_root, data.mask_threshold, data.min_image_side,
+            data.split_seed, data.split_fractions, existing_splits, existing_safe_ids=existing_safe_ids,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise PipelineError(str(exc)) from None
+    if valid.empty:
+        raise PipelineError(f"data.images_root: no valid image/mask pair found under {data.images_root} "
+                            f"({len(invalid)} invalid; see the layout options in README.md)")
+
+    tables = {"all_samples": valid, "invalid_samples": invalid}
+    tables.update({split: valid[valid["split"] == split] for split in SPLITS})
+    rewritten = []
+    for name, frame in tables.items():
+        path = manifest_path(ctx.project_root, name)
+        text = frame.to_csv(index=False)
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            atomic_write_text(path, text)
+            rewritten.append(name)
+
+    per_group = (valid.groupby(["group", "split"]).size().unstack(fill_value=0)
+                 .reindex(columns=list(SPLITS), fill_value=0).reset_index())
+    invalid_counts = invalid["reason"].value_counts().to_dict()
+    ctx.tracker.log({"valid": len(valid), "invalid": len(invalid),
+                     **{f"split/{s}": int((valid["split"] == s).sum()) for s in SPLITS}})
+    ctx.tracker.log_table("per_group", per_group)
+    ctx.tracker.log_table("invalid_samples", invalid)
+    print(per_group.to_string(index=False))
+    ctx.summary({"valid": len(valid), "invalid": len(invalid), "invalid_reasons": invalid_counts,
+                 **{f"{s}_samples": int((valid["split"] == s).sum()) for s in SPLITS},
+                 "rewritten": rewritten or "nothing (unchanged)"})

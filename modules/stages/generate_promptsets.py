@@ -1,0 +1,59 @@
+"""Stage 2 (``generate_promptsets.py``): one JSON of seeded prompt sets per sample and split."""
+
+from __future__ import annotations
+
+import json
+
+from modules.core.fileio import atomic_write_text, cached_file_md5
+from modules.core.paths import promptset_path
+from modules.core.stage import UnitError
+from modules.data.imageio import MaskReadError, read_mask, resize_mask_nearest
+from modules.data.manifest import SPLITS, load_split_manifest
+from modules.data.promptset import PromptSpec, build_promptset_record, dumps_record
+
+
+def run_stage(ctx) -> None:
+    """Stage 2: one JSON of seeded prompt sets per sample and split, skipping finished samples.
+
+    A sample counts as finished when its JSON exists and was drawn from the same mask file
+    (md5); the config it was drawn with is guarded by the stage fingerprint.
+    """
+    cfg = ctx.cfg
+    pg = cfg.prompt_generation
+    spec = PromptSpec(pg.min_pairs, pg.max_pairs, pg.prompt_seed, pg.gaussian_sigma, pg.box_jitter)
+    ctx.check_inputs(["prompt_generation", "data.mask_threshold"])
+
+    def source_of(sample) -> dict:
+        return {"mask_path": sample["mask_path"], "mask_md5": cached_file_md5(sample["mask_path"])}
+
+    totals = {}
+    for split in SPLITS:
+        samples = load_split_manifest(ctx.project_root, split).to_dict("records")
+        num_sets = getattr(pg, f"num_promptsets_{split}")
+
+        def is_complete(sample, split=split) -> bool:
+            path = promptset_path(ctx.project_root, split, sample["safe_id"])
+            if not path.is_file():
+                return False
+            try:
+                return json.loads(path.read_text(encoding="utf-8")).get("source") == source_of(sample)
+            except (OSError, ValueError):
+                return False
+
+        def process(sample, split=split, num_sets=num_sets) -> None:
+            try:
+                mask = read_mask(sample["mask_path"], threshold=cfg.data.mask_threshold)
+            except (MaskReadError, OSError) as exc:
+                raise UnitError(str(exc)) from None
+            size = (int(sample["image_h"]), int(sample["image_w"]))
+            if mask.shape != size:
+                mask = resize_mask_nearest(mask, size)
+            if not mask.any() or mask.all():
+                raise UnitError(f"{sample['mask_path']}: mask is empty or full at image size")
+            record = build_promptset_record(sample, split, mask, num_sets, spec, source_of(sample))
+            atomic_write_text(promptset_path(ctx.project_root, split, sample["safe_id"]), dumps_record(record))
+
+        counts = ctx.run_units(samples, is_complete, process, desc=f"prompt sets [{split}]",
+                               unit_name=lambda s: s["sample_id"], metric_prefix=f"{split}/")
+        totals.update({f"{split}_{k}": v for k, v in counts.as_dict().items()})
+    ctx.summary(totals)
