@@ -105,7 +105,6 @@ def safe_ratio(numerator: float, denominator: float, if_empty: float) -> float:
     return numerator / denominator if denominator > 0 else if_empty
 
 
-
 # --------------------------------------------------------------------------------------------
 # Streaming state
 # --------------------------------------------------------------------------------------------

@@ -136,15 +136,20 @@ def weighted_pearson(weights: Tensor, x: Tensor, y: Tensor) -> float:
     return (covariance / variance.sqrt()).item() if variance.item() > 0 else math.nan
 
 
+def _paired_vectors(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Both inputs flattened to finite float64 vectors of one length."""
+    x, y = as_vector(x, "x"), as_vector(y, "y")
+    if x.numel() != y.numel():
+        raise MetricInputError(f"y: {y.numel()} elements, x has {x.numel()}")
+    return x, y
+
 
 def pearson(x: Tensor, y: Tensor) -> float:
     """Pearson correlation of two tensors with the same number of elements (flattened).
 
     NaN if either is constant or they hold fewer than 2 elements.
     """
-    x, y = as_vector(x, "x"), as_vector(y, "y")
-    if x.numel() != y.numel():
-        raise MetricInputError(f"y: {y.numel()} elements, x has {x.numel()}")
+    x, y = _paired_vectors(x, y)
     if x.numel() < 2:
         return math.nan
     dx, dy = x - x.mean(), y - y.mean()
@@ -158,9 +163,7 @@ def spearman(x: Tensor, y: Tensor) -> float:
     Used per mask (u vs pixel error) and across masks (mean uncertainty per mask vs 1 - IoU).
     NaN if either is constant or they hold fewer than 2 elements.
     """
-    x, y = as_vector(x, "x"), as_vector(y, "y")
-    if x.numel() != y.numel():
-        raise MetricInputError(f"y: {y.numel()} elements, x has {x.numel()}")
+    x, y = _paired_vectors(x, y)
     if x.numel() < 2:
         return math.nan
     return pearson(_average_ranks(x), _average_ranks(y))

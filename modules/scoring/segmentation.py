@@ -20,7 +20,6 @@ BOUNDARY_DILATION_RATIOS: dict[str, float] = {
 }
 
 
-
 def _sliding_max(x: Tensor, window: int, dim: int) -> Tensor:
     """Maximum over every ``window``-long run along ``dim`` (output length ``len - window + 1``).
 

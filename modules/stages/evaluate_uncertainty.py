@@ -134,4 +134,3 @@ def run_stage(ctx, runs: RunIds) -> None:
     if counts.failed:
         raise EvaluationError(f"{folder}: {counts.failed} samples failed (listed above); the reports cover the "
                               f"{len(scoreboard.done)} others; fix the inputs and rerun to add them")
-
