@@ -359,5 +359,5 @@ class UncertaintyAccumulator:
 
     def curves(self) -> dict:
         """Plot data: ``reliability`` (CalibrationAccumulator.compute()) and ``sparsification``
-        (SparsificationAccumulator.compute()), the inputs of modules.plots."""
+        (SparsificationAccumulator.compute()), the inputs of modules.scoring.plots."""
         return {"reliability": self.calibration.compute(), "sparsification": self.sparsification.compute()}

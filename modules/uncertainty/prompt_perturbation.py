@@ -148,7 +148,7 @@ def prompt_perturbation_predict(
     """Foreground probabilities of the K prompt variants, from ONE decoder call on the cached embedding.
 
     Args:
-        backbone: a ``modules.backbones.Backbone`` (only ``decode`` is used).
+        backbone: a ``modules.sam.backbones.Backbone`` (only ``decode`` is used).
         features: the cached encoder features of one image (``name -> C x h x w`` or ``1 x C x h x w``).
         original_hw: ``(H, W)`` of the ORIGINAL image; must equal ``gt_mask.shape``.
         points, labels, boxes, gt_mask, num_samples, seed, sample_key, promptset_ids, magnitudes:

@@ -242,7 +242,7 @@ class RawSamStrategy(Strategy):
 
 
 class MapHeadStrategy(Strategy):
-    """The MAP prompt-aware head (``modules/models.py``); uncertainty = binary entropy of its probability."""
+    """The MAP prompt-aware head (``training.models``); uncertainty = binary entropy of its probability."""
 
     name = "map_head"
     primary_map = "entropy"
@@ -321,7 +321,7 @@ class PromptPerturbationStrategy(Strategy):
 
 
 class LaplaceStrategy(Strategy):
-    """A last-layer Laplace posterior of the head (``laplace_posterior.LastLayerPosterior`` or any
+    """A last-layer Laplace posterior of the head (``laplace.posterior.LastLayerPosterior`` or any
     object with ``uncertainty_maps(inputs, num_samples, seed) -> dict`` of ``mean_prob``,
     ``total_entropy``, ``expected_entropy``, ``mutual_information``, each ``P x 256 x 256``).
 

@@ -337,7 +337,7 @@ def tta_predict(
     """Foreground probabilities of every augmentation, mapped back to the original FRAME256.
 
     Args:
-        backbone: a ``modules.backbones.Backbone``.
+        backbone: a ``modules.sam.backbones.Backbone``.
         image: ``H x W x 3`` uint8, the ORIGINAL image.
         points: ``P x N x 2`` ORIGINAL pixel coordinates; labels ``P x N`` (-1 padding);
             boxes ``P x 4`` inclusive ORIGINAL pixel boxes.
