@@ -8,9 +8,10 @@ Reports go to ``<project_root>/reports/eval/<name>/`` (default name ``run_<run_i
 resumes where it stopped.
 """
 
-from modules.evaluation import evaluate as evaluation
 from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
+from modules.evaluation.runs import RunIds
+from modules.stages.evaluate_uncertainty import run_stage
 
 
 def main() -> None:
@@ -20,12 +21,12 @@ def main() -> None:
         parser.add_argument(f"--{model}_run_id", default=None, help=f"the {model} run (default: --run_id)")
     parser.add_argument("--name", default=None, help="report folder name (default: run_<run_id>)")
     args = parser.parse_args()
-    runs = evaluation.RunIds.resolve(args.run_id, args.head_run_id, args.variance_run_id, args.laplace_run_id,
-                                     args.fusion_run_id)
+    runs = RunIds.resolve(args.run_id, args.head_run_id, args.variance_run_id, args.laplace_run_id,
+                          args.fusion_run_id)
     name = args.name or f"run_{args.run_id}"
     with stage_context("evaluate_uncertainty", args, output_dir=paths.eval_report_relpath(name),
                        extra_tracker_config={"run_ids": vars(runs)}) as ctx:
-        evaluation.run_stage(ctx, runs)
+        run_stage(ctx, runs)
 
 
 if __name__ == "__main__":

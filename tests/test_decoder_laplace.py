@@ -177,10 +177,10 @@ def test_posterior_refuses_other_decoder_weights(posterior, val_image):
 
 
 def _eval_sample(cfg):
-    from modules.evaluation.evaluate import list_units, load_sample
+    from modules.evaluation.samples import list_eval_units, load_sample
     from modules.cache.training_index import open_cache
 
-    unit = list_units(cfg)[0]
+    unit = list_eval_units(cfg)[0]
     return load_sample(cfg, open_cache(cfg), unit)
 
 

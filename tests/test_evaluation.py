@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from modules.scoring import metrics
-from modules.evaluation.evaluate import (REFINEMENT_VARIANTS, STRATEGY_BUILDERS, Scoreboard, accumulator_state, map_binning,
-                                restore_accumulator, upsample)
+from modules.evaluation.methods import REFINEMENT_VARIANTS, STRATEGY_BUILDERS
+from modules.evaluation.scoreboard import Scoreboard, accumulator_state, map_binning, restore_accumulator, upsample
 from modules.core.stage import KILL_HOOK_ENV
 from tests.stage_runner import REPO
 from modules.scoring.entropy import binary_entropy

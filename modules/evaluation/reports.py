@@ -1,21 +1,8 @@
-"""The evaluation stage's report files (``<project_root>/reports/eval/<name>/``) and their W&B copies.
+"""The evaluation stage's report files in ``<project_root>/reports/eval/<name>/`` (CSV tables, markdown
+summaries, reliability and sparsification plots, qualitative panels) and their W&B copies.
 
-Files (all written atomically):
-
-- ``per_mask.csv``: one row per (sample, prompt set, method): segmentation, calibration, the exact
-  uncertainty metrics of the method's primary map (``u_*``), its mean and the mean of every map.
-- ``summary_by_domain.csv`` / ``summary_overall.csv``: one row per (method, map, domain) with every
-  streaming metric (``metrics.UncertaintyAccumulator.compute``, ``ece_bins`` and ``n_pixels``
-  included), the per-mask means of the segmentation metrics and ``mask_spearman`` (Spearman
-  between a mask's mean uncertainty and 1 - IoU, across the masks of the domain).
-- ``reliability_bins.csv`` and ``sparsification_curves.csv``: the plotted data.
-- ``reliability_<domain>.png``, ``sparsification_<domain>.png`` (``overall`` too): the strategies'
-  reliability diagrams and the sparsification curves of their primary maps.
-- ``refinement.csv`` and ``refinement.md``: unrefined vs refined vs the ablations, per domain.
-- ``summary.md``: method x domain tables of the key metrics and the refinement table (written last:
-  its presence marks a complete report).
-- ``qualitative/<method>/<safe_id>_<promptset_id>.png``: image, ground truth, prediction, primary
-  uncertainty map and errors of the first prompt set of the chosen samples.
+All files are written atomically; ``summary.md`` is written last, so its presence marks a complete
+report (``reports_complete``).
 """
 
 from __future__ import annotations
@@ -24,19 +11,17 @@ import math
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 import torch
 
-from modules.scoring import metrics
-from modules.evaluation.evaluate import OVERALL, SEGMENTATION_KEYS
 from modules.core.fileio import atomic_write_csv, atomic_write_text
-
-if TYPE_CHECKING:
-    from modules.evaluation.evaluate import Scoreboard, ScoredMethod
-    from modules.uncertainty.strategies import EvalSample
+from modules.evaluation.scoreboard import OVERALL, SEGMENTATION_KEYS, Scoreboard, ScoredMethod
+from modules.scoring import metrics
+from modules.scoring.plots import plot_qualitative_panel, plot_reliability_diagram, plot_sparsification
+from modules.uncertainty.strategies import EvalSample
 
 QUALITATIVE_DIR = "qualitative"
 SUMMARY_MARKDOWN = "summary.md"
@@ -77,7 +62,7 @@ def reports_complete(folder: Path) -> bool:
 # --------------------------------------------------------------------------- tables
 
 
-def summary_frame(scoreboard: "Scoreboard", methods: list[str], refinement_methods: list[str]) -> pd.DataFrame:
+def summary_frame(scoreboard: Scoreboard, methods: list[str], refinement_methods: list[str]) -> pd.DataFrame:
     """One row per (method, map, domain): streaming metrics + per-mask means + mask-level Spearman."""
     masks = pd.DataFrame(scoreboard.rows)
     entries = []
@@ -108,7 +93,7 @@ def _mask_spearman(mean_uncertainty: pd.Series, one_minus_iou: pd.Series) -> flo
                             torch.tensor(one_minus_iou.to_numpy(dtype=np.float64)))
 
 
-def curve_frames(scoreboard: "Scoreboard") -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def curve_frames(scoreboard: Scoreboard) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Reliability bins and sparsification curves (long tables) of every method's primary map,
     and ``{domain: {method: curves}}`` for the plots."""
     reliability_rows, sparsification_rows = [], []
@@ -207,11 +192,9 @@ def refinement_markdown(refinement: pd.DataFrame, unrefined: str) -> str:
 # --------------------------------------------------------------------------- figures
 
 
-def write_qualitative_panels(folder: Path, sample: "EvalSample", scored: dict[str, "ScoredMethod"],
+def write_qualitative_panels(folder: Path, sample: EvalSample, scored: dict[str, ScoredMethod],
                              methods: Iterable[str]) -> list[Path]:
     """One panel per method for the sample's first prompt set."""
-    from modules.scoring.plots import plot_qualitative_panel
-
     promptset_id = int(sample.record["promptsets"][0]["promptset_id"])
     gt = torch.from_numpy(sample.gt_mask)
     paths = []
@@ -232,8 +215,6 @@ def write_qualitative_panels(folder: Path, sample: "EvalSample", scored: dict[st
 
 
 def write_curve_plots(folder: Path, curves_by_domain: dict[str, dict[str, dict]], strategies: list[str]) -> list[Path]:
-    from modules.scoring.plots import plot_reliability_diagram, plot_sparsification
-
     paths = []
     for domain, by_method in curves_by_domain.items():
         shown = {m: by_method[m] for m in strategies if m in by_method}
@@ -253,7 +234,7 @@ def write_curve_plots(folder: Path, curves_by_domain: dict[str, dict[str, dict]]
 # --------------------------------------------------------------------------- everything
 
 
-def write_reports(folder: Path, scoreboard: "Scoreboard", methods: list[str], refinement_methods: list[str],
+def write_reports(folder: Path, scoreboard: Scoreboard, methods: list[str], refinement_methods: list[str],
                   unrefined: str, tracker) -> dict[str, Any]:
     """Write every report file from the scoreboard and log them; returns headline figures."""
     per_mask = pd.DataFrame(scoreboard.rows)

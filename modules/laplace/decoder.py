@@ -66,7 +66,7 @@ from modules.core.config import PipelineConfig
 from modules.core.fileio import (atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_yaml,
                             cached_file_md5, read_json)
 from modules.stages.precompute_sam_outputs import MULTIMASK_POLICIES, PROMPT_MODES
-from modules.uncertainty.strategies import EvalSample, Strategy, StrategyOutput, _derived_seed
+from modules.uncertainty.strategies import EvalSample, Strategy, StrategyOutput, derived_seed
 from modules.core.errors import error_line
 from modules.core.paths import laplace_run_dir
 
@@ -725,7 +725,7 @@ class DecoderLaplaceStrategy(Strategy):
     def predict(self, sample: EvalSample) -> StrategyOutput:
         inputs, _ = self.decode(sample)
         result = self.posterior.uncertainty_maps(inputs, self.num_samples,
-                                                 seed=_derived_seed(self.seed, sample.sample_key))
+                                                 seed=derived_seed(self.seed, sample.sample_key))
         maps = {name: result[name].float() for name in self.MAP_NAMES}
         return StrategyOutput(result["mean_prob"].float(), maps, self.primary_map)
 

@@ -2,7 +2,7 @@
 
 Figures are built on ``matplotlib.figure.Figure`` with the Agg renderer (no pyplot global state,
 so nothing needs closing and nothing opens a window) and written atomically through
-``modules.fileio.atomic_path``. Array inputs may be numpy arrays or torch tensors (any device).
+``modules.core.fileio.atomic_path``. Array inputs may be numpy arrays or torch tensors (any device).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from modules.core.fileio import atomic_path  # noqa: E402
+from modules.scoring.common import PROB_THRESHOLD  # noqa: E402
 
 DPI = 120
-PROB_THRESHOLD = 0.5
 
 # Error-map colours (RGB in [0, 1]) keyed by pixel outcome.
 ERROR_COLOURS: dict[str, tuple[float, float, float]] = {

@@ -1,23 +1,9 @@
 """Prompt perturbation: K predictions from the original prompt and K-1 jittered copies, decoded on the
 cached image embedding in one batched decoder call (no encoder pass).
 
-The jitter is SAM's own training noise, as the reference systems use it (``shared/reference/methods.md``):
-
-- Boxes: each coordinate moves by ``uniform[-1, 1] * min(0.1 * side, 20 px)``, with ``side`` the box's
-  width for x coordinates and its height for y (inclusive pixel boxes: ``x1 - x0 + 1``), clamped to the
-  image; if a one- or few-pixel box ends up with ``x0 > x1`` the pair is swapped.
-- Points: each coordinate moves by ``uniform[-20, 20] px``, clamped to the image; each moved point's
-  label is RE-READ from the ground-truth mask at the pixel nearest to its new position (positive if
-  inside). Padding points (label -1) are neither moved nor relabelled. This uses the ground truth, as
-  the reference does: it simulates an annotator clicking near the same spot.
-
-Pixel frame: SAM's "20 px" is in its 1024-pixel input frame (the longest side resized to 1024). We
-apply the noise in ORIGINAL pixels, so every pixel amount is multiplied by ``max(H, W) / 1024``
-(``reference_side``): the jitter covers the same fraction of the image whatever its resolution.
-
-Seeding: prompt set ``p`` draws from ``np.random.default_rng(SeedSequence((seed, sample_key,
-promptset_id)))``: its K-1 copies do not depend on the other prompt sets, their order or their number.
-Within one generator the K-1 point noises are drawn first, then the K-1 box noises.
+The jitter is SAM's own training noise (box corners by up to ``min(0.1 side, 20 px)``, points by up
+to 20 px with labels re-read from the ground truth), in a 1024-pixel reference frame scaled to the
+image; each prompt set seeds its copies from ``(seed, sample key, promptset id)``.
 """
 
 from __future__ import annotations
@@ -162,7 +148,7 @@ def prompt_perturbation_predict(
     """Foreground probabilities of the K prompt variants, from ONE decoder call on the cached embedding.
 
     Args:
-        backbone: a ``modules.backbones.Backbone`` (only ``decode`` is used).
+        backbone: a ``modules.sam.backbones.Backbone`` (only ``decode`` is used).
         features: the cached encoder features of one image (``name -> C x h x w`` or ``1 x C x h x w``).
         original_hw: ``(H, W)`` of the ORIGINAL image; must equal ``gt_mask.shape``.
         points, labels, boxes, gt_mask, num_samples, seed, sample_key, promptset_ids, magnitudes:

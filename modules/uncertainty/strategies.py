@@ -1,57 +1,32 @@
 """One interface for every uncertainty strategy of the evaluation stage.
 
-A strategy turns one ``EvalSample`` (an image's cache entry, prompt sets and ground truth) into a
-``StrategyOutput``: the foreground probability ``P x 256 x 256`` and named uncertainty maps of the same
-shape (higher = more uncertain), all in FRAME256 (the ORIGINAL image stretched to 256 x 256), one map
-per prompt set. Entropies and mutual information are in nats.
-
-Strategies (``STRATEGIES``; each takes its dependencies in its constructor):
-
-============================  =============================================  =====================
-name                          probability                                    maps (primary first)
-============================  =============================================  =====================
-``raw_sam``                   sigmoid of the cached SAM logits               entropy
-``map_head``                  sigmoid of the MAP prompt-aware head           entropy
-``tta``                       mean over augmentations (``modules/tta.py``)   entropy, std,
-                                                                             mutual_information,
-                                                                             expected_entropy
-``prompt_perturbation``       mean over prompt variants                      as ``tta``
-                              (``modules/prompt_perturbation.py``)
-``laplace``                   probit predictive of the last-layer Laplace    mutual_information,
-                              posterior (``modules/laplace_posterior.py``)   total_entropy,
-                                                                             expected_entropy
-``variance_network``          the MAP head's probability, or the MC average  log_variance, entropy
-                              of ``sigmoid(logit + sigma * eps)``
-============================  =============================================  =====================
-
-Devices: each strategy has an explicit ``device``; the sample's arrays (CPU numpy / tensors) are moved
-there, and outputs are float32 tensors on that device. All prompt sets of a sample run as one batch.
-Seeds: stochastic strategies derive their generator from ``(seed, sample key)``, where the sample key
-is ``promptset.sample_key(sample_id)``; results never depend on the order samples are processed in.
+A ``Strategy`` turns one ``EvalSample`` (an image's cache entry, prompt sets and ground truth) into a
+``StrategyOutput``: the foreground probability and named uncertainty maps (higher = more uncertain,
+entropies in nats), each ``P x 256 x 256`` FRAME256, one per prompt set, on the strategy's device.
+Stochastic strategies seed per ``(seed, sample key)``, so results never depend on sample order.
+``STRATEGIES`` maps the config names to the classes.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
-from modules.core.errors import PipelineError
 from modules.cache.packing import packed_inputs
+from modules.cache.sam_cache import CacheEntry
+from modules.core.device import resolve_device
+from modules.core.errors import PipelineError
 from modules.data.promptset import gaussian_prompt_maps, promptset_tensors, sample_key
+from modules.laplace.posterior import HeadInputs
+from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
+from modules.training.models import VarianceNetwork
 from modules.uncertainty.prompt_perturbation import PerturbationMagnitudes, prompt_perturbation_predict
 from modules.uncertainty.tta import ImageTransform, tta_predict
-from modules.core.device import resolve_device
-from modules.core.frames import FRAME256
-
-if TYPE_CHECKING:
-    from modules.cache.sam_cache import CacheEntry
 
 #: The cache feature holding the image embedding (``C x 64 x 64``) a head may consume.
 EMBEDDING_FEATURE = "image_embed"
@@ -102,7 +77,7 @@ def head_inputs(cache_logits: torch.Tensor | np.ndarray, record: dict, logit_cli
     Built by ``packing.packed_inputs``, so the values (float16-rounded) are exactly those the head and
     the variance network were trained on.
     """
-    logits = np.asarray(torch.as_tensor(cache_logits).detach().cpu().numpy(), dtype=np.float32)
+    logits = cache_logits.detach().cpu().numpy() if torch.is_tensor(cache_logits) else np.asarray(cache_logits)
     _, labels, points_256, _ = promptset_tensors(record)
     if logits.ndim != 3 or logits.shape[0] != labels.shape[0]:
         raise UncertaintyError(
@@ -131,7 +106,7 @@ class EvalSample:
     sample_id: str
     group: str
     gt_mask: np.ndarray
-    cache_entry: "CacheEntry"
+    cache_entry: CacheEntry
     record: dict
     points: torch.Tensor
     labels: torch.Tensor
@@ -142,7 +117,7 @@ class EvalSample:
     _image: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, safe_id: str, group: str, gt_mask: np.ndarray, cache_entry: "CacheEntry", record: dict,
+    def build(cls, safe_id: str, group: str, gt_mask: np.ndarray, cache_entry: CacheEntry, record: dict,
               logit_clip: float, image_loader: Callable[[], np.ndarray] | None = None) -> "EvalSample":
         """Check that cache, prompt sets and mask belong together, then derive the tensors."""
         cached_ids = [int(i) for i in np.asarray(cache_entry.promptset_ids).tolist()]
@@ -214,7 +189,7 @@ class StrategyOutput:
         return self.maps[self.primary_map]
 
 
-def _derived_seed(seed: int, sample_key_value: int) -> int:
+def derived_seed(seed: int, sample_key_value: int) -> int:
     """A 63-bit seed for one sample's draws from ``(seed, sample key)``."""
     state = np.random.SeedSequence((int(seed), int(sample_key_value))).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
@@ -267,7 +242,7 @@ class RawSamStrategy(Strategy):
 
 
 class MapHeadStrategy(Strategy):
-    """The MAP prompt-aware head (``modules/models.py``); uncertainty = binary entropy of its probability."""
+    """The MAP prompt-aware head (``training.models``); uncertainty = binary entropy of its probability."""
 
     name = "map_head"
     primary_map = "entropy"
@@ -346,7 +321,7 @@ class PromptPerturbationStrategy(Strategy):
 
 
 class LaplaceStrategy(Strategy):
-    """A last-layer Laplace posterior of the head (``laplace_posterior.LastLayerPosterior`` or any
+    """A last-layer Laplace posterior of the head (``laplace.posterior.LastLayerPosterior`` or any
     object with ``uncertainty_maps(inputs, num_samples, seed) -> dict`` of ``mean_prob``,
     ``total_entropy``, ``expected_entropy``, ``mutual_information``, each ``P x 256 x 256``).
 
@@ -367,8 +342,6 @@ class LaplaceStrategy(Strategy):
         self.device = posterior.device
 
     def predict(self, sample: EvalSample) -> StrategyOutput:
-        from modules.laplace.posterior import HeadInputs
-
         head = getattr(self.posterior, "head", None)
         embedding = None
         if head is not None and getattr(head, "use_image_embedding", False):
@@ -376,7 +349,7 @@ class LaplaceStrategy(Strategy):
             embedding = embed.unsqueeze(0).expand(sample.num_promptsets, -1, -1, -1).to(self.device)
         inputs = HeadInputs(sample.head_inputs.to(self.device), embedding)
         result = self.posterior.uncertainty_maps(inputs, self.num_samples,
-                                                 seed=_derived_seed(self.seed, sample.sample_key))
+                                                 seed=derived_seed(self.seed, sample.sample_key))
         maps = {name: result[name].float() for name in self.MAP_NAMES}
         return StrategyOutput(result["mean_prob"].float(), maps, self.primary_map)
 
@@ -406,8 +379,6 @@ class VarianceNetworkStrategy(Strategy):
         self.seed = int(seed)
 
     def predict(self, sample: EvalSample) -> StrategyOutput:
-        from modules.training.models import VarianceNetwork
-
         logits = _head_logits(self.head, sample)
         inputs = VarianceNetwork.build_inputs(sample.head_inputs.to(self.device), logits.unsqueeze(1))
         with torch.inference_mode(), torch.autocast(device_type=self.device.type, enabled=False):
@@ -415,7 +386,7 @@ class VarianceNetworkStrategy(Strategy):
         if self.mc_samples == 0:
             mean_prob, entropy = torch.sigmoid(logits), binary_entropy_from_logits(logits)
         else:
-            generator = torch.Generator(device=self.device).manual_seed(_derived_seed(self.seed, sample.sample_key))
+            generator = torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, sample.sample_key))
             noise = torch.randn((self.mc_samples, *logits.shape), generator=generator, device=self.device)
             mean_prob = torch.sigmoid(logits + torch.exp(0.5 * log_variance) * noise).mean(dim=0)
             entropy = binary_entropy(mean_prob)

@@ -1,36 +1,9 @@
 """Test-time augmentation (TTA) with exact inverses, batched through a frozen SAM backbone.
 
-Every transform has a forward map for the image and the prompts, and an inverse for the predicted
-logits, so all K predictions land on the same pixels of the ORIGINAL image's FRAME256 (the original
-image stretched to 256 x 256; see ``modules/backbones.py``) and can be averaged pixel by pixel.
-
-Why the logit inverses are exact (no resampling anywhere):
-
-- The backbone returns logits in the FRAME256 of the image it was given. FRAME256 stretches each
-  axis independently (``u = x * 256 / W`` in continuous pixel-edge coordinates), so it only depends
-  on the image's own extent, not on its size.
-- Flips and rotations by multiples of 90 degrees permute the pixels of the image; stretching each
-  axis to 256 commutes with that permutation (a horizontal flip maps pixel centre ``x`` to
-  ``W - 1 - x``, i.e. FRAME256 coordinate ``u`` to ``255 - u``; a quarter turn swaps the axes and the
-  stretch of each axis goes with it). So the transformed image's FRAME256 is the same permutation of
-  the original's FRAME256 grid, and the inverse is the inverse permutation of the 256 x 256 logits.
-- A uniform rescale by ``s`` resizes the image onto ``round(s H) x round(s W)`` pixels covering the
-  same scene extent (PIL maps pixel-edge domain onto pixel-edge domain: ``x' = x * W' / W``). Its
-  FRAME256 coordinate ``x' * 256 / W' = x * 256 / W`` is the original's: the inverse is the identity,
-  even when rounding the size changes the aspect ratio slightly. (For SAM v1 the encoder resizes the
-  longest side to its input size anyway, so a rescale mostly changes resampling and blur.)
-- Photometric transforms do not move pixels: identity on prompts and logits.
-
-Conventions: ``rot90`` is ``np.rot90(image, k=1)`` (a quarter turn counter-clockwise as displayed;
-pixel ``(x, y)`` goes to ``(y, W - 1 - x)``), ``rot270`` three such turns. ``vflip`` is ``hflip``
-followed by ``rot180``. Points are ``x, y`` pixel coordinates (pixel centres at integers); boxes are
-``x0, y0, x1, y1`` inclusive pixel indices (``modules/promptset.py``).
-
-Photometric magnitudes follow torchvision's ``ColorJitter``: brightness, contrast and saturation
-factors are drawn uniformly from ``[max(0, 1 - m), 1 + m]``, the hue shift from ``[-m, m]`` (of a
-full turn, ``m <= 0.5``). Defaults: SAM 2's training jitter (brightness 0.1, contrast 0.05,
-saturation 0.05) and UncertSAM's hue 0.5 (see ``shared/reference/methods.md``). Draws are seeded
-per (seed, sample key, transform index), so a sample's augmentations do not depend on order.
+Every transform maps the image and the prompts forward and the predicted FRAME256 logits back
+exactly (flips and quarter turns permute pixels, a rescale keeps the FRAME256 extent, photometric
+jitter moves nothing), so the K predictions can be averaged pixel by pixel. Photometric factors
+follow torchvision's ``ColorJitter`` and are seeded per (seed, sample key, transform index).
 """
 
 from __future__ import annotations
@@ -42,6 +15,7 @@ from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from modules.core.config import ConfigError
@@ -233,8 +207,6 @@ class PhotometricTransform(ImageTransform):
         return sampler(rng, self.magnitude)
 
     def apply_image(self, image, rng=None):
-        import torchvision.transforms.functional as TF
-
         _check_image(image)
         if rng is None:
             raise ValueError(f"tta transform {self.name!r}: a seeded np.random.Generator is required")
@@ -365,7 +337,7 @@ def tta_predict(
     """Foreground probabilities of every augmentation, mapped back to the original FRAME256.
 
     Args:
-        backbone: a ``modules.backbones.Backbone``.
+        backbone: a ``modules.sam.backbones.Backbone``.
         image: ``H x W x 3`` uint8, the ORIGINAL image.
         points: ``P x N x 2`` ORIGINAL pixel coordinates; labels ``P x N`` (-1 padding);
             boxes ``P x 4`` inclusive ORIGINAL pixel boxes.

@@ -1,0 +1,217 @@
+"""The evaluated methods: how each ``evaluation.strategies`` entry is built from the loaded
+artifacts, the fusion refinement variants and their ablations, and the ``Predictor`` that runs them
+all on one sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from modules.core.config import PipelineConfig
+from modules.core.frames import FRAME256
+from modules.data.imageio import resize_mask_nearest
+from modules.evaluation.runs import Artifacts, EvaluationError
+from modules.laplace.decoder import DecoderLaplaceStrategy, load_decoder_posterior
+from modules.scoring.entropy import binary_entropy_from_logits
+from modules.uncertainty.prompt_perturbation import PerturbationMagnitudes
+from modules.uncertainty.strategies import (EvalSample, LaplaceStrategy, MapHeadStrategy, PromptPerturbationStrategy,
+                                            RawSamStrategy, Strategy, StrategyOutput, TTAStrategy,
+                                            VarianceNetworkStrategy)
+from modules.uncertainty.tta import build_transforms
+
+#: Logit given to ground-truth foreground (+) and background (-) when the mask is the oracle prompt.
+ORACLE_MASK_LOGIT = 10.0
+
+
+@dataclass(frozen=True)
+class StrategyBuilder:
+    """How one ``evaluation.strategies`` entry is built, and the artifacts it needs."""
+
+    needs: tuple[str, ...]
+    build: Callable[[PipelineConfig, Artifacts], Strategy]
+
+
+def _build_raw_sam(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
+    return RawSamStrategy(artifacts.device)
+
+
+def _build_map_head(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
+    return MapHeadStrategy(artifacts.head)
+
+
+def _build_tta(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
+    tta = cfg.evaluation.tta
+    transforms = build_transforms(tta.transforms, cfg.section("evaluation.tta.magnitudes"))
+    return TTAStrategy(artifacts.backbone, transforms, cfg.sam.prompt_mode, cfg.sam.multimask_policy,
+                       cfg.sam.encoder_batch_size, seed=tta.seed, reuse_cached_features=tta.reuse_cached_features)
+
+
+def _build_prompt_perturbation(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
+    settings = cfg.evaluation.prompt_perturbation
+    magnitudes = PerturbationMagnitudes(settings.point_noise_px, settings.box_noise_fraction,
+                                        settings.box_noise_max_px, settings.reference_side)
+    return PromptPerturbationStrategy(artifacts.backbone, settings.num_samples, cfg.sam.prompt_mode,
+                                      cfg.sam.multimask_policy, seed=settings.seed, magnitudes=magnitudes)
+
+
+def _build_laplace(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
+    """The Laplace strategy of the fitted target: the head's last layer, or SAM's decoder."""
+    if cfg.laplace.target == "sam_decoder":
+        posterior = load_decoder_posterior(cfg, artifacts.runs.laplace, artifacts.backbone.device)
+        return DecoderLaplaceStrategy(artifacts.backbone, posterior, cfg.laplace.num_samples, seed=cfg.laplace.seed,
+                                      prompt_mode=cfg.sam.prompt_mode, multimask_policy=cfg.sam.multimask_policy)
+    return LaplaceStrategy(artifacts.posterior, cfg.laplace.num_samples, seed=cfg.laplace.seed)
+
+
+def _build_variance_network(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
+    return VarianceNetworkStrategy(artifacts.head, artifacts.variance_network,
+                                   mc_samples=cfg.evaluation.variance_mc_samples, seed=cfg.training.seed)
+
+
+#: ``evaluation.strategies`` name -> builder. The backbone-based strategies also need the SAM
+#: checkpoint, which every run fingerprints anyway (it names the cache).
+STRATEGY_BUILDERS: dict[str, StrategyBuilder] = {
+    "raw_sam": StrategyBuilder((), _build_raw_sam),
+    "map_head": StrategyBuilder(("head",), _build_map_head),
+    "tta": StrategyBuilder(("sam_checkpoint",), _build_tta),
+    "prompt_perturbation": StrategyBuilder(("sam_checkpoint",), _build_prompt_perturbation),
+    "laplace": StrategyBuilder(("head", "laplace"), _build_laplace),
+    "variance_network": StrategyBuilder(("head", "variance"), _build_variance_network),
+}
+
+
+# --------------------------------------------------------------------------- refinement
+
+
+@dataclass(frozen=True)
+class RefinementVariant:
+    """One refinement pass: which first-pass mask goes in and which uncertainty map fuses with it.
+
+    ``first_pass``: ``"sam"`` (the cached SAM logits) or ``"ground_truth"`` (the oracle mask prompt,
+    +-``ORACLE_MASK_LOGIT``); ``source``: ``"configured"`` (``fusion.uncertainty_source``) or a name
+    of ``fusion.UNCERTAINTY_SOURCES``.
+    """
+
+    first_pass: str
+    source: str
+
+
+#: Method name -> variant. The unrefined baselines are the ``raw_sam`` (and ``map_head``) strategies.
+REFINEMENT_VARIANTS: dict[str, RefinementVariant] = {
+    "refined": RefinementVariant("sam", "configured"),
+    "refined_constant": RefinementVariant("sam", "constant"),
+    "refined_oracle_mask": RefinementVariant("ground_truth", "configured"),
+}
+#: The unrefined method every refinement row is compared with.
+UNREFINED_BASELINE = "raw_sam"
+#: ``fusion.uncertainty_source`` -> the artifacts it needs.
+SOURCE_NEEDS: dict[str, tuple[str, ...]] = {
+    "laplace_epistemic": ("head", "head_laplace"),
+    "map_entropy": ("head",),
+    "variance_network": ("head", "variance"),
+    "raw_sam_entropy": (),
+    "constant": (),
+}
+
+
+class Refinement:
+    """The fusion refinement variants for one sample, all prompt sets at once (``predict``)."""
+
+    primary_map = "entropy"
+
+    def __init__(self, cfg: PipelineConfig, artifacts: Artifacts) -> None:
+        from modules.stages.precompute_sam_outputs import PROMPT_MODES  # deferred: stage module
+        from modules.uncertainty.fusion import make_uncertainty_source  # deferred: imports segment_anything
+
+        self.backbone = artifacts.backbone
+        self.fusion = artifacts.fusion.to(self.backbone.device)
+        self.select_prompts = PROMPT_MODES[cfg.sam.prompt_mode]
+        self.multimask_policy = cfg.fusion.multimask_policy
+        self.head_device = artifacts.device
+        needed = {variant.source for variant in REFINEMENT_VARIANTS.values()}
+        configured = cfg.fusion.uncertainty_source
+        self.sources = {}
+        for source in needed:
+            name = configured if source == "configured" else source
+            needs = SOURCE_NEEDS[name]
+            self.sources[source] = make_uncertainty_source(
+                name,
+                head=artifacts.head if "head" in needs else None,
+                posterior=artifacts.head_posterior if "head_laplace" in needs else None,
+                variance_network=artifacts.variance_network if "variance" in needs else None,
+                num_samples=cfg.laplace.num_samples, seed=cfg.laplace.seed,
+                log_var_range=(cfg.variance.log_var_min, cfg.variance.log_var_max),
+            )
+
+    def predict(self, sample: EvalSample) -> dict[str, StrategyOutput]:
+        from modules.uncertainty.fusion import Prompts, refine  # deferred: imports segment_anything
+
+        device = self.backbone.device
+        inputs = self.select_prompts(sample.points, sample.labels, sample.boxes)
+        prompts = Prompts(*(None if t is None else t.to(device) for t in
+                            (inputs.point_coords, inputs.point_labels, inputs.boxes)))
+        features = sample.features(device)
+        sam_logits = torch.from_numpy(np.asarray(sample.cache_entry.logits)).float().to(device).unsqueeze(1)
+        gt_256 = torch.from_numpy(resize_mask_nearest(sample.gt_mask, (FRAME256, FRAME256))).to(device)
+        first_passes = {
+            "sam": sam_logits,
+            "ground_truth": torch.where(gt_256, ORACLE_MASK_LOGIT, -ORACLE_MASK_LOGIT)
+            .float().expand_as(sam_logits).contiguous(),
+        }
+        head_inputs = sample.head_inputs.to(self.head_device)
+        uncertainty = {name: source(head_inputs).float().to(device).unsqueeze(1)
+                       for name, source in self.sources.items()}
+        outputs = {}
+        for method, variant in REFINEMENT_VARIANTS.items():
+            logits, _ = refine(self.backbone, self.fusion, features, sample.original_hw, prompts,
+                               first_passes[variant.first_pass], uncertainty[variant.source],
+                               multimask_policy=self.multimask_policy)
+            logits = logits[:, 0].float()
+            outputs[method] = StrategyOutput(torch.sigmoid(logits), {"entropy": binary_entropy_from_logits(logits)},
+                                             self.primary_map)
+        return outputs
+
+
+def needed_artifacts(cfg: PipelineConfig) -> set[str]:
+    """Names of ``ARTIFACT_FILES`` the configured strategies and refinement read."""
+    unknown = [name for name in cfg.evaluation.strategies if name not in STRATEGY_BUILDERS]
+    if unknown:
+        raise EvaluationError(f"evaluation.strategies: unknown {unknown} (known: {', '.join(STRATEGY_BUILDERS)})")
+    if not cfg.evaluation.strategies and not cfg.evaluation.refinement:
+        raise EvaluationError("evaluation.strategies: empty and evaluation.refinement is false; nothing to evaluate")
+    names = {"sam_checkpoint"}
+    for strategy in cfg.evaluation.strategies:
+        names.update(STRATEGY_BUILDERS[strategy].needs)
+    if cfg.evaluation.refinement:
+        names.update(("fusion", *SOURCE_NEEDS[cfg.fusion.uncertainty_source]))
+    return names
+
+
+def method_names(cfg: PipelineConfig) -> list[str]:
+    """Evaluated methods in report order: the strategies, then the refinement variants."""
+    methods = list(dict.fromkeys(cfg.evaluation.strategies))
+    if cfg.evaluation.refinement:
+        if UNREFINED_BASELINE not in methods:
+            methods.insert(0, UNREFINED_BASELINE)
+        methods += list(REFINEMENT_VARIANTS)
+    return methods
+
+
+class Predictor:
+    """Every method's ``StrategyOutput`` for one sample (strategies built on first use)."""
+
+    def __init__(self, cfg: PipelineConfig, artifacts: Artifacts) -> None:
+        self.cfg, self.artifacts = cfg, artifacts
+        strategies = [m for m in method_names(cfg) if m in STRATEGY_BUILDERS]
+        self.strategies = {name: STRATEGY_BUILDERS[name].build(cfg, artifacts) for name in strategies}
+        self.refinement = Refinement(cfg, artifacts) if cfg.evaluation.refinement else None
+
+    def predict(self, sample: EvalSample) -> dict[str, StrategyOutput]:
+        outputs = {name: strategy.predict(sample) for name, strategy in self.strategies.items()}
+        if self.refinement is not None:
+            outputs.update(self.refinement.predict(sample))
+        return outputs

@@ -1,0 +1,143 @@
+"""The trained runs the evaluation reads: their ids, their artifact files (md5s go into the stage
+fingerprint) and the frozen models loaded from them on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from modules.core.config import PipelineConfig
+from modules.core.errors import PipelineError
+from modules.core.fileio import cached_file_md5
+from modules.core.paths import checkpoint_run_dir, laplace_run_dir
+from modules.laplace.posterior import STATE_FILE as LAPLACE_STATE_FILE
+from modules.sam.backbones import BackboneError, load_backbone
+from modules.training.trainer import BEST_FILE
+
+
+class EvaluationError(PipelineError):
+    """An evaluation input is missing or inconsistent (the message names it)."""
+
+
+@dataclass(frozen=True)
+class RunIds:
+    """The trained runs the evaluation reads (``--run_id`` for all, or one override each)."""
+
+    head: str
+    variance: str
+    laplace: str
+    fusion: str
+
+    @classmethod
+    def resolve(cls, run_id: str, head: str | None = None, variance: str | None = None,
+                laplace: str | None = None, fusion: str | None = None) -> "RunIds":
+        return cls(head or run_id, variance or run_id, laplace or run_id, fusion or run_id)
+
+
+def _head_path(cfg: PipelineConfig, runs: RunIds) -> Path:
+    return checkpoint_run_dir(cfg.project_root, "head", runs.head) / BEST_FILE
+
+
+def _variance_path(cfg: PipelineConfig, runs: RunIds) -> Path:
+    return checkpoint_run_dir(cfg.project_root, "variance", runs.variance) / BEST_FILE
+
+
+def _laplace_path(cfg: PipelineConfig, runs: RunIds) -> Path:
+    return laplace_run_dir(cfg.project_root, cfg.laplace.target, runs.laplace) / LAPLACE_STATE_FILE
+
+
+def _head_laplace_path(cfg: PipelineConfig, runs: RunIds) -> Path:
+    """The head's own last-layer Laplace (what ``fusion.uncertainty_source: laplace_epistemic``
+    reads in training and evaluation), whatever ``laplace.target`` the Laplace strategy scores."""
+    return laplace_run_dir(cfg.project_root, "head", runs.head) / LAPLACE_STATE_FILE
+
+
+def _fusion_path(cfg: PipelineConfig, runs: RunIds) -> Path:
+    return checkpoint_run_dir(cfg.project_root, "fusion", runs.fusion) / BEST_FILE
+
+
+#: Artifact name -> the file it is loaded from (its md5 goes into the stage fingerprint).
+ARTIFACT_FILES: dict[str, Callable[[PipelineConfig, RunIds], Path]] = {
+    "sam_checkpoint": lambda cfg, runs: Path(cfg.sam.checkpoint),
+    "head": _head_path,
+    "variance": _variance_path,
+    "laplace": _laplace_path,
+    "head_laplace": _head_laplace_path,
+    "fusion": _fusion_path,
+}
+
+
+class Artifacts:
+    """The frozen models the strategies need, each loaded on first use.
+
+    (Note: the model loaders still live in stage modules and are imported where used; they move to
+    ``training/checkpoints.py`` and ``laplace/``, libraries this module will import at the top.)
+
+    ``device``: where the head, its posterior, the variance network and the fusion module run
+    (``training.device``); the backbone runs on ``sam.device``.
+    """
+
+    def __init__(self, cfg: PipelineConfig, runs: RunIds, device: torch.device) -> None:
+        self.cfg, self.runs, self.device = cfg, runs, device
+
+    @cached_property
+    def backbone(self):
+        sam = self.cfg.sam
+        try:
+            return load_backbone(sam.family, sam.model_type, sam.checkpoint, sam.device)
+        except BackboneError as exc:
+            raise EvaluationError(f"sam.checkpoint: {exc}") from None
+
+    @cached_property
+    def head(self):
+        from modules.stages.train_head import load_trained_head  # deferred: stage module, see note
+
+        head, _ = load_trained_head(self.cfg, self.runs.head, self.device)
+        return head
+
+    @cached_property
+    def posterior(self):
+        """The head Laplace posterior of ``runs.laplace`` (the Laplace strategy, target ``head``)."""
+        if self.runs.laplace == self.runs.head:
+            return self.head_posterior  # loaded once when the refinement reads it too
+        from modules.stages.fit_laplace import load_head_posterior  # deferred: stage module, see note
+
+        _, posterior = load_head_posterior(self.cfg, self.runs.laplace, self.device)
+        return posterior
+
+    @cached_property
+    def head_posterior(self):
+        """The Laplace posterior fitted on the head of ``runs.head`` (the fusion's uncertainty source)."""
+        from modules.stages.fit_laplace import load_head_posterior  # deferred: stage module, see note
+
+        _, posterior = load_head_posterior(self.cfg, self.runs.head, self.device)
+        return posterior
+
+    @cached_property
+    def variance_network(self):
+        from modules.stages.train_head import load_trained_variance_network  # deferred: stage module, see note
+
+        return load_trained_variance_network(self.cfg, self.runs.variance, self.device)
+
+    @cached_property
+    def fusion(self):
+        from modules.stages.train_head import load_trained_fusion  # deferred: stage module, see note
+
+        return load_trained_fusion(self.cfg, self.runs.fusion, self.device)
+
+
+def artifact_md5s(cfg: PipelineConfig, runs: RunIds, names: set[str]) -> dict[str, str]:
+    """``name -> md5`` of each needed artifact file; a missing one is a one-line error naming it."""
+    hashes = {}
+    for name in sorted(names):
+        path = ARTIFACT_FILES[name](cfg, runs)
+        if not path.is_file():
+            raise EvaluationError(f"{path}: missing {name} artifact needed by evaluation.strategies / "
+                                  "evaluation.refinement; run its stage first (or pick other run ids)")
+        hashes[name] = cached_file_md5(path)
+    return hashes

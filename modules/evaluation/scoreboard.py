@@ -1,0 +1,195 @@
+"""Scoring at ground-truth resolution: the streaming accumulators per (method, map, domain), the
+per-mask rows, and the resumable state (``state.pt``) that holds both.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from modules.core.fileio import atomic_path
+from modules.evaluation.runs import EvaluationError
+from modules.scoring import metrics
+from modules.uncertainty.strategies import EvalSample, StrategyOutput
+
+log = logging.getLogger("pipeline")
+
+STATE_FILE = "state.pt"
+#: Version of the layout of ``state.pt``; a state of another version is refused (rerun with --force).
+STATE_FORMAT = 1
+#: The domain name of the rows that pool every domain.
+OVERALL = "overall"
+#: Lower end of the log-spaced bins of entropy-like maps (values below share the first bin).
+LOG_BINNING_FLOOR = 1e-7
+#: Map names of ``uncertainty.strategies`` -> the ``metrics.UNCERTAINTY_RANGES`` entry they follow.
+MAP_RANGE_ALIASES = {"total_entropy": "entropy"}
+#: Maps whose values crowd near 0 over several decades get log-spaced bins.
+LOG_SCALE_MAPS = ("entropy", "expected_entropy", "mutual_information", "std", "variance")
+SEGMENTATION_KEYS = ("iou", "dice", "boundary_iou_1pct", "boundary_iou_2pct", "precision", "recall", "mae",
+                     "balanced_error_rate")
+UNCERTAINTY_KEYS = ("auroc", "aupr", "ueo", "pearson", "spearman", "ause", "aurg", "error_rate")
+
+
+def map_binning(map_name: str) -> tuple[tuple[float, float], bool]:
+    """``(u_range, log_scale)`` of an uncertainty map, from ``metrics.UNCERTAINTY_RANGES``."""
+    kind = MAP_RANGE_ALIASES.get(map_name, map_name)
+    if kind not in metrics.UNCERTAINTY_RANGES:
+        raise EvaluationError(f"{map_name}: no value range for this uncertainty map in metrics.UNCERTAINTY_RANGES")
+    low, high = metrics.UNCERTAINTY_RANGES[kind]
+    log_scale = kind in LOG_SCALE_MAPS
+    return ((max(low, LOG_BINNING_FLOOR) if log_scale else low, high), log_scale)
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``P x 256 x 256`` FRAME256 maps -> ``P x H x W`` float32 on ``device`` (bilinear, align_corners=False)."""
+    maps = maps.to(device=device, dtype=torch.float32).unsqueeze(1)
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+@dataclass
+class ScoredMethod:
+    """One method's outputs at ground-truth resolution for one sample (``P x H x W`` each)."""
+
+    prob: torch.Tensor
+    maps: dict[str, torch.Tensor]
+    primary_map: str
+
+
+class Scoreboard:
+    """Streaming accumulators per (method, map, domain) and the per-mask rows of every method."""
+
+    def __init__(self, ece_bins: int, device: torch.device) -> None:
+        self.ece_bins = int(ece_bins)
+        self.device = device
+        self.accumulators: dict[tuple[str, str, str], metrics.UncertaintyAccumulator] = {}
+        self.primary_maps: dict[str, str] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.done: list[str] = []
+
+    def accumulator(self, method: str, map_name: str, domain: str) -> metrics.UncertaintyAccumulator:
+        key = (method, map_name, domain)
+        if key not in self.accumulators:
+            u_range, log_scale = map_binning(map_name)
+            self.accumulators[key] = metrics.UncertaintyAccumulator(u_range, log_scale=log_scale,
+                                                                    calibration_bins=self.ece_bins)
+        return self.accumulators[key]
+
+    def score_sample(self, sample: EvalSample, outputs: dict[str, StrategyOutput]) -> dict[str, ScoredMethod]:
+        """Score every method's output of one sample; returns the upsampled outputs."""
+        size = sample.original_hw
+        gt = torch.from_numpy(sample.gt_mask).to(self.device)
+        gt_stack = gt.expand(sample.num_promptsets, *size)
+        promptset_ids = [int(s["promptset_id"]) for s in sample.record["promptsets"]]
+        scored = {}
+        for method, output in outputs.items():
+            prob = upsample(output.mean_prob, size, self.device).clamp_(0.0, 1.0)
+            maps = {name: upsample(values, size, self.device) for name, values in output.maps.items()}
+            self.primary_maps[method] = output.primary_map
+            for name, values in maps.items():
+                for domain in (sample.group, OVERALL):
+                    self.accumulator(method, name, domain).update(prob, gt_stack, values)
+            for index, promptset_id in enumerate(promptset_ids):
+                self.rows.append(self._mask_row(sample, method, promptset_id, prob[index], gt,
+                                                {name: values[index] for name, values in maps.items()},
+                                                output.primary_map))
+            scored[method] = ScoredMethod(prob, maps, output.primary_map)
+        self.done.append(sample.safe_id)
+        return scored
+
+    def _mask_row(self, sample: EvalSample, method: str, promptset_id: int, prob: torch.Tensor, gt: torch.Tensor,
+                  maps: dict[str, torch.Tensor], primary_map: str) -> dict[str, Any]:
+        calibration = metrics.calibration_metrics(prob, gt, n_bins=self.ece_bins)
+        uncertainty = metrics.uncertainty_metrics(prob, gt, maps[primary_map])
+        row = {"sample_id": sample.sample_id, "safe_id": sample.safe_id, "group": sample.group,
+               "promptset_id": promptset_id, "method": method, "primary_map": primary_map,
+               **metrics.segmentation_metrics(prob, gt),
+               "ece": calibration["ece"], "brier": calibration["brier"], "nll": calibration["nll"],
+               "ece_bins": self.ece_bins}
+        row.update({f"u_{key}": uncertainty[key] for key in UNCERTAINTY_KEYS})
+        row["mean_uncertainty"] = uncertainty["mean_uncertainty"]
+        row.update({f"mean_{name}": float(values.double().mean()) for name, values in maps.items()})
+        return row
+
+    # ----------------------------------------------------------- checkpoint
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to resume (tensors on the CPU; loadable with ``weights_only=True``)."""
+        return {
+            "format": STATE_FORMAT,
+            "ece_bins": self.ece_bins,
+            "done": list(self.done),
+            "rows": list(self.rows),
+            "primary_maps": dict(self.primary_maps),
+            "accumulators": [{"method": method, "map": map_name, "domain": domain,
+                              "state": accumulator_state(accumulator)}
+                             for (method, map_name, domain), accumulator in self.accumulators.items()],
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT or state.get("ece_bins") != self.ece_bins:
+            raise EvaluationError("state.pt: written by another version or with other ece_bins; rerun with --force")
+        self.done = list(state["done"])
+        self.rows = list(state["rows"])
+        self.primary_maps = dict(state["primary_maps"])
+        for item in state["accumulators"]:
+            accumulator = self.accumulator(item["method"], item["map"], item["domain"])
+            try:
+                restore_accumulator(accumulator, item["state"], self.device)
+            except metrics.MetricInputError as exc:
+                raise EvaluationError(f"state.pt: {exc}; rerun with --force") from None
+
+
+#: Tensors larger than this are stored as (nonzero positions, values): the joint histograms are sparse.
+_SPARSE_MIN_ELEMENTS = 4096
+
+
+def _pack_tensor(tensor: torch.Tensor) -> dict[str, Any]:
+    tensor = tensor.detach().cpu()
+    if tensor.numel() < _SPARSE_MIN_ELEMENTS:
+        return {"dense": tensor.clone()}
+    flat = tensor.reshape(-1)
+    positions = torch.nonzero(flat, as_tuple=True)[0]
+    return {"shape": list(tensor.shape), "positions": positions, "values": flat[positions].clone()}
+
+
+def _unpack_tensor(packed: dict[str, Any], device: torch.device) -> torch.Tensor:
+    if "dense" in packed:
+        return packed["dense"].to(device)
+    values = packed["values"]
+    flat = torch.zeros(math.prod(packed["shape"]), dtype=values.dtype)
+    flat[packed["positions"]] = values
+    return flat.reshape(packed["shape"]).to(device)
+
+
+def accumulator_state(accumulator: metrics.UncertaintyAccumulator) -> dict[str, dict[str, Any]]:
+    """The accumulator's ``state_dict`` (``part -> tensor name -> tensor``) with every tensor packed."""
+    return {part: {name: _pack_tensor(value) for name, value in tensors.items()}
+            for part, tensors in accumulator.state_dict().items()}
+
+
+def restore_accumulator(accumulator: metrics.UncertaintyAccumulator, state: dict[str, dict[str, Any]],
+                        device: torch.device) -> None:
+    """Load ``accumulator_state`` output, onto ``device``, into an accumulator of the same settings."""
+    accumulator.load_state_dict({part: {name: _unpack_tensor(packed, device) for name, packed in tensors.items()}
+                                 for part, tensors in state.items()})
+
+
+def save_state(path: Path, scoreboard: Scoreboard) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(scoreboard.state(), tmp)
+
+
+def load_state_file(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: start over rather than crash
+        log.warning("%s: unreadable evaluation state (%s); starting over", path, exc)
+        return None
