@@ -23,8 +23,8 @@ from modules.core.config import PipelineConfig
 from modules.core.errors import PipelineError
 from modules.training.losses import BceDiceLoss, build_variance_loss, hard_iou
 from modules.training.models import PromptAwareHead, VarianceNetwork, build_model
-from modules.training.trainer import (Trainer, TrainerConfig, load_checkpoint_file, move_to_device, sanity_check,
-                              segmentation_metrics)
+from modules.training.run_state import STATE_FILE, load_checkpoint_file
+from modules.training.trainer import Trainer, TrainerConfig, batch_iou_metrics, move_to_device, sanity_check
 from modules.core.device import resolve_device
 from modules.core.paths import checkpoint_run_dir
 from modules.cache.packing import packed_splits_fingerprint
@@ -34,8 +34,6 @@ SANITY_LOSS_FRACTION = 0.6  # --sanity_check passes when one batch's loss falls 
 
 def has_run(folder: Path) -> bool:
     """Whether a training run committed at least one epoch in ``folder``."""
-    from modules.training.trainer import STATE_FILE
-
     return (Path(folder) / STATE_FILE).is_file()
 
 
@@ -116,7 +114,7 @@ def head_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None
         return loss_fn(logits.float(), batch["target"]), (logits.detach().float(), batch["target"])
 
     train, val = packed_batch_datasets(cfg)
-    return TrainingTask(model, step_fn, segmentation_metrics, train, val, collate_fn=collate_batch)
+    return TrainingTask(model, step_fn, batch_iou_metrics, train, val, collate_fn=collate_batch)
 
 
 def variance_margin(log_var: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
@@ -210,7 +208,7 @@ def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | No
     step_fn = refinement_step(backbone, cfg.sam.prompt_mode, cfg.fusion.multimask_policy,
                               fusion_uncertainty_source(cfg, head_run_id, device),
                               FocalDiceIouLoss(focal_weight=cfg.fusion.focal_weight))
-    return TrainingTask(build_fusion(cfg), step_fn, segmentation_metrics, train, val,
+    return TrainingTask(build_fusion(cfg), step_fn, batch_iou_metrics, train, val,
                         num_epochs=cfg.fusion.num_epochs, lr=cfg.fusion.lr, validate_initial=True)
 
 
