@@ -140,7 +140,7 @@ class Artifacts:
 
     @cached_property
     def head(self):
-        from modules.stages.train_head import load_trained_head
+        from modules.training.checkpoints import load_trained_head
 
         head, _ = load_trained_head(self.cfg, self.runs.head, self.device)
         return head
@@ -150,7 +150,7 @@ class Artifacts:
         """The head Laplace posterior of ``runs.laplace`` (the Laplace strategy, target ``head``)."""
         if self.runs.laplace == self.runs.head:
             return self.head_posterior  # loaded once when the refinement reads it too
-        from modules.stages.fit_laplace import load_head_posterior
+        from modules.laplace.head import load_head_posterior
 
         _, posterior = load_head_posterior(self.cfg, self.runs.laplace, self.device)
         return posterior
@@ -158,20 +158,20 @@ class Artifacts:
     @cached_property
     def head_posterior(self):
         """The Laplace posterior fitted on the head of ``runs.head`` (the fusion's uncertainty source)."""
-        from modules.stages.fit_laplace import load_head_posterior
+        from modules.laplace.head import load_head_posterior
 
         _, posterior = load_head_posterior(self.cfg, self.runs.head, self.device)
         return posterior
 
     @cached_property
     def variance_network(self):
-        from modules.stages.train_head import load_trained_variance_network
+        from modules.training.checkpoints import load_trained_variance_network
 
         return load_trained_variance_network(self.cfg, self.runs.variance, self.device)
 
     @cached_property
     def fusion(self):
-        from modules.stages.train_head import load_trained_fusion
+        from modules.training.checkpoints import load_trained_fusion
 
         return load_trained_fusion(self.cfg, self.runs.fusion, self.device)
 
@@ -235,7 +235,8 @@ def _build_prompt_perturbation(cfg: PipelineConfig, artifacts: Artifacts) -> Str
 def _build_laplace(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
     """The Laplace strategy of the fitted target: the head's last layer, or SAM's decoder."""
     if cfg.laplace.target == "sam_decoder":
-        from modules.laplace.decoder import DecoderLaplaceStrategy, load_decoder_posterior
+        from modules.laplace.decoder import load_decoder_posterior
+        from modules.uncertainty.decoder_laplace import DecoderLaplaceStrategy
 
         posterior = load_decoder_posterior(cfg, artifacts.runs.laplace, artifacts.backbone.device)
         return DecoderLaplaceStrategy(artifacts.backbone, posterior, cfg.laplace.num_samples, seed=cfg.laplace.seed,

@@ -220,6 +220,9 @@ def _derived_seed(seed: int, sample_key_value: int) -> int:
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
+derived_seed = _derived_seed  # public name; TEMPORARY until the owner renames _derived_seed (drop on merge)
+
+
 def _module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -367,7 +370,7 @@ class LaplaceStrategy(Strategy):
         self.device = posterior.device
 
     def predict(self, sample: EvalSample) -> StrategyOutput:
-        from modules.laplace.posterior import HeadInputs
+        from modules.laplace.head import HeadInputs
 
         head = getattr(self.posterior, "head", None)
         embedding = None
