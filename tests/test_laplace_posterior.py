@@ -346,6 +346,12 @@ def test_load_rejects_another_checkpoint_and_missing_files(tmp_path, fitted):
         lh.load_posterior(tmp_path, head, "cpu")
 
 
+def test_target_layer_must_name_the_heads_final_layer():
+    lh.check_target_layer("final_conv")
+    with pytest.raises(lp.LaplacePosteriorError, match="laplace.target_layer: 'conv2' is not the head's final layer"):
+        lh.check_target_layer("conv2")
+
+
 def test_bad_configuration_and_inputs_raise_one_line_errors(fitted):
     head, train, validation, la = fitted
     with pytest.raises(lp.LaplacePosteriorError, match="laplace.backend"):
