@@ -37,13 +37,6 @@ VALIDATION_IN_MEMORY_BYTES = 1 << 30
 ROW_BYTES = (32 + 2) * 256 * 256 * 4
 
 
-def _positive_grid(values: Sequence[float], key: str) -> tuple[float, ...]:
-    grid = tuple(float(value) for value in values)
-    if not grid or any(not math.isfinite(value) or value <= 0 for value in grid):
-        raise DecoderLaplaceError(f"{key}: need a non-empty list of positive values, got {list(values)}")
-    return grid
-
-
 # --------------------------------------------------------------------------- reading a split
 
 
@@ -155,8 +148,8 @@ def search_temperature_and_prior(
     nll_eps: float = lp.DEFAULT_NLL_EPS,
 ) -> GridSearchResult:
     """Score every ``(T, prior)`` pair by the probit-predictive NLL on ``validation`` in one pass."""
-    priors = _positive_grid(prior_grid, "laplace.prior_precision_grid")
-    temperatures = _positive_grid(temperature_grid, "laplace.temperature_grid")
+    priors = lp.positive_grid(prior_grid, "laplace.prior_precision_grid", DecoderLaplaceError)
+    temperatures = lp.positive_grid(temperature_grid, "laplace.temperature_grid", DecoderLaplaceError)
     pairs = [(t, p) for t in temperatures for p in priors]
     posteriors = [DecoderPosterior.from_curvature(means, curvature, p, t) for t, p in pairs]
     nll_sums = torch.zeros(len(pairs), dtype=torch.float64)

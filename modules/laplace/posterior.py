@@ -228,13 +228,13 @@ class PriorSearchResult:
     num_pixels: int
 
 
-def _check_grid(grid: Sequence[float]) -> tuple[float, ...]:
-    values = tuple(float(value) for value in grid)
-    if not values or any(not math.isfinite(value) or value <= 0 for value in values):
-        raise LaplacePosteriorError(
-            f"laplace.prior_precision_grid: need a non-empty list of positive values, got {list(grid)}"
-        )
-    return values
+def positive_grid(values: Sequence[float], key: str,
+                  error: type[LaplacePosteriorError] = LaplacePosteriorError) -> tuple[float, ...]:
+    """``values`` as floats; ``error`` naming ``key`` unless they are a non-empty list of positive numbers."""
+    grid = tuple(float(value) for value in values)
+    if not grid or any(not math.isfinite(value) or value <= 0 for value in grid):
+        raise error(f"{key}: need a non-empty list of positive values, got {list(values)}")
+    return grid
 
 
 def search_prior_precision(
@@ -250,7 +250,7 @@ def search_prior_precision(
     are prepared once per batch and shared by every grid value (the layers below the last one do
     not depend on the prior). The first minimum wins ties.
     """
-    values = _check_grid(grid)
+    values = positive_grid(grid, "laplace.prior_precision_grid")
     posteriors = [make_posterior(value) for value in values]
     nll_sums = torch.zeros(len(values), dtype=torch.float64)
     num_pixels = 0

@@ -42,6 +42,8 @@ SANITY_LOSS_FRACTION = 0.6  # --sanity_check passes when one batch's loss falls 
 
 @dataclass
 class TrainingTask:
+    """One trainable model with everything the ``Trainer`` needs to train it (see the module docstring)."""
+
     model: nn.Module
     step_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, Any]]
     metric_fn: Callable[[Any], dict]
