@@ -11,9 +11,10 @@ Checkpoints go to ``<project_root>/checkpoints/<model>/run_<id>/``.
 
 import os
 
-from modules.stages import train_head as head_training
 from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
+from modules.stages import train_head as head_training
+from modules.training.checkpoints import has_run
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     output = paths.checkpoint_run_relpath(args.model, args.run_id)
     with stage_context(f"train_{args.model}", args, output_dir=output,
                        track=int(os.environ.get("RANK", "0")) == 0) as ctx:
-        resume = args.resume or (args.resume_if_exists and head_training.has_run(ctx.output_dir))
+        resume = args.resume or (args.resume_if_exists and has_run(ctx.output_dir))
         head_training.run_stage(ctx, args.model, args.run_id, resume, args.sanity_check, args.head_run_id)
 
 

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from modules.sam.backbones import build_model, load_backbone  # noqa: E402
-from modules.laplace.posterior import LastLayerPosterior  # noqa: E402
+from modules.laplace.head import LastLayerPosterior  # noqa: E402
 from modules.training.models import PromptAwareHead  # noqa: E402
 from modules.uncertainty.prompt_perturbation import perturbed_prompts  # noqa: E402
 from modules.data.promptset import PromptSpec, build_promptset_record  # noqa: E402

@@ -5,7 +5,7 @@
 Data: N random head inputs (3 x 256 x 256, the packed layout) with random 0/1 targets; the head is
 the seed architecture (Conv 3->16->16->1) with seeded random weights (the fit's cost does not
 depend on the values). (a) one forward pass of the head over all N inputs, batched, no grad;
-(b) ``laplace_posterior.fit_head_laplace`` (the stage-6 fit: per-pixel features, diagonal GGN
+(b) ``laplace.head.fit_head_laplace`` (the stage-6 fit: per-pixel features, diagonal GGN
 of the 2-logit last layer) for each backend. Prints seconds and the ratio b/a (goal: at most 3x
 for the default backend).
 """
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modules.laplace import posterior as lp  # noqa: E402
+from modules.laplace import head as lh  # noqa: E402
 from modules.training.models import PromptAwareHead  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def main() -> None:
           f"CUDA: {torch.cuda.is_available()}")
     print(f"(a) head forward over {args.images} images: {forward_s:.3f} s")
     for backend in args.backends:
-        fit_s = timed(lambda: lp.fit_head_laplace(head, samples, backend=backend), args.repeats)
+        fit_s = timed(lambda: lh.fit_head_laplace(head, samples, backend=backend), args.repeats)
         print(f"(b) fit_head_laplace [{backend}]: {fit_s:.3f} s   b/a = {fit_s / forward_s:.2f}")
 
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from modules.laplace import decoder as dl
+from modules.laplace import decoder_fit as dfit
 from modules.laplace import posterior as lp
+from modules.uncertainty import decoder_laplace as dstrat
 from tests.stage_runner import REPO
 from modules.core.paths import laplace_run_dir
 
@@ -41,7 +43,7 @@ def backbone(cfg):
 @pytest.fixture(scope="module")
 def val_image(cfg, backbone):
     """The first validation image's rows, decoded."""
-    rows = dl.SplitRows(cfg, "val", backbone)
+    rows = dfit.SplitRows(cfg, "val", backbone)
     return rows.decode(rows.sample_rows[0])
 
 
@@ -189,11 +191,12 @@ import sys, torch
 from modules.core.config import load_config
 from modules.sam.backbones import load_backbone
 from modules.laplace import decoder as dl
+from modules.uncertainty import decoder_laplace as dstrat
 from tests.test_decoder_laplace import _eval_sample
 cfg = load_config(sys.argv[1], ["laplace.target=sam_decoder"])
 backbone = load_backbone(cfg.sam.family, cfg.sam.model_type, cfg.sam.checkpoint, "cpu")
 posterior = dl.load_decoder_posterior(cfg, "dec", "cpu")
-strategy = dl.DecoderLaplaceStrategy(backbone, posterior, 5, seed=11, prompt_mode=cfg.sam.prompt_mode,
+strategy = dstrat.DecoderLaplaceStrategy(backbone, posterior, 5, seed=11, prompt_mode=cfg.sam.prompt_mode,
                                      multimask_policy=cfg.sam.multimask_policy)
 output = strategy.predict(_eval_sample(cfg))
 torch.save({"mean_prob": output.mean_prob, **output.maps}, sys.argv[2])
@@ -203,7 +206,7 @@ torch.save({"mean_prob": output.mean_prob, **output.maps}, sys.argv[2])
 def test_strategy_shapes_and_a_fresh_process_reproduces_it(decoder_fit, cfg, backbone, posterior, tmp_path):
     project, _ = decoder_fit
     sample = _eval_sample(cfg)
-    strategy = dl.DecoderLaplaceStrategy(backbone, posterior, 5, seed=11, prompt_mode=cfg.sam.prompt_mode,
+    strategy = dstrat.DecoderLaplaceStrategy(backbone, posterior, 5, seed=11, prompt_mode=cfg.sam.prompt_mode,
                                          multimask_policy=cfg.sam.multimask_policy)
     output = strategy.predict(sample)
     shape = (sample.num_promptsets, 256, 256)
@@ -231,7 +234,7 @@ def test_grid_search_keeps_the_lowest_validation_nll(cfg, val_image):
     for token, entry in accumulator.curvature.items():
         entry.ggn_weight += state["tokens"][token]["ggn_weight"]
         entry.ggn_bias += state["tokens"][token]["ggn_bias"]
-    search = dl.search_temperature_and_prior(accumulator.means, accumulator.curvature, [val_image],
+    search = dfit.search_temperature_and_prior(accumulator.means, accumulator.curvature, [val_image],
                                              prior_grid=[1e-3, 1.0, 1e3], temperature_grid=[1.0, 1e4])
     assert len(search.table) == 6
     best = search.table["val_nll"].idxmin()
@@ -243,4 +246,4 @@ def test_grid_search_keeps_the_lowest_validation_nll(cfg, val_image):
     row = search.table[(search.table["temperature"] == 1e4) & (search.table["prior_precision"] == 1.0)]
     assert abs(float(row["val_nll"].iloc[0]) - nll) < 1e-6
     with pytest.raises(dl.DecoderLaplaceError, match="laplace.temperature_grid"):
-        dl.search_temperature_and_prior(accumulator.means, accumulator.curvature, [val_image], [1.0], [0.0])
+        dfit.search_temperature_and_prior(accumulator.means, accumulator.curvature, [val_image], [1.0], [0.0])

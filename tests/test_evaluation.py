@@ -240,7 +240,7 @@ def test_changed_strategies_or_model_need_force(fusion_project):
     assert changed.returncode == 2 and "evaluation.strategies" in changed.stderr
 
     # another head checkpoint (one weight changed) is another model: refused, then --force recomputes
-    from modules.training.trainer import load_checkpoint_file
+    from modules.training.run_state import load_checkpoint_file
 
     source = checkpoint_run_dir(project.root, "head", "v1")
     target = checkpoint_run_dir(project.root, "head", "evalchanged")

@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from laplace import Laplace
 from laplace.curvature import BackPackGGN
 
+from modules.laplace import head as lh
+from modules.laplace import hypernet as lhn
 from modules.laplace import posterior as lp
 from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
 from modules.training.models import PromptAwareHead
@@ -47,7 +49,7 @@ def make_samples(head: nn.Module, count: int, seed: int) -> list[tuple[torch.Ten
 
 def all_pixel_features(head: nn.Module, samples) -> torch.Tensor:
     x = torch.stack([sample[0] for sample in samples])
-    return lp.pixels_as_rows(lp.head_pixel_features(head, x))
+    return lh.pixels_as_rows(lh.head_pixel_features(head, x))
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +58,19 @@ def fitted():
     head = make_head()
     train = make_samples(head, 5, seed=1)
     validation = make_samples(head, 4, seed=2)
-    la = lp.fit_head_laplace(head, train, backend="backpack", pixels_per_chunk=50)
+    la = lh.fit_head_laplace(head, train, backend="backpack", pixels_per_chunk=50)
     return head, train, validation, la
 
 
-@pytest.mark.parametrize("backend", sorted(lp.LAPLACE_BACKENDS))
+@pytest.mark.parametrize("backend", sorted(lh.LAPLACE_BACKENDS))
 def test_laplace_hessian_row1_equals_closed_form_bernoulli_ggn(backend):
     head = make_head()
     train = make_samples(head, 3, seed=1)
-    la = lp.fit_head_laplace(head, train, backend=backend, pixels_per_chunk=50)  # 144 px/sample: 50+50+44
+    la = lh.fit_head_laplace(head, train, backend=backend, pixels_per_chunk=50)  # 144 px/sample: 50+50+44
 
     features = all_pixel_features(head, train)
     logits = features @ head.final_conv.weight.detach().reshape(-1) + head.final_conv.bias.detach()
-    diag_w, diag_b = lp.ggn_diagonal_closed_form(features, logits)
+    diag_w, diag_b = lh.ggn_diagonal_closed_form(features, logits)
     C = HIDDEN_CHANNELS
     torch.testing.assert_close(la.H[C : 2 * C], diag_w, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(la.H[2 * C + 1], diag_b, rtol=1e-4, atol=1e-6)
@@ -79,12 +81,12 @@ def test_laplace_hessian_row1_equals_closed_form_bernoulli_ggn(backend):
 def test_probit_predictive_equals_laplace_glm_probit(fitted):
     head, _, validation, la = fitted
     la.prior_precision = 0.5
-    posterior = lp.LastLayerPosterior.from_laplace(head, la)
+    posterior = lh.LastLayerPosterior.from_laplace(head, la)
     x = torch.stack([sample[0] for sample in validation[:2]])
     predictive = posterior.predictive(x)
     assert predictive["mean_prob"].shape == (2, SIZE, SIZE)
 
-    features = lp.pixels_as_rows(lp.head_pixel_features(head, x))
+    features = lh.pixels_as_rows(lh.head_pixel_features(head, x))
     reference = la(features, pred_type="glm", link_approx="probit")[:, 1]
     torch.testing.assert_close(predictive["mean_prob"].reshape(-1), reference, rtol=0, atol=1e-6)
     _, f_var = la._glm_predictive_distribution(features)
@@ -96,7 +98,7 @@ def test_probit_predictive_equals_laplace_glm_probit(fitted):
 def test_prior_search_scores_every_grid_value_and_picks_the_minimum(fitted):
     head, _, validation, la = fitted
     grid = [1e-3, 1e-1, 10.0, 1e3]
-    result = lp.tune_head_prior_precision(la, head, lp.iterate_in_batches(validation, 3), grid)
+    result = lh.tune_head_prior_precision(la, head, lh.iterate_in_batches(validation, 3), grid)
 
     assert result.grid == tuple(grid)
     assert result.num_pixels == 4 * SIZE * SIZE
@@ -121,12 +123,12 @@ def test_prior_search_nll_is_finite_for_saturated_probabilities():
         head.final_conv.bias.fill_(500.0)
     samples = make_samples(head, 2, seed=3)
     wrong = [(x, 1 - target) for x, target in samples]  # every pixel confidently wrong
-    la = lp.fit_head_laplace(head, samples)
-    posterior = lp.LastLayerPosterior.from_laplace(head, la)
+    la = lh.fit_head_laplace(head, samples)
+    posterior = lh.LastLayerPosterior.from_laplace(head, la)
     assert bool((posterior.predictive(torch.stack([x for x, _ in wrong]))["mean_prob"] == 1.0).any())
 
-    result = lp.tune_head_prior_precision(
-        la, head, lp.iterate_in_batches(wrong, 2), [1.0, 100.0], nll_eps=1e-6
+    result = lh.tune_head_prior_precision(
+        la, head, lh.iterate_in_batches(wrong, 2), [1.0, 100.0], nll_eps=1e-6
     )
     assert all(math.isfinite(value) for value in result.nll)
     assert max(result.nll) <= -math.log(1e-6) + 1e-3
@@ -136,16 +138,16 @@ def test_smaller_prior_precision_gives_larger_logit_variance(fitted):
     head, _, validation, la = fitted
     x = torch.stack([validation[0][0]])
     la.prior_precision = 1e-4
-    loose = lp.LastLayerPosterior.from_laplace(head, la).predictive(x)["logit_var"]
+    loose = lh.LastLayerPosterior.from_laplace(head, la).predictive(x)["logit_var"]
     la.prior_precision = 1e4
-    tight = lp.LastLayerPosterior.from_laplace(head, la).predictive(x)["logit_var"]
+    tight = lh.LastLayerPosterior.from_laplace(head, la).predictive(x)["logit_var"]
     assert bool((loose > tight).all())
 
 
 def test_sample_moments_match_closed_form(fitted):
     head, _, validation, la = fitted
     la.prior_precision = 1.0
-    posterior = lp.LastLayerPosterior.from_laplace(head, la)
+    posterior = lh.LastLayerPosterior.from_laplace(head, la)
     x = torch.stack([validation[0][0]])
     num_samples = 4000
     samples = posterior.sample_logits(x, num_samples, seed=11)
@@ -165,7 +167,7 @@ def test_sample_moments_match_laplace_row1_samples(fitted):
     C = HIDDEN_CHANNELS
     reference = la.sample(20000, generator=torch.Generator().manual_seed(0))
     reference_row1 = torch.cat([reference[:, C : 2 * C], reference[:, 2 * C + 1 :]], dim=1)
-    ours = lp.LastLayerPosterior.from_laplace(head, la).sample_weights(20000, seed=0)
+    ours = lh.LastLayerPosterior.from_laplace(head, la).sample_weights(20000, seed=0)
     torch.testing.assert_close(ours.var(0), reference_row1.var(0), rtol=0.06, atol=0)
     torch.testing.assert_close(
         ours.mean(0), reference_row1.mean(0), rtol=0, atol=0.05 * float(ours.std(0).max())
@@ -174,7 +176,7 @@ def test_sample_moments_match_laplace_row1_samples(fitted):
 
 def test_sampling_is_seeded(fitted):
     head, _, validation, la = fitted
-    posterior = lp.LastLayerPosterior.from_laplace(head, la)
+    posterior = lh.LastLayerPosterior.from_laplace(head, la)
     x = torch.stack([validation[0][0], validation[1][0]])
     first = posterior.sample_logits(x, 8, seed=5)
     assert torch.equal(first, posterior.sample_logits(x, 8, seed=5))
@@ -189,7 +191,7 @@ def test_sampling_is_seeded(fitted):
 def test_uncertainty_maps_decompose_total_entropy(fitted):
     head, _, validation, la = fitted
     la.prior_precision = 1e-2  # wide posterior: clearly non-zero epistemic part
-    posterior = lp.LastLayerPosterior.from_laplace(head, la)
+    posterior = lh.LastLayerPosterior.from_laplace(head, la)
     x = torch.stack([validation[0][0], validation[1][0]])
     maps = posterior.uncertainty_maps(x, 64, seed=3, samples_per_chunk=10)
     assert set(maps) == {"mean_prob", "total_entropy", "expected_entropy", "mutual_information"}
@@ -227,7 +229,7 @@ def test_mutual_information_is_accurate_for_tight_posteriors(fitted, variance_sc
     (~1e-6 nats and below) must still be the float64 value, not float32 rounding noise."""
     head, _, validation, la = fitted
     la.prior_precision = 1e-2
-    posterior = lp.LastLayerPosterior.from_laplace(head, la)
+    posterior = lh.LastLayerPosterior.from_laplace(head, la)
     posterior.weight_variance = posterior.weight_variance * variance_scale
     x = torch.stack([validation[0][0], validation[1][0]])
     maps = posterior.uncertainty_maps(x, 32, seed=4, samples_per_chunk=7)
@@ -252,12 +254,12 @@ def test_binary_entropy_from_logits_keeps_float64():
 
 ROUND_TRIP_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from modules.laplace import posterior as lp
+    from modules.laplace import head as lh
     from modules.training.models import PromptAwareHead
     run_dir, head_path, inputs_path, out_path = sys.argv[1:5]
     head = PromptAwareHead(channels_in=3, hidden_channels={channels})
     head.load_state_dict(torch.load(head_path, weights_only=True))
-    posterior = lp.load_posterior(run_dir, head, "cpu")
+    posterior = lh.load_posterior(run_dir, head, "cpu")
     x = torch.load(inputs_path, weights_only=True)
     outputs = {{f"predictive/{{k}}": v for k, v in posterior.predictive(x).items()}}
     outputs.update({{f"maps/{{k}}": v for k, v in posterior.uncertainty_maps(x, 16, seed=7).items()}})
@@ -266,7 +268,7 @@ ROUND_TRIP_SCRIPT = textwrap.dedent("""
     """).format(channels=HIDDEN_CHANNELS)
 
 
-def posterior_outputs(posterior: lp.LastLayerPosterior, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def posterior_outputs(posterior: lh.LastLayerPosterior, x: torch.Tensor) -> dict[str, torch.Tensor]:
     outputs = {f"predictive/{k}": v for k, v in posterior.predictive(x).items()}
     outputs.update({f"maps/{k}": v for k, v in posterior.uncertainty_maps(x, 16, seed=7).items()})
     outputs["samples"] = posterior.sample_logits(x, 6, seed=7)
@@ -277,8 +279,8 @@ def test_save_and_reload_in_a_fresh_process_is_bit_identical(tmp_path):
     head = make_head(seed=4)
     train = make_samples(head, 3, seed=5)
     validation = make_samples(head, 2, seed=6)
-    la = lp.fit_head_laplace(head, train)
-    search = lp.tune_head_prior_precision(la, head, lp.iterate_in_batches(validation, 2), [1e-2, 1.0, 100.0])
+    la = lh.fit_head_laplace(head, train)
+    search = lh.tune_head_prior_precision(la, head, lh.iterate_in_batches(validation, 2), [1e-2, 1.0, 100.0])
     head_path = tmp_path / "head.pt"
     torch.save(head.state_dict(), head_path)
     from modules.core.fileio import file_md5
@@ -286,13 +288,13 @@ def test_save_and_reload_in_a_fresh_process_is_bit_identical(tmp_path):
     meta = lp.PosteriorMeta.for_head(la, "backpack", search, file_md5(head_path))
     run_dir = tmp_path / "laplace"
     config = {"backend": "backpack", "prior_precision_grid": [1e-2, 1.0, 100.0], "num_samples": 16, "seed": 7}
-    lp.save_posterior(run_dir, la, meta, config)
+    lh.save_posterior(run_dir, la, meta, config)
 
     assert sorted(path.name for path in run_dir.iterdir()) == sorted(
         [lp.STATE_FILE, lp.CONFIG_FILE, lp.META_FILE]
     )
     state = torch.load(run_dir / lp.STATE_FILE, weights_only=True)
-    assert state["data"] is None and state["_last_layer_name"] == lp.LAST_LAYER_NAME
+    assert state["data"] is None and state["_last_layer_name"] == lh.LAST_LAYER_NAME
     assert yaml.safe_load((run_dir / lp.CONFIG_FILE).read_text()) == config
     saved_meta = json.loads((run_dir / lp.META_FILE).read_text())
     assert saved_meta["n_data"] == 3 * SIZE * SIZE
@@ -305,7 +307,7 @@ def test_save_and_reload_in_a_fresh_process_is_bit_identical(tmp_path):
     x = torch.stack([sample[0] for sample in validation])
     inputs_path, out_path = tmp_path / "x.pt", tmp_path / "reloaded.pt"
     torch.save(x, inputs_path)
-    expected = posterior_outputs(lp.LastLayerPosterior.from_laplace(head, la), x)
+    expected = posterior_outputs(lh.LastLayerPosterior.from_laplace(head, la), x)
     subprocess.run(
         [
             sys.executable,
@@ -329,32 +331,38 @@ def test_save_and_reload_in_a_fresh_process_is_bit_identical(tmp_path):
 
 def test_load_rejects_another_checkpoint_and_missing_files(tmp_path, fitted):
     head, _, _, la = fitted
-    lp.save_posterior(
+    lh.save_posterior(
         tmp_path,
         la,
         lp.PosteriorMeta.for_head(la, "backpack", lp.PriorSearchResult((1.0,), (0.5,), 1.0, 1), "md5"),
         {},
     )
     with pytest.raises(lp.LaplacePosteriorError, match="another checkpoint"):
-        lp.load_posterior(tmp_path, make_head(seed=9), "cpu")
+        lh.load_posterior(tmp_path, make_head(seed=9), "cpu")
     with pytest.raises(lp.LaplacePosteriorError, match="posterior_meta.json: missing"):
-        lp.load_posterior(tmp_path / "absent", head, "cpu")
+        lh.load_posterior(tmp_path / "absent", head, "cpu")
     (tmp_path / lp.STATE_FILE).write_bytes(b"not a torch file")
     with pytest.raises(lp.LaplacePosteriorError, match="laplace_state.pt: unreadable"):
-        lp.load_posterior(tmp_path, head, "cpu")
+        lh.load_posterior(tmp_path, head, "cpu")
+
+
+def test_target_layer_must_name_the_heads_final_layer():
+    lh.check_target_layer("final_conv")
+    with pytest.raises(lp.LaplacePosteriorError, match="laplace.target_layer: 'conv2' is not the head's final layer"):
+        lh.check_target_layer("conv2")
 
 
 def test_bad_configuration_and_inputs_raise_one_line_errors(fitted):
     head, train, validation, la = fitted
     with pytest.raises(lp.LaplacePosteriorError, match="laplace.backend"):
-        lp.build_head_laplace(head, backend="kfac")
+        lh.build_head_laplace(head, backend="kfac")
     with pytest.raises(lp.LaplacePosteriorError, match="laplace.target_layer"):
-        lp.build_head_laplace(nn.Sequential(nn.Conv2d(3, 2, 1)))
+        lh.build_head_laplace(nn.Sequential(nn.Conv2d(3, 2, 1)))
     with pytest.raises(lp.LaplacePosteriorError, match="laplace.prior_precision_grid"):
-        lp.tune_head_prior_precision(la, head, lp.iterate_in_batches(validation, 2), [])
+        lh.tune_head_prior_precision(la, head, lh.iterate_in_batches(validation, 2), [])
     soft = [(x, target.float() * 0.7) for x, target in train]
     with pytest.raises(lp.LaplacePosteriorError, match="training sample 0: target must be a binary"):
-        lp.fit_head_laplace(head, soft)
+        lh.fit_head_laplace(head, soft)
     la.prior_precision = 1.0
 
 
@@ -384,17 +392,17 @@ def hypernet_pixel_features(upscaled: torch.Tensor, tokens: torch.Tensor) -> tor
 
 def test_hypernet_ggn_factorised_equals_brute_force():
     upscaled, tokens, weight, bias, logits = hypernet_case()
-    diag_weight, diag_bias = lp.hypernet_ggn_diagonal(upscaled, tokens, logits)
+    diag_weight, diag_bias = lhn.hypernet_ggn_diagonal(upscaled, tokens, logits)
     features = hypernet_pixel_features(upscaled, tokens)
-    brute_force, _ = lp.ggn_diagonal_closed_form(features, logits.reshape(-1))
+    brute_force, _ = lh.ggn_diagonal_closed_form(features, logits.reshape(-1))
     K, J = weight.shape
     torch.testing.assert_close(diag_weight, brute_force[: K * J].reshape(K, J), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(diag_bias, brute_force[K * J :], rtol=1e-5, atol=1e-7)
 
-    accumulated_weight, accumulated_bias, n_pixels = lp.hypernet_ggn_from_batches(
+    accumulated_weight, accumulated_bias, n_pixels = lhn.hypernet_ggn_from_batches(
         weight,
         bias,
-        [lp.HypernetInputs(upscaled[:1], tokens[:1]), lp.HypernetInputs(upscaled[1:], tokens[1:])],
+        [lhn.HypernetInputs(upscaled[:1], tokens[:1]), lhn.HypernetInputs(upscaled[1:], tokens[1:])],
     )
     torch.testing.assert_close(accumulated_weight, diag_weight)
     torch.testing.assert_close(accumulated_bias, diag_bias)
@@ -424,14 +432,14 @@ def test_hypernet_posterior_matches_laplace_torch_on_explicit_features():
     )
     la.fit(DataLoader(TensorDataset(features, targets), batch_size=10))
 
-    diag_weight, diag_bias = lp.hypernet_ggn_diagonal(upscaled, tokens, logits)
+    diag_weight, diag_bias = lhn.hypernet_ggn_diagonal(upscaled, tokens, logits)
     D = K * J + K
     torch.testing.assert_close(
         la.H[D:], torch.cat([diag_weight.reshape(-1), diag_bias]), rtol=1e-4, atol=1e-6
     )
 
-    posterior = lp.HypernetPosterior.from_ggn(weight, bias, diag_weight, diag_bias, prior_precision=0.3)
-    predictive = posterior.predictive(lp.HypernetInputs(upscaled, tokens))
+    posterior = lhn.HypernetPosterior.from_ggn(weight, bias, diag_weight, diag_bias, prior_precision=0.3)
+    predictive = posterior.predictive(lhn.HypernetInputs(upscaled, tokens))
     reference = la(features, pred_type="glm", link_approx="probit")[:, 1]
     torch.testing.assert_close(predictive["mean_prob"].reshape(-1), reference, rtol=0, atol=1e-6)
     torch.testing.assert_close(predictive["logit_mean"], logits, rtol=1e-5, atol=1e-6)
@@ -441,9 +449,9 @@ def test_hypernet_posterior_matches_laplace_torch_on_explicit_features():
 
 def test_hypernet_samples_are_seeded_coherent_and_match_moments():
     upscaled, tokens, weight, bias, logits = hypernet_case(seed=3)
-    diag_weight, diag_bias = lp.hypernet_ggn_diagonal(upscaled, tokens, logits)
-    posterior = lp.HypernetPosterior.from_ggn(weight, bias, diag_weight, diag_bias, prior_precision=1.0)
-    inputs = lp.HypernetInputs(upscaled, tokens)
+    diag_weight, diag_bias = lhn.hypernet_ggn_diagonal(upscaled, tokens, logits)
+    posterior = lhn.HypernetPosterior.from_ggn(weight, bias, diag_weight, diag_bias, prior_precision=1.0)
+    inputs = lhn.HypernetInputs(upscaled, tokens)
     samples = posterior.sample_logits(inputs, 4000, seed=1)
     assert samples.shape == (4000, *logits.shape)
     assert torch.equal(samples, posterior.sample_logits(inputs, 4000, seed=1))
@@ -461,5 +469,5 @@ def test_hypernet_samples_are_seeded_coherent_and_match_moments():
     maps = posterior.uncertainty_maps(inputs, 32, seed=2)
     assert bool((maps["mutual_information"] >= 0).all())
 
-    restored = lp.HypernetPosterior.from_state_dict(posterior.state_dict())
+    restored = lhn.HypernetPosterior.from_state_dict(posterior.state_dict())
     assert torch.equal(restored.sample_logits(inputs, 3, seed=4), posterior.sample_logits(inputs, 3, seed=4))

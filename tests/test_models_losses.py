@@ -18,7 +18,7 @@ from modules.training.losses import (
     build_variance_loss,
     hard_iou,
 )
-from modules.training.models import FINAL_LAYER_NAME, MODELS, PromptAwareHead, VarianceNetwork, build_model, soft_clamp
+from modules.training.models import FINAL_LAYER_NAME, PromptAwareHead, VarianceNetwork, soft_clamp
 
 
 def _head_inputs(batch: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -88,16 +88,6 @@ def test_soft_clamp_keeps_gradient_when_saturated():
     assert torch.all(raw.grad > 0)
     assert raw.grad[1] == pytest.approx(1.0)
     torch.testing.assert_close(clamped[1], torch.tensor(0.0))
-
-
-def test_build_model_registry_and_errors():
-    assert set(MODELS) == {"head", "variance"}
-    assert isinstance(build_model("head", hidden_channels=8), PromptAwareHead)
-    assert isinstance(build_model("variance", channels_in=4), VarianceNetwork)
-    with pytest.raises(ConfigError, match="'fusion'"):
-        build_model("fusion")
-    with pytest.raises(ConfigError, match="hiden_channels"):
-        build_model("head", hiden_channels=8)
 
 
 # --------------------------------------------------------------------------- BCE + Dice

@@ -15,22 +15,20 @@ import torch
 
 from modules.training.losses import BceDiceLoss, McLogitNoiseLoss, hard_iou
 from modules.training.models import PromptAwareHead, VarianceNetwork
-from modules.training.trainer import (
+from modules.training.distributed import EpochSeededSampler
+from modules.training.run_state import (
     BEST_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
     SCALER_FILE,
     SCHEDULER_FILE,
     STATE_FILE,
-    EpochSeededSampler,
     ResumeError,
-    Trainer,
-    TrainerConfig,
     TrainingError,
     capture_rng_state,
     restore_rng_state,
-    sanity_check,
 )
+from modules.training.trainer import Trainer, TrainerConfig, sanity_check
 from tests.helpers.train_synthetic import (
     SyntheticSegmentation,
     build_trainer,

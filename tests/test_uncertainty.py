@@ -213,7 +213,7 @@ def test_variance_network_strategy():
 
 
 def test_laplace_strategy_with_the_real_posterior():
-    from modules.laplace.posterior import LastLayerPosterior
+    from modules.laplace.head import LastLayerPosterior
 
     sample, other = make_sample("s1", seed=0), make_sample("s2", seed=1)
     head = seeded_head()

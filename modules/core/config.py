@@ -110,8 +110,10 @@ class VarianceConfig:
 @dataclass
 class LaplaceConfig:
     target: Literal["head", "sam_decoder"] = "head"
+    # Target ``head``: the head layer the posterior covers; only its final layer is supported
+    # (checked by ``laplace.head.check_target_layer``).
     target_layer: str = "final_conv"
-    approx: Literal["diagonal"] = "diagonal"
+    approx: Literal["diagonal"] = "diagonal"  # the Hessian structure; only the diagonal is implemented
     backend: str = "backpack"
     prior_precision_grid: list[float] = field(
         default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]

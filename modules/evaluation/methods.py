@@ -15,13 +15,14 @@ from modules.core.config import PipelineConfig
 from modules.core.frames import FRAME256
 from modules.data.imageio import resize_mask_nearest
 from modules.evaluation.runs import Artifacts, EvaluationError
-from modules.laplace.decoder import DecoderLaplaceStrategy, load_decoder_posterior
+from modules.laplace.decoder import load_decoder_posterior
 from modules.scoring.entropy import binary_entropy_from_logits
 from modules.uncertainty.prompt_perturbation import PerturbationMagnitudes
 from modules.uncertainty.strategies import (EvalSample, LaplaceStrategy, MapHeadStrategy, PromptPerturbationStrategy,
                                             RawSamStrategy, Strategy, StrategyOutput, TTAStrategy,
                                             VarianceNetworkStrategy)
 from modules.uncertainty.tta import build_transforms
+from modules.uncertainty.decoder_laplace import DecoderLaplaceStrategy
 
 #: Logit given to ground-truth foreground (+) and background (-) when the mask is the oracle prompt.
 ORACLE_MASK_LOGIT = 10.0

@@ -15,9 +15,11 @@ from modules.core.config import PipelineConfig
 from modules.core.errors import PipelineError
 from modules.core.fileio import cached_file_md5
 from modules.core.paths import checkpoint_run_dir, laplace_run_dir
+from modules.laplace.head import load_head_posterior
 from modules.laplace.posterior import STATE_FILE as LAPLACE_STATE_FILE
 from modules.sam.backbones import BackboneError, load_backbone
-from modules.training.trainer import BEST_FILE
+from modules.training.checkpoints import load_trained_fusion, load_trained_head, load_trained_variance_network
+from modules.training.run_state import BEST_FILE
 
 
 class EvaluationError(PipelineError):
@@ -95,8 +97,6 @@ class Artifacts:
 
     @cached_property
     def head(self):
-        from modules.stages.train_head import load_trained_head  # deferred: stage module, see note
-
         head, _ = load_trained_head(self.cfg, self.runs.head, self.device)
         return head
 
@@ -105,29 +105,21 @@ class Artifacts:
         """The head Laplace posterior of ``runs.laplace`` (the Laplace strategy, target ``head``)."""
         if self.runs.laplace == self.runs.head:
             return self.head_posterior  # loaded once when the refinement reads it too
-        from modules.stages.fit_laplace import load_head_posterior  # deferred: stage module, see note
-
         _, posterior = load_head_posterior(self.cfg, self.runs.laplace, self.device)
         return posterior
 
     @cached_property
     def head_posterior(self):
         """The Laplace posterior fitted on the head of ``runs.head`` (the fusion's uncertainty source)."""
-        from modules.stages.fit_laplace import load_head_posterior  # deferred: stage module, see note
-
         _, posterior = load_head_posterior(self.cfg, self.runs.head, self.device)
         return posterior
 
     @cached_property
     def variance_network(self):
-        from modules.stages.train_head import load_trained_variance_network  # deferred: stage module, see note
-
         return load_trained_variance_network(self.cfg, self.runs.variance, self.device)
 
     @cached_property
     def fusion(self):
-        from modules.stages.train_head import load_trained_fusion  # deferred: stage module, see note
-
         return load_trained_fusion(self.cfg, self.runs.fusion, self.device)
 
 

@@ -1,51 +1,9 @@
-"""Stage 6, ``laplace.target: sam_decoder``: a diagonal Laplace on the SAM / SAM 2 mask decoder's
-hypernetwork last layer, fitted by re-running only the prompt decoder on the cached image embeddings.
+"""Laplace target ``sam_decoder``: the SAM / SAM 2 mask decoder's hypernetwork last layers, one
+diagonal posterior per mask token (``DecoderPosterior``), and its saved artifacts.
 
-The target. For prompt set ``p`` the decoder's logit at pixel ``x`` (FRAME256) is
-``z = (W_t h + b_t) . u(x)`` with ``t`` the mask token of the output stage 3 chose for ``p``
-(``sam.multimask_policy``: ``best_iou`` = the multimask token 1..3 with the highest predicted IoU,
-``single`` = token 0, or the token SAM 2's stability fallback switched to), ``W_t: K x J`` (32 x 256)
-and ``b_t: K`` the last ``nn.Linear`` of token ``t``'s hypernetwork MLP, ``h: J`` that MLP's
-penultimate activation and ``u(x): K`` the upscaled decoder features (``DecoderFeatures`` in
-``modules/backbones.py``). Each token has its own last layer, so the posterior is keyed by token:
-one diagonal Gaussian over ``[vec(W_t), b_t]`` (8224 values) per mask token, each with the GGN of
-the training rows whose chosen output used that token (``DecoderPosterior``). Every mask token of the
-decoder gets a posterior: a token that stage 3 never chose on the training split has no curvature and
-keeps the prior (the exact Laplace posterior of parameters without data), so a test image whose chosen
-output uses it still gets a prediction; the stage lists such tokens. One prior precision and one
-likelihood temperature are shared by all tokens and tuned jointly on the validation NLL.
-
-Likelihood and curvature. Every pixel is one Bernoulli observation, as for the head target. Its
-per-pixel feature is ``phi = [vec(outer(u, h)), u]`` (``K*J + K = 8224`` values): laplace-torch 0.3
-has no binary likelihood, and its 2-logit mapping (see ``modules/laplace_posterior.py``) would need
-that 8224-wide feature materialised for each of the 65536 pixels of a mask (~2.2 GB per prompt set).
-The Bernoulli GGN diagonal factorises instead,
-``diag_W[k, j] = sum_pix p (1 - p) u_k^2 h_j^2`` and ``diag_b[k] = sum_pix p (1 - p) u_k^2``, and is
-computed in closed form (``laplace_posterior.hypernet_ggn_diagonal``; equal to laplace-torch's GGN on
-a small case, tested there, and to a brute-force per-pixel sum, tested here). The GGN is taken at the
-frozen MAP weights; targets do not enter it. Curvature sums are accumulated in float64.
-
-Temperature and prior. As for the head: the posterior precision is ``GGN / T + prior`` and the pair
-``(T, prior)`` minimising the validation NLL of the probit predictive over
-``laplace.temperature_grid x laplace.prior_precision_grid`` is kept (ties: the first, lowest T,
-then lowest prior). All pairs are scored in ONE pass over the validation split (the decoder runs once
-per validation image, not once per pair).
-
-Artifacts in ``<project_root>/laplace/sam_decoder/run_<id>/`` (as the head target):
-``laplace_state.pt`` (per token: MAP weight and bias, posterior variances, the raw GGN diagonal; plus
-the chosen prior and temperature; plain tensors, ``torch.load(weights_only=True)``),
-``laplace_config.yaml`` (the ``laplace`` config section), ``posterior_meta.json``
-(``DecoderPosteriorMeta``: target, number of parameters, chosen prior precision and temperature, the
-grids and their NLLs, n_data = training pixels, the md5 of the SAM checkpoint, library versions, the
-per-token table), ``prior_precision_nll.csv`` / ``.png`` and ``quality.json`` (validation NLL/ECE of
-the Laplace predictive against the decoder's own probability, and the mean mutual information on the
-pixels the decoder gets wrong against those it gets right). The fit is skipped when the artifacts
-exist and were fitted on the same SAM checkpoint (md5); another checkpoint is an error until
-``--force`` refits.
-
-Frames and units: every map is ``P x 256 x 256`` FRAME256 (the ORIGINAL image stretched to 256 x 256);
-entropies and mutual information in nats. All posterior math runs in float32 with autocast off; the
-decoder itself runs as ``Backbone.decode_features`` runs it (bf16 autocast on CUDA).
+For prompt set ``p`` the decoder's FRAME256 logit is ``z = (W_t h + b_t) . u(x)`` with ``t`` the mask
+token of the output stage 3 chose (``sam.multimask_policy``). A token never chosen on the training
+split has no curvature and keeps the prior. Fitting: ``laplace.decoder_fit``.
 """
 
 from __future__ import annotations
@@ -54,54 +12,28 @@ import io
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
-from modules.laplace import posterior as lp
 from modules.core.config import PipelineConfig
-from modules.core.fileio import (atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_yaml,
-                            cached_file_md5, read_json)
-from modules.stages.precompute_sam_outputs import MULTIMASK_POLICIES, PROMPT_MODES
-from modules.uncertainty.strategies import EvalSample, Strategy, StrategyOutput, derived_seed
 from modules.core.errors import error_line
+from modules.core.fileio import atomic_write_bytes, atomic_write_json, atomic_write_yaml, cached_file_md5, read_json
 from modules.core.paths import laplace_run_dir
+from modules.laplace import posterior as lp
+from modules.laplace.hypernet import HypernetInputs, HypernetPosterior, hypernet_ggn_from_batches
+from modules.stages.precompute_sam_outputs import MULTIMASK_POLICIES, PROMPT_MODES
 
 TARGET = "sam_decoder"
 #: ``posterior_meta.json``'s ``backend`` for this target: the closed-form factorised GGN diagonal.
 CURVATURE_BACKEND = "closed_form_ggn"
 STATE_FORMAT_VERSION = 1
-#: (temperature, prior) pairs whose validation logit variances are evaluated at once (memory:
-#: pairs x P x 256 x 256 float32 per image).
-PAIRS_PER_CHUNK = 8
-#: The decoded validation split is kept in memory for the second pass (quality checks) when it
-#: takes at most this many bytes (about 9 MB per row: 32 upscaled channels, logits, target).
-VALIDATION_IN_MEMORY_BYTES = 1 << 30
-ROW_BYTES = (32 + 2) * 256 * 256 * 4
 
 
 class DecoderLaplaceError(lp.LaplacePosteriorError):
     """Bad input, configuration or artifact for the decoder Laplace (one line naming the culprit)."""
-
-
-def _same_device(first: torch.device, second: torch.device) -> bool:
-    """``cuda`` and ``cuda:0`` name the same device when 0 is the current one."""
-    def index(device: torch.device) -> int | None:
-        if device.type == "cuda" and device.index is None:
-            return torch.cuda.current_device()
-        return device.index
-
-    return first.type == second.type and index(first) == index(second)
-
-
-def _positive_grid(values: Sequence[float], key: str) -> tuple[float, ...]:
-    grid = tuple(float(value) for value in values)
-    if not grid or any(not math.isfinite(value) or value <= 0 for value in grid):
-        raise DecoderLaplaceError(f"{key}: need a non-empty list of positive values, got {list(values)}")
-    return grid
 
 
 # --------------------------------------------------------------------------- inputs
@@ -119,9 +51,9 @@ class DecoderHypernetInputs(NamedTuple):
     tokens: torch.Tensor
     token_indices: torch.Tensor
 
-    def subset(self, rows: torch.Tensor) -> lp.HypernetInputs:
+    def subset(self, rows: torch.Tensor) -> HypernetInputs:
         """The rows ``rows`` (index tensor) as the single-token ``HypernetInputs``."""
-        return lp.HypernetInputs(self.upscaled[rows], self.tokens[rows])
+        return HypernetInputs(self.upscaled[rows], self.tokens[rows])
 
 
 def token_groups(token_indices: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -245,7 +177,7 @@ class DecoderGgnAccumulator:
                                           f"(the decoder has {len(self.means)})")
             weight, bias = self.means[token]
             subset = inputs.subset(rows.to(inputs.upscaled.device))
-            ggn_weight, ggn_bias, n_pixels = lp.hypernet_ggn_from_batches(weight, bias, [subset])
+            ggn_weight, ggn_bias, n_pixels = hypernet_ggn_from_batches(weight, bias, [subset])
             entry = self.curvature[token]
             entry.ggn_weight += ggn_weight.double().to(entry.ggn_weight.device)
             entry.ggn_bias += ggn_bias.double().to(entry.ggn_bias.device)
@@ -267,7 +199,7 @@ class DecoderPosterior(lp.DiagonalLastLayerPosterior):
     posterior's device.
     """
 
-    def __init__(self, posteriors: Mapping[int, lp.HypernetPosterior], temperature: float = 1.0):
+    def __init__(self, posteriors: Mapping[int, HypernetPosterior], temperature: float = 1.0):
         if not posteriors:
             raise DecoderLaplaceError("decoder posterior: needs at least one token")
         self.posteriors = {int(token): posteriors[token] for token in sorted(posteriors)}
@@ -294,7 +226,7 @@ class DecoderPosterior(lp.DiagonalLastLayerPosterior):
         posteriors = {}
         for token, (weight, bias) in means.items():
             entry = curvature[token]
-            posteriors[token] = lp.HypernetPosterior.from_ggn(
+            posteriors[token] = HypernetPosterior.from_ggn(
                 weight, bias, (entry.ggn_weight / temperature).float().to(weight.device),
                 (entry.ggn_bias / temperature).float().to(bias.device), prior_precision)
         return cls(posteriors, temperature)
@@ -324,7 +256,7 @@ class DecoderPosterior(lp.DiagonalLastLayerPosterior):
             raise DecoderLaplaceError(f"decoder posterior: no posterior for mask tokens {missing} "
                                       f"(fitted for {list(self.posteriors)})")
         first = next(iter(self.posteriors.values()))
-        prepared = first.prepare(lp.HypernetInputs(inputs.upscaled, inputs.tokens))  # checks the shapes
+        prepared = first.prepare(HypernetInputs(inputs.upscaled, inputs.tokens))  # checks the shapes
         if token_indices.numel() != prepared.tokens.shape[0]:
             raise DecoderLaplaceError(f"decoder inputs: {token_indices.numel()} token indices for "
                                       f"{prepared.tokens.shape[0]} prompt sets")
@@ -384,177 +316,8 @@ class DecoderPosterior(lp.DiagonalLastLayerPosterior):
         for token, token_state in state["tokens"].items():
             tensors = {name: (value.to(device) if isinstance(value, torch.Tensor) else value)
                        for name, value in token_state.items()}
-            posteriors[int(token)] = lp.HypernetPosterior.from_state_dict(tensors)
+            posteriors[int(token)] = HypernetPosterior.from_state_dict(tensors)
         return cls(posteriors, float(state["temperature"]))
-
-
-# --------------------------------------------------------------------------- reading a split
-
-
-class SplitRows:
-    """The rows of one packed split (stage 4.5), decoded image by image on the cached embeddings.
-
-    Iterating yields one ``DecodedRows`` per image, holding that image's rows in index order with
-    their packed targets. The prompts come from the stage-2 prompt-set files, the chosen outputs from
-    the SAM cache's ``branch_index``; the decoder runs on the backbone's device.
-    """
-
-    def __init__(self, cfg: PipelineConfig, split: str, backbone, cache=None):
-        from modules.cache.packed_reader import PackedSplitDataset
-        from modules.cache.training_index import open_cache
-        from modules.core.paths import packed_path
-
-        self.cfg, self.split, self.backbone = cfg, split, backbone
-        self.packed = PackedSplitDataset(packed_path(cfg.project_root, split), in_memory=cfg.training.in_memory)
-        self.cache = cache if cache is not None else open_cache(cfg)
-        samples = np.asarray(self.packed.row_sample)
-        order = np.argsort(samples, kind="stable")
-        boundaries = np.flatnonzero(np.diff(samples[order])) + 1
-        self.sample_rows = [rows for rows in np.split(order, boundaries) if rows.size]
-
-    def __len__(self) -> int:
-        return len(self.sample_rows)
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.packed)
-
-    def _record(self, safe_id: str) -> dict:
-        from modules.data.promptset import load_promptsets, promptset_path
-
-        try:
-            return load_promptsets(self.cfg.project_root, self.split, safe_id)
-        except (OSError, ValueError) as error:
-            path = promptset_path(self.cfg.project_root, self.split, safe_id)
-            raise DecoderLaplaceError(f"{path}: unreadable prompt-set file ({error_line(error)}); "
-                                      "rerun generate_promptsets.py") from None
-
-    def decode(self, rows: np.ndarray) -> DecodedRows:
-        """The packed rows ``rows`` (all of one image) decoded at their chosen outputs."""
-        from modules.data.promptset import promptset_tensors
-        from modules.cache.sam_cache import SamCacheError
-
-        safe_id = self.packed.sample_safe_ids[int(self.packed.row_sample[rows[0]])]
-        try:
-            entry = self.cache.entry(safe_id)
-        except (KeyError, SamCacheError) as error:
-            raise DecoderLaplaceError(f"{self.cache.folder}: {error_line(error)}; "
-                                      "rerun precompute_sam_outputs.py") from None
-        record = self._record(safe_id)
-        record_ids = [int(s["promptset_id"]) for s in record["promptsets"]]
-        cached_ids = [int(i) for i in np.asarray(entry.promptset_ids).tolist()]
-        if cached_ids != record_ids:
-            raise DecoderLaplaceError(f"{safe_id}: cached prompt sets {cached_ids} differ from the prompt-set "
-                                      f"file's {record_ids}; rerun precompute_sam_outputs.py")
-        promptset_ids = [int(self.packed.promptset_ids[row]) for row in rows]
-        missing = sorted(set(promptset_ids) - set(record_ids))
-        if missing:
-            raise DecoderLaplaceError(f"{safe_id}: packed prompt sets {missing} are not in the SAM cache; "
-                                      "rerun build_training_indices.py and pack_to_hdf5.py")
-        positions = torch.tensor([record_ids.index(pid) for pid in promptset_ids])
-        points, labels, _, boxes = promptset_tensors(record)
-        features = {name: torch.from_numpy(np.asarray(value)).float() for name, value in entry.features.items()}
-        sam = self.cfg.sam
-        inputs, logits, final_layers = decode_chosen_outputs(
-            self.backbone, features, entry.original_hw, points[positions], labels[positions], boxes[positions],
-            np.asarray(entry.branch_index)[positions.numpy()], sam.prompt_mode, sam.multimask_policy)
-        items = self.packed.__getitems__(rows.tolist())
-        targets = torch.stack([item["target"][0] for item in items]).to(logits.device)
-        if targets.shape != logits.shape:
-            raise DecoderLaplaceError(f"{self.packed.path}: targets {tuple(targets.shape)} do not match the decoder "
-                                      f"logits {tuple(logits.shape)} of {safe_id}")
-        return DecodedRows(safe_id, promptset_ids, inputs, logits, final_layers, targets)
-
-    def __iter__(self) -> Iterator[DecodedRows]:
-        for rows in self.sample_rows:
-            yield self.decode(rows)
-
-
-# --------------------------------------------------------------------------- fitting and tuning
-
-
-def accumulate_curvature(split_rows: SplitRows) -> DecoderGgnAccumulator:
-    """The per-token GGN diagonal over every row of ``split_rows`` (the training split)."""
-    accumulator = None
-    for decoded in split_rows:
-        if accumulator is None:
-            accumulator = DecoderGgnAccumulator(decoded.final_layers)
-        accumulator.add(decoded.inputs)
-    if accumulator is None:
-        raise DecoderLaplaceError(f"{split_rows.packed.path}: the training split is empty")
-    return accumulator
-
-
-@dataclass(frozen=True)
-class GridSearchResult:
-    """Validation NLL (nats per pixel) of every ``(temperature, prior precision)`` pair.
-
-    ``table`` has the columns ``temperature, prior_precision, val_nll`` in grid order (temperature
-    major); ``best`` is the first row with the lowest NLL; ``prior_search`` is the prior grid at the
-    chosen temperature (for ``PosteriorMeta`` and the plot).
-    """
-
-    table: pd.DataFrame
-    temperature: float
-    prior_search: lp.PriorSearchResult
-
-
-def search_temperature_and_prior(
-    means: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
-    curvature: Mapping[int, TokenCurvature],
-    validation: Sequence[DecodedRows] | SplitRows,
-    prior_grid: Sequence[float],
-    temperature_grid: Sequence[float],
-    nll_eps: float = lp.DEFAULT_NLL_EPS,
-) -> GridSearchResult:
-    """Score every ``(T, prior)`` pair by the probit-predictive NLL on ``validation`` in one pass."""
-    priors = _positive_grid(prior_grid, "laplace.prior_precision_grid")
-    temperatures = _positive_grid(temperature_grid, "laplace.temperature_grid")
-    pairs = [(t, p) for t in temperatures for p in priors]
-    posteriors = [DecoderPosterior.from_curvature(means, curvature, p, t) for t, p in pairs]
-    nll_sums = torch.zeros(len(pairs), dtype=torch.float64)
-    num_pixels = 0
-    for decoded in validation:
-        prepared = posteriors[0].prepare(decoded.inputs)
-        targets = decoded.targets.to(posteriors[0].device)
-        # The logit mean is the same for every pair; only the per-channel variances (P x K) differ.
-        channel_mean, _ = posteriors[0].channel_moments(prepared)
-        with torch.autocast(device_type=targets.device.type, enabled=False):
-            logit_mean = torch.einsum("pkhw,pk->phw", prepared.upscaled, channel_mean)
-            upscaled_sq = prepared.upscaled.square()
-            for start in range(0, len(pairs), PAIRS_PER_CHUNK):
-                chunk = posteriors[start : start + PAIRS_PER_CHUNK]
-                channel_var = torch.stack([posterior.channel_moments(prepared)[1] for posterior in chunk])
-                logit_var = torch.einsum("pkhw,npk->nphw", upscaled_sq, channel_var)
-                probability = lp.binary_probit_probability(logit_mean, logit_var)
-                nll = lp.binary_nll(probability, targets, nll_eps).double().sum(dim=(1, 2, 3)).cpu()
-                nll_sums[start : start + len(chunk)] += nll
-        num_pixels += targets.numel()
-    if num_pixels == 0:
-        raise DecoderLaplaceError("laplace validation: the validation split is empty")
-    nll = (nll_sums / num_pixels).tolist()
-    if not all(math.isfinite(value) for value in nll):
-        raise DecoderLaplaceError(f"laplace validation: non-finite NLL {nll} (check the cached features for NaN)")
-    table = pd.DataFrame([{"temperature": t, "prior_precision": p, "val_nll": value}
-                          for (t, p), value in zip(pairs, nll)])
-    best = int(np.argmin(nll))
-    temperature = pairs[best][0]
-    at_temperature = table[table["temperature"] == temperature]
-    prior_search = lp.PriorSearchResult(priors, tuple(at_temperature["val_nll"].tolist()), pairs[best][1], num_pixels)
-    return GridSearchResult(table, temperature, prior_search)
-
-
-@torch.no_grad()
-def quality_checks(posterior: DecoderPosterior, validation: Sequence[DecodedRows] | SplitRows, num_samples: int,
-                   seed: int, nll_eps: float) -> dict:
-    """Decoder (MAP) vs Laplace NLL/ECE and the mutual-information margin on the decoder's errors."""
-    quality = lp.PosteriorQualityAccumulator(nll_eps)
-    for batch_index, decoded in enumerate(validation):
-        targets = decoded.targets.to(posterior.device)
-        map_prob = torch.sigmoid(decoded.decoder_logits.to(posterior.device))
-        maps = posterior.uncertainty_maps(decoded.inputs, num_samples, seed=seed + batch_index)
-        quality.update(map_prob, maps, targets)
-    return quality.compute()
 
 
 # --------------------------------------------------------------------------- artifacts
@@ -572,21 +335,6 @@ class DecoderPosteriorMeta(lp.PosteriorMeta):
     prompt_mode: str = ""
     multimask_policy: str = ""
     tokens: list[dict] = field(default_factory=list)
-
-
-def posterior_meta(posterior: DecoderPosterior, accumulator: DecoderGgnAccumulator, search: GridSearchResult,
-                   checkpoint_md5: str, sam: Any) -> DecoderPosteriorMeta:
-    tokens = [{"token": token, "num_parameters": posterior.posteriors[token].num_weights,
-               "n_data": entry.n_pixels, "n_prompts": entry.n_prompts}
-              for token, entry in accumulator.curvature.items()]
-    return DecoderPosteriorMeta(
-        target=TARGET, backend=CURVATURE_BACKEND, num_parameters=posterior.num_weights,
-        num_bernoulli_parameters=posterior.num_weights, prior_precision=posterior.prior_precision,
-        prior_precision_grid=list(search.prior_search.grid), prior_precision_nll=list(search.prior_search.nll),
-        n_data=accumulator.n_pixels, source_checkpoint_md5=checkpoint_md5, temperature=posterior.temperature,
-        tuning_nll=search.table.to_dict("records"), sam_family=str(sam.family), sam_model_type=str(sam.model_type),
-        prompt_mode=str(sam.prompt_mode), multimask_policy=str(sam.multimask_policy), tokens=tokens,
-    )
 
 
 def save_decoder_posterior(folder: str | Path, posterior: DecoderPosterior, accumulator: DecoderGgnAccumulator,
@@ -668,122 +416,3 @@ def load_decoder_posterior(cfg: PipelineConfig, run_id: str, device: torch.devic
                                   f"{fitted}, the config has {configured}; rerun fit_laplace.py --force")
     return load_decoder_posterior_from_dir(folder, device)
 
-
-# --------------------------------------------------------------------------- the evaluation strategy
-
-
-class DecoderLaplaceStrategy(Strategy):
-    """The decoder-hypernetwork Laplace (``laplace.target: sam_decoder``) as an evaluation strategy.
-
-    Per sample: the prompt decoder re-runs on the cached embedding with the sample's prompt sets
-    (``prompt_mode``), the output stage 3 chose is kept (the cache entry's ``branch_index`` under
-    ``multimask_policy``), and the posterior of that output's token gives ``mean_prob`` (closed-form
-    probit) and, from ``num_samples`` weight draws seeded by ``(seed, sample key)``, the maps
-    ``total_entropy`` (primary, as ``uncertainty.LaplaceStrategy``), ``mutual_information`` (BALD)
-    and ``expected_entropy``; each
-    ``P x 256 x 256`` FRAME256 float32 on the backbone's device. The posterior must be on that device
-    and must have been fitted on the backbone's checkpoint (its means are checked against the
-    decoder's weights on the first sample).
-    """
-
-    name = "laplace"
-    primary_map = "total_entropy"
-    MAP_NAMES: ClassVar[tuple[str, ...]] = ("mutual_information", "total_entropy", "expected_entropy")
-
-    def __init__(self, backbone, posterior: DecoderPosterior, num_samples: int, seed: int = 0,
-                 prompt_mode: str = "points", multimask_policy: str = "best_iou") -> None:
-        if not _same_device(posterior.device, torch.device(backbone.device)):
-            raise DecoderLaplaceError(f"laplace: the posterior is on {posterior.device}, the SAM backbone on "
-                                      f"{backbone.device}; load it with device={backbone.device}")
-        check_sam_settings(prompt_mode, multimask_policy)
-        if int(num_samples) < 1:
-            raise DecoderLaplaceError(f"laplace.num_samples: must be at least 1, got {num_samples}")
-        self.backbone = backbone
-        self.posterior = posterior
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
-        self.prompt_mode = prompt_mode
-        self.multimask_policy = multimask_policy
-        self.device = posterior.device
-        self._checked = False
-
-    def decode(self, sample: EvalSample) -> tuple[DecoderHypernetInputs, torch.Tensor]:
-        """The sample's hypernetwork inputs and decoder logits ``P x 256 x 256`` at the chosen outputs."""
-        expected = MULTIMASK_POLICIES[self.multimask_policy].num_outputs
-        cached_outputs = np.asarray(sample.cache_entry.iou_predictions).shape[-1]
-        if cached_outputs != expected:
-            raise DecoderLaplaceError(f"{sample.safe_id}: the cache holds {cached_outputs} outputs per prompt set, "
-                                      f"sam.multimask_policy {self.multimask_policy!r} gives {expected}")
-        inputs, logits, final_layers = decode_chosen_outputs(
-            self.backbone, sample.features(self.device), sample.original_hw, sample.points, sample.labels,
-            sample.boxes, sample.cache_entry.branch_index, self.prompt_mode, self.multimask_policy)
-        if not self._checked:
-            self.posterior.check_final_layers(final_layers, f"laplace ({self.backbone.checkpoint_path})")
-            self._checked = True
-        return inputs, logits
-
-    def predict(self, sample: EvalSample) -> StrategyOutput:
-        inputs, _ = self.decode(sample)
-        result = self.posterior.uncertainty_maps(inputs, self.num_samples,
-                                                 seed=derived_seed(self.seed, sample.sample_key))
-        maps = {name: result[name].float() for name in self.MAP_NAMES}
-        return StrategyOutput(result["mean_prob"].float(), maps, self.primary_map)
-
-
-# --------------------------------------------------------------------------- the stage
-
-
-def run_decoder_stage(ctx, run_id: str) -> None:
-    """Stage 6 for ``laplace.target: sam_decoder`` (see the module docstring); ``run_id`` names the run."""
-    from modules.sam.backbones import BackboneError, load_backbone
-    from modules.stages.fit_laplace import already_fitted
-    from modules.scoring.plots import plot_prior_grid
-
-    cfg = ctx.cfg
-    settings = cfg.laplace
-    checkpoint_md5 = sam_checkpoint_md5(cfg)
-    folder = ctx.output_dir
-    if already_fitted(ctx, cfg.sam.checkpoint, checkpoint_md5):
-        return
-    sam = cfg.sam
-    ctx.check_inputs(["laplace"], {"sam_checkpoint_md5": checkpoint_md5, "sam_family": sam.family,
-                                   "sam_model_type": sam.model_type, "prompt_mode": sam.prompt_mode,
-                                   "multimask_policy": sam.multimask_policy})
-    try:
-        backbone = load_backbone(sam.family, sam.model_type, sam.checkpoint, sam.device)
-    except BackboneError as error:
-        raise DecoderLaplaceError(f"sam.checkpoint: {error}") from None
-
-    train_rows = SplitRows(cfg, "train", backbone)
-    val_rows = SplitRows(cfg, "val", backbone, cache=train_rows.cache)
-    # Two passes over the validation split (grid search, quality checks): decode it once if it fits.
-    validation = list(val_rows) if val_rows.num_rows * ROW_BYTES <= VALIDATION_IN_MEMORY_BYTES else val_rows
-    print(f"[{ctx.name}] fitting a diagonal Laplace on the {sam.family}/{sam.model_type} decoder's hypernetwork "
-          f"last layers over {train_rows.num_rows} training rows ({len(train_rows)} images) of {sam.checkpoint}")
-    with torch.autocast(device_type=backbone.device.type, enabled=False):
-        accumulator = accumulate_curvature(train_rows)
-        unused = [token for token, entry in accumulator.curvature.items() if entry.n_prompts == 0]
-        if unused:
-            print(f"[{ctx.name}] mask tokens {unused} were never chosen on the training split: their posterior "
-                  "is the prior")
-        search = search_temperature_and_prior(accumulator.means, accumulator.curvature, validation,
-                                              settings.prior_precision_grid, settings.temperature_grid,
-                                              settings.nll_eps)
-        posterior = DecoderPosterior.from_curvature(accumulator.means, accumulator.curvature,
-                                                    search.prior_search.best_prior_precision, search.temperature)
-    for step, row in search.table.iterrows():
-        ctx.tracker.log(row.to_dict(), step=int(step))
-    meta = posterior_meta(posterior, accumulator, search, checkpoint_md5, sam)
-    save_decoder_posterior(folder, posterior, accumulator, meta, cfg.section("laplace"))
-    atomic_write_csv(folder / "prior_precision_nll.csv", search.table)
-    plot_prior_grid(list(search.prior_search.grid), list(search.prior_search.nll),
-                    search.prior_search.best_prior_precision, folder / "prior_precision_nll.png",
-                    title=f"SAM decoder Laplace prior precision (temperature {search.temperature:g})")
-    with torch.autocast(device_type=backbone.device.type, enabled=False):
-        checks = quality_checks(posterior, validation, settings.num_samples, settings.seed, settings.nll_eps)
-    atomic_write_json(folder / "quality.json", checks)
-    ctx.tracker.log_table("prior_precision_nll", search.table)
-    ctx.tracker.log_artifact(folder, name=f"laplace-{TARGET}-run_{run_id}", type="laplace")
-    ctx.summary({"prior_precision": posterior.prior_precision, "temperature": posterior.temperature,
-                 "num_parameters": posterior.num_weights, "n_data_pixels": accumulator.n_pixels,
-                 "tokens_without_data": unused, **checks})

@@ -1,7 +1,8 @@
 """Stage 6: fit the last-layer Laplace posterior, tune its prior, save it, and check it is worth having.
 
-Artifacts in ``<project_root>/laplace/<target>/run_<id>/``: ``laplace_state.pt``, ``laplace_config.yaml``,
-``posterior_meta.json`` (see ``modules/laplace_posterior``), ``prior_precision_nll.csv`` and
+``laplace.target`` picks the layer: the head's final conv (``laplace.head``) or SAM's mask-decoder
+hypernetwork (``laplace.decoder``). Artifacts in ``laplace/<target>/run_<id>/``: ``laplace_state.pt``,
+``laplace_config.yaml``, ``posterior_meta.json``, ``prior_precision_nll.csv`` and
 ``prior_precision_nll.png``, and ``quality.json`` (the checks below). The fit is skipped when the
 artifacts exist and were fitted on the same checkpoint (md5); a different checkpoint is an error
 until ``--force`` refits.
@@ -13,19 +14,21 @@ against those it gets right.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import torch
 
-from modules.laplace import posterior as lp
+from modules.cache.packed_reader import packed_dataset
 from modules.core.errors import PipelineError
-from modules.core.fileio import atomic_write_csv, atomic_write_json, cached_file_md5, read_json
-from modules.stages.train_head import load_trained_head, packed_datasets
 from modules.core.device import resolve_device
-from modules.core.paths import laplace_run_dir
-
-ARTIFACTS = ("laplace_state.pt", "laplace_config.yaml", "posterior_meta.json")
+from modules.core.fileio import atomic_write_csv, atomic_write_json, cached_file_md5
+from modules.laplace import decoder_fit
+from modules.laplace import head as lh
+from modules.laplace import posterior as lp
+from modules.laplace.decoder import TARGET as DECODER_TARGET
+from modules.laplace.decoder import DecoderLaplaceError, DecoderPosterior, sam_checkpoint_md5, save_decoder_posterior
+from modules.sam.backbones import BackboneError, load_backbone
+from modules.scoring.plots import plot_prior_grid
+from modules.training.checkpoints import load_trained_head
 
 
 class HeadSamples:
@@ -45,52 +48,6 @@ class HeadSamples:
         return sample
 
 
-def already_fitted(ctx, checkpoint: Path | str, checkpoint_md5: str) -> bool:
-    """True when the run folder holds a complete posterior fitted on this checkpoint (skip it).
-
-    Artifacts fitted on another checkpoint are an error until ``--force``; ``--force`` refits.
-    """
-    folder = ctx.output_dir
-    if ctx.force or not all((folder / name).is_file() for name in ARTIFACTS):
-        return False
-    meta = read_json(folder / lp.META_FILE)
-    fitted_on = meta.get("source_checkpoint_md5")
-    if fitted_on != checkpoint_md5:
-        raise PipelineError(f"{folder}: fitted on checkpoint md5 {fitted_on}, but {checkpoint} now has md5 "
-                            f"{checkpoint_md5}; rerun with --force to refit")
-    print(f"[{ctx.name}] {folder}: already fitted on {checkpoint} (md5 {checkpoint_md5}); skipping")
-    ctx.summary({"skipped": True, "prior_precision": meta.get("prior_precision")})
-    return True
-
-
-def load_head_posterior(cfg, run_id: str, device) -> tuple[torch.nn.Module, lp.LastLayerPosterior]:
-    """The frozen MAP head of ``run_id`` and its fitted Laplace posterior (for later stages)."""
-    head, checkpoint = load_trained_head(cfg, run_id, device)
-    folder = laplace_run_dir(cfg.project_root, "head", run_id)
-    meta = lp.read_posterior_meta(folder)
-    if meta.source_checkpoint_md5 != cached_file_md5(checkpoint):
-        raise PipelineError(f"{folder}: fitted on another checkpoint than {checkpoint}; rerun fit_laplace.py --force")
-    return head, lp.load_posterior(folder, head, device)
-
-
-@torch.no_grad()
-def quality_checks(head, posterior, val_samples: HeadSamples, num_samples: int, seed: int,
-                   nll_eps: float, batch_size: int = 8) -> dict:
-    """MAP vs Laplace NLL/ECE and the mutual-information margin on MAP errors (validation split)."""
-    quality = lp.PosteriorQualityAccumulator(nll_eps)
-    for batch_index, (inputs, targets) in enumerate(lp.iterate_in_batches(val_samples, batch_size)):
-        x = inputs.x if isinstance(inputs, lp.HeadInputs) else inputs
-        embedding = inputs.image_embedding if isinstance(inputs, lp.HeadInputs) else None
-        device = posterior.device
-        x, targets = x.to(device), targets.to(device)
-        embedding = None if embedding is None else embedding.to(device)
-        map_prob = torch.sigmoid(head(x, embedding))[:, 0]
-        head_inputs = x if embedding is None else lp.HeadInputs(x, embedding)
-        maps = posterior.uncertainty_maps(head_inputs, num_samples, seed=seed + batch_index)
-        quality.update(map_prob, maps, targets)
-    return quality.compute()
-
-
 def tune_temperature_and_prior(la, head, val_samples: HeadSamples, settings, batch_size: int):
     """Grid-search (temperature, prior precision) on the validation NLL of the probit predictive.
 
@@ -101,7 +58,7 @@ def tune_temperature_and_prior(la, head, val_samples: HeadSamples, settings, bat
     rows = []
     for temperature in settings.temperature_grid:
         la.temperature = float(temperature)
-        search = lp.tune_head_prior_precision(la, head, lp.iterate_in_batches(val_samples, batch_size),
+        search = lh.tune_head_prior_precision(la, head, lh.iterate_in_batches(val_samples, batch_size),
                                               grid=settings.prior_precision_grid, nll_eps=settings.nll_eps)
         rows += [{"temperature": float(temperature), "prior_precision": p, "val_nll": nll}
                  for p, nll in zip(search.grid, search.nll)]
@@ -114,44 +71,95 @@ def tune_temperature_and_prior(la, head, val_samples: HeadSamples, settings, bat
 
 
 def run_stage(ctx, run_id: str) -> None:
+    """Stage 6 for the configured ``laplace.target``; ``run_id`` names the head run (and the output run)."""
     cfg = ctx.cfg
     settings = cfg.laplace
-    if settings.target == "sam_decoder":
-        from modules.laplace.decoder import run_decoder_stage
-
+    if settings.target == DECODER_TARGET:
         return run_decoder_stage(ctx, run_id)
     if settings.target != "head":
         raise PipelineError(f"laplace.target: unknown target {settings.target!r}; use 'head' or 'sam_decoder'")
+    lh.check_target_layer(settings.target_layer)
     device = resolve_device(cfg.training.device, key="training.device")
     head, checkpoint = load_trained_head(cfg, run_id, device)
     checkpoint_md5 = cached_file_md5(checkpoint)
     folder = ctx.output_dir
-    if already_fitted(ctx, checkpoint, checkpoint_md5):
+    if lp.already_fitted(ctx, checkpoint, checkpoint_md5):
         return
     ctx.check_inputs(["laplace"], {"head_checkpoint_md5": checkpoint_md5})
 
-    train_set, val_set = (HeadSamples(d) for d in packed_datasets(cfg))
+    train_set, val_set = (HeadSamples(packed_dataset(cfg, split)) for split in ("train", "val"))
     print(f"[{ctx.name}] fitting a diagonal last-layer Laplace ({settings.backend}) on "
           f"{len(train_set)} training rows of {checkpoint}")
     with torch.autocast(device_type=device.type, enabled=False):
-        la = lp.fit_head_laplace(head, train_set, backend=settings.backend)
+        la = lh.fit_head_laplace(head, train_set, backend=settings.backend)
         temperature, search, grid_table = tune_temperature_and_prior(la, head, val_set, settings,
                                                                      cfg.training.batch_size)
     for step, row in grid_table.iterrows():
         ctx.tracker.log(row.to_dict(), step=int(step))
     meta = lp.PosteriorMeta.for_head(la, settings.backend, search, checkpoint_md5)
     meta.tuning_nll = grid_table.to_dict("records")
-    lp.save_posterior(folder, la, meta, cfg.section("laplace"))
+    lh.save_posterior(folder, la, meta, cfg.section("laplace"))
     atomic_write_csv(folder / "prior_precision_nll.csv", grid_table)
-
-    from modules.scoring.plots import plot_prior_grid
-
     plot_prior_grid(list(search.grid), list(search.nll), search.best_prior_precision,
                     folder / "prior_precision_nll.png", title=f"Laplace prior precision (temperature {temperature:g})")
-    posterior = lp.LastLayerPosterior.from_laplace(head, la)
-    checks = quality_checks(head, posterior, val_set, settings.num_samples, settings.seed, settings.nll_eps)
+    posterior = lh.LastLayerPosterior.from_laplace(head, la)
+    checks = lh.head_quality_checks(head, posterior, val_set, settings.num_samples, settings.seed, settings.nll_eps)
     atomic_write_json(folder / "quality.json", checks)
     ctx.tracker.log_table("prior_precision_nll", grid_table)
     ctx.tracker.log_artifact(folder, name=f"laplace-head-run_{run_id}", type="laplace")
     ctx.summary({"prior_precision": search.best_prior_precision, "temperature": temperature,
                  "n_data_pixels": int(la.n_data), **checks})
+
+
+def run_decoder_stage(ctx, run_id: str) -> None:
+    """Stage 6 for ``laplace.target: sam_decoder``; ``run_id`` names the run."""
+    cfg = ctx.cfg
+    settings = cfg.laplace
+    checkpoint_md5 = sam_checkpoint_md5(cfg)
+    folder = ctx.output_dir
+    if lp.already_fitted(ctx, cfg.sam.checkpoint, checkpoint_md5):
+        return
+    sam = cfg.sam
+    ctx.check_inputs(["laplace"], {"sam_checkpoint_md5": checkpoint_md5, "sam_family": sam.family,
+                                   "sam_model_type": sam.model_type, "prompt_mode": sam.prompt_mode,
+                                   "multimask_policy": sam.multimask_policy})
+    try:
+        backbone = load_backbone(sam.family, sam.model_type, sam.checkpoint, sam.device)
+    except BackboneError as error:
+        raise DecoderLaplaceError(f"sam.checkpoint: {error}") from None
+
+    train_rows = decoder_fit.SplitRows(cfg, "train", backbone)
+    val_rows = decoder_fit.SplitRows(cfg, "val", backbone, cache=train_rows.cache)
+    # Two passes over the validation split (grid search, quality checks): decode it once if it fits.
+    fits_in_memory = val_rows.num_rows * decoder_fit.ROW_BYTES <= decoder_fit.VALIDATION_IN_MEMORY_BYTES
+    validation = list(val_rows) if fits_in_memory else val_rows
+    print(f"[{ctx.name}] fitting a diagonal Laplace on the {sam.family}/{sam.model_type} decoder's hypernetwork "
+          f"last layers over {train_rows.num_rows} training rows ({len(train_rows)} images) of {sam.checkpoint}")
+    with torch.autocast(device_type=backbone.device.type, enabled=False):
+        accumulator = decoder_fit.accumulate_curvature(train_rows)
+        unused = [token for token, entry in accumulator.curvature.items() if entry.n_prompts == 0]
+        if unused:
+            print(f"[{ctx.name}] mask tokens {unused} were never chosen on the training split: their posterior "
+                  "is the prior")
+        search = decoder_fit.search_temperature_and_prior(accumulator.means, accumulator.curvature, validation,
+                                                          settings.prior_precision_grid, settings.temperature_grid,
+                                                          settings.nll_eps)
+        posterior = DecoderPosterior.from_curvature(accumulator.means, accumulator.curvature,
+                                                    search.prior_search.best_prior_precision, search.temperature)
+    for step, row in search.table.iterrows():
+        ctx.tracker.log(row.to_dict(), step=int(step))
+    meta = decoder_fit.posterior_meta(posterior, accumulator, search, checkpoint_md5, sam)
+    save_decoder_posterior(folder, posterior, accumulator, meta, cfg.section("laplace"))
+    atomic_write_csv(folder / "prior_precision_nll.csv", search.table)
+    plot_prior_grid(list(search.prior_search.grid), list(search.prior_search.nll),
+                    search.prior_search.best_prior_precision, folder / "prior_precision_nll.png",
+                    title=f"SAM decoder Laplace prior precision (temperature {search.temperature:g})")
+    with torch.autocast(device_type=backbone.device.type, enabled=False):
+        checks = decoder_fit.decoder_quality_checks(posterior, validation, settings.num_samples, settings.seed,
+                                                    settings.nll_eps)
+    atomic_write_json(folder / "quality.json", checks)
+    ctx.tracker.log_table("prior_precision_nll", search.table)
+    ctx.tracker.log_artifact(folder, name=f"laplace-{DECODER_TARGET}-run_{run_id}", type="laplace")
+    ctx.summary({"prior_precision": posterior.prior_precision, "temperature": posterior.temperature,
+                 "num_parameters": posterior.num_weights, "n_data_pixels": accumulator.n_pixels,
+                 "tokens_without_data": unused, **checks})

@@ -2,7 +2,7 @@
 
 Each trainable model is a ``TrainingTask`` built by a function in ``TASKS``: the model, its
 ``step_fn(model, batch) -> (loss, outputs)``, the validation metrics, how the best epoch is
-chosen, and the datasets. ``modules/training.Trainer`` does the rest (resume, DDP, checkpoints).
+chosen, and the datasets. ``training.trainer.Trainer`` does the rest (resume, DDP, checkpoints).
 
 Runs live in ``<project_root>/checkpoints/<model>/run_<id>/`` (``last.pt``, ``best.pt``, optimizer,
 scaler and scheduler states, ``epoch_state.json``, ``config.resolved.yaml``).
@@ -10,65 +10,32 @@ scaler and scheduler states, ``epoch_state.json``, ``config.resolved.yaml``).
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from modules.core.config import PipelineConfig
-
-from modules.core.errors import PipelineError
-from modules.training.losses import BceDiceLoss, build_variance_loss, hard_iou
-from modules.training.models import PromptAwareHead, VarianceNetwork, build_model
-from modules.training.trainer import (Trainer, TrainerConfig, load_checkpoint_file, move_to_device, sanity_check,
-                              segmentation_metrics)
-from modules.core.device import resolve_device
-from modules.core.paths import checkpoint_run_dir
+from modules.cache.packed_reader import PackedBatches, as_float32, collate_batch, packed_dataset
 from modules.cache.packing import packed_splits_fingerprint
+from modules.cache.training_index import open_cache
+from modules.core.config import PipelineConfig
+from modules.core.device import resolve_device
+from modules.core.errors import PipelineError
+from modules.core.stage import KILL_HOOK_ENV
+from modules.laplace.head import load_head_posterior
+from modules.sam.backbones import load_backbone
+from modules.training.checkpoints import (build_fusion, build_head, build_variance_network, load_trained_head,
+                                          load_trained_variance_network)
+from modules.training.losses import BceDiceLoss, FocalDiceIouLoss, build_variance_loss, hard_iou
+from modules.training.models import VarianceNetwork
+from modules.training.trainer import Trainer, TrainerConfig, batch_iou_metrics, move_to_device, sanity_check
+from modules.uncertainty.fusion import FusionDataset, make_uncertainty_source, refinement_step
 
 SANITY_LOSS_FRACTION = 0.6  # --sanity_check passes when one batch's loss falls below this fraction
-
-
-def has_run(folder: Path) -> bool:
-    """Whether a training run committed at least one epoch in ``folder``."""
-    from modules.training.trainer import STATE_FILE
-
-    return (Path(folder) / STATE_FILE).is_file()
-
-
-def build_head(cfg: PipelineConfig) -> PromptAwareHead:
-    return build_model("head", channels_in=cfg.head.channels_in, hidden_channels=cfg.head.hidden_channels,
-                       use_image_embedding=cfg.head.use_image_embedding)
-
-
-def load_trained(cfg: PipelineConfig, model_kind: str, run_id: str, device: torch.device | str = "cpu",
-                 which: str = "best.pt") -> tuple[nn.Module, Path]:
-    """The trained model of ``checkpoints/<model_kind>/run_<run_id>/<which>``, frozen, and its path."""
-    path = checkpoint_run_dir(cfg.project_root, model_kind, run_id) / which
-    if not path.is_file():
-        raise PipelineError(f"{path}: no trained {model_kind} model; run train_head.py --model {model_kind} "
-                            f"--run_id {run_id} first")
-    model = BUILDERS[model_kind](cfg)
-    model.load_state_dict(load_checkpoint_file(path))
-    return model.to(device).eval().requires_grad_(False), path
-
-
-def load_trained_head(cfg: PipelineConfig, run_id: str, device: torch.device | str = "cpu",
-                      which: str = "best.pt") -> tuple[PromptAwareHead, Path]:
-    """The MAP head of ``checkpoints/head/run_<run_id>/<which>``, frozen, and its checkpoint path."""
-    return load_trained(cfg, "head", run_id, device, which)
-
-
-def build_variance_network(cfg: PipelineConfig) -> VarianceNetwork:
-    return build_model("variance", channels_in=cfg.head.channels_in + 1, hidden_channels=cfg.variance.hidden_channels,
-                       log_var_clamp=(cfg.variance.log_var_min, cfg.variance.log_var_max))
-
-
-def load_trained_variance_network(cfg: PipelineConfig, run_id: str, device="cpu") -> VarianceNetwork:
-    return load_trained(cfg, "variance", run_id, device)[0]
 
 
 # --------------------------------------------------------------------------- tasks
@@ -76,6 +43,8 @@ def load_trained_variance_network(cfg: PipelineConfig, run_id: str, device="cpu"
 
 @dataclass
 class TrainingTask:
+    """One trainable model with everything the ``Trainer`` needs to train it (see the module docstring)."""
+
     model: nn.Module
     step_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, Any]]
     metric_fn: Callable[[Any], dict]
@@ -91,22 +60,16 @@ class TrainingTask:
 
 def packed_datasets(cfg: PipelineConfig):
     """The packed train and val splits (stage 4.5) as datasets."""
-    from modules.cache.packed_reader import packed_dataset
-
     return [packed_dataset(cfg, split) for split in ("train", "val")]
 
 
 def packed_batch_datasets(cfg: PipelineConfig):
     """The packed train and val splits as batch-at-once datasets (``collate_fn=collate_batch``;
     batches arrive in the stored float16 / uint8 and the step converts them on its device)."""
-    from modules.cache.packed_reader import PackedBatches
-
     return [PackedBatches(packed) for packed in packed_datasets(cfg)]
 
 
 def head_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
-    from modules.cache.packed_reader import as_float32, collate_batch
-
     model = build_head(cfg)
     loss_fn = BceDiceLoss(dice_lambda=cfg.training.dice_lambda)
 
@@ -116,7 +79,7 @@ def head_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None
         return loss_fn(logits.float(), batch["target"]), (logits.detach().float(), batch["target"])
 
     train, val = packed_batch_datasets(cfg)
-    return TrainingTask(model, step_fn, segmentation_metrics, train, val, collate_fn=collate_batch)
+    return TrainingTask(model, step_fn, batch_iou_metrics, train, val, collate_fn=collate_batch)
 
 
 def variance_margin(log_var: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
@@ -132,8 +95,6 @@ def variance_margin(log_var: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
 
 
 def variance_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
-    from modules.cache.packed_reader import as_float32, collate_batch
-
     head, _ = load_trained_head(cfg, head_run_id, device)
     model = build_variance_network(cfg)
     loss_fn = build_variance_loss(cfg.variance.loss, **({"num_samples": cfg.variance.mc_samples}
@@ -161,13 +122,9 @@ def variance_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | 
 
 def fusion_uncertainty_source(cfg: PipelineConfig, run_id: str, device):
     """The configured uncertainty map (``fusion.uncertainty_source``) from the trained runs of ``run_id``."""
-    from modules.uncertainty.fusion import make_uncertainty_source
-
     name = cfg.fusion.uncertainty_source
     head = posterior = variance_network = None
     if name == "laplace_epistemic":
-        from modules.stages.fit_laplace import load_head_posterior
-
         head, posterior = load_head_posterior(cfg, run_id, device)
     elif name in ("map_entropy", "variance_network"):
         head, _ = load_trained_head(cfg, run_id, device)
@@ -176,17 +133,6 @@ def fusion_uncertainty_source(cfg: PipelineConfig, run_id: str, device):
     return make_uncertainty_source(name, head=head, posterior=posterior, variance_network=variance_network,
                                    num_samples=cfg.laplace.num_samples, seed=cfg.laplace.seed,
                                    log_var_range=(cfg.variance.log_var_min, cfg.variance.log_var_max))
-
-
-def build_fusion(cfg: PipelineConfig, embed_dim: int = 256):
-    from modules.uncertainty.fusion import UncertaintyFusion
-
-    return UncertaintyFusion(embed_dim=embed_dim, hidden_channels=cfg.fusion.hidden_channels)
-
-
-def load_trained_fusion(cfg: PipelineConfig, run_id: str, device="cpu"):
-    """The trained dense embedding fusion module of ``checkpoints/fusion/run_<run_id>``, frozen."""
-    return load_trained(cfg, "fusion", run_id, device)[0]
 
 
 def subset_rows(dataset, max_rows: int, seed: int):
@@ -198,11 +144,6 @@ def subset_rows(dataset, max_rows: int, seed: int):
 
 
 def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
-    from modules.sam.backbones import load_backbone
-    from modules.uncertainty.fusion import FusionDataset, refinement_step
-    from modules.training.losses import FocalDiceIouLoss
-    from modules.cache.training_index import open_cache
-
     backbone = load_backbone(cfg.sam.family, cfg.sam.model_type, cfg.sam.checkpoint, device)
     cache = open_cache(cfg)
     train, val = (subset_rows(FusionDataset(packed, cache, cfg.project_root), cfg.fusion.max_train_rows,
@@ -210,15 +151,9 @@ def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | No
     step_fn = refinement_step(backbone, cfg.sam.prompt_mode, cfg.fusion.multimask_policy,
                               fusion_uncertainty_source(cfg, head_run_id, device),
                               FocalDiceIouLoss(focal_weight=cfg.fusion.focal_weight))
-    return TrainingTask(build_fusion(cfg), step_fn, segmentation_metrics, train, val,
+    return TrainingTask(build_fusion(cfg), step_fn, batch_iou_metrics, train, val,
                         num_epochs=cfg.fusion.num_epochs, lr=cfg.fusion.lr, validate_initial=True)
 
-
-BUILDERS: dict[str, Callable[[PipelineConfig], nn.Module]] = {
-    "head": build_head,
-    "variance": build_variance_network,
-    "fusion": build_fusion,
-}
 
 TASKS: dict[str, Callable[[PipelineConfig, torch.device, str | None], TrainingTask]] = {
     "head": head_task,
@@ -229,11 +164,6 @@ TASKS: dict[str, Callable[[PipelineConfig, torch.device, str | None], TrainingTa
 
 def kill_hook_from_env():
     """Tests set ``PIPELINE_TEST_KILL_AFTER_UNITS=n`` to SIGKILL training once epoch n is published."""
-    import os
-    import signal
-
-    from modules.core.stage import KILL_HOOK_ENV
-
     kill_after = int(os.environ.get(KILL_HOOK_ENV, "0"))
     if not kill_after:
         return None

@@ -11,18 +11,16 @@ are rendered in that same frame.
 - ``VarianceNetwork``: a heteroscedastic (aleatoric) branch trained on a frozen MAP head. Input
   ``B x 4 x H x W`` = the head's three input channels plus the MAP head's logit; output the
   per-pixel log-variance of that logit, ``B x 1 x H x W``.
+- ``UncertaintyFusion``: embeds an uncertainty map at SAM's dense-prompt resolution and fuses it
+  with the mask embedding (``uncertainty.fusion`` runs the refinement pass around it).
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
-
-from modules.core.config import ConfigError
 
 FINAL_LAYER_NAME = "final_conv"
 
@@ -132,19 +130,30 @@ class VarianceNetwork(nn.Module):
         return soft_clamp(self.final_conv(hidden), self.log_var_min, self.log_var_max)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "head": PromptAwareHead,
-    "variance": VarianceNetwork,
-}
+class UncertaintyFusion(nn.Module):
+    """``forward(mask_embedding P x E x 64 x 64, uncertainty P x 1 x 256 x 256) -> P x E x 64 x 64``.
 
+    ``uncertainty`` is in the model's low-res mask frame (``Backbone.from_frame256`` with padding 0).
+    """
 
-def build_model(kind: str, **cfg) -> nn.Module:
-    """Instantiate ``MODELS[kind](**cfg)``; an unknown kind or keyword is a one-line ``ConfigError``."""
-    if kind not in MODELS:
-        raise ConfigError(f"model kind {kind!r}: unknown (known: {', '.join(MODELS)})")
-    factory = MODELS[kind]
-    accepted = inspect.signature(factory).parameters
-    unknown = sorted(set(cfg) - set(accepted))
-    if unknown:
-        raise ConfigError(f"model {kind!r}: unknown option(s) {', '.join(unknown)} (known: {', '.join(accepted)})")
-    return factory(**cfg)
+    def __init__(self, embed_dim: int = 256, hidden_channels: int = 16):
+        super().__init__()
+        quarter = max(1, hidden_channels // 4)
+        self.uncertainty_downscaling = nn.Sequential(
+            nn.Conv2d(1, quarter, kernel_size=2, stride=2),
+            LayerNorm2d(quarter),
+            nn.GELU(),
+            nn.Conv2d(quarter, hidden_channels, kernel_size=2, stride=2),
+            LayerNorm2d(hidden_channels),
+            nn.GELU(),
+            nn.Conv2d(hidden_channels, embed_dim, kernel_size=1),
+        )
+        self.fuse = nn.Conv2d(2 * embed_dim, embed_dim, kernel_size=1)
+        with torch.no_grad():
+            self.fuse.weight.zero_()
+            self.fuse.weight[:, :embed_dim, 0, 0] = torch.eye(embed_dim)
+            self.fuse.bias.zero_()
+
+    def forward(self, mask_embedding: torch.Tensor, uncertainty: torch.Tensor) -> torch.Tensor:
+        uncertainty_embedding = self.uncertainty_downscaling(uncertainty)
+        return self.fuse(torch.cat([mask_embedding, uncertainty_embedding], dim=1))

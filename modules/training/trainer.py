@@ -1,85 +1,42 @@
-"""A resumable, seeded, optionally distributed training loop shared by every trainable module.
+"""The resumable, seeded, optionally distributed training loop shared by every trainable model.
 
-The loop knows nothing about what it trains: a ``step_fn(model, batch) -> (loss, outputs)`` computes
-a scalar loss (and whatever the metric function needs) from one batch already moved to the device,
-and a ``metric_fn(outputs) -> {name: per-sample values (B,)}`` scores validation batches. The head,
-the variance network and the fusion module plug in their own pair.
-
-Reproducibility and resume
-- Data order: epoch ``e`` (numbered from 1) visits the training set in the permutation drawn by a
-  ``torch.Generator`` seeded with ``seed + e`` (``DistributedSampler(seed=seed).set_epoch(e)`` under
-  DDP), so the order is a pure function of (seed, epoch), never of how often the process restarted.
-  DataLoader workers are seeded from a generator re-seeded the same way each epoch.
-- After every epoch the run folder receives ``last.pt`` (model weights), ``best.pt`` (when the
-  selection metric improved), ``optimizer_last.pt``, ``scaler_last.pt``, ``scheduler_last.pt`` and,
-  last, ``epoch_state.json``. The ``.pt`` files are first written into ``.pending_epoch_NNNN/``;
-  writing ``epoch_state.json`` (atomic rename) is the commit point; afterwards the pending files are
-  renamed over the published ones. A run killed before the commit resumes from the previous epoch
-  (the pending folder is discarded); one killed after it rolls the pending files forward. So the
-  weights, optimizer, scaler, scheduler and RNG states on disk always belong to the same epoch.
-- ``epoch_state.json`` holds the epoch, best metric and its epoch, the patience counter, the
-  per-epoch history (losses, metrics, lr, data-wait fraction) and the RNG states of Python
-  ``random``, NumPy and torch (CPU and CUDA) of every rank, JSON-safe (base64 / int lists).
-- Every ``.pt`` file holds only tensors and primitive containers: ``torch.load(weights_only=True)``.
-
-Distributed: when ``WORLD_SIZE > 1`` the process group is initialised from the environment (``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``; gloo on CPU, nccl on CUDA), the model
-is wrapped in ``DistributedDataParallel``, validation is sharded without padding, losses and metrics
-are all-reduced as sums, and only rank 0 logs and writes files (barriers around the writes).
-
-AMP is only active on CUDA: bf16 autocast by default (fp16 autocast + loss scaling when asked for or
-when the GPU lacks bf16). A ``GradScaler`` object exists either way so its state is always saved.
+The loop knows nothing about what it trains: ``step_fn(model, batch) -> (loss, outputs)`` computes a
+scalar loss from one batch already on the device, and ``metric_fn(outputs) -> {name: per-sample
+values (B,)}`` scores validation batches. What the run folder holds and how an epoch is committed:
+``training.run_state``; the process group and the data order: ``training.distributed``. AMP runs on
+CUDA only (bf16 autocast by default, fp16 with loss scaling when asked for or without bf16).
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import math
 import os
-import random
-import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
-from modules.core.errors import PipelineError
-from modules.core.fileio import atomic_path, atomic_write_json, read_json
+from modules.core.fileio import read_json
+from modules.training.distributed import (DistributedContext, EpochSeededSampler, ShardedSequentialSampler,
+                                          seed_worker)
 from modules.training.losses import hard_iou
+from modules.training.run_state import (ALWAYS_SAVED_FILES, BEST_FILE, MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE,
+                                        SCHEDULER_FILE, STATE_FILE, STATE_FORMAT_VERSION, ResumeError, TrainingError,
+                                        capture_rng_state, commit_epoch, cpu_state_dict, load_checkpoint_file,
+                                        recover_run_dir, restore_rng_state, seed_everything)
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "epoch_state.json"
-MODEL_FILE = "last.pt"
-BEST_FILE = "best.pt"
-OPTIMIZER_FILE = "optimizer_last.pt"
-SCALER_FILE = "scaler_last.pt"
-SCHEDULER_FILE = "scheduler_last.pt"
-ALWAYS_SAVED_FILES = (MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE, SCHEDULER_FILE)
-PENDING_DIR_PATTERN = re.compile(r"^\.pending_epoch_(\d+)$")
-STATE_FORMAT_VERSION = 1
 
 StepFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Any]]
 MetricFn = Callable[[Any], Mapping[str, torch.Tensor]]
 CheckpointHook = Callable[[str, int], None]
-
-
-class TrainingError(PipelineError):
-    pass
-
-
-class ResumeError(TrainingError):
-    pass
 
 
 # --------------------------------------------------------------------------- configuration
@@ -147,105 +104,6 @@ class TrainingResult:
         return self.run_dir / BEST_FILE
 
 
-# --------------------------------------------------------------------------- distributed context
-
-
-@dataclass
-class DistributedContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_process_group: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls, device: torch.device) -> "DistributedContext":
-        """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; initialise the process group when ``WORLD_SIZE > 1``."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size <= 1:
-            return cls()
-        rank = int(os.environ["RANK"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        owns = False
-        if not dist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            if device.type == "cuda":
-                torch.cuda.set_device(local_rank)
-            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-            owns = True
-        return cls(rank=rank, world_size=world_size, local_rank=local_rank, owns_process_group=owns)
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return values
-
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        if not self.enabled:
-            return [obj]
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
-        return gathered
-
-    def shutdown(self) -> None:
-        if self.owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self.owns_process_group = False
-
-
-# --------------------------------------------------------------------------- samplers and batches
-
-
-class EpochSeededSampler(Sampler[int]):
-    """A random permutation of ``range(num_samples)`` that is a pure function of (seed, epoch)."""
-
-    def __init__(self, num_samples: int, seed: int) -> None:
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-class ShardedSequentialSampler(Sampler[int]):
-    """Indices ``rank, rank + world_size, ...`` in order: every sample on exactly one rank, no padding."""
-
-    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1) -> None:
-        self.indices = list(range(rank, num_samples, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: derive NumPy's and Python's seeds from the worker's torch seed."""
-    worker_seed = torch.initial_seed() % 2**32
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
-
-
 def move_to_device(batch: Any, device: torch.device) -> Any:
     """Recursively move every tensor of a (nested) dict / list / tuple batch to ``device``."""
     if isinstance(batch, torch.Tensor):
@@ -271,7 +129,7 @@ def batch_size_of(batch: Any) -> int:
     raise TypeError("batch holds no tensor")
 
 
-def segmentation_metrics(outputs: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+def batch_iou_metrics(outputs: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Default ``metric_fn``: ``(logits B x 1 x H x W, target B x 1 x H x W)`` -> per-sample IoU and Dice.
 
     The predicted mask is ``logits > 0``; a sample with both masks empty scores 1.
@@ -279,113 +137,6 @@ def segmentation_metrics(outputs: tuple[torch.Tensor, torch.Tensor]) -> dict[str
     logits, target = outputs
     iou = hard_iou(logits, target)
     return {"iou": iou, "dice": 2.0 * iou / (1.0 + iou)}
-
-
-# --------------------------------------------------------------------------- RNG state (JSON-safe)
-
-
-def _b64_tensor(values: torch.Tensor) -> str:
-    return base64.b64encode(values.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _tensor_from_b64(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
-
-
-def capture_rng_state(device: torch.device) -> dict[str, Any]:
-    """Python, NumPy and torch (CPU, and every CUDA device when ``device`` is CUDA) RNG states as JSON."""
-    py_version, py_internal, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state(legacy=True)
-    state = {
-        "python": [py_version, list(py_internal), py_gauss],
-        "numpy": [np_name, base64.b64encode(np.asarray(np_keys, dtype=np.uint32).tobytes()).decode("ascii"),
-                  int(np_pos), int(np_has_gauss), float(np_cached)],
-        "torch_cpu": _b64_tensor(torch.get_rng_state()),
-        "torch_cuda": None,
-    }
-    if device.type == "cuda" and torch.cuda.is_available():
-        state["torch_cuda"] = [_b64_tensor(s) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    py_version, py_internal, py_gauss = state["python"]
-    random.setstate((py_version, tuple(py_internal), py_gauss))
-    np_name, np_keys, np_pos, np_has_gauss, np_cached = state["numpy"]
-    keys = np.frombuffer(base64.b64decode(np_keys), dtype=np.uint32).copy()
-    np.random.set_state((np_name, keys, np_pos, np_has_gauss, np_cached))
-    torch.set_rng_state(_tensor_from_b64(state["torch_cpu"]))
-    cuda_states = state.get("torch_cuda")
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([_tensor_from_b64(s) for s in cuda_states])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python ``random``, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# --------------------------------------------------------------------------- checkpoint files
-
-
-def _save_tensors(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def load_checkpoint_file(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` onto the CPU; a missing or unreadable file is a ``ResumeError``."""
-    if not path.is_file():
-        raise ResumeError(f"{path}: missing; cannot resume")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or foreign file
-        raise ResumeError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
-
-
-def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
-
-
-def _pending_dir(run_dir: Path, epoch: int) -> Path:
-    return run_dir / f".pending_epoch_{epoch:04d}"
-
-
-def recover_run_dir(run_dir: Path) -> dict[str, Any]:
-    """Finish or discard an interrupted checkpoint write; return the committed ``epoch_state.json``.
-
-    Pending files of the committed epoch are renamed into place (the write died after the commit);
-    pending folders of later epochs are deleted (it died before); stray temp files are removed.
-    """
-    state_path = run_dir / STATE_FILE
-    if not state_path.is_file():
-        raise ResumeError(f"{state_path}: missing; cannot resume (start without resume)")
-    try:
-        state = read_json(state_path)
-        committed_epoch = int(state["epoch"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ResumeError(f"{state_path}: corrupt training state ({exc})") from None
-    for entry in sorted(run_dir.iterdir()):
-        match = PENDING_DIR_PATTERN.match(entry.name)
-        if match and entry.is_dir():
-            if int(match.group(1)) == committed_epoch:
-                _publish_pending(entry, run_dir)
-            else:
-                shutil.rmtree(entry)
-        elif entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
-            entry.unlink()
-    return state
-
-
-def _publish_pending(pending: Path, run_dir: Path) -> None:
-    for staged in sorted(pending.iterdir()):
-        if staged.name.endswith(".tmp"):
-            staged.unlink()
-        else:
-            os.replace(staged, run_dir / staged.name)
-    pending.rmdir()
 
 
 # --------------------------------------------------------------------------- trainer
@@ -400,8 +151,12 @@ def _is_better(value: float, best: float | None, mode: str) -> bool:
 
 
 class Trainer:
-    """Train ``model`` with AdamW + per-epoch cosine schedule; see the module docstring for the guarantees.
+    """Train ``model`` with AdamW and a per-epoch cosine schedule, one committed epoch at a time.
 
+    ``fit(resume=True)`` continues from the last committed epoch with the same weights, optimizer,
+    scaler, scheduler and RNG states, so a killed and resumed run ends bit-identical to a straight
+    one. Under DDP the model is wrapped in ``DistributedDataParallel``, validation is sharded without
+    padding, losses and metrics are all-reduced as sums, and only rank 0 logs and writes files.
     ``train_dataset`` / ``val_dataset``: map-style datasets whose items ``collate_fn`` (default
     collation when ``None``) batches into whatever ``step_fn`` expects. ``tracker``: an object with
     ``log(metrics, step)``, ``log_artifact(path, name, type, aliases)`` and ``watch(model)``.
@@ -419,7 +174,7 @@ class Trainer:
         run_dir: str | os.PathLike,
         tracker: Any,
         device: str | torch.device = "cpu",
-        metric_fn: MetricFn = segmentation_metrics,
+        metric_fn: MetricFn = batch_iou_metrics,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         artifact_name: str | None = None,
         checkpoint_hook: CheckpointHook | None = None,
@@ -540,11 +295,7 @@ class Trainer:
         state["rng_states"] = self.dist.all_gather_object(capture_rng_state(self.device))
         self.dist.barrier()
         if self.dist.is_main:
-            epoch = state["epoch"]
-            pending = _pending_dir(self.run_dir, epoch)
-            shutil.rmtree(pending, ignore_errors=True)
-            pending.mkdir(parents=True)
-            model_state = _cpu_state_dict(self.model)
+            model_state = cpu_state_dict(self.model)
             files: list[tuple[str, Any]] = [(MODEL_FILE, model_state)]
             if improved:
                 files.append((BEST_FILE, model_state))
@@ -553,13 +304,7 @@ class Trainer:
                 (SCALER_FILE, self.scaler.state_dict()),
                 (SCHEDULER_FILE, self.scheduler.state_dict()),
             ]
-            for name, obj in files:
-                _save_tensors(obj, pending / name)
-                self._hook(f"staged:{name}", epoch)
-            atomic_write_json(self.run_dir / STATE_FILE, state)
-            self._hook("committed", epoch)
-            _publish_pending(pending, self.run_dir)
-            self._hook("published", epoch)
+            commit_epoch(self.run_dir, state, files, self._hook)
         self.dist.barrier()
 
     def _hook(self, event: str, epoch: int) -> None:

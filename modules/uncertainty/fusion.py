@@ -24,41 +24,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from segment_anything.modeling.common import LayerNorm2d
-from torch import nn
 
 from modules.scoring.entropy import binary_entropy_from_logits
+from modules.training.models import UncertaintyFusion
 
 LN2 = math.log(2.0)
-
-
-class UncertaintyFusion(nn.Module):
-    """``forward(mask_embedding P x E x 64 x 64, uncertainty P x 1 x 256 x 256) -> P x E x 64 x 64``.
-
-    ``uncertainty`` is in the model's low-res mask frame (``Backbone.from_frame256`` with padding 0).
-    """
-
-    def __init__(self, embed_dim: int = 256, hidden_channels: int = 16):
-        super().__init__()
-        quarter = max(1, hidden_channels // 4)
-        self.uncertainty_downscaling = nn.Sequential(
-            nn.Conv2d(1, quarter, kernel_size=2, stride=2),
-            LayerNorm2d(quarter),
-            nn.GELU(),
-            nn.Conv2d(quarter, hidden_channels, kernel_size=2, stride=2),
-            LayerNorm2d(hidden_channels),
-            nn.GELU(),
-            nn.Conv2d(hidden_channels, embed_dim, kernel_size=1),
-        )
-        self.fuse = nn.Conv2d(2 * embed_dim, embed_dim, kernel_size=1)
-        with torch.no_grad():
-            self.fuse.weight.zero_()
-            self.fuse.weight[:, :embed_dim, 0, 0] = torch.eye(embed_dim)
-            self.fuse.bias.zero_()
-
-    def forward(self, mask_embedding: torch.Tensor, uncertainty: torch.Tensor) -> torch.Tensor:
-        uncertainty_embedding = self.uncertainty_downscaling(uncertainty)
-        return self.fuse(torch.cat([mask_embedding, uncertainty_embedding], dim=1))
 
 
 # --------------------------------------------------------------------------- refinement pass

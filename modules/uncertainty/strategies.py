@@ -22,7 +22,7 @@ from modules.cache.sam_cache import CacheEntry
 from modules.core.device import resolve_device
 from modules.core.errors import PipelineError
 from modules.data.promptset import gaussian_prompt_maps, promptset_tensors, sample_key
-from modules.laplace.posterior import HeadInputs
+from modules.laplace.head import HeadInputs
 from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
 from modules.training.models import VarianceNetwork
 from modules.uncertainty.prompt_perturbation import PerturbationMagnitudes, prompt_perturbation_predict
@@ -193,6 +193,7 @@ def derived_seed(seed: int, sample_key_value: int) -> int:
     """A 63-bit seed for one sample's draws from ``(seed, sample key)``."""
     state = np.random.SeedSequence((int(seed), int(sample_key_value))).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
 
 
 def _module_device(module: nn.Module) -> torch.device:
