@@ -122,7 +122,7 @@ def _read_index_csv(data: bytes) -> pd.DataFrame:
 
 def configured_backbone_id(cfg: PipelineConfig) -> str:
     """The cache folder name of the backbone in ``cfg.sam`` (family, model type, checkpoint md5)."""
-    from modules.sam.backbones import checkpoint_md5
+    from modules.sam.base import checkpoint_md5
 
     try:
         md5 = checkpoint_md5(cfg.sam.checkpoint)

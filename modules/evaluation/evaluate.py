@@ -130,7 +130,8 @@ class Artifacts:
 
     @cached_property
     def backbone(self):
-        from modules.sam.backbones import BackboneError, load_backbone
+        from modules.sam.base import BackboneError
+        from modules.sam.registry import load_backbone
 
         sam = self.cfg.sam
         try:
@@ -305,7 +306,7 @@ class Refinement:
 
     def __init__(self, cfg: PipelineConfig, artifacts: Artifacts) -> None:
         from modules.uncertainty.fusion import make_uncertainty_source
-        from modules.stages.precompute_sam_outputs import PROMPT_MODES
+        from modules.sam.prompting import PROMPT_MODES
 
         self.backbone = artifacts.backbone
         self.fusion = artifacts.fusion.to(self.backbone.device)
@@ -328,7 +329,8 @@ class Refinement:
             )
 
     def predict(self, sample: EvalSample) -> dict[str, StrategyOutput]:
-        from modules.uncertainty.fusion import Prompts, refine
+        from modules.sam.prompting import Prompts
+        from modules.uncertainty.fusion import refine
         from modules.data.imageio import resize_mask_nearest
 
         device = self.backbone.device

@@ -7,7 +7,7 @@ The target. For prompt set ``p`` the decoder's logit at pixel ``x`` (FRAME256) i
 ``single`` = token 0, or the token SAM 2's stability fallback switched to), ``W_t: K x J`` (32 x 256)
 and ``b_t: K`` the last ``nn.Linear`` of token ``t``'s hypernetwork MLP, ``h: J`` that MLP's
 penultimate activation and ``u(x): K`` the upscaled decoder features (``DecoderFeatures`` in
-``modules/backbones.py``). Each token has its own last layer, so the posterior is keyed by token:
+``modules/sam/base.py``). Each token has its own last layer, so the posterior is keyed by token:
 one diagonal Gaussian over ``[vec(W_t), b_t]`` (8224 values) per mask token, each with the GGN of
 the training rows whose chosen output used that token (``DecoderPosterior``). Every mask token of the
 decoder gets a posterior: a token that stage 3 never chose on the training split has no curvature and
@@ -65,7 +65,7 @@ from modules.laplace import posterior as lp
 from modules.core.config import PipelineConfig
 from modules.core.fileio import (atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_yaml,
                             cached_file_md5, read_json)
-from modules.stages.precompute_sam_outputs import MULTIMASK_POLICIES, PROMPT_MODES
+from modules.sam.prompting import MULTIMASK_POLICIES, Prompts, decode_selected
 from modules.uncertainty.strategies import EvalSample, Strategy, StrategyOutput, _derived_seed
 from modules.core.errors import error_line
 from modules.core.paths import laplace_run_dir
@@ -149,14 +149,6 @@ class DecodedRows:
     targets: torch.Tensor | None = None
 
 
-def check_sam_settings(prompt_mode: str, multimask_policy: str) -> None:
-    """Raise unless ``sam.prompt_mode`` and ``sam.multimask_policy`` name registered variants."""
-    for key, value, registry in (("sam.prompt_mode", prompt_mode, PROMPT_MODES),
-                                 ("sam.multimask_policy", multimask_policy, MULTIMASK_POLICIES)):
-        if value not in registry:
-            raise DecoderLaplaceError(f"{key}: unknown value {value!r}; choose one of {sorted(registry)}")
-
-
 def decode_chosen_outputs(
     backbone,
     features: Mapping[str, torch.Tensor],
@@ -176,27 +168,26 @@ def decode_chosen_outputs(
     ``branch_index``). Returns the hypernetwork inputs, the decoder's logits ``P x 256 x 256`` of the
     chosen outputs and the final layers.
     """
-    check_sam_settings(prompt_mode, multimask_policy)
-    policy = MULTIMASK_POLICIES[multimask_policy]
-    prompts = PROMPT_MODES[prompt_mode](points, labels, boxes)
-    decoded = backbone.decode_features(
-        dict(features), original_hw, point_coords=prompts.point_coords, point_labels=prompts.point_labels,
-        boxes=prompts.boxes, mask_input=None, multimask_output=policy.multimask_output,
-    )
-    num_sets, num_outputs = decoded.token_indices.shape
-    branch = torch.as_tensor(np.asarray(branch_index), dtype=torch.int64).reshape(-1).to(decoded.logits.device)
-    if branch.numel() != num_sets or bool(((branch < 0) | (branch >= num_outputs)).any()):
-        raise DecoderLaplaceError(
-            f"sam.multimask_policy: cached branch indices {branch.tolist()} do not fit {num_sets} prompt sets x "
-            f"{num_outputs} outputs of policy {multimask_policy!r}; rerun precompute_sam_outputs.py")
-    rows = torch.arange(num_sets, device=branch.device)
+    def cached_branch(logits: torch.Tensor, iou_predictions: torch.Tensor) -> torch.Tensor:
+        num_sets, num_outputs = iou_predictions.shape
+        branch = torch.as_tensor(np.asarray(branch_index), dtype=torch.int64).reshape(-1).to(logits.device)
+        if branch.numel() != num_sets or bool(((branch < 0) | (branch >= num_outputs)).any()):
+            raise DecoderLaplaceError(
+                f"sam.multimask_policy: cached branch indices {branch.tolist()} do not fit {num_sets} prompt sets x "
+                f"{num_outputs} outputs of policy {multimask_policy!r}; rerun precompute_sam_outputs.py")
+        return branch
+
+    selected = decode_selected(backbone, features, original_hw, Prompts(points, labels, boxes), prompt_mode,
+                               multimask_policy, unrolled=True, choose=cached_branch)
+    decoded, branch = selected.unrolled, selected.branch
+    rows = torch.arange(branch.shape[0], device=branch.device)
     with torch.no_grad():
         inputs = DecoderHypernetInputs(
             decoded.upscaled_features.float().clone(),
             decoded.hyper_hidden[rows, branch].float().clone(),
             decoded.token_indices[rows, branch].to(torch.int64).clone(),
         )
-        logits = decoded.logits[rows, branch].float().clone()
+        logits = selected.logits.float().clone()
     return inputs, logits, tuple(decoded.final_layers)
 
 
@@ -693,7 +684,6 @@ class DecoderLaplaceStrategy(Strategy):
         if not _same_device(posterior.device, torch.device(backbone.device)):
             raise DecoderLaplaceError(f"laplace: the posterior is on {posterior.device}, the SAM backbone on "
                                       f"{backbone.device}; load it with device={backbone.device}")
-        check_sam_settings(prompt_mode, multimask_policy)
         if int(num_samples) < 1:
             raise DecoderLaplaceError(f"laplace.num_samples: must be at least 1, got {num_samples}")
         self.backbone = backbone
@@ -733,7 +723,8 @@ class DecoderLaplaceStrategy(Strategy):
 
 def run_decoder_stage(ctx, run_id: str) -> None:
     """Stage 6 for ``laplace.target: sam_decoder`` (see the module docstring); ``run_id`` names the run."""
-    from modules.sam.backbones import BackboneError, load_backbone
+    from modules.sam.base import BackboneError
+    from modules.sam.registry import load_backbone
     from modules.stages.fit_laplace import already_fitted
     from modules.scoring.plots import plot_prior_grid
 

@@ -198,7 +198,7 @@ def subset_rows(dataset, max_rows: int, seed: int):
 
 
 def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
-    from modules.sam.backbones import load_backbone
+    from modules.sam.registry import load_backbone
     from modules.uncertainty.fusion import FusionDataset, refinement_step
     from modules.training.losses import FocalDiceIouLoss
     from modules.cache.packing import open_cache
