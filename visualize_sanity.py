@@ -4,7 +4,7 @@ Writes ``<project_root>/reports/debug_panels/<split>__<safe_id>.png`` for the fi
 cached samples of ``--split`` (first prompt set of each), everything shown in FRAME256.
 """
 
-from modules.stages import precompute_sam_outputs as precompute
+from modules.stages import visualize_sanity
 from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 
@@ -15,7 +15,7 @@ def main() -> None:
     parser.add_argument("--split", default="train", choices=("train", "val", "test"))
     args = parser.parse_args()
     with stage_context("visualize_sanity", args, output_dir=paths.DEBUG_PANELS_DIR) as ctx:
-        precompute.write_sanity_panels(ctx, args.split, args.n)
+        visualize_sanity.write_sanity_panels(ctx, args.split, args.n)
 
 
 if __name__ == "__main__":

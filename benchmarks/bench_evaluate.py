@@ -36,13 +36,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from modules.sam.backbones import build_model, load_backbone  # noqa: E402
+from modules.sam.registry import build_sam_model, load_backbone  # noqa: E402
 from modules.laplace.head import LastLayerPosterior  # noqa: E402
 from modules.training.models import PromptAwareHead  # noqa: E402
 from modules.uncertainty.prompt_perturbation import perturbed_prompts  # noqa: E402
 from modules.data.promptset import PromptSpec, build_promptset_record  # noqa: E402
 from modules.cache.sam_cache import CacheEntry  # noqa: E402
-from modules.uncertainty.tta import build_transforms, decode_selected_logits, round_features  # noqa: E402
+from modules.sam.prompting import round_features  # noqa: E402
+from modules.uncertainty.tta import build_transforms, decode_selected_logits  # noqa: E402
 from modules.uncertainty.strategies import (EvalSample, LaplaceStrategy, PromptPerturbationStrategy,  # noqa: E402
                                  TTAStrategy)
 
@@ -79,7 +80,7 @@ def load_bench_backbone(family: str, model_type: str, checkpoint: Path, device: 
         return load_backbone(family, model_type, checkpoint, device), str(checkpoint)
     path = Path(tempfile.mkdtemp()) / f"{model_type}_random.pt"
     torch.manual_seed(0)
-    torch.save(build_model(family, model_type).state_dict(), path)
+    torch.save(build_sam_model(family, model_type).state_dict(), path)
     return load_backbone(family, model_type, path, device), "random weights"
 
 

@@ -31,11 +31,12 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from modules.sam.backbones import build_model, load_backbone  # noqa: E402
+from modules.sam.registry import build_sam_model, load_backbone  # noqa: E402
 from modules.core.config import load_config  # noqa: E402
 from modules.data.imageio import read_image_rgb  # noqa: E402
 from modules.data.manifest import SPLITS, load_split_manifest  # noqa: E402
-from modules.stages.precompute_sam_outputs import MULTIMASK_POLICIES, PROMPT_MODES, run_precompute  # noqa: E402
+from modules.sam.prompting import MULTIMASK_POLICIES, PROMPT_MODES  # noqa: E402
+from modules.stages.precompute_sam_outputs import run_precompute  # noqa: E402
 from modules.data.promptset import gaussian_prompt_maps, load_promptsets, promptset_tensors  # noqa: E402
 from modules.cache.sam_cache import SamCache  # noqa: E402
 from modules.core.stage import Shard  # noqa: E402
@@ -192,7 +193,7 @@ def main() -> None:
         checkpoint = Path(args.checkpoint) if args.checkpoint else folder / "random.pt"
         if not args.checkpoint:
             torch.manual_seed(0)
-            torch.save(build_model(args.family, args.model_type).state_dict(), checkpoint)
+            torch.save(build_sam_model(args.family, args.model_type).state_dict(), checkpoint)
         config = make_project(folder, args, checkpoint)
         cfg = load_config(config)
         backbone = load_backbone(args.family, args.model_type, checkpoint, args.device)

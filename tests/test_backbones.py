@@ -15,14 +15,8 @@ import torch.nn.functional as F
 
 from modules.core.device import DeviceError, resolve_device
 from modules.core.frames import FRAME256
-from modules.sam.backbones import (
-    MASK_INPUT_PAD_LOGIT,
-    BackboneError,
-    build_model,
-    checkpoint_md5,
-    load_backbone,
-    registered_backbones,
-)
+from modules.sam.base import MASK_INPUT_PAD_LOGIT, BackboneError, checkpoint_md5
+from modules.sam.registry import build_sam_model, load_backbone, registered_backbones
 
 HW = (120, 160)
 
@@ -44,7 +38,7 @@ def _prompts():
 
 def _loaded(tmp_path_factory, family, model_type, wrap_in_model_key, half):
     torch.manual_seed(0)
-    state = build_model(family, model_type).state_dict()
+    state = build_sam_model(family, model_type).state_dict()
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     path = tmp_path_factory.mktemp(model_type) / f"{model_type}.pt"
@@ -71,7 +65,7 @@ def sam2(tmp_path_factory):
 def demo_checkpoint(tmp_path_factory):
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("demo") / "demo_tiny.pt"
-    torch.save(build_model("sam", "demo_tiny").state_dict(), path)
+    torch.save(build_sam_model("sam", "demo_tiny").state_dict(), path)
     return path
 
 

@@ -35,7 +35,7 @@ def cfg(decoder_fit):
 
 @pytest.fixture(scope="module")
 def backbone(cfg):
-    from modules.sam.backbones import load_backbone
+    from modules.sam.registry import load_backbone
 
     return load_backbone(cfg.sam.family, cfg.sam.model_type, cfg.sam.checkpoint, "cpu")
 
@@ -189,7 +189,7 @@ def _eval_sample(cfg):
 STRATEGY_SCRIPT = """
 import sys, torch
 from modules.core.config import load_config
-from modules.sam.backbones import load_backbone
+from modules.sam.registry import load_backbone
 from modules.laplace import decoder as dl
 from modules.uncertainty import decoder_laplace as dstrat
 from tests.test_decoder_laplace import _eval_sample

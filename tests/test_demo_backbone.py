@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from modules.data import demo_scenes
-from modules.sam.backbones import build_model, load_backbone
+from modules.sam.registry import build_sam_model, load_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "assets" / "demo_backbone" / "demo_tiny.pt"
@@ -32,7 +32,7 @@ def backbone():
 def test_checkpoint_is_a_small_float16_state_dict_of_demo_tiny():
     assert CHECKPOINT.stat().st_size <= 20 * 2**20
     state = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)
-    expected = build_model("sam", "demo_tiny").state_dict()
+    expected = build_sam_model("sam", "demo_tiny").state_dict()
     assert set(state) == set(expected)
     assert all(state[k].shape == expected[k].shape for k in expected)
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}

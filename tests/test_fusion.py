@@ -11,8 +11,9 @@ from scipy import ndimage
 
 from modules.data import demo_scenes
 from modules.core.frames import FRAME256
-from modules.sam.backbones import load_backbone
-from modules.uncertainty.fusion import Prompts, UncertaintyFusion, refine
+from modules.sam.registry import load_backbone
+from modules.sam.prompting import Prompts
+from modules.uncertainty.fusion import UncertaintyFusion, refine
 from modules.training.losses import FocalDiceIouLoss
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "demo_backbone" / "demo_tiny.pt"

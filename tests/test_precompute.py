@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from modules.cache import sam_cache
-from modules.sam.backbones import load_backbone, registered_backbones
+from modules.sam.registry import load_backbone, registered_backbones
 from modules.core.config import load_config
 from modules.stages.precompute_sam_outputs import KILL_AFTER_IMAGES_ENV, run_precompute
 from modules.core.paths import promptset_path
@@ -273,7 +273,7 @@ def test_precompute_benchmark_runs_and_checks_the_cache_it_timed():
 def test_benchmark_cache_check_fails_for_a_cache_made_with_other_weights(tmp_path):
     import argparse
 
-    from modules.sam.backbones import build_model
+    from modules.sam.registry import build_sam_model
     from modules.data.manifest import load_split_manifest
 
     bench = _load_bench_precompute()
@@ -283,7 +283,7 @@ def test_benchmark_cache_check_fails_for_a_cache_made_with_other_weights(tmp_pat
     for seed in (0, 1):
         torch.manual_seed(seed)
         checkpoints.append(tmp_path / f"weights{seed}.pt")
-        torch.save(build_model("sam", "demo_tiny").state_dict(), checkpoints[-1])
+        torch.save(build_sam_model("sam", "demo_tiny").state_dict(), checkpoints[-1])
     cfg = load_config(bench.make_project(tmp_path, args, checkpoints[0]))
     maker = load_backbone("sam", "demo_tiny", checkpoints[0], "cpu")
     run_precompute(cfg, maker, Shard())

@@ -7,7 +7,7 @@ import torch
 
 from modules.core.config import ConfigError
 from modules.uncertainty.prompt_perturbation import PerturbationMagnitudes, perturbed_prompts, prompt_perturbation_predict
-from modules.uncertainty.tta import round_features
+from modules.sam.prompting import round_features
 from tests.helpers.precompute_fixtures import save_random_checkpoint
 
 HW = (300, 500)  # longest side 500: 20 px in SAM's 1024 frame are 500 / 1024 * 20 = 9.77 px here
@@ -137,7 +137,7 @@ class DecodeSpy:
 
 @pytest.fixture(scope="module")
 def demo_backbone(tmp_path_factory):
-    from modules.sam.backbones import load_backbone
+    from modules.sam.registry import load_backbone
 
     path = save_random_checkpoint("sam", "demo_tiny", tmp_path_factory.mktemp("ckpt") / "demo_tiny.pt", seed=0)
     return load_backbone("sam", "demo_tiny", path, "cpu")

@@ -14,7 +14,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from modules.sam.backbones import build_model
+from modules.sam.registry import build_sam_model
 from tests.conftest import PipelineProject, prepared_demo_project
 
 STRATEGIES = ["raw_sam", "map_head", "tta", "prompt_perturbation", "laplace", "variance_network"]
@@ -27,7 +27,7 @@ def sam2_project(tmp_path_factory) -> PipelineProject:
     folder = tmp_path_factory.mktemp("sam2_pipeline")
     checkpoint = folder / "hiera_t.pt"
     torch.manual_seed(0)
-    torch.save(build_model("sam2", "hiera_t").state_dict(), checkpoint)
+    torch.save(build_sam_model("sam2", "hiera_t").state_dict(), checkpoint)
     project = prepared_demo_project(folder, {
         "demo.scenes_per_group": 3,  # a group of 3 gets one image in each split
         # Boxes too: SAM 2 turns them into two labelled points, and TTA / prompt perturbation move them.

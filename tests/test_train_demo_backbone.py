@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modules.sam.backbones import load_backbone
+from modules.sam.registry import load_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tools" / "train_demo_backbone.py"

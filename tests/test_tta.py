@@ -10,13 +10,13 @@ import torch.nn.functional as F
 
 from modules.core.config import ConfigError
 from modules.data.promptset import tight_box, to_frame256_box, to_frame256_points
+from modules.sam.prompting import round_features
 from modules.uncertainty.tta import (
     DIHEDRAL_TRANSFORMS,
     IDENTITY,
     PHOTOMETRIC_DEFAULTS,
     build_transform,
     build_transforms,
-    round_features,
     transform_rng,
     tta_predict,
 )
@@ -296,7 +296,7 @@ def test_photometric_draws_depend_on_seed_and_sample_key_only():
 
 @pytest.fixture(scope="module")
 def demo_backbone(tmp_path_factory):
-    from modules.sam.backbones import load_backbone
+    from modules.sam.registry import load_backbone
 
     path = save_random_checkpoint("sam", "demo_tiny", tmp_path_factory.mktemp("ckpt") / "demo_tiny.pt", seed=0)
     return load_backbone("sam", "demo_tiny", path, "cpu")
@@ -345,7 +345,7 @@ def test_demo_sam_shapes_batching_and_clean_pass(demo_backbone):
 @pytest.mark.skipif(not TRAINED_DEMO_CHECKPOINT.is_file(),
                     reason=f"needs the trained demo backbone {TRAINED_DEMO_CHECKPOINT} (written by tools/train_demo_backbone.py)")
 def test_trained_demo_sam_flipped_predictions_agree_after_the_inverse():
-    from modules.sam.backbones import load_backbone
+    from modules.sam.registry import load_backbone
     from modules.data.demo_scenes import render_scene
 
     backbone = load_backbone("sam", "demo_tiny", TRAINED_DEMO_CHECKPOINT, "cpu")

@@ -10,7 +10,8 @@ import torch
 from modules.training.models import PromptAwareHead, VarianceNetwork
 from modules.data.promptset import PromptSpec, build_promptset_record, gaussian_prompt_maps, promptset_tensors
 from modules.cache.sam_cache import CacheEntry
-from modules.uncertainty.tta import build_transforms, round_features
+from modules.sam.prompting import round_features
+from modules.uncertainty.tta import build_transforms
 from modules.uncertainty.strategies import (
     STRATEGIES,
     EvalSample,
@@ -251,7 +252,7 @@ def test_registry_names_every_strategy():
 @pytest.fixture(scope="module")
 def demo_sample(tmp_path_factory):
     """The demo SAM (random weights) and a sample whose cache entry it produced (as stage 3 does)."""
-    from modules.sam.backbones import load_backbone
+    from modules.sam.registry import load_backbone
 
     path = save_random_checkpoint("sam", "demo_tiny", tmp_path_factory.mktemp("ckpt") / "demo_tiny.pt", seed=0)
     backbone = load_backbone("sam", "demo_tiny", path, "cpu")

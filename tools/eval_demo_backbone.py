@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from scipy import ndimage, stats  # noqa: E402
 
 from modules.data import demo_scenes  # noqa: E402
-from modules.sam.backbones import load_backbone  # noqa: E402
+from modules.sam.registry import load_backbone  # noqa: E402
 from modules.core.fileio import atomic_write_text  # noqa: E402
 
 DEFAULT_CHECKPOINT = REPO_ROOT / "assets" / "demo_backbone" / "demo_tiny.pt"

@@ -58,7 +58,9 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from modules.data import demo_scenes  # noqa: E402
-from modules.sam.backbones import SamPreprocessor, build_demo_tiny, sam_mask_decoder_pass  # noqa: E402
+from modules.sam.demo_tiny import build_demo_tiny  # noqa: E402
+from modules.sam.preprocessing import SamPreprocessor  # noqa: E402
+from modules.sam.sam_v1 import sam_mask_decoder_pass  # noqa: E402
 from modules.core.fileio import atomic_path, atomic_write_json  # noqa: E402
 
 DEFAULT_OUTPUT = REPO_ROOT / "assets" / "demo_backbone" / "demo_tiny.pt"

@@ -21,7 +21,7 @@ from modules.core.fileio import cached_file_md5
 from modules.core.paths import cache_dir, index_path, promptset_path
 from modules.data.manifest import load_split_manifest
 from modules.data.promptset import load_promptsets
-from modules.sam.backbones import checkpoint_md5
+from modules.sam.base import checkpoint_md5
 
 INDEX_COLUMNS = (
     "sample_id",

@@ -16,13 +16,15 @@ from modules.core.frames import FRAME256
 from modules.data.imageio import resize_mask_nearest
 from modules.evaluation.runs import Artifacts, EvaluationError
 from modules.laplace.decoder import load_decoder_posterior
+from modules.sam.prompting import PROMPT_MODES, Prompts
 from modules.scoring.entropy import binary_entropy_from_logits
 from modules.uncertainty.prompt_perturbation import PerturbationMagnitudes
 from modules.uncertainty.strategies import (EvalSample, LaplaceStrategy, MapHeadStrategy, PromptPerturbationStrategy,
                                             RawSamStrategy, Strategy, StrategyOutput, TTAStrategy,
                                             VarianceNetworkStrategy)
-from modules.uncertainty.tta import build_transforms
 from modules.uncertainty.decoder_laplace import DecoderLaplaceStrategy
+from modules.uncertainty.fusion import make_uncertainty_source, refine
+from modules.uncertainty.tta import build_transforms
 
 #: Logit given to ground-truth foreground (+) and background (-) when the mask is the oracle prompt.
 ORACLE_MASK_LOGIT = 10.0
@@ -125,9 +127,6 @@ class Refinement:
     primary_map = "entropy"
 
     def __init__(self, cfg: PipelineConfig, artifacts: Artifacts) -> None:
-        from modules.stages.precompute_sam_outputs import PROMPT_MODES  # deferred: stage module
-        from modules.uncertainty.fusion import make_uncertainty_source  # deferred: imports segment_anything
-
         self.backbone = artifacts.backbone
         self.fusion = artifacts.fusion.to(self.backbone.device)
         self.select_prompts = PROMPT_MODES[cfg.sam.prompt_mode]
@@ -149,7 +148,6 @@ class Refinement:
             )
 
     def predict(self, sample: EvalSample) -> dict[str, StrategyOutput]:
-        from modules.uncertainty.fusion import Prompts, refine  # deferred: imports segment_anything
 
         device = self.backbone.device
         inputs = self.select_prompts(sample.points, sample.labels, sample.boxes)

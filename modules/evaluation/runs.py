@@ -17,7 +17,8 @@ from modules.core.fileio import cached_file_md5
 from modules.core.paths import checkpoint_run_dir, laplace_run_dir
 from modules.laplace.head import load_head_posterior
 from modules.laplace.posterior import STATE_FILE as LAPLACE_STATE_FILE
-from modules.sam.backbones import BackboneError, load_backbone
+from modules.sam.base import BackboneError
+from modules.sam.registry import load_backbone
 from modules.training.checkpoints import load_trained_fusion, load_trained_head, load_trained_variance_network
 from modules.training.run_state import BEST_FILE
 

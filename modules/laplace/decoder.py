@@ -24,7 +24,7 @@ from modules.core.fileio import atomic_write_bytes, atomic_write_json, atomic_wr
 from modules.core.paths import laplace_run_dir
 from modules.laplace import posterior as lp
 from modules.laplace.hypernet import HypernetInputs, HypernetPosterior, hypernet_ggn_from_batches
-from modules.stages.precompute_sam_outputs import MULTIMASK_POLICIES, PROMPT_MODES
+from modules.sam.prompting import Prompts, decode_selected
 
 TARGET = "sam_decoder"
 #: ``posterior_meta.json``'s ``backend`` for this target: the closed-form factorised GGN diagonal.
@@ -81,14 +81,6 @@ class DecodedRows:
     targets: torch.Tensor | None = None
 
 
-def check_sam_settings(prompt_mode: str, multimask_policy: str) -> None:
-    """Raise unless ``sam.prompt_mode`` and ``sam.multimask_policy`` name registered variants."""
-    for key, value, registry in (("sam.prompt_mode", prompt_mode, PROMPT_MODES),
-                                 ("sam.multimask_policy", multimask_policy, MULTIMASK_POLICIES)):
-        if value not in registry:
-            raise DecoderLaplaceError(f"{key}: unknown value {value!r}; choose one of {sorted(registry)}")
-
-
 def decode_chosen_outputs(
     backbone,
     features: Mapping[str, torch.Tensor],
@@ -108,27 +100,26 @@ def decode_chosen_outputs(
     ``branch_index``). Returns the hypernetwork inputs, the decoder's logits ``P x 256 x 256`` of the
     chosen outputs and the final layers.
     """
-    check_sam_settings(prompt_mode, multimask_policy)
-    policy = MULTIMASK_POLICIES[multimask_policy]
-    prompts = PROMPT_MODES[prompt_mode](points, labels, boxes)
-    decoded = backbone.decode_features(
-        dict(features), original_hw, point_coords=prompts.point_coords, point_labels=prompts.point_labels,
-        boxes=prompts.boxes, mask_input=None, multimask_output=policy.multimask_output,
-    )
-    num_sets, num_outputs = decoded.token_indices.shape
-    branch = torch.as_tensor(np.asarray(branch_index), dtype=torch.int64).reshape(-1).to(decoded.logits.device)
-    if branch.numel() != num_sets or bool(((branch < 0) | (branch >= num_outputs)).any()):
-        raise DecoderLaplaceError(
-            f"sam.multimask_policy: cached branch indices {branch.tolist()} do not fit {num_sets} prompt sets x "
-            f"{num_outputs} outputs of policy {multimask_policy!r}; rerun precompute_sam_outputs.py")
-    rows = torch.arange(num_sets, device=branch.device)
+    def cached_branch(logits: torch.Tensor, iou_predictions: torch.Tensor) -> torch.Tensor:
+        num_sets, num_outputs = iou_predictions.shape
+        branch = torch.as_tensor(np.asarray(branch_index), dtype=torch.int64).reshape(-1).to(logits.device)
+        if branch.numel() != num_sets or bool(((branch < 0) | (branch >= num_outputs)).any()):
+            raise DecoderLaplaceError(
+                f"sam.multimask_policy: cached branch indices {branch.tolist()} do not fit {num_sets} prompt sets x "
+                f"{num_outputs} outputs of policy {multimask_policy!r}; rerun precompute_sam_outputs.py")
+        return branch
+
+    selected = decode_selected(backbone, features, original_hw, Prompts(points, labels, boxes), prompt_mode,
+                               multimask_policy, unrolled=True, choose=cached_branch)
+    decoded, branch = selected.unrolled, selected.branch
+    rows = torch.arange(branch.shape[0], device=branch.device)
     with torch.no_grad():
         inputs = DecoderHypernetInputs(
             decoded.upscaled_features.float().clone(),
             decoded.hyper_hidden[rows, branch].float().clone(),
             decoded.token_indices[rows, branch].to(torch.int64).clone(),
         )
-        logits = decoded.logits[rows, branch].float().clone()
+        logits = selected.logits.float().clone()
     return inputs, logits, tuple(decoded.final_layers)
 
 

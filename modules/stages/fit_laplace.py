@@ -26,7 +26,8 @@ from modules.laplace import head as lh
 from modules.laplace import posterior as lp
 from modules.laplace.decoder import TARGET as DECODER_TARGET
 from modules.laplace.decoder import DecoderLaplaceError, DecoderPosterior, sam_checkpoint_md5, save_decoder_posterior
-from modules.sam.backbones import BackboneError, load_backbone
+from modules.sam.base import BackboneError
+from modules.sam.registry import load_backbone
 from modules.scoring.plots import plot_prior_grid
 from modules.training.checkpoints import load_trained_head
 

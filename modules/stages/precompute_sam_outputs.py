@@ -1,22 +1,16 @@
 """Stage 3: run the frozen SAM once per image and cache what later stages need.
 
-Per image: the encoder features (float16) and, for every prompt set of the image, the FRAME256
-low-resolution logits of the output chosen by ``sam.multimask_policy`` with all predicted IoUs
-(layout and crash safety: ``modules/sam_cache.py``). Gaussian prompt maps are not stored; they
-are derived from the prompt sets (``promptset.gaussian_prompt_maps``).
-
-Pipeline of one shard: DataLoader workers read and preprocess images and load prompt sets ->
-the encoder runs on batches of ``sam.encoder_batch_size`` images -> per image ONE decoder call
-for all its prompt sets -> a background thread writes each batch to the shard file (data,
-flush, flags, flush) while the next batch is encoded.
-
-Features are rounded to float16 BEFORE decoding, so the stored logits are exactly what the
-decoder gives from the stored features: a later stage re-running the decoder on the cache
-reproduces them.
+Per image: the float16 encoder features and, per prompt set, the FRAME256 logits of the output
+``sam.multimask_policy`` keeps with all predicted IoUs (layout: ``modules/cache/sam_cache.py``).
+DataLoader workers read images and prompt sets, the encoder runs on batches, each image's prompt
+sets go through ONE decoder call, and a background thread writes each batch while the next is
+encoded. Features are rounded to float16 BEFORE decoding, so re-decoding the cache reproduces
+the stored logits.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -27,15 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from modules.cache import sam_cache, shard_writer
 from modules.core.config import PipelineConfig
+from modules.core.errors import PipelineError
+from modules.core.fileio import cached_file_md5
+from modules.core.paths import FINGERPRINT_FILE, cache_dir, promptset_path
 from modules.core.stage import Shard, UnitCounts
-from modules.core.frames import FRAME256
-from modules.core.paths import cache_dir
+from modules.data.imageio import ImageReadError, read_image_rgb
+from modules.data.manifest import SPLITS, load_split_manifest
+from modules.data.promptset import load_promptsets, promptset_tensors
+from modules.sam.base import BackboneError
+from modules.sam.prompting import MULTIMASK_POLICIES, Prompts, decode_selected, round_features
+from modules.sam.registry import configured_checkpoint_md5, load_backbone
 
 log = logging.getLogger("pipeline.precompute")
 
@@ -46,48 +48,6 @@ KILL_AFTER_IMAGES_ENV = "PIPELINE_TEST_KILL_AFTER_IMAGES"
 #: The config keys the cached arrays depend on (the stage fingerprint). Checkpoint identity is
 #: in the cache folder name (md5); device, batch size and worker count only change speed.
 FINGERPRINT_KEYS = ("sam.family", "sam.model_type", "sam.prompt_mode", "sam.multimask_policy")
-
-
-# --------------------------------------------------------------------------- policies
-
-
-@dataclass(frozen=True)
-class PromptInputs:
-    """``backbone.decode`` prompt arguments in the ORIGINAL frame (None = not given)."""
-
-    point_coords: torch.Tensor | None
-    point_labels: torch.Tensor | None
-    boxes: torch.Tensor | None
-
-
-#: sam.prompt_mode -> which prompts of a prompt set go into the decoder.
-PROMPT_MODES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], PromptInputs]] = {
-    "points": lambda points, labels, boxes: PromptInputs(points, labels, None),
-    "box": lambda points, labels, boxes: PromptInputs(None, None, boxes),
-    "points_and_box": lambda points, labels, boxes: PromptInputs(points, labels, boxes),
-}
-
-
-@dataclass(frozen=True)
-class MultimaskPolicy:
-    """How one logit map per prompt set is chosen from the decoder's outputs."""
-
-    multimask_output: bool
-    num_outputs: int
-
-    def select(self, logits: torch.Tensor, iou_predictions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``P x M x 256 x 256`` logits, ``P x M`` IoUs -> ``P x 256 x 256`` logits, ``P`` indices."""
-        branch = iou_predictions.argmax(dim=1)
-        chosen = logits[torch.arange(logits.shape[0], device=logits.device), branch]
-        return chosen, branch
-
-
-#: sam.multimask_policy -> policy. ``single``: the single-mask output (M = 1, index 0);
-#: ``best_iou``: the multimask output (M = 3) with the highest predicted IoU.
-MULTIMASK_POLICIES: dict[str, MultimaskPolicy] = {
-    "single": MultimaskPolicy(multimask_output=False, num_outputs=1),
-    "best_iou": MultimaskPolicy(multimask_output=True, num_outputs=3),
-}
 
 
 # --------------------------------------------------------------------------- units
@@ -105,8 +65,6 @@ class CacheUnit:
 
 def list_units(project_root: Path) -> list[CacheUnit]:
     """Every sample of every split, in a fixed order (split order, then manifest order)."""
-    from modules.data.manifest import SPLITS, load_split_manifest
-
     units = []
     for split in SPLITS:
         for row in load_split_manifest(project_root, split).to_dict("records"):
@@ -116,9 +74,6 @@ def list_units(project_root: Path) -> list[CacheUnit]:
 
 def promptset_md5(project_root: Path, unit: CacheUnit) -> str | None:
     """md5 of the unit's prompt-set JSON, None when the file is missing."""
-    from modules.core.fileio import cached_file_md5
-    from modules.data.promptset import promptset_path
-
     path = promptset_path(project_root, unit.split, unit.safe_id)
     return cached_file_md5(path) if path.is_file() else None
 
@@ -135,8 +90,7 @@ class LoadedImage:
     ``labels`` ``P x N`` (-1 padding), ``boxes`` ``P x 4``, all in the ORIGINAL frame.
 
     The arrays are numpy, not torch: they cross the worker queue pickled by value, where a torch
-    tensor would cross as a shared-memory file descriptor, whose reopening in the main process
-    cost ~4 ms per tensor (on an H200 host that was over half of stage 3's main-thread time).
+    tensor would cross as a shared-memory file descriptor, slow to reopen in the main process.
     """
 
     unit: CacheUnit
@@ -164,9 +118,6 @@ class ImageLoader(Dataset):
         return len(self.units)
 
     def __getitem__(self, index: int) -> LoadedImage:
-        from modules.data.imageio import ImageReadError, read_image_rgb
-        from modules.data.promptset import load_promptsets, promptset_path, promptset_tensors
-
         unit = self.units[index]
         item = LoadedImage(unit)
         path = promptset_path(self.project_root, unit.split, unit.safe_id)
@@ -209,36 +160,27 @@ def collate_loaded(items: list[LoadedImage]) -> dict:
 # --------------------------------------------------------------------------- encode + decode
 
 
-def _round_features(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """float16-rounded copies (what the cache stores), kept as float32 for the decoder."""
-    return {name: value.to(torch.float16) for name, value in features.items()}
-
-
-def compute_entries(backbone, batch: dict, prompt_mode: str, policy: MultimaskPolicy) -> list[sam_cache.CacheEntry]:
+def compute_entries(backbone, batch: dict, prompt_mode: str, multimask_policy: str) -> list[sam_cache.CacheEntry]:
     """Finish preprocessing on the backbone's device, encode the batch, and decode every image's
     prompt sets in one call per image."""
     items = [item for item in batch["items"] if item.pixels is not None]
     if not items:
         return []
     pixels = backbone.preprocessor.finish([torch.from_numpy(p) for p in batch["pixels"]], backbone.device)
-    features = _round_features(backbone.encode(pixels))
+    features = round_features(backbone.encode(pixels))
     entries = []
     for index, item in enumerate(items):
         single = {name: value[index : index + 1] for name, value in features.items()}
-        prompts = PROMPT_MODES[prompt_mode](*(torch.from_numpy(a) for a in (item.points, item.labels, item.boxes)))
-        logits, iou_predictions = backbone.decode(
-            single, item.original_hw, point_coords=prompts.point_coords, point_labels=prompts.point_labels,
-            boxes=prompts.boxes, mask_input=None, multimask_output=policy.multimask_output,
-        )
-        chosen, branch = policy.select(logits, iou_predictions)
+        prompts = Prompts(*(torch.from_numpy(a) for a in (item.points, item.labels, item.boxes)))
+        selected = decode_selected(backbone, single, item.original_hw, prompts, prompt_mode, multimask_policy)
         entries.append(sam_cache.CacheEntry(
             safe_id=item.unit.safe_id,
             split=item.unit.split,
             features={name: value[0].cpu().numpy() for name, value in single.items()},
-            logits=chosen.to(torch.float16).cpu().numpy(),
+            logits=selected.logits.to(torch.float16).cpu().numpy(),
             promptset_ids=item.promptset_ids,
-            branch_index=branch.to(torch.int8).cpu().numpy(),
-            iou_predictions=iou_predictions.float().cpu().numpy(),
+            branch_index=selected.branch.to(torch.int8).cpu().numpy(),
+            iou_predictions=selected.iou_predictions.float().cpu().numpy(),
             original_hw=item.original_hw,
             input_hw=item.input_hw,
             promptset_md5=item.promptset_md5,
@@ -355,7 +297,6 @@ def run_precompute(cfg: PipelineConfig, backbone, shard: Shard, force: bool = Fa
     """
     project_root = cfg.project_root
     sam = cfg.sam
-    policy = MULTIMASK_POLICIES[sam.multimask_policy]
     units = shard.select(list_units(project_root))
     md5s = {u.safe_id: promptset_md5(project_root, u) for u in units}
     folder = cache_dir(project_root, sam_cache.backbone_id(
@@ -414,7 +355,7 @@ def run_precompute(cfg: PipelineConfig, backbone, shard: Shard, force: bool = Fa
                         counts.failed += 1
                         counts.failures.append((item.unit.sample_id, item.error))
                         log.warning("%s: %s", item.unit.sample_id, item.error)
-                entries = compute_entries(backbone, batch, sam.prompt_mode, policy)
+                entries = compute_entries(backbone, batch, sam.prompt_mode, sam.multimask_policy)
                 background.put(entries)
                 counts.done += len(entries)
                 report()
@@ -429,10 +370,6 @@ def run_precompute(cfg: PipelineConfig, backbone, shard: Shard, force: bool = Fa
 
 def _stored_feature_shapes(path: Path) -> dict[str, tuple[int, int, int]] | None:
     """Feature shapes recorded in an existing shard file (saves a probe encode), else None."""
-    import json
-
-    import h5py
-
     if not path.is_file():
         return None
     try:
@@ -444,18 +381,11 @@ def _stored_feature_shapes(path: Path) -> dict[str, tuple[int, int, int]] | None
 
 def run_stage(ctx, shard: Shard) -> None:
     """Stage 3 entry point (``precompute_sam_outputs.py``)."""
-    from modules.sam.backbones import BackboneError, load_backbone
-    from modules.core.errors import PipelineError
-    from modules.core.fileio import cached_file_md5
-
     sam = ctx.cfg.sam
-    try:
-        checkpoint_md5 = cached_file_md5(sam.checkpoint)
-    except OSError:
-        raise PipelineError(f"sam.checkpoint: file not found: {sam.checkpoint}") from None
+    checkpoint_md5 = configured_checkpoint_md5(sam.checkpoint)
     backbone_folder = sam_cache.backbone_id(sam.family, sam.model_type, checkpoint_md5)
     ctx.check_inputs(FINGERPRINT_KEYS, upstream={"checkpoint_md5": checkpoint_md5},
-                             fingerprint_file=f"{backbone_folder}/.stage.json")
+                     fingerprint_file=f"{backbone_folder}/{FINGERPRINT_FILE}")
     try:
         backbone = load_backbone(sam.family, sam.model_type, sam.checkpoint, sam.device)
     except BackboneError as exc:
@@ -467,72 +397,3 @@ def run_stage(ctx, shard: Shard) -> None:
         print(f"  failed: {sample_id}: {reason}")
     ctx.summary({**counts.as_dict(), "images_per_s": round(result.images_per_s, 3),
                  "shard_file": str(result.shard_path)})
-
-
-# --------------------------------------------------------------------------- sanity panels
-
-
-def write_sanity_panels(ctx, split: str, count: int) -> list[Path]:
-    """Six-panel PNGs (image + prompts, ground truth, SAM mask = logits > 0, SAM logits,
-    positive and negative prompt maps) for the first ``count`` cached samples of ``split``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    from modules.core.errors import PipelineError
-    from modules.core.fileio import atomic_path, cached_file_md5
-    from modules.data.imageio import read_image_rgb, read_mask
-    from modules.data.manifest import load_split_manifest
-    from modules.data.promptset import gaussian_prompt_maps, load_promptsets, promptset_tensors
-
-    cfg = ctx.cfg
-    sam = cfg.sam
-    try:
-        checkpoint_md5 = cached_file_md5(sam.checkpoint)
-    except OSError:
-        raise PipelineError(f"sam.checkpoint: file not found: {sam.checkpoint}") from None
-    cache = sam_cache.SamCache(cfg.project_root,
-                               backbone=sam_cache.backbone_id(sam.family, sam.model_type, checkpoint_md5))
-    rows = {r["safe_id"]: r for r in load_split_manifest(cfg.project_root, split).to_dict("records")}
-    chosen = [s for s in cache.sample_ids(split) if s in rows][:count]
-    if not chosen:
-        raise PipelineError(f"{cache.folder}: no cached sample of split {split!r}")
-    written = []
-    for safe_id in chosen:
-        row, entry = rows[safe_id], cache.entry(safe_id)
-        record = load_promptsets(cfg.project_root, split, safe_id)
-        _, labels, points_256, _ = promptset_tensors(record)
-        maps = gaussian_prompt_maps(points_256[:1], labels[:1], cfg.prompt_generation.gaussian_sigma)[0]
-        image = np.asarray(Image.fromarray(read_image_rgb(row["image_path"])).resize((FRAME256, FRAME256), Image.BILINEAR))
-        truth = read_mask(row["mask_path"], threshold=cfg.data.mask_threshold)
-        truth = np.asarray(Image.fromarray(truth.astype(np.uint8) * 255).resize((FRAME256, FRAME256), Image.NEAREST)) > 0
-        logits = entry.logits[0].astype(np.float32)
-        figure, axes = plt.subplots(1, 6, figsize=(18, 3.4))
-        valid = labels[0] >= 0
-        pts, lab = points_256[0][valid].numpy(), labels[0][valid].numpy()
-        panels = [(image, "image + prompts", None), (truth, "ground truth", "gray"),
-                  (logits > 0, "SAM mask (logits > 0)", "gray"), (logits, "SAM logits", "coolwarm"),
-                  (maps[0].numpy(), "positive map", "viridis"), (maps[1].numpy(), "negative map", "viridis")]
-        for axis, (array, title, cmap) in zip(axes, panels):
-            shown = axis.imshow(array, cmap=cmap)
-            if title == "SAM logits":
-                limit = float(np.abs(logits).max()) or 1.0
-                shown.set_clim(-limit, limit)
-                figure.colorbar(shown, ax=axis, fraction=0.046)
-            axis.set_title(title, fontsize=9)
-            axis.axis("off")
-        axes[0].scatter(pts[lab == 1, 0], pts[lab == 1, 1], c="lime", s=18, marker="o")
-        axes[0].scatter(pts[lab == 0, 0], pts[lab == 0, 1], c="red", s=18, marker="x")
-        figure.suptitle(f"{split} / {row['sample_id']}  prompt set {int(entry.promptset_ids[0])}, "
-                        f"branch {int(entry.branch_index[0])}, IoU pred {[round(float(v), 3) for v in entry.iou_predictions[0]]}",
-                        fontsize=9)
-        path = ctx.output_dir / f"{split}__{safe_id}.png"
-        with atomic_path(path) as tmp:
-            figure.savefig(tmp, dpi=80, bbox_inches="tight", format="png")
-        plt.close(figure)
-        ctx.tracker.log_image(f"debug_panels/{safe_id}", path)
-        written.append(path)
-    print(f"[visualize_sanity] {len(written)} panels -> {ctx.output_dir}")
-    return written

@@ -27,7 +27,7 @@ from modules.core.device import resolve_device
 from modules.core.errors import PipelineError
 from modules.core.stage import KILL_HOOK_ENV
 from modules.laplace.head import load_head_posterior
-from modules.sam.backbones import load_backbone
+from modules.sam.registry import load_backbone
 from modules.training.checkpoints import (build_fusion, build_head, build_variance_network, load_trained_head,
                                           load_trained_variance_network)
 from modules.training.losses import BceDiceLoss, FocalDiceIouLoss, build_variance_loss, hard_iou

@@ -7,9 +7,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from modules.laplace.decoder import (DecoderHypernetInputs, DecoderLaplaceError, DecoderPosterior,
-                                     check_sam_settings, decode_chosen_outputs)
-from modules.stages.precompute_sam_outputs import MULTIMASK_POLICIES
+from modules.laplace.decoder import DecoderHypernetInputs, DecoderLaplaceError, DecoderPosterior, decode_chosen_outputs
+from modules.sam.prompting import MULTIMASK_POLICIES
 from modules.uncertainty.strategies import EvalSample, Strategy, StrategyOutput, derived_seed
 
 
@@ -46,7 +45,6 @@ class DecoderLaplaceStrategy(Strategy):
         if not _same_device(posterior.device, torch.device(backbone.device)):
             raise DecoderLaplaceError(f"laplace: the posterior is on {posterior.device}, the SAM backbone on "
                                       f"{backbone.device}; load it with device={backbone.device}")
-        check_sam_settings(prompt_mode, multimask_policy)
         if int(num_samples) < 1:
             raise DecoderLaplaceError(f"laplace.num_samples: must be at least 1, got {num_samples}")
         self.backbone = backbone

@@ -1,46 +1,30 @@
 """Dense embedding fusion: uncertainty-guided refinement of SAM's mask in one extra decoder pass.
 
-SAM's prompt encoder turns a mask prompt (low-res logits) into a dense ``256 x 64 x 64`` embedding.
-The fusion module adds a second input, an uncertainty map: a downscaling stack shaped like SAM's
-mask downscaling (2x2 stride-2 conv 1->4, LayerNorm, GELU, 2x2 stride-2 conv 4->16, LayerNorm,
-GELU, 1x1 conv 16->256) embeds it at 64 x 64, and a 1x1 conv 512->256 fuses it with the mask
-embedding of the first-pass logits. The fused embedding replaces the dense prompt embedding in
-one more pass of the frozen mask decoder (with the same sparse prompts). Only the fusion module
-trains; it is trained on cached image embeddings, so no encoder pass is needed.
-
-The fuse conv starts as the identity on the mask embedding (zero on the uncertainty half), so an
-untrained module reproduces SAM's plain mask-prompt refinement; its training validates that
-starting point as epoch 0 (``TrainerConfig.validate_initial``), so the module it keeps is never
-worse on validation than no fusion.
-
-Uncertainty sources (``UNCERTAINTY_SOURCES``) map a batch of head inputs to ``B x 256 x 256`` maps in
-[0, 1] (FRAME256); ``constant`` is the ablation without information.
+``UncertaintyFusion`` fuses the prompt encoder's dense embedding of the first-pass logits with an
+embedded uncertainty map; the result replaces the dense prompt embedding in one more pass of the
+frozen mask decoder (``refine``). Only the fusion module trains, on cached image embeddings. Its
+fuse conv starts as the identity on the mask embedding, so an untrained module reproduces SAM's
+plain mask-prompt refinement. Uncertainty sources (``UNCERTAINTY_SOURCES``) map head inputs to
+``B x 256 x 256`` maps in [0, 1] (FRAME256).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from modules.core.errors import PipelineError
+from modules.data.promptset import load_promptsets, promptset_tensors
+from modules.sam.prompting import PROMPT_MODES, Prompts, decode_selected
 from modules.scoring.entropy import binary_entropy_from_logits
-from modules.training.models import UncertaintyFusion
+from modules.training.models import UncertaintyFusion, VarianceNetwork
 
 LN2 = math.log(2.0)
 
 
 # --------------------------------------------------------------------------- refinement pass
-
-
-@dataclass
-class Prompts:
-    """One image's prompt sets: points ``P x N x 2`` (original pixels), labels ``P x N``, boxes ``P x 4``."""
-
-    point_coords: torch.Tensor | None
-    point_labels: torch.Tensor | None
-    boxes: torch.Tensor | None
 
 
 def refine(backbone, fusion: UncertaintyFusion, features: dict, original_hw, prompts: Prompts,
@@ -53,6 +37,7 @@ def refine(backbone, fusion: UncertaintyFusion, features: dict, original_hw, pro
     its multimask outputs are for.
 
     Args:
+        prompts: the prompts that go into the decoder (already chosen by ``sam.prompt_mode``).
         features: the image's cached features (``Backbone.encode`` output for one image).
         first_pass_logits: ``P x 1 x 256 x 256`` FRAME256 logits of the first pass (or an oracle mask).
         uncertainty: ``P x 1 x 256 x 256`` FRAME256 uncertainty in [0, 1].
@@ -60,18 +45,13 @@ def refine(backbone, fusion: UncertaintyFusion, features: dict, original_hw, pro
         ``(logits P x 1 x 256 x 256 FRAME256, iou_predictions P x 1)`` of the chosen output;
         differentiable w.r.t. the fusion module's parameters when ``enable_grad``.
     """
-    from modules.stages.precompute_sam_outputs import MULTIMASK_POLICIES
-
-    policy = MULTIMASK_POLICIES[multimask_policy]
     mask_embedding = backbone.mask_embedding(first_pass_logits, original_hw)
     uncertainty_model_frame = backbone.from_frame256(uncertainty, original_hw, pad_value=0.0)
     with torch.set_grad_enabled(enable_grad):
         dense = fusion(mask_embedding, uncertainty_model_frame)
-    logits, ious = backbone.decode(features, original_hw, prompts.point_coords, prompts.point_labels, prompts.boxes,
-                                   multimask_output=policy.multimask_output, dense_embedding_override=dense,
-                                   enable_grad=enable_grad)
-    chosen, branch = policy.select(logits, ious)
-    return chosen[:, None], ious.gather(1, branch[:, None])
+    selected = decode_selected(backbone, features, original_hw, prompts, None, multimask_policy,
+                               dense_embedding_override=dense, enable_grad=enable_grad)
+    return selected.logits[:, None], selected.iou_predictions.gather(1, selected.branch[:, None])
 
 
 # --------------------------------------------------------------------------- uncertainty sources
@@ -94,8 +74,6 @@ def make_uncertainty_source(name: str, head=None, posterior=None, variance_netwo
         return posterior.uncertainty_maps(x, num_samples, seed=seed)["mutual_information"].clamp(0, LN2) / LN2
 
     def variance_network_map(x):
-        from modules.training.models import VarianceNetwork
-
         log_var = variance_network(VarianceNetwork.build_inputs(x, head(x)))[:, 0]
         low, high = log_var_range
         return ((log_var - low) / (high - low)).clamp(0, 1)
@@ -107,13 +85,9 @@ def make_uncertainty_source(name: str, head=None, posterior=None, variance_netwo
                "laplace_epistemic": laplace_epistemic, "variance_network": variance_network_map,
                "constant": constant}
     if name not in sources:
-        from modules.core.errors import PipelineError
-
         raise PipelineError(f"fusion.uncertainty_source: {name!r} is not one of {', '.join(sources)}")
     needs = {"map_entropy": head, "laplace_epistemic": posterior, "variance_network": variance_network}
     if name in needs and needs[name] is None:
-        from modules.core.errors import PipelineError
-
         raise PipelineError(f"fusion.uncertainty_source: {name!r} needs its trained model (head/Laplace/variance run)")
     return torch.no_grad()(sources[name])
 
@@ -144,8 +118,6 @@ class FusionDataset(torch.utils.data.Dataset):
 
     def _prompt_tensors(self, safe_id: str):
         if safe_id not in self._prompts:
-            from modules.data.promptset import load_promptsets, promptset_tensors
-
             record = load_promptsets(self.project_root, self.packed.split, safe_id)
             points, labels, _, boxes = promptset_tensors(record)
             ids = {ps["promptset_id"]: i for i, ps in enumerate(record["promptsets"])}
@@ -168,8 +140,6 @@ class FusionDataset(torch.utils.data.Dataset):
 def refinement_step(backbone, prompt_mode: str, multimask_policy: str, uncertainty_source: UncertaintySource,
                     loss_fn):
     """The ``step_fn`` of fusion training: one refinement pass per row, loss on the refined mask."""
-    from modules.stages.precompute_sam_outputs import PROMPT_MODES
-
     def step_fn(model, batch):
         inputs = batch["inputs"]
         uncertainty = uncertainty_source(inputs)[:, None]
@@ -179,10 +149,8 @@ def refinement_step(backbone, prompt_mode: str, multimask_policy: str, uncertain
                                                 batch["box"][b:b + 1])
             features = {name: value[b:b + 1] for name, value in batch["features"].items()}
             hw = tuple(int(v) for v in batch["original_hw"][b])
-            refined, iou = refine(backbone, model, features, hw,
-                                  Prompts(prompts.point_coords, prompts.point_labels, prompts.boxes),
-                                  inputs[b:b + 1, 0:1], uncertainty[b:b + 1], enable_grad=model.training,
-                                  multimask_policy=multimask_policy)
+            refined, iou = refine(backbone, model, features, hw, prompts, inputs[b:b + 1, 0:1], uncertainty[b:b + 1],
+                                  enable_grad=model.training, multimask_policy=multimask_policy)
             logits.append(refined)
             ious.append(iou)
         logits, ious = torch.cat(logits), torch.cat(ious)[:, 0]

@@ -19,6 +19,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from modules.core.config import ConfigError
+from modules.sam.prompting import Prompts, decode_selected, round_features
 
 #: Default photometric magnitudes (see the module docstring).
 PHOTOMETRIC_DEFAULTS: dict[str, float] = {"brightness": 0.1, "contrast": 0.05, "saturation": 0.05, "hue": 0.5}
@@ -277,46 +278,16 @@ def build_transforms(names: Sequence[str], magnitudes: Mapping[str, float] | Non
 # --------------------------------------------------------------------------- prediction
 
 
-def _prompt_mode(prompt_mode: str):
-    from modules.stages.precompute_sam_outputs import PROMPT_MODES
-
-    if prompt_mode not in PROMPT_MODES:
-        raise ConfigError(f"sam.prompt_mode: unknown {prompt_mode!r} (known: {', '.join(PROMPT_MODES)})")
-    return PROMPT_MODES[prompt_mode]
-
-
-def _multimask_policy(multimask_policy: str):
-    from modules.stages.precompute_sam_outputs import MULTIMASK_POLICIES
-
-    if multimask_policy not in MULTIMASK_POLICIES:
-        raise ConfigError(
-            f"sam.multimask_policy: unknown {multimask_policy!r} (known: {', '.join(MULTIMASK_POLICIES)})"
-        )
-    return MULTIMASK_POLICIES[multimask_policy]
-
-
 def decode_selected_logits(backbone, features: Mapping[str, torch.Tensor], original_hw: tuple[int, int],
-                         points: torch.Tensor | None, labels: torch.Tensor | None, boxes: torch.Tensor | None,
-                         prompt_mode: str, multimask_policy: str) -> torch.Tensor:
+                           points: torch.Tensor | None, labels: torch.Tensor | None, boxes: torch.Tensor | None,
+                           prompt_mode: str, multimask_policy: str) -> torch.Tensor:
     """One ``decode`` call for P prompt sets of one image -> selected logits ``P x 256 x 256`` (FRAME256).
 
-    ``prompt_mode`` picks which prompts go in (``precompute.PROMPT_MODES``); ``multimask_policy``
-    picks one output per prompt set (``precompute.MULTIMASK_POLICIES``: ``best_iou`` = the multimask
-    output with the highest predicted IoU, ``single`` = the single-mask output).
+    ``prompt_mode`` and ``multimask_policy`` as ``sam.prompt_mode`` / ``sam.multimask_policy``
+    (``modules.sam.prompting.decode_selected``).
     """
-    policy = _multimask_policy(multimask_policy)
-    prompts = _prompt_mode(prompt_mode)(points, labels, boxes)
-    logits, iou_predictions = backbone.decode(
-        features, original_hw, point_coords=prompts.point_coords, point_labels=prompts.point_labels,
-        boxes=prompts.boxes, mask_input=None, multimask_output=policy.multimask_output,
-    )
-    chosen, _ = policy.select(logits, iou_predictions)
-    return chosen
-
-
-def round_features(features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """float16-rounded features, as the SAM cache stores them (``modules/precompute.py``)."""
-    return {name: value.to(torch.float16) for name, value in features.items()}
+    return decode_selected(backbone, features, original_hw, Prompts(points, labels, boxes), prompt_mode,
+                           multimask_policy).logits
 
 
 def tta_predict(
@@ -337,7 +308,7 @@ def tta_predict(
     """Foreground probabilities of every augmentation, mapped back to the original FRAME256.
 
     Args:
-        backbone: a ``modules.sam.backbones.Backbone``.
+        backbone: a ``modules.sam.base.Backbone``.
         image: ``H x W x 3`` uint8, the ORIGINAL image.
         points: ``P x N x 2`` ORIGINAL pixel coordinates; labels ``P x N`` (-1 padding);
             boxes ``P x 4`` inclusive ORIGINAL pixel boxes.

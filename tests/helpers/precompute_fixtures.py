@@ -13,10 +13,10 @@ from tests.stage_runner import run_stage, write_config
 
 def save_random_checkpoint(family: str, model_type: str, path: Path, seed: int = 0) -> Path:
     """A state dict of the registered model with seeded random weights (no download)."""
-    from modules.sam.backbones import build_model
+    from modules.sam.registry import build_sam_model
 
     torch.manual_seed(seed)
-    model = build_model(family, model_type)
+    model = build_sam_model(family, model_type)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return path
