@@ -14,7 +14,7 @@ file read and resized per item) and measures:
    page caches and with cold ones (every file the source reads is evicted from the page cache
    with ``posix_fadvise(DONTNEED)`` before each pass; only this benchmark's files are touched);
 2. one training epoch of the seed head (Conv 3->16->16->1, BCE + Dice, CPU) with
-   ``modules.training.Trainer``, reporting its ``data_wait_fraction`` for each source.
+   ``modules.training.trainer.Trainer``, reporting its ``data_wait_fraction`` for each source.
 
 float16 -> float32 is converted with torch (numpy's conversion is ~10x slower and would dominate).
 ``--threads`` sets torch's intra-op threads in the main process (default 1: on a small shared machine, OpenMP threads that wait for busy cores make a 6 MB ``torch.stack`` take
@@ -172,7 +172,7 @@ def loader_throughput(source: Source, workers: int, repeats: int, cold: bool = F
 
 
 def training_epoch(train: Dataset, val: Dataset, workers: int, run_dir: Path, collate_fn=None) -> dict:
-    """One epoch of the seed head through ``modules.training.Trainer`` on CPU (fp32)."""
+    """One epoch of the seed head through ``modules.training.trainer.Trainer`` on CPU (fp32)."""
     from modules.training.losses import BceDiceLoss
     from modules.training.models import PromptAwareHead
     from modules.training.trainer import Trainer, TrainerConfig

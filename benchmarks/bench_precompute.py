@@ -2,7 +2,7 @@
 
 (a) encoder only: the N images are decoded and preprocessed BEFORE the clock starts; timed is
     only ``backbone.encode`` on batches of ``--batch-size`` (the ceiling of any stage-3 design).
-(b) this stage: ``modules.precompute.run_precompute`` into a fresh temporary project root
+(b) this stage: ``modules.stages.precompute_sam_outputs.run_precompute`` into a fresh temporary project root
     (image decoding in DataLoader workers, batched encoder, one decoder call per image, HDF5).
 (c) the seed's naive loop: per image read + preprocess + a batch-of-one encode, then per prompt
     set one decoder call and one folder with logits.npy, pos_map.npy, neg_map.npy, meta.json.

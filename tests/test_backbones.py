@@ -1,4 +1,4 @@
-"""modules/backbones.py: SAM v1 (vit_b) and SAM 2.1 (hiera_t) with random weights, loaded from files.
+"""modules/sam/ (base, sam_v1, sam2, registry): SAM v1 (vit_b) and SAM 2.1 (hiera_t) with random weights, loaded from files.
 
 One image (120 x 160) per model; each model is built, saved, loaded and encoded once per module.
 """

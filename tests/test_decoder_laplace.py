@@ -1,4 +1,4 @@
-"""The SAM-decoder Laplace target (``laplace.target: sam_decoder``, ``modules/decoder_laplace.py``) on the
+"""The SAM-decoder Laplace target (``laplace.target: sam_decoder``, ``modules/laplace/decoder.py``) on the
 small demo project (``packed_project`` in tests/conftest.py), through the real ``fit_laplace.py``."""
 
 import json

@@ -1,4 +1,4 @@
-"""The evaluation stage (``evaluate_uncertainty.py``, ``modules/evaluation.py``, ``modules/reports.py``).
+"""The evaluation stage (``evaluate_uncertainty.py``, ``modules/evaluation/``, ``modules/stages/evaluate_uncertainty.py``).
 
 Unit tests of the scoring pieces run on synthetic tensors; the stage tests run the real script on
 the demo project of the ``fusion_project`` fixture (tiny K from ``tests/conftest.py``), each in its

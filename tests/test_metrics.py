@@ -1,4 +1,4 @@
-"""Tests of modules.metrics: hand-computed cases, edge cases, and agreement with scikit-learn/scipy."""
+"""Tests of modules.scoring.metrics: hand-computed cases, edge cases, and agreement with scikit-learn/scipy."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.core.config import ConfigError
+from modules.core.config import ConfigError, load_config
 from modules.training.losses import (
     LOSSES,
     BceDiceLoss,
@@ -18,7 +18,8 @@ from modules.training.losses import (
     build_variance_loss,
     hard_iou,
 )
-from modules.training.models import FINAL_LAYER_NAME, PromptAwareHead, VarianceNetwork, soft_clamp
+from modules.training.checkpoints import build_fusion, build_head, build_variance_network
+from modules.training.models import FINAL_LAYER_NAME, PromptAwareHead, UncertaintyFusion, VarianceNetwork, soft_clamp
 
 
 def _head_inputs(batch: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -88,6 +89,22 @@ def test_soft_clamp_keeps_gradient_when_saturated():
     assert torch.all(raw.grad > 0)
     assert raw.grad[1] == pytest.approx(1.0)
     torch.testing.assert_close(clamped[1], torch.tensor(0.0))
+
+
+def test_models_are_built_from_their_config_sections(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("head: {hidden_channels: 8}\nvariance: {hidden_channels: 6, log_var_min: -3, log_var_max: 4}\n"
+                      "fusion: {hidden_channels: 12}\n")
+    cfg = load_config(config)
+    head, variance, fusion = build_head(cfg), build_variance_network(cfg), build_fusion(cfg)
+    assert isinstance(head, PromptAwareHead) and head.final_conv.in_channels == 8
+    assert isinstance(variance, VarianceNetwork) and variance.conv1.in_channels == cfg.head.channels_in + 1
+    assert variance.conv1.out_channels == 6
+    assert isinstance(fusion, UncertaintyFusion) and fusion.uncertainty_downscaling[3].out_channels == 12
+    # A misspelt width is refused when the config is loaded, naming the key, before any model is built.
+    config.write_text("head: {hiden_channels: 8}\n")
+    with pytest.raises(ConfigError, match="head.hiden_channels"):
+        load_config(config)
 
 
 # --------------------------------------------------------------------------- BCE + Dice

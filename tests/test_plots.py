@@ -1,4 +1,4 @@
-"""Tests of modules.plots: each figure is a readable PNG of the expected size, written atomically."""
+"""Tests of modules.scoring.plots: each figure is a readable PNG of the expected size, written atomically."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ DEFAULT_REPORT = REPO_ROOT / "assets" / "demo_backbone" / "quality.md"
 BAR = {"point": 0.75, "box": 0.85}
 HARD_GROUPS = ("camouflage", "transparent", "shadow", "medical_gray")
 COLUMNS = ("point_multi", "point_single", "box_multi", "box_single", "point_oracle_mask")
-ORACLE_MASK_LOGIT = 10.0  # as modules.evaluation's oracle ablation
+ORACLE_MASK_LOGIT = 10.0  # as the evaluation's oracle ablation (modules/evaluation/methods.py)
 
 
 def deepest_point(mask: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from modules.core.fileio import cached_file_md5
 from modules.core.paths import cache_dir, index_path, promptset_path
 from modules.data.manifest import load_split_manifest
 from modules.data.promptset import load_promptsets
-from modules.sam.base import checkpoint_md5
+from modules.sam.registry import configured_checkpoint_md5
 
 INDEX_COLUMNS = (
     "sample_id",
@@ -70,11 +70,7 @@ def read_index_csv(data: bytes) -> pd.DataFrame:
 
 def configured_backbone_id(cfg: PipelineConfig) -> str:
     """The cache folder name of the backbone in ``cfg.sam`` (family, model type, checkpoint md5)."""
-    try:
-        md5 = checkpoint_md5(cfg.sam.checkpoint)
-    except OSError:
-        raise PackingError(f"sam.checkpoint: file not found: {cfg.sam.checkpoint} (it names the SAM cache "
-                           "to read)") from None
+    md5 = configured_checkpoint_md5(cfg.sam.checkpoint)
     return sam_cache.backbone_id(cfg.sam.family, cfg.sam.model_type, md5)
 
 

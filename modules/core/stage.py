@@ -50,6 +50,28 @@ KILL_HOOK_ENV = "PIPELINE_TEST_KILL_AFTER_UNITS"
 RESOLVED_CONFIG_FILE = "config.resolved.yaml"
 
 
+class KillSwitch:
+    """Test hook: SIGKILL this process once a count reaches the number in an environment variable,
+    so tests can prove that a stage killed at that point resumes to the same result."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.count = limit, 0
+
+    @classmethod
+    def from_env(cls, variable: str = KILL_HOOK_ENV) -> "KillSwitch | None":
+        """The switch armed by ``variable`` (a positive integer), or None when it is unset."""
+        limit = int(os.environ.get(variable) or 0)
+        return cls(limit) if limit > 0 else None
+
+    def reach(self, count: int) -> None:
+        self.count = count
+        if count >= self.limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def advance(self, by: int = 1) -> None:
+        self.reach(self.count + by)
+
+
 class StageInputsChanged(PipelineError):
     pass
 
@@ -210,7 +232,7 @@ class StageContext:
     ) -> UnitCounts:
         """Process every unit not yet complete; a ``UnitError`` marks one unit failed and goes on."""
         counts = UnitCounts()
-        kill_after = int(os.environ.get(KILL_HOOK_ENV, "0"))
+        kill_switch = KillSwitch.from_env()
         bar = tqdm(units, desc=desc, unit="unit", dynamic_ncols=True, disable=None)
         for i, unit in enumerate(bar, 1):
             if not self.force and is_complete(unit):
@@ -219,8 +241,8 @@ class StageContext:
                 try:
                     process(unit)
                     counts.done += 1
-                    if kill_after and counts.done >= kill_after:
-                        os.kill(os.getpid(), signal.SIGKILL)
+                    if kill_switch:
+                        kill_switch.advance()
                 except UnitError as exc:
                     counts.failed += 1
                     counts.failures.append((unit_name(unit), str(exc)))

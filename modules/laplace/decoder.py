@@ -20,11 +20,12 @@ from torch import nn
 
 from modules.core.config import PipelineConfig
 from modules.core.errors import error_line
-from modules.core.fileio import atomic_write_bytes, atomic_write_json, atomic_write_yaml, cached_file_md5, read_json
+from modules.core.fileio import atomic_write_bytes, atomic_write_json, atomic_write_yaml, read_json
 from modules.core.paths import laplace_run_dir
 from modules.laplace import posterior as lp
 from modules.laplace.hypernet import HypernetInputs, HypernetPosterior, hypernet_ggn_from_batches
 from modules.sam.prompting import Prompts, decode_selected
+from modules.sam.registry import configured_checkpoint_md5
 
 TARGET = "sam_decoder"
 #: ``posterior_meta.json``'s ``backend`` for this target: the closed-form factorised GGN diagonal.
@@ -383,19 +384,12 @@ def load_decoder_posterior_from_dir(folder: str | Path, device: torch.device | s
                                   f"({error_line(error)})") from None
 
 
-def sam_checkpoint_md5(cfg: PipelineConfig) -> str:
-    try:
-        return cached_file_md5(cfg.sam.checkpoint)
-    except OSError:
-        raise DecoderLaplaceError(f"sam.checkpoint: file not found: {cfg.sam.checkpoint}") from None
-
-
 def load_decoder_posterior(cfg: PipelineConfig, run_id: str, device: torch.device | str) -> DecoderPosterior:
     """The decoder posterior of ``run_id`` on ``device``, after checking it was fitted on the configured
     SAM checkpoint (md5), backbone, prompt mode and multimask policy."""
     folder = laplace_run_dir(cfg.project_root, TARGET, run_id)
     meta = read_decoder_meta(folder)
-    md5 = sam_checkpoint_md5(cfg)
+    md5 = configured_checkpoint_md5(cfg.sam.checkpoint)
     if meta.source_checkpoint_md5 != md5:
         raise DecoderLaplaceError(f"{folder}: fitted on SAM checkpoint md5 {meta.source_checkpoint_md5}, but "
                                   f"{cfg.sam.checkpoint} has md5 {md5}; rerun fit_laplace.py --force")

@@ -25,9 +25,9 @@ from modules.laplace import decoder_fit
 from modules.laplace import head as lh
 from modules.laplace import posterior as lp
 from modules.laplace.decoder import TARGET as DECODER_TARGET
-from modules.laplace.decoder import DecoderLaplaceError, DecoderPosterior, sam_checkpoint_md5, save_decoder_posterior
+from modules.laplace.decoder import DecoderLaplaceError, DecoderPosterior, save_decoder_posterior
 from modules.sam.base import BackboneError
-from modules.sam.registry import load_backbone
+from modules.sam.registry import configured_checkpoint_md5, load_backbone
 from modules.scoring.plots import plot_prior_grid
 from modules.training.checkpoints import load_trained_head
 
@@ -116,7 +116,7 @@ def run_decoder_stage(ctx, run_id: str) -> None:
     """Stage 6 for ``laplace.target: sam_decoder``; ``run_id`` names the run."""
     cfg = ctx.cfg
     settings = cfg.laplace
-    checkpoint_md5 = sam_checkpoint_md5(cfg)
+    checkpoint_md5 = configured_checkpoint_md5(cfg.sam.checkpoint)
     folder = ctx.output_dir
     if lp.already_fitted(ctx, cfg.sam.checkpoint, checkpoint_md5):
         return

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from modules.core.config import PipelineConfig
 from modules.core.errors import PipelineError
 from modules.core.fileio import cached_file_md5
 from modules.core.paths import FINGERPRINT_FILE, cache_dir, promptset_path
-from modules.core.stage import Shard, UnitCounts
+from modules.core.stage import KillSwitch, Shard, UnitCounts
 from modules.data.imageio import ImageReadError, read_image_rgb
 from modules.data.manifest import SPLITS, load_split_manifest
 from modules.data.promptset import load_promptsets, promptset_tensors
@@ -244,21 +242,6 @@ class BackgroundWriter:
             raise self._error
 
 
-def _kill_hook() -> Callable[[int], None] | None:
-    """The ``PIPELINE_TEST_KILL_AFTER_IMAGES`` hook (None when the variable is unset)."""
-    limit = os.environ.get(KILL_AFTER_IMAGES_ENV)
-    if not limit:
-        return None
-    state = {"written": 0}
-
-    def hook(batch_size: int) -> None:
-        state["written"] += batch_size
-        if state["written"] >= int(limit):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -339,7 +322,8 @@ def run_precompute(cfg: PipelineConfig, backbone, shard: Shard, force: bool = Fa
         progress["written"] += n
 
     try:
-        background = BackgroundWriter(writer, on_written, before_flags=_kill_hook())
+        kill_switch = KillSwitch.from_env(KILL_AFTER_IMAGES_ENV)
+        background = BackgroundWriter(writer, on_written, before_flags=kill_switch.advance if kill_switch else None)
         if pending:
             loader = DataLoader(
                 ImageLoader(pending, project_root, backbone.preprocessor, layout.max_promptsets),

@@ -10,9 +10,7 @@ scaler and scheduler states, ``epoch_state.json``, ``config.resolved.yaml``).
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -25,7 +23,7 @@ from modules.cache.training_index import open_cache
 from modules.core.config import PipelineConfig
 from modules.core.device import resolve_device
 from modules.core.errors import PipelineError
-from modules.core.stage import KILL_HOOK_ENV
+from modules.core.stage import KillSwitch
 from modules.laplace.head import load_head_posterior
 from modules.sam.registry import load_backbone
 from modules.training.checkpoints import (build_fusion, build_head, build_variance_network, load_trained_head,
@@ -164,13 +162,13 @@ TASKS: dict[str, Callable[[PipelineConfig, torch.device, str | None], TrainingTa
 
 def kill_hook_from_env():
     """Tests set ``PIPELINE_TEST_KILL_AFTER_UNITS=n`` to SIGKILL training once epoch n is published."""
-    kill_after = int(os.environ.get(KILL_HOOK_ENV, "0"))
-    if not kill_after:
+    kill_switch = KillSwitch.from_env()
+    if kill_switch is None:
         return None
 
     def hook(event: str, epoch: int) -> None:
-        if event == "published" and epoch >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if event == "published":
+            kill_switch.reach(epoch)
 
     return hook
 

@@ -11,24 +11,20 @@ import matplotlib.pyplot as plt  # noqa: E402  (after selecting the non-interact
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from modules.cache import sam_cache  # noqa: E402
+from modules.cache.training_index import open_cache  # noqa: E402
 from modules.core.errors import PipelineError  # noqa: E402
 from modules.core.fileio import atomic_path  # noqa: E402
 from modules.core.frames import FRAME256  # noqa: E402
 from modules.data.imageio import read_image_rgb, read_mask  # noqa: E402
 from modules.data.manifest import load_split_manifest  # noqa: E402
 from modules.data.promptset import gaussian_prompt_maps, load_promptsets, promptset_tensors  # noqa: E402
-from modules.sam.registry import configured_checkpoint_md5  # noqa: E402
 
 
 def write_sanity_panels(ctx, split: str, count: int) -> list[Path]:
     """Six-panel PNGs (image + prompts, ground truth, SAM mask = logits > 0, SAM logits,
     positive and negative prompt maps) for the first ``count`` cached samples of ``split``."""
     cfg = ctx.cfg
-    sam = cfg.sam
-    checkpoint_md5 = configured_checkpoint_md5(sam.checkpoint)
-    cache = sam_cache.SamCache(cfg.project_root,
-                               backbone=sam_cache.backbone_id(sam.family, sam.model_type, checkpoint_md5))
+    cache = open_cache(cfg)
     rows = {r["safe_id"]: r for r in load_split_manifest(cfg.project_root, split).to_dict("records")}
     chosen = [s for s in cache.sample_ids(split) if s in rows][:count]
     if not chosen:
