@@ -24,7 +24,7 @@ def main() -> None:
     runs = RunIds.resolve(args.run_id, args.head_run_id, args.variance_run_id, args.laplace_run_id,
                           args.fusion_run_id)
     name = args.name or f"run_{args.run_id}"
-    with stage_context("evaluate_uncertainty", args, output_dir=paths.eval_report_relpath(name),
+    with stage_context("evaluate_uncertainty", args, output_dir=lambda cfg: paths.eval_report_relpath(name),
                        extra_tracker_config={"run_ids": vars(runs)}) as ctx:
         run_stage(ctx, runs)
 

@@ -27,8 +27,8 @@ def main() -> None:
     parser.add_argument("--sanity_check", action="store_true", help="overfit one small batch and exit")
     parser.add_argument("--head_run_id", default=None, help="the frozen head a variance/fusion run uses (default: --run_id)")
     args = parser.parse_args()
-    output = paths.checkpoint_run_relpath(args.model, args.run_id)
-    with stage_context(f"train_{args.model}", args, output_dir=output,
+    with stage_context(f"train_{args.model}", args,
+                       output_dir=lambda cfg: paths.checkpoint_run_relpath(args.model, args.run_id),
                        track=int(os.environ.get("RANK", "0")) == 0) as ctx:
         resume = args.resume or (args.resume_if_exists and has_run(ctx.output_dir))
         head_training.run_stage(ctx, args.model, args.run_id, resume, args.sanity_check, args.head_run_id)

@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from modules.core.errors import PipelineError
+from modules.core.paths import check_component
 
 
 class ConfigError(PipelineError):
@@ -354,6 +355,7 @@ def _check_semantics(cfg: PipelineConfig) -> None:
     for key in ("batch_size", "num_epochs"):
         if getattr(cfg.training, key) < 1:
             raise ConfigError(f"training.{key}: must be at least 1")
+    check_component(cfg.sam.model_type, "sam.model_type")  # part of the SAM cache folder name
 
 
 # --------------------------------------------------------------------------- loading

@@ -4,6 +4,10 @@ Every artifact of the pipeline is written through these helpers: the data goes t
 file in the destination folder, is flushed to disk, and only then renamed over the final name.
 A reader therefore sees either the old file or the complete new one, never a torn write, even
 when the writer is killed with SIGKILL.
+
+Deleting goes through ``remove_tree`` and ``remove_file`` only: both refuse (``PathError``) a path
+that does not resolve inside the folder the caller names (the project root, a run folder), so no
+id, config value or symlink can make the pipeline delete anything outside it.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
+
+from modules.core.paths import PathError, ensure_inside
 
 
 def _current_umask() -> int:
@@ -49,6 +56,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_tree(path: str | os.PathLike, root: str | os.PathLike) -> None:
+    """Delete the folder ``path`` with everything in it (nothing when it is missing). Refused with a
+    ``PathError`` unless ``path`` resolves strictly inside ``root``; a symlink inside ``root`` (to a
+    place inside it) is removed as a link, never followed."""
+    path = Path(path)
+    if ensure_inside(root, path, "folder to delete") == Path(root).resolve():
+        raise PathError(f"folder to delete: {path} is {root} itself; refusing to delete it")
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def remove_file(path: str | os.PathLike, root: str | os.PathLike) -> None:
+    """Delete the file ``path`` (nothing when it is missing); refused with a ``PathError`` unless it
+    resolves inside ``root``."""
+    path = Path(path)
+    ensure_inside(root, path, "file to delete")
+    if path.is_dir() and not path.is_symlink():
+        raise PathError(f"file to delete: {path} is a folder")
+    path.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

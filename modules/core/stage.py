@@ -7,8 +7,9 @@ Every top-level script does the same three things::
     with stage_context("generate_promptsets", args, output_dir="prompt_sets") as ctx:
         ...  # ctx.cfg, ctx.check_inputs(...), ctx.run_units(...), ctx.tracker
 
-``stage_context`` loads and validates the config (with ``--set`` overrides), creates the stage's
-output folder under the project root, saves the resolved config beside the outputs, opens the
+``stage_context`` checks the arguments that name folders (``NAME_ARGUMENTS``), loads and validates
+the config (with ``--set`` overrides), checks that the stage's output folder resolves inside the
+project root and only then creates it, saves the resolved config beside the outputs, opens the
 stage's W&B run, and turns every ``PipelineError`` into one line on stderr and exit code 2.
 
 Fingerprints: ``ctx.check_inputs(config_sections, upstream)`` records what the stage is computed
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 from modules.core.config import PipelineConfig, load_config
 from modules.core.errors import PipelineError
 from modules.core.fileio import atomic_write_json, atomic_write_yaml, file_md5, read_json
-from modules.core.paths import FINGERPRINT_FILE
+from modules.core.paths import FINGERPRINT_FILE, check_name, ensure_inside
 from modules.core.tracking import NullTracker, start_tracker
 
 log = logging.getLogger("pipeline")
@@ -48,6 +49,9 @@ Unit = TypeVar("Unit")
 # Tests set this to SIGKILL a stage right after its n-th computed unit, to prove resumability.
 KILL_HOOK_ENV = "PIPELINE_TEST_KILL_AFTER_UNITS"
 RESOLVED_CONFIG_FILE = "config.resolved.yaml"
+#: Arguments whose values become folder names: these and every ``--*_run_id`` must be plain names
+#: (``core.paths.check_name``); ``stage_context`` refuses any other value before it touches the disk.
+NAME_ARGUMENTS = ("run_id", "name")
 
 
 class KillSwitch:
@@ -84,7 +88,8 @@ class UnitError(PipelineError):
 
 
 def default_argument_parser(description: str, sharded: bool = False) -> argparse.ArgumentParser:
-    """The arguments every stage script shares; scripts add their own on top."""
+    """The arguments every stage script shares; scripts add their own on top (an argument that names
+    a folder is called ``--run_id``, ``--<model>_run_id`` or ``--name``: see ``NAME_ARGUMENTS``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="config.yaml", help="pipeline config (default: config.yaml)")
     parser.add_argument(
@@ -141,6 +146,14 @@ def resolve_shard(args: argparse.Namespace | None = None, environ: dict | None =
     if count < 1 or not 0 <= index < count:
         raise PipelineError(f"{source}: shard index {index} is outside 0..{count - 1}")
     return Shard(index=index, count=count)
+
+
+def check_name_arguments(args: argparse.Namespace) -> None:
+    """A one-line ``PathError`` naming the flag when a folder-naming argument (``NAME_ARGUMENTS``,
+    ``--*_run_id``) given is not a plain name."""
+    for dest, value in vars(args).items():
+        if value is not None and (dest in NAME_ARGUMENTS or dest.endswith("_run_id")):
+            check_name(value, f"--{dest}")
 
 
 # --------------------------------------------------------------------------- context
@@ -301,18 +314,21 @@ def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callabl
                   extra_tracker_config: dict | None = None, track: bool = True) -> Iterator[StageContext]:
     """Set up a stage run (config, output folder, resolved config, W&B) and report errors as one line.
 
-    ``output_dir``: the stage's folder under the project root, or a function of the config giving it.
+    ``output_dir``: the stage's folder under the project root, or a function of the config giving it;
+    it must resolve inside the project root (checked before anything is created).
     ``track=False`` (e.g. DDP ranks other than 0) opens no W&B run.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tracker = NullTracker()
     try:
+        check_name_arguments(args)
         cfg = load_config(args.config, args.overrides)
         project_root = cfg.project_root
+        out = project_root / (output_dir(cfg) if callable(output_dir) else output_dir)
+        ensure_inside(project_root, out, "output folder")
         project_root.mkdir(parents=True, exist_ok=True)
         # Libraries that cache to the home folder write under the project root instead.
         os.environ.setdefault("MPLCONFIGDIR", str(project_root / ".cache" / "matplotlib"))
-        out = project_root / (output_dir(cfg) if callable(output_dir) else output_dir)
         out.mkdir(parents=True, exist_ok=True)
         tracker_config = {**cfg.to_dict(), **(extra_tracker_config or {})}
         if track:

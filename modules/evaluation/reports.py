@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -17,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from modules.core.fileio import atomic_write_csv, atomic_write_text
+from modules.core.fileio import atomic_write_csv, atomic_write_text, remove_file, remove_tree
 from modules.evaluation.scoreboard import OVERALL, SEGMENTATION_KEYS, Scoreboard, ScoredMethod
 from modules.scoring import metrics
 from modules.scoring.plots import plot_qualitative_panel, plot_reliability_diagram, plot_sparsification
@@ -51,8 +50,8 @@ def remove_reports(folder: Path) -> None:
     """Delete the report files of an earlier run (a fresh run must not leave stale domains behind)."""
     for pattern in (*CSV_FILES, "*.png", "*.md"):
         for path in folder.glob(pattern):
-            path.unlink()
-    shutil.rmtree(folder / QUALITATIVE_DIR, ignore_errors=True)
+            remove_file(path, folder)
+    remove_tree(folder / QUALITATIVE_DIR, folder)
 
 
 def reports_complete(folder: Path) -> bool:

@@ -15,7 +15,7 @@ import torch
 
 from modules.cache.training_index import open_cache
 from modules.core.device import resolve_device
-from modules.core.fileio import file_md5
+from modules.core.fileio import file_md5, remove_file
 from modules.core.paths import manifest_path
 from modules.evaluation import reports
 from modules.evaluation.methods import (REFINEMENT_VARIANTS, UNREFINED_BASELINE, Predictor, method_names,
@@ -82,7 +82,7 @@ def run_stage(ctx, runs: RunIds) -> None:
     state_path = folder / STATE_FILE
     if fresh:
         reports.remove_reports(folder)
-        state_path.unlink(missing_ok=True)
+        remove_file(state_path, folder)
 
     device = resolve_device(cfg.training.device, key="training.device")
     scoreboard = Scoreboard(cfg.evaluation.ece_bins, device)

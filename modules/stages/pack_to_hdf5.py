@@ -7,6 +7,7 @@ from typing import Any
 
 from modules.cache.packing import PackPlan, PackSettings, SplitPacker, partial_path, split_is_packed
 from modules.cache.training_index import PackingError, open_cache
+from modules.core.fileio import remove_file
 from modules.core.paths import index_path, packed_path, training_data_dir
 from modules.core.stage import upstream_fingerprint
 from modules.data.manifest import SPLITS
@@ -40,7 +41,7 @@ def run_stage(ctx) -> None:
                                f"names {cache.folder.name}; rerun build_training_indices.py --force")
         if not ctx.force and split_is_packed(ctx.project_root, split, plan.fingerprint):
             print(f"[{ctx.name}] {split}: {packed_path(ctx.project_root, split)} is complete, skipped")
-            partial_path(ctx.project_root, split).unlink(missing_ok=True)  # left by an interrupted --force run
+            remove_file(partial_path(ctx.project_root, split), ctx.project_root)  # left by an interrupted --force run
             totals[f"{split}_rows"] = len(plan.index)
             totals[f"{split}_status"] = "skipped"
             continue

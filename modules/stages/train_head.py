@@ -10,7 +10,6 @@ scaler and scheduler states, ``epoch_state.json``, ``config.resolved.yaml``).
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,6 +22,7 @@ from modules.cache.training_index import open_cache
 from modules.core.config import PipelineConfig
 from modules.core.device import resolve_device
 from modules.core.errors import PipelineError
+from modules.core.fileio import remove_tree
 from modules.core.stage import KillSwitch
 from modules.laplace.head import load_head_posterior
 from modules.sam.registry import load_backbone
@@ -215,7 +215,7 @@ def run_stage(ctx, model_kind: str, run_id: str, resume: bool, run_sanity_check:
 
     folder = ctx.output_dir
     if ctx.force and not resume:  # a fresh run replaces the old one
-        shutil.rmtree(folder)
+        remove_tree(folder, ctx.project_root)
         folder.mkdir(parents=True)
     sections = ["head", "training"] + {"variance": ["variance"], "fusion": ["fusion", "sam"]}.get(model_kind, [])
     upstream = packed_splits_fingerprint(cfg.project_root)

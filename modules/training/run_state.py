@@ -15,7 +15,6 @@ import base64
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from modules.core.errors import PipelineError
-from modules.core.fileio import atomic_path, atomic_write_json, read_json
+from modules.core.fileio import atomic_path, atomic_write_json, read_json, remove_file, remove_tree
 
 STATE_FILE = "epoch_state.json"
 MODEL_FILE = "last.pt"
@@ -137,16 +136,16 @@ def recover_run_dir(run_dir: Path) -> dict[str, Any]:
             if int(match.group(1)) == committed_epoch:
                 _publish_pending(entry, run_dir)
             else:
-                shutil.rmtree(entry)
+                remove_tree(entry, run_dir)
         elif entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
-            entry.unlink()
+            remove_file(entry, run_dir)
     return state
 
 
 def _publish_pending(pending: Path, run_dir: Path) -> None:
     for staged in sorted(pending.iterdir()):
         if staged.name.endswith(".tmp"):
-            staged.unlink()
+            remove_file(staged, pending)
         else:
             os.replace(staged, run_dir / staged.name)
     pending.rmdir()
@@ -160,7 +159,7 @@ def commit_epoch(run_dir: Path, state: dict[str, Any], files: list[tuple[str, An
     (``"staged:<file>"``, ``"committed"``, ``"published"``)."""
     epoch = state["epoch"]
     pending = _pending_dir(run_dir, epoch)
-    shutil.rmtree(pending, ignore_errors=True)
+    remove_tree(pending, run_dir)
     pending.mkdir(parents=True)
     for name, obj in files:
         _save_tensors(obj, pending / name)
