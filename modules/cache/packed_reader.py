@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from modules.cache.hdf5_rows import decode_strings
-from modules.cache.packing import PACK_FORMAT_VERSION
+from modules.cache.packing import PACK_FORMAT_VERSION, row_checksum
 from modules.cache.training_index import PackingError, read_index_csv
 from modules.core.config import PipelineConfig
 from modules.core.paths import packed_path
@@ -75,6 +75,11 @@ class PackedSplitDataset(Dataset):
     opened lazily, once per process (``__init__`` only reads metadata and closes it again), and
     the handle is never pickled, so the dataset is safe under fork and spawn workers.
 
+    Integrity: every row carries a CRC-32 of its stored bytes (``packing.row_checksum``). Rows
+    read from the file are checked as they are read (a few per cent of a batch read); a split
+    loaded into memory is checked once, when it is loaded. A damaged row is a one-line
+    ``PackingError`` naming the file and the row.
+
     Speed: ``__getitems__`` (which ``DataLoader`` calls with a whole batch of indices) converts a
     batch to float32 in one torch call; rows are read as raw chunks (``read_direct_chunk``; one
     row is exactly one unfiltered chunk), skipping h5py's selection machinery.
@@ -98,10 +103,16 @@ class PackedSplitDataset(Dataset):
         self._handle: h5py.File | None = None
         self._datasets: dict[str, h5py.Dataset] = {}
         self._pid: int | None = None
+        if self._arrays is not None:  # checked once here; rows in memory are not re-read
+            self._verify_rows(np.arange(len(self)), self._arrays["inputs"], self._arrays["targets"])
+            if with_embeddings:
+                samples = np.arange(len(self.sample_safe_ids))
+                self._verify_embeddings(samples, self._arrays["samples/embedding"])
 
     def _read_metadata(self, handle: h5py.File) -> None:
         if int(handle.attrs.get("format_version", -1)) != PACK_FORMAT_VERSION:
-            raise PackingError(f"{self.path}: packed with another format version; rerun pack_to_hdf5.py --force")
+            raise PackingError(f"{self.path}: packed with format version {handle.attrs.get('format_version')}, "
+                               f"this version reads {PACK_FORMAT_VERSION}; rerun pack_to_hdf5.py to repack it")
         if not handle["rows/complete"][:].all():
             raise PackingError(f"{self.path}: not every row is packed; rerun pack_to_hdf5.py")
         if self.with_embeddings and "samples/embedding" not in handle:
@@ -113,6 +124,22 @@ class PackedSplitDataset(Dataset):
         self.promptset_ids = handle["rows/promptset_id"][:]
         self.sample_safe_ids = decode_strings(handle["samples/safe_id"][:])
         self.index = read_index_csv(handle["index_csv"][:].tobytes())
+        self.row_checksums = handle["rows/checksum"][:]
+        self.embedding_checksums = handle["samples/checksum"][:] if self.with_embeddings else None
+
+    def _damaged(self, what: str) -> PackingError:
+        return PackingError(f"{self.path}: {what} fails its checksum (damaged data); "
+                            "rerun pack_to_hdf5.py --force to repack it")
+
+    def _verify_rows(self, rows: np.ndarray, inputs: np.ndarray, targets: np.ndarray) -> None:
+        for position, row in enumerate(rows):
+            if row_checksum(inputs[position], targets[position]) != int(self.row_checksums[row]):
+                raise self._damaged(f"row {int(row)} (sample {self.sample_safe_ids[self.row_sample[row]]})")
+
+    def _verify_embeddings(self, samples: np.ndarray, embeddings: np.ndarray) -> None:
+        for position, sample in enumerate(samples):
+            if row_checksum(embeddings[position]) != int(self.embedding_checksums[sample]):
+                raise self._damaged(f"the embedding of sample {self.sample_safe_ids[sample]}")
 
     def __len__(self) -> int:
         return len(self.row_sample)
@@ -156,16 +183,22 @@ class PackedSplitDataset(Dataset):
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"{self.path}: rows {rows.tolist()} not all in 0..{len(self) - 1}")
         samples = self.row_sample[rows]
+        inputs, targets = self._rows("inputs", rows), self._rows("targets", rows)
+        if self._arrays is None:
+            self._verify_rows(rows, inputs, targets)
         batch = {
-            "inputs": torch.from_numpy(self._rows("inputs", rows)),
-            "target": torch.from_numpy(self._rows("targets", rows)),
+            "inputs": torch.from_numpy(inputs),
+            "target": torch.from_numpy(targets),
             "index": torch.from_numpy(rows),
             "safe_id": [self.sample_safe_ids[sample] for sample in samples],
             "promptset_id": torch.from_numpy(self.promptset_ids[rows].astype(np.int64)),
         }
         if self.with_embeddings:
             unique, position = np.unique(samples, return_inverse=True)
-            batch["image_embedding"] = torch.from_numpy(self._rows("samples/embedding", unique))[position]
+            embeddings = self._rows("samples/embedding", unique)
+            if self._arrays is None:
+                self._verify_embeddings(unique, embeddings)
+            batch["image_embedding"] = torch.from_numpy(embeddings)[position]
         return as_float32(batch) if float32 else batch
 
     def __getitems__(self, indices) -> list[dict[str, Any]]:

@@ -1,8 +1,8 @@
 """Stage 4.5's library: pack a split's head inputs and targets into one HDF5 file, crash-safely.
 
 ``<split>.h5`` holds one row per index row (clipped SAM logits and the two Gaussian prompt maps
-as ``inputs``, the FRAME256 mask as ``targets``), a completion flag per row, and the index CSV it
-was packed from. It is written as ``<split>.h5.partial`` with every dataset allocated up front and
+as ``inputs``, the FRAME256 mask as ``targets``), a CRC-32 and a completion flag per row (the CRC
+written before the flag; ``row_checksum``), and the index CSV it was packed from. It is written as ``<split>.h5.partial`` with every dataset allocated up front and
 renamed when every row is flagged, so a file under the final name is complete by construction.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,9 @@ from modules.core.stage import UnitError
 from modules.data.imageio import MaskReadError, read_mask, resize_mask_nearest
 from modules.data.promptset import gaussian_prompt_maps, load_promptsets, promptset_tensors
 
-PACK_FORMAT_VERSION = 1
+#: 2: rows (and packed embeddings) carry a CRC-32 (``rows/checksum``, ``samples/checksum``);
+#: a version-1 file is repacked by the next pack_to_hdf5.py run (its fingerprint differs).
+PACK_FORMAT_VERSION = 2
 #: The stage name of ``pack_to_hdf5.py`` (its fingerprint file is ``.stage.<name>.json``).
 PACK_STAGE = "pack_to_hdf5"
 #: The cache feature packed per sample when embeddings are requested (SAM and SAM 2 both have it).
@@ -97,6 +100,15 @@ class PackPlan:
         return self.sample_rows[sample]
 
 
+def row_checksum(*arrays: np.ndarray) -> int:
+    """CRC-32 over the stored bytes of one packed row's arrays (inputs, then target), or of one
+    sample's embedding: what the reader recomputes to detect damaged rows."""
+    crc = 0
+    for array in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1), crc)
+    return crc
+
+
 def _create_packed_file(path: Path, plan: PackPlan, embedding_shape: tuple[int, int, int] | None) -> None:
     """An empty, fully allocated packed file at ``path`` (the caller makes it atomic)."""
     n, s = len(plan.index), len(plan.safe_ids)
@@ -115,12 +127,14 @@ def _create_packed_file(path: Path, plan: PackPlan, embedding_shape: tuple[int, 
         rows = handle.create_group("rows")
         samples = handle.create_group("samples")
         allocate_table(rows, "complete", np.zeros(n, np.uint8))
+        allocate_table(rows, "checksum", np.zeros(n, np.uint32))
         allocate_table(rows, "sample", plan.row_sample)
         allocate_table(rows, "promptset_id", plan.index["promptset_id"].to_numpy(np.int32))
         allocate_table(samples, "safe_id", fixed_bytes(plan.safe_ids))
         allocate_table(handle, "index_csv", np.frombuffer(plan.index_csv, dtype=np.uint8))
         if embedding_shape is not None:
             allocate_rows(samples, "embedding", (s, *embedding_shape), np.float16)
+            allocate_table(samples, "checksum", np.zeros(s, np.uint32))
 
 
 def _stored_fingerprint(path: Path) -> dict | None:
@@ -240,10 +254,15 @@ class SplitPacker:
 
         handle = self._handle
         if "samples/embedding" in handle:
-            handle["samples/embedding"][sample] = entry.features[EMBEDDING_FEATURE]
+            embedding = np.ascontiguousarray(entry.features[EMBEDDING_FEATURE], dtype=np.float16)
+            handle["samples/embedding"][sample] = embedding
+            handle["samples/checksum"][sample] = row_checksum(embedding)
+        target = np.ascontiguousarray(target, dtype=np.uint8)
+        checksums = handle["rows/checksum"]
         for position, row in enumerate(rows):
             handle["inputs"][row] = inputs[position]
             handle["targets"][row] = target
+            checksums[row] = row_checksum(inputs[position], target)
         handle.flush()
         flags = handle["rows/complete"]
         for row in rows:

@@ -345,8 +345,14 @@ class SamCache:
             handle = self._handles[path] = h5py.File(path, "r", locking=False)
         return handle
 
-    def entry(self, safe_id: str, verify: bool = False) -> CacheEntry:
-        """The cached outputs of one image; ``verify`` recomputes the checksum (slow)."""
+    def entry(self, safe_id: str, verify: bool = True) -> CacheEntry:
+        """The cached outputs of one image, checked against the CRC-32 stored with it.
+
+        Every reader that feeds packing, training or evaluation goes through here, so flipped
+        bytes are a one-line ``SamCacheError`` naming the shard file and the entry instead of
+        silently wrong data; the CRC costs a small fraction of reading the entry (README:
+        "Checksums"). ``verify=False`` skips it (only for diagnostics).
+        """
         location = self._index.get(safe_id)
         if location is None:
             raise KeyError(f"{safe_id}: not in the SAM cache {self.folder}")
@@ -359,7 +365,7 @@ class SamCache:
             raise SamCacheError(f"{location.path}: entry {safe_id} unreadable ({error_line(exc)}); "
                                 "rerun precompute_sam_outputs.py to repair the cache") from None
         if verify and entry_checksum(entry, names) != stored:
-            raise SamCacheError(f"{location.path}: entry {safe_id} fails its checksum; "
+            raise SamCacheError(f"{location.path}: entry {safe_id} fails its checksum (damaged data); "
                                 "rerun precompute_sam_outputs.py to repair the cache")
         if self.as_torch:
             entry.features = {k: torch.from_numpy(v) for k, v in entry.features.items()}

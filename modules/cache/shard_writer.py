@@ -116,6 +116,30 @@ def salvage_entries(path: Path, wanted: dict[str, str]) -> Iterator[CacheEntry]:
                 yield entry
 
 
+def drop_damaged_entries(handle: h5py.File) -> list[str]:
+    """Clear the completion flag of every complete entry of an open (``r+``) shard file that fails
+    its checksum or does not read, so a rerun recomputes exactly those; their safe ids."""
+    names = stored_feature_names(handle)
+    safe_ids = decode_strings(handle["slots/safe_id"][:])
+    flags = handle["entries/complete"]
+    complete = flags[:]
+    checksums = handle["entries/checksum"][:]
+    dropped = []
+    for slot, safe_id in enumerate(safe_ids):
+        if not complete[slot]:
+            continue
+        try:
+            intact = entry_checksum(read_entry(handle, slot, names), names) == int(checksums[slot])
+        except (OSError, KeyError, ValueError):
+            intact = False
+        if not intact:
+            flags[slot] = 0
+            dropped.append(safe_id)
+    if dropped:
+        handle.flush()
+    return dropped
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -166,6 +190,11 @@ class ShardWriter:
                 except (OSError, KeyError, ValueError) as exc:
                     mismatch = f"unreadable tables ({error_line(exc)})"
                 if mismatch is None:
+                    dropped = drop_damaged_entries(handle)
+                    if dropped:
+                        messages.append(f"{path.name}: {len(dropped)} complete entries fail their checksum "
+                                        f"({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}); "
+                                        "recomputing them")
                     return cls(path, layout, handle, messages)
                 handle.close()
                 messages.append(f"{path.name}: made for another layout ({mismatch}); "

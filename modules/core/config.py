@@ -10,6 +10,7 @@ with their values parsed as YAML scalars.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -330,7 +331,112 @@ def _build_section(cls, raw: Any, key: str, base_dir: Path):
     return cls(**values)
 
 
+#: The range of every numeric config key (lists: of each item). Checked by ``load_config`` before
+#: any stage runs (so a bad value never reaches a stage's fingerprint); every float must also be
+#: finite. ``tests/test_config.py`` checks that every int / float key of the dataclasses is here.
+#: Kinds: ``count`` (int >= 1), ``nonneg`` (>= 0), ``positive`` (> 0), ``finite`` (any finite
+#: number), ``fraction`` ([0, 1]), ``byte`` (int in [0, 255]).
+NUMERIC_RANGES: dict[str, str] = {
+    "data.split_seed": "nonneg",
+    "data.split_fractions": "fraction",
+    "data.mask_threshold": "byte",
+    "data.min_image_side": "count",
+    "demo.seed": "nonneg",
+    "demo.scenes_per_group": "count",
+    "prompt_generation.num_promptsets_train": "count",
+    "prompt_generation.num_promptsets_val": "count",
+    "prompt_generation.num_promptsets_test": "count",
+    "prompt_generation.min_pairs": "count",
+    "prompt_generation.max_pairs": "count",
+    "prompt_generation.prompt_seed": "nonneg",
+    "prompt_generation.gaussian_sigma": "positive",
+    "prompt_generation.box_jitter": "fraction",
+    "sam.encoder_batch_size": "count",
+    "sam.num_workers": "nonneg",
+    "head.channels_in": "count",
+    "head.hidden_channels": "count",
+    "training.batch_size": "count",
+    "training.num_epochs": "count",
+    "training.lr": "positive",
+    "training.weight_decay": "nonneg",
+    "training.dice_lambda": "nonneg",
+    "training.num_workers": "nonneg",
+    "training.early_stop_patience": "nonneg",
+    "training.logit_clip": "positive",
+    "training.seed": "nonneg",
+    "variance.hidden_channels": "count",
+    "variance.mc_samples": "count",
+    "variance.log_var_min": "finite",
+    "variance.log_var_max": "finite",
+    "laplace.prior_precision_grid": "positive",
+    "laplace.temperature_grid": "positive",
+    "laplace.num_samples": "count",
+    "laplace.seed": "nonneg",
+    "laplace.nll_eps": "positive",
+    "fusion.hidden_channels": "count",
+    "fusion.focal_weight": "nonneg",
+    "fusion.num_epochs": "count",
+    "fusion.lr": "positive",
+    "fusion.max_train_rows": "nonneg",
+    "evaluation.tta.magnitudes.brightness": "nonneg",
+    "evaluation.tta.magnitudes.contrast": "nonneg",
+    "evaluation.tta.magnitudes.saturation": "nonneg",
+    "evaluation.tta.magnitudes.hue": "nonneg",
+    "evaluation.tta.seed": "nonneg",
+    "evaluation.prompt_perturbation.num_samples": "count",
+    "evaluation.prompt_perturbation.point_noise_px": "nonneg",
+    "evaluation.prompt_perturbation.box_noise_fraction": "nonneg",
+    "evaluation.prompt_perturbation.box_noise_max_px": "nonneg",
+    "evaluation.prompt_perturbation.reference_side": "positive",
+    "evaluation.prompt_perturbation.seed": "nonneg",
+    "evaluation.variance_mc_samples": "nonneg",
+    "evaluation.ece_bins": "count",
+    "evaluation.qualitative_per_domain": "nonneg",
+    "evaluation.max_samples": "nonneg",
+    "wandb.init_timeout_s": "positive",
+}
+
+_RANGE_CHECKS: dict[str, tuple[Any, str]] = {
+    "count": (lambda v: v >= 1, "must be an integer of at least 1"),
+    "nonneg": (lambda v: v >= 0, "must be non-negative"),
+    "positive": (lambda v: v > 0, "must be positive"),
+    "finite": (lambda v: True, "must be finite"),
+    "fraction": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+    "byte": (lambda v: 0 <= v <= 255, "must lie in [0, 255]"),
+}
+
+
+def numeric_keys(cls: Any = None, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> type of every int / float / list-of-numbers field of the config dataclasses."""
+    cls = PipelineConfig if cls is None else cls
+    keys: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for fld in public_fields(cls):
+        tp, dotted = hints[fld.name], f"{prefix}{fld.name}"
+        if dataclasses.is_dataclass(tp):
+            keys.update(numeric_keys(tp, f"{dotted}."))
+        elif tp in (int, float) or (typing.get_origin(tp) is list and typing.get_args(tp)[0] in (int, float)):
+            keys[dotted] = tp
+    return keys
+
+
+def _check_ranges(cfg: PipelineConfig) -> None:
+    """Every numeric key in its range (``NUMERIC_RANGES``) and finite: one line naming key and value."""
+    for dotted in numeric_keys():
+        node: Any = cfg
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        items = [(f"{dotted}[{i}]", v) for i, v in enumerate(node)] if isinstance(node, list) else [(dotted, node)]
+        check, requirement = _RANGE_CHECKS[NUMERIC_RANGES.get(dotted, "finite")]
+        for key, value in items:
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            if not check(value):
+                raise ConfigError(f"{key}: {requirement}, got {value!r}")
+
+
 def _check_semantics(cfg: PipelineConfig) -> None:
+    _check_ranges(cfg)
     fractions = cfg.data.split_fractions
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ConfigError(f"data.split_fractions: need three non-negative fractions summing to 1, got {fractions}")
@@ -342,6 +448,9 @@ def _check_semantics(cfg: PipelineConfig) -> None:
     for split in ("train", "val", "test"):
         if getattr(pg, f"num_promptsets_{split}") < 1:
             raise ConfigError(f"prompt_generation.num_promptsets_{split}: must be at least 1")
+    if cfg.variance.log_var_min >= cfg.variance.log_var_max:
+        raise ConfigError(f"variance.log_var_min: must be below variance.log_var_max, got "
+                          f"{cfg.variance.log_var_min} and {cfg.variance.log_var_max}")
     if pg.gaussian_sigma <= 0:
         raise ConfigError("prompt_generation.gaussian_sigma: must be positive")
     if not 0 <= pg.box_jitter < 1:
@@ -400,11 +509,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"--config: no such file {path}")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, training:, ...), "
+                              f"got {type(raw).__name__}")
         base_dir = path.resolve().parent
     raw = apply_overrides(raw, overrides or [])
     cfg = _build_section(PipelineConfig, raw, "", base_dir)

@@ -9,6 +9,7 @@ loaded exactly like ``vit_b``.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -73,7 +74,35 @@ def build_sam_model(family: str, model_type: str) -> nn.Module:
     return builder()
 
 
+#: (resolved path, size, mtime_ns) of checkpoint archives whose members passed their CRC.
+_VERIFIED_ARCHIVES: set[tuple[str, int, int]] = set()
+
+
+def verify_checkpoint_archive(path: Path) -> None:
+    """Refuse a zip-format checkpoint (what ``torch.save`` writes) with a damaged member.
+
+    ``torch.load`` does not check the members' CRC-32, so flipped bytes in a tensor load as
+    wrong weights; ``ZipFile.testzip`` reads every member and checks it. Memoised on (path,
+    size, mtime) like ``cached_file_md5``, so a process pays it once per file. Legacy
+    (non-zip) checkpoints carry no checksum and are left to ``torch.load``.
+    """
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED_ARCHIVES or not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as error:
+        raise BackboneError(f"{path}: damaged checkpoint archive ({error_line(error)})") from None
+    if bad is not None:
+        raise BackboneError(f"{path}: damaged checkpoint (member {bad} fails its CRC); "
+                            "download or copy the checkpoint again")
+    _VERIFIED_ARCHIVES.add(key)
+
+
 def _read_state_dict(path: Path, model_type: str) -> dict[str, torch.Tensor]:
+    verify_checkpoint_archive(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt / non-tensor files

@@ -45,6 +45,9 @@ def run_stage(ctx) -> None:
             totals[f"{split}_rows"] = len(plan.index)
             totals[f"{split}_status"] = "skipped"
             continue
+        if not ctx.force and packed_path(ctx.project_root, split).is_file():
+            print(f"[{ctx.name}] {split}: {packed_path(ctx.project_root, split)} was packed from other inputs "
+                  "or in an older format; repacking it")
         started = time.perf_counter()
         packer = SplitPacker(ctx.project_root, plan, settings, cache, fresh=ctx.force)
         for message in packer.messages:
