@@ -20,7 +20,7 @@ import torch
 from laplace.baselaplace import ParametricLaplace
 
 from modules.core.errors import PipelineError, error_line
-from modules.core.fileio import read_json
+from modules.core.fileio import read_json, remove_file
 from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
 from modules.scoring.metrics import CalibrationAccumulator
 
@@ -332,13 +332,20 @@ def read_posterior_meta(run_dir: str | Path) -> PosteriorMeta:
         ) from error
 
 
-def already_fitted(ctx, checkpoint: Path | str, checkpoint_md5: str) -> bool:
-    """True when the stage's output folder holds a complete posterior fitted on this checkpoint (skip it).
+def already_fitted(ctx, checkpoint: Path | str, checkpoint_md5: str, upstream: Mapping[str, Any]) -> bool:
+    """True when the stage's output folder holds a complete posterior fitted from the same inputs (skip it).
 
-    Artifacts fitted on another checkpoint are an error until ``--force``; ``--force`` refits.
+    The stage fingerprint (the ``laplace`` section and ``upstream``) is checked first, before any
+    skip: changed inputs are a one-line error until ``--force``. A fit that starts over (``--force``,
+    or no fingerprint yet) first deletes the previous posterior files, so a refit killed half-way
+    never leaves the old posterior looking complete under the new fingerprint.
     """
     folder = ctx.output_dir
-    if ctx.force or not all((folder / name).is_file() for name in ARTIFACTS):
+    if ctx.check_inputs(["laplace"], dict(upstream)):
+        for name in ARTIFACTS:
+            remove_file(folder / name, folder)
+        return False
+    if not all((folder / name).is_file() for name in ARTIFACTS):
         return False
     meta = read_json(folder / META_FILE)
     fitted_on = meta.get("source_checkpoint_md5")

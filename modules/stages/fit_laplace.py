@@ -4,8 +4,9 @@
 hypernetwork (``laplace.decoder``). Artifacts in ``laplace/<target>/run_<id>/``: ``laplace_state.pt``,
 ``laplace_config.yaml``, ``posterior_meta.json``, ``prior_precision_nll.csv`` and
 ``prior_precision_nll.png``, and ``quality.json`` (the checks below). The fit is skipped when the
-artifacts exist and were fitted on the same checkpoint (md5); a different checkpoint is an error
-until ``--force`` refits.
+artifacts exist and the stage fingerprint (``.stage.json``: every ``laplace.*`` value and the
+checkpoint md5) is unchanged; the fingerprint is checked before that skip, so a changed setting or
+checkpoint is a one-line error until ``--force`` refits.
 
 Quality checks on the validation split (printed and logged): NLL and ECE of the Laplace predictive
 (probit) against the MAP head, and the mean mutual information on pixels the MAP head gets wrong
@@ -84,9 +85,8 @@ def run_stage(ctx, run_id: str) -> None:
     head, checkpoint = load_trained_head(cfg, run_id, device)
     checkpoint_md5 = cached_file_md5(checkpoint)
     folder = ctx.output_dir
-    if lp.already_fitted(ctx, checkpoint, checkpoint_md5):
+    if lp.already_fitted(ctx, checkpoint, checkpoint_md5, {"head_checkpoint_md5": checkpoint_md5}):
         return
-    ctx.check_inputs(["laplace"], {"head_checkpoint_md5": checkpoint_md5})
 
     train_set, val_set = (HeadSamples(packed_dataset(cfg, split)) for split in ("train", "val"))
     print(f"[{ctx.name}] fitting a diagonal last-layer Laplace ({settings.backend}) on "
@@ -118,12 +118,11 @@ def run_decoder_stage(ctx, run_id: str) -> None:
     settings = cfg.laplace
     checkpoint_md5 = configured_checkpoint_md5(cfg.sam.checkpoint)
     folder = ctx.output_dir
-    if lp.already_fitted(ctx, cfg.sam.checkpoint, checkpoint_md5):
-        return
     sam = cfg.sam
-    ctx.check_inputs(["laplace"], {"sam_checkpoint_md5": checkpoint_md5, "sam_family": sam.family,
-                                   "sam_model_type": sam.model_type, "prompt_mode": sam.prompt_mode,
-                                   "multimask_policy": sam.multimask_policy})
+    upstream = {"sam_checkpoint_md5": checkpoint_md5, "sam_family": sam.family, "sam_model_type": sam.model_type,
+                "prompt_mode": sam.prompt_mode, "multimask_policy": sam.multimask_policy}
+    if lp.already_fitted(ctx, cfg.sam.checkpoint, checkpoint_md5, upstream):
+        return
     try:
         backbone = load_backbone(sam.family, sam.model_type, sam.checkpoint, sam.device)
     except BackboneError as error:

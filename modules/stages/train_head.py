@@ -24,6 +24,8 @@ from modules.core.device import resolve_device
 from modules.core.errors import PipelineError
 from modules.core.fileio import remove_tree
 from modules.core.stage import KillSwitch
+from modules.evaluation.methods import SOURCE_NEEDS
+from modules.evaluation.runs import RunIds, artifact_md5s
 from modules.laplace.head import load_head_posterior
 from modules.sam.registry import load_backbone
 from modules.training.checkpoints import (build_fusion, build_head, build_variance_network, load_trained_head,
@@ -153,6 +155,43 @@ def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | No
                         num_epochs=cfg.fusion.num_epochs, lr=cfg.fusion.lr, validate_initial=True)
 
 
+def trained_on_artifacts(cfg: PipelineConfig, model_kind: str) -> set[str]:
+    """Names of ``evaluation.runs.ARTIFACT_FILES`` a model is trained on (beyond the packed splits):
+    the variance network on the frozen head, the fusion module on SAM and the files its
+    ``fusion.uncertainty_source`` reads (head, the head's Laplace state, the variance network)."""
+    if model_kind == "variance":
+        return {"head"}
+    if model_kind == "fusion":
+        return {"sam_checkpoint", *SOURCE_NEEDS[cfg.fusion.uncertainty_source]}
+    return set()
+
+
+#: Config keys outside the trained model's sections that shape each ``fusion.uncertainty_source`` map.
+SOURCE_SETTINGS: dict[str, list[str]] = {
+    "laplace_epistemic": ["laplace.num_samples", "laplace.seed"],
+    "variance_network": ["variance.log_var_min", "variance.log_var_max"],
+}
+
+
+def fingerprint_sections(cfg: PipelineConfig, model_kind: str) -> list[str]:
+    """Config sections (or dotted keys) a model's training depends on."""
+    if model_kind == "variance":
+        return ["head", "training", "variance"]
+    if model_kind == "fusion":
+        return ["head", "training", "fusion", "sam", *SOURCE_SETTINGS.get(cfg.fusion.uncertainty_source, [])]
+    return ["head", "training"]
+
+
+def training_upstream(cfg: PipelineConfig, model_kind: str, head_run_id: str) -> dict:
+    """The fingerprint's upstream: the packed splits and the md5 of every artifact the model trains on,
+    so a retrained head or a refitted Laplace / variance network stops a rerun of what was built on it."""
+    upstream: dict = packed_splits_fingerprint(cfg.project_root)
+    names = trained_on_artifacts(cfg, model_kind)
+    if names:
+        upstream["artifact_md5s"] = artifact_md5s(cfg, RunIds.resolve(head_run_id), names)
+    return upstream
+
+
 TASKS: dict[str, Callable[[PipelineConfig, torch.device, str | None], TrainingTask]] = {
     "head": head_task,
     "variance": variance_task,
@@ -217,9 +256,7 @@ def run_stage(ctx, model_kind: str, run_id: str, resume: bool, run_sanity_check:
     if ctx.force and not resume:  # a fresh run replaces the old one
         remove_tree(folder, ctx.project_root)
         folder.mkdir(parents=True)
-    sections = ["head", "training"] + {"variance": ["variance"], "fusion": ["fusion", "sam"]}.get(model_kind, [])
-    upstream = packed_splits_fingerprint(cfg.project_root)
-    ctx.check_inputs(sections, upstream)
+    ctx.check_inputs(fingerprint_sections(cfg, model_kind), training_upstream(cfg, model_kind, head_run_id or run_id))
     ctx.tracker.watch(task.model)
     trainer = Trainer(task.model, task.step_fn, task.train_dataset, task.val_dataset, trainer_config(cfg, task),
                       folder, ctx.tracker, device=device, metric_fn=task.metric_fn, collate_fn=task.collate_fn,

@@ -1,0 +1,141 @@
+"""Stale results are never reused silently: every artifact's fingerprint covers every input that
+shaped it, and it is checked before any "already done" skip.
+
+- Stage 6: a changed ``laplace.*`` value stops ``fit_laplace.py`` although the posterior is fitted.
+- Stage 5: the variance network and the fusion module record the md5s of the files they train on
+  (head, head Laplace state, variance network, SAM checkpoint), so a refit upstream stops them.
+- Stage 7: the evaluation fingerprints the fusion module and the Laplace state it reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from modules.core.config import load_config
+from modules.core.fileio import atomic_write_json
+from modules.core.stage import StageContext, StageInputsChanged
+from modules.evaluation.methods import needed_artifacts
+from modules.laplace import posterior as lp
+from modules.stages.train_head import fingerprint_sections, trained_on_artifacts
+from tests.conftest import prepared_demo_project
+
+
+def make_ctx(tmp_path, overrides=(), force=False):
+    cfg = load_config(None, [f"data.project_root={tmp_path / 'proj'}", *overrides])
+    out = tmp_path / "proj" / "laplace" / "head" / "run_x"
+    out.mkdir(parents=True, exist_ok=True)
+    return StageContext(name="fit_laplace", cfg=cfg, args=argparse.Namespace(force=force), output_dir=out)
+
+
+def write_fitted_posterior(folder, checkpoint_md5="abc"):
+    for name in lp.ARTIFACTS:
+        (folder / name).write_text("x")
+    atomic_write_json(folder / lp.META_FILE, {"source_checkpoint_md5": checkpoint_md5, "prior_precision": 1.0})
+
+
+# --------------------------------------------------------------------------- unit level
+
+
+def test_fingerprint_is_checked_before_the_already_fitted_skip(tmp_path):
+    upstream = {"head_checkpoint_md5": "abc"}
+    ctx = make_ctx(tmp_path)
+    assert lp.already_fitted(ctx, "best.pt", "abc", upstream) is False  # first fit
+    write_fitted_posterior(ctx.output_dir)
+    assert lp.already_fitted(make_ctx(tmp_path), "best.pt", "abc", upstream) is True  # unchanged: skipped
+    fingerprint = json.loads((ctx.output_dir / ".stage.json").read_text())
+    assert set(fingerprint) == {"stage", "config", "upstream"} and set(fingerprint["config"]) == {"laplace"}
+    assert fingerprint["upstream"] == upstream
+
+    changed = make_ctx(tmp_path, ["laplace.prior_precision_grid=[0.5, 5.0]"])
+    with pytest.raises(StageInputsChanged, match=r"laplace\.prior_precision_grid.*--force"):
+        lp.already_fitted(changed, "best.pt", "abc", upstream)
+    with pytest.raises(StageInputsChanged, match=r"upstream head_checkpoint_md5"):
+        lp.already_fitted(make_ctx(tmp_path), "best.pt", "other", {"head_checkpoint_md5": "other"})
+
+    # --force refits: the old posterior is gone before the fit starts, so a refit killed half-way
+    # cannot leave it looking complete under the new fingerprint.
+    forced = make_ctx(tmp_path, ["laplace.prior_precision_grid=[0.5, 5.0]"], force=True)
+    assert lp.already_fitted(forced, "best.pt", "abc", upstream) is False
+    assert not any((ctx.output_dir / name).exists() for name in lp.ARTIFACTS)
+    write_fitted_posterior(ctx.output_dir)
+    assert lp.already_fitted(make_ctx(tmp_path, ["laplace.prior_precision_grid=[0.5, 5.0]"]), "best.pt", "abc",
+                             upstream) is True
+
+
+def test_trained_models_fingerprint_the_artifacts_they_train_on(tmp_path):
+    def names(model, source="laplace_epistemic"):
+        cfg = load_config(None, [f"data.project_root={tmp_path}", f"fusion.uncertainty_source={source}"])
+        return trained_on_artifacts(cfg, model)
+
+    assert names("head") == set()
+    assert names("variance") == {"head"}
+    assert names("fusion") == {"sam_checkpoint", "head", "head_laplace"}
+    assert names("fusion", "variance_network") == {"sam_checkpoint", "head", "variance"}
+    assert names("fusion", "map_entropy") == {"sam_checkpoint", "head"}
+    assert names("fusion", "constant") == {"sam_checkpoint"}
+    # The settings that shape the fused map are fingerprinted with it (the head's are unchanged).
+    cfg = load_config(None, [f"data.project_root={tmp_path}", "fusion.uncertainty_source=laplace_epistemic"])
+    assert fingerprint_sections(cfg, "head") == ["head", "training"]
+    assert fingerprint_sections(cfg, "variance") == ["head", "training", "variance"]
+    assert {"laplace.num_samples", "laplace.seed", "fusion", "sam"} <= set(fingerprint_sections(cfg, "fusion"))
+    assert {name: cfg.section(name) for name in fingerprint_sections(cfg, "fusion")}["laplace.seed"] == cfg.laplace.seed
+
+
+def test_evaluation_fingerprints_the_fusion_module_and_its_laplace_state(tmp_path):
+    cfg = load_config(None, [f"data.project_root={tmp_path}", "evaluation.refinement=true",
+                             "fusion.uncertainty_source=laplace_epistemic"])
+    assert {"fusion", "head", "head_laplace", "laplace", "variance", "sam_checkpoint"} <= needed_artifacts(cfg)
+    cfg = load_config(None, [f"data.project_root={tmp_path}", "evaluation.refinement=true",
+                             "evaluation.strategies=[raw_sam]", "fusion.uncertainty_source=variance_network"])
+    assert {"fusion", "head", "variance"} <= needed_artifacts(cfg)
+
+
+# --------------------------------------------------------------------------- real scripts
+
+
+def one_line_error(result, *names):
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # not library warnings
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "--force" in lines[0] and all(name in lines[0] for name in names), lines[0]
+
+
+def test_changed_inputs_stop_laplace_fusion_and_variance_until_force(tmp_path):
+    project = prepared_demo_project(tmp_path, {"training.num_epochs": 1, "fusion.num_epochs": 1,
+                                               "fusion.max_train_rows": 4})
+    project.run("train_head.py", "--model", "head", "--run_id", "s")
+
+    # Stage 6: fitted once, skipped when unchanged, a changed laplace.* value is refused, --force refits.
+    project.run("fit_laplace.py", "--run_id", "s")
+    assert "skipping" in project.run("fit_laplace.py", "--run_id", "s").stdout
+    grid = "laplace.prior_precision_grid=[0.5, 5.0]"
+    one_line_error(project.run("fit_laplace.py", "--run_id", "s", "--set", grid, check=False),
+                   "laplace.prior_precision_grid")
+    laplace_dir = project.root / "laplace" / "head" / "run_s"
+    old_state = (laplace_dir / "laplace_state.pt").read_bytes()
+    refit = project.run("fit_laplace.py", "--run_id", "s", "--set", grid, "--force")
+    assert "skipping" not in refit.stdout
+    assert json.loads((laplace_dir / "posterior_meta.json").read_text())["prior_precision_grid"] == [0.5, 5.0]
+    assert (laplace_dir / "laplace_state.pt").read_bytes() != old_state
+    assert "skipping" in project.run("fit_laplace.py", "--run_id", "s", "--set", grid).stdout
+
+    # Fusion on the head's Laplace: a finished run with unchanged inputs is left as it is ...
+    fusion = ("train_head.py", "--model", "fusion", "--run_id", "s")
+    project.run(*fusion)
+    best = project.root / "checkpoints" / "fusion" / "run_s" / "best.pt"
+    trained = best.read_bytes()
+    project.run(*fusion, "--resume-if-exists")
+    assert best.read_bytes() == trained
+    # ... but a refitted Laplace (the map it trained on) stops its rerun.
+    project.run("fit_laplace.py", "--run_id", "s", "--force")
+    one_line_error(project.run(*fusion, "--resume-if-exists", check=False), "upstream artifact_md5s.head_laplace")
+
+    # The variance network trains on the frozen head: a retrained head stops its rerun.
+    variance = ("train_head.py", "--model", "variance", "--run_id", "s")
+    project.run(*variance)
+    project.run(*variance, "--resume-if-exists")
+    project.run("train_head.py", "--model", "head", "--run_id", "s", "--set", "training.seed=7", "--force")
+    one_line_error(project.run(*variance, "--resume-if-exists", check=False), "upstream artifact_md5s.head")
