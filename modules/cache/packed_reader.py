@@ -76,8 +76,8 @@ class PackedSplitDataset(Dataset):
     the handle is never pickled, so the dataset is safe under fork and spawn workers.
 
     Integrity: every row carries a CRC-32 of its stored bytes (``packing.row_checksum``). Rows
-    read from the file are checked as they are read (a few per cent of a batch read); a split
-    loaded into memory is checked once, when it is loaded. A damaged row is a one-line
+    read from the file are checked as they are read; a split loaded into memory is checked once,
+    when it is loaded (the cost of each: README, packed splits). A damaged row is a one-line
     ``PackingError`` naming the file and the row.
 
     Speed: ``__getitems__`` (which ``DataLoader`` calls with a whole batch of indices) converts a

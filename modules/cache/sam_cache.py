@@ -350,8 +350,8 @@ class SamCache:
 
         Every reader that feeds packing, training or evaluation goes through here, so flipped
         bytes are a one-line ``SamCacheError`` naming the shard file and the entry instead of
-        silently wrong data; the CRC costs a small fraction of reading the entry (README:
-        "Checksums"). ``verify=False`` skips it (only for diagnostics).
+        silently wrong data (its cost: README, "Checksums"). ``verify=False`` skips it (only for
+        diagnostics).
         """
         location = self._index.get(safe_id)
         if location is None:
