@@ -147,9 +147,10 @@ def write_hdf5(path: Path, values: np.ndarray) -> None:
 
 
 @needs_mount
-def test_every_writer_library_on_a_full_disk_is_one_error_and_keeps_the_old_file(tmp_path):
+def test_every_writer_library_on_a_full_disk_is_one_error_and_keeps_the_old_file(tmp_path, monkeypatch):
     """torch.save (a bare RuntimeError), PIL, pandas and h5py inside ``atomic_path``, and the plain
-    writes: a ``StorageError`` naming the folder; the earlier file and no temporary file remain."""
+    writes: a ``StorageError`` naming the folder; the earlier file and no temporary file remain.
+    An error naming no file while stdout is a file on the full disk names stdout's file."""
     with small_disk(tmp_path / "disk", "64k") as disk:
         atomic_write_text(disk / "earlier.txt", "earlier result\n")
         big = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
@@ -167,6 +168,11 @@ def test_every_writer_library_on_a_full_disk_is_one_error_and_keeps_the_old_file
             atomic_write_csv(disk / "earlier.txt", pd.DataFrame({"a": np.arange(40000)}))
         assert sorted(p.name for p in disk.iterdir()) == ["earlier.txt"]
         assert (disk / "earlier.txt").read_text() == "earlier result\n"
+        with open(disk / "log.txt", "w") as log:
+            monkeypatch.setattr(sys, "stdout", log)
+            from_print = storage_error(OSError(errno.ENOSPC, "No space left on device"), default_folder=tmp_path)
+            monkeypatch.undo()
+        assert f"under {disk} (writing log.txt)" in str(from_print)
 
 
 # --------------------------------------------------------------------------- the SAM cache writer

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -110,12 +111,26 @@ def _shown(path: Path) -> Path:
     return path.with_name(match.group(1)) if match else path
 
 
-def _fault_path(error: BaseException) -> Path | None:
+def _full_standard_output() -> Path | None:
+    """The file stdout is redirected to when its file system is full (Linux), else None: an error
+    that names no file and comes with a full stdout file most likely came from a ``print``."""
+    try:
+        target = Path(os.readlink(f"/proc/self/fd/{sys.stdout.fileno()}"))
+    except (OSError, ValueError, AttributeError):
+        return None
+    free = free_bytes(target.parent) if target.is_file() else None
+    return target if free is not None and free < FULL_DISK_BYTES else None
+
+
+def _fault_path(error: BaseException, code: int) -> Path | None:
+    """The file the failed operation wrote, as far as ``error`` tells."""
     name = getattr(error, "filename", None)
     if isinstance(name, (str, os.PathLike)):
         return Path(name)
     match = _FILENAME_IN_MESSAGE.search(str(error))
-    return Path(match.group(1)) if match else None
+    if match:
+        return Path(match.group(1))
+    return _full_standard_output() if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else None
 
 
 def storage_error(error: BaseException, path: str | os.PathLike | None = None,
@@ -123,7 +138,7 @@ def storage_error(error: BaseException, path: str | os.PathLike | None = None,
     """The ``StorageError`` that ``error`` means, or None when it is no storage fault.
 
     ``path``: the file being written (else the one the error names: ``OSError.filename``, h5py's
-    ``filename = '...'``; else ``default_folder``). Recognised: the errnos of ``STORAGE_ERRNOS``
+    ``filename = '...'``; else stdout's file when that disk is full; else ``default_folder``). Recognised: the errnos of ``STORAGE_ERRNOS``
     (also inside h5py's message text), and, when ``path`` is given, an ``OSError``/``RuntimeError``
     without one while the file system holding ``path`` is full (``torch.save``).
     """
@@ -138,7 +153,7 @@ def storage_error(error: BaseException, path: str | os.PathLike | None = None,
             code = errno.ENOSPC
     if code is None:
         return None
-    target = Path(path) if path is not None else _fault_path(error)
+    target = Path(path) if path is not None else _fault_path(error, code)
     target = _shown(target) if target is not None else None
     if target is None and default_folder is None:
         return None

@@ -340,13 +340,14 @@ def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callabl
         yield ctx
         ctx.save_resolved_config()
         print(f"[{name}] finished in {time.time() - ctx.started:.1f} s")
+        sys.stdout.flush()  # stdout may be a file on a full disk: fail here, with the line below
     except (PipelineError, OSError) as exc:
         # A storage fault anywhere (also creating the folders above) is one line like bad input.
         error = storage_error(exc, default_folder=project_root)
         if error is None and not isinstance(exc, PipelineError):
             raise
         tracker.finish()
-        with contextlib.suppress(OSError):  # stdout may be a file on the full disk
+        with contextlib.suppress(OSError):  # what is left of stdout, before the error line
             sys.stdout.flush()
         print(f"error: {error or exc}", file=sys.stderr)
         raise SystemExit(2) from None
