@@ -30,6 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
+from modules.cache.packing import row_checksum
 from modules.cache.sam_cache import CacheEntry, SamCache, ShardLayout
 from modules.cache.shard_writer import ShardWriter
 from modules.core.errors import PipelineError
@@ -361,19 +362,44 @@ def test_stage2_disk_full_keeps_earlier_results_and_rerun_finishes(reference):
         assert prompt_set_files(disk) == prompt_set_files(reference["root"] / "prompt_sets")
 
 
+def verified_rows(path: Path) -> np.ndarray:
+    """The flags of a packed (or partial) file, after checking that every flagged row's stored
+    inputs and target give its stored CRC."""
+    with h5py.File(path, "r") as handle:
+        flags = handle["rows/complete"][:].astype(bool)
+        for row in np.flatnonzero(flags):
+            assert row_checksum(handle["inputs"][row], handle["targets"][row]) == handle["rows/checksum"][row]
+    return flags
+
+
 @needs_mount
-def test_packing_on_a_full_disk_is_one_line_and_leaves_the_cache_intact(reference):
-    """pack_to_hdf5.py on a disk too small for the packed split: one line naming the folder (found
-    when the file is created), the index and the SAM cache unchanged."""
+def test_packing_on_a_full_disk_is_one_line_and_flags_only_rows_on_disk(reference, monkeypatch, capsys):
+    """pack_to_hdf5.py on a disk too small for the packed split: one line naming the folder when the
+    file is created, the index and the SAM cache unchanged. Where blocks cannot be reserved
+    (simulated), the disk fills midway: flagged rows all verify; after making space the rerun
+    finishes every row."""
     config, root = copy_project(reference, "packing", parts=("manifests", "prompt_sets", "sam_cache"))
     cache_before = tree_digest(root / "sam_cache")
     with small_disk(root / "training_data", "256k") as disk:
         run_here("build_training_indices.py", config)
         index_before = tree_digest(disk)
         (line,) = error_lines(run_script("pack_to_hdf5.py", config))
-        assert f"no space left on device under {disk}" in line
+        assert f"no space left on device under {disk} (reserving" in line
         after = tree_digest(disk)
         assert {name: after.get(name) for name in index_before} == index_before
+
+        remount(disk, "size=2m")  # one sample's 3 rows (1.3 MiB) fit, two samples' do not
+        with monkeypatch.context() as patch:
+            patch.setattr("modules.cache.hdf5_rows.reserve_space", lambda path: None)
+            with pytest.raises(SystemExit, match="2"):
+                run_here("pack_to_hdf5.py", config)
+        assert f"no space left on device under {disk} (writing train.h5.partial)" in capsys.readouterr().err
+        flagged = verified_rows(disk / "train.h5.partial")
+        assert 0 < flagged.sum() < len(flagged)
+
+        remount(disk, "size=16m")
+        run_here("pack_to_hdf5.py", config)
+        assert verified_rows(disk / "train.h5").all()
     assert tree_digest(root / "sam_cache") == cache_before
 
 

@@ -81,8 +81,12 @@ class _ReadableCopy:
         fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".salvage", dir=self.path.parent)
         os.close(fd)
         self._padded = Path(name)
-        shutil.copyfile(self.path, self._padded)
-        os.truncate(self._padded, int(match.group(1)))
+        try:
+            shutil.copyfile(self.path, self._padded)
+            os.truncate(self._padded, int(match.group(1)))
+        except BaseException:  # a full disk: the partial copy must not stay and hold the space
+            self._padded.unlink(missing_ok=True)
+            raise
         try:
             self.handle = h5py.File(self._padded, "r", locking=False)
         except OSError as exc:
