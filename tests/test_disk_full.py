@@ -158,7 +158,7 @@ def test_every_writer_library_on_a_full_disk_is_one_error_and_keeps_the_old_file
         writers = {
             "torch": lambda tmp: torch.save({"w": torch.from_numpy(big.astype(np.float32))}, tmp),
             "pil": lambda tmp: Image.fromarray(big).save(tmp, format="PNG"),
-                "h5py": lambda tmp: write_hdf5(tmp, big.astype(np.float64)),
+            "h5py": lambda tmp: write_hdf5(tmp, big.astype(np.float64)),
         }
         for name, write in writers.items():
             with pytest.raises(StorageError, match=f"no space left on device under {re.escape(str(disk))} "
