@@ -274,8 +274,9 @@ class SplitPacker:
         """One sample's rows: data and CRCs, sync, read back and check, then the flags, sync, check."""
         handle = self._handle
         if embedding is not None:
+            embedding_checksum = row_checksum(embedding)
             handle["samples/embedding"][sample] = embedding
-            handle["samples/checksum"][sample] = row_checksum(embedding)
+            handle["samples/checksum"][sample] = embedding_checksum
         checksums = handle["rows/checksum"]
         expected = [row_checksum(inputs[position], target) for position in range(len(rows))]
         for position, row in enumerate(rows):
@@ -283,8 +284,8 @@ class SplitPacker:
             handle["targets"][row] = target
             checksums[row] = expected[position]
         sync_file(handle)
-        if embedding is not None and (row_checksum(handle["samples/embedding"][sample]) != row_checksum(embedding)
-                                      or int(handle["samples/checksum"][sample]) != row_checksum(embedding)):
+        if embedding is not None and (row_checksum(handle["samples/embedding"][sample]) != embedding_checksum
+                                      or int(handle["samples/checksum"][sample]) != embedding_checksum):
             raise lost_write_error(self.partial, f"the embedding of sample {self.plan.safe_ids[sample]}")
         for position, row in enumerate(rows):
             if (int(checksums[row]) != expected[position]

@@ -215,11 +215,13 @@ def reserve_space(path: str | os.PathLike) -> None:
 
     A file written in place later (the HDF5 writers allocate their datasets at creation, which only
     sets the length) then cannot hit a full disk midway; a disk too small is a ``StorageError`` now.
-    Where the file system cannot reserve (no ``fallocate``), nothing happens and the writers' read-back
-    checks remain the guard.
+    Where the system or file system cannot reserve (no ``posix_fallocate``), nothing happens and the
+    writers' read-back checks remain the guard.
     """
     path = Path(path)
     size = path.stat().st_size
+    if size == 0 or not hasattr(os, "posix_fallocate"):  # macOS and Windows have none
+        return
     with storage_faults(path):
         fd = os.open(path, os.O_RDWR)
         try:
