@@ -4,14 +4,24 @@ Both crash-safe writers (the SAM cache shards and the packed splits) create ever
 ``allocate_dataset``: fixed shape, storage allocated now, no compression. Afterwards only raw
 bytes are overwritten in place, so a killed writer can leave unflagged rows but never a file
 whose metadata is half-written.
+
+Durable, then flagged: a writer opens its file with ``open_for_row_writes`` (disk blocks reserved,
+no HDF5 write caches, so a failed write raises at the write instead of being swallowed when h5py
+frees a dataset), writes a batch's rows, ``sync_file``, reads them back and checks their CRC, and
+only then writes the completion flags and syncs again. A row whose flag is set is therefore on disk
+and verified.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Iterable
 
 import h5py
 import numpy as np
+
+from modules.core.fileio import reserve_space, storage_faults
 
 #: h5py's advice: chunks between 10 KiB and 1 MiB.
 MAX_CHUNK_BYTES = 1 << 20
@@ -58,6 +68,30 @@ def allocate_table(group: h5py.Group, name: str, values: np.ndarray) -> None:
     allocate_dataset(group, name, values.shape, values.dtype)
     if values.size:
         group[name][...] = values
+
+
+def open_for_row_writes(path: str | os.PathLike) -> h5py.File:
+    """Open an allocated file ``r+`` for in-place row writes, after reserving its disk blocks.
+
+    The raw-data chunk cache and the sieve buffer are off: with them on, HDF5 writes a row when it
+    evicts it or closes the dataset, where h5py reports a failure (a full disk) only as an ignored
+    exception, and the row later reads back as zeros. The writers write whole rows, so the caches
+    would save nothing.
+    """
+    path = Path(path)
+    reserve_space(path)
+    with storage_faults(path):
+        fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+        fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)  # what h5py.File sets: close frees every object
+        fapl.set_cache(0, 0, 0, 0.0)  # no raw-data chunk cache
+        fapl.set_sieve_buf_size(0)
+        return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR, fapl=fapl))
+
+
+def sync_file(handle: h5py.File) -> None:
+    """Flush HDF5's buffers and ``fsync`` the file: what was written is on disk when this returns."""
+    handle.flush()
+    os.fsync(handle.id.get_vfd_handle())
 
 
 def fixed_bytes(values: Iterable[str]) -> np.ndarray:

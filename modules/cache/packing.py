@@ -2,8 +2,11 @@
 
 ``<split>.h5`` holds one row per index row (clipped SAM logits and the two Gaussian prompt maps
 as ``inputs``, the FRAME256 mask as ``targets``), a CRC-32 and a completion flag per row (the CRC
-written before the flag; ``row_checksum``), and the index CSV it was packed from. It is written as ``<split>.h5.partial`` with every dataset allocated up front and
-renamed when every row is flagged, so a file under the final name is complete by construction.
+written before the flag; ``row_checksum``), and the index CSV it was packed from. It is written as
+``<split>.h5.partial`` with every dataset allocated up front (its disk blocks reserved) and renamed
+when every row is flagged, so a file under the final name is complete by construction. A sample's
+rows are flagged only once they are synced to disk and read back with their CRC
+(``hdf5_rows``: durable, then flagged); a full disk is a ``StorageError`` naming the file.
 """
 
 from __future__ import annotations
@@ -21,10 +24,17 @@ import numpy as np
 import pandas as pd
 
 from modules.cache import sam_cache
-from modules.cache.hdf5_rows import allocate_rows, allocate_table, fixed_bytes
+from modules.cache.hdf5_rows import allocate_rows, allocate_table, fixed_bytes, open_for_row_writes, sync_file
 from modules.cache.training_index import PackingError, read_index_csv
 from modules.core.config import PipelineConfig
-from modules.core.fileio import atomic_path, cached_file_md5, file_md5
+from modules.core.fileio import (
+    atomic_path,
+    cached_file_md5,
+    durable_replace,
+    file_md5,
+    lost_write_error,
+    storage_faults,
+)
 from modules.core.frames import FRAME256
 from modules.core.paths import packed_path, promptset_path, training_data_dir
 from modules.core.stage import UnitError
@@ -188,7 +198,7 @@ class SplitPacker:
         if not reusable:
             with atomic_path(self.partial) as tmp:
                 _create_packed_file(tmp, self.plan, self._embedding_shape())
-        self._handle = h5py.File(self.partial, "r+")
+        self._handle = open_for_row_writes(self.partial)
         self._complete = self._handle["rows/complete"][:].astype(bool)
         if reusable:
             self.messages.append(f"{self.partial.name}: resuming, {int(self._complete.sum())} of "
@@ -252,23 +262,41 @@ class SplitPacker:
         inputs = packed_inputs(entry.logits[[entry_row[p] for p in wanted]],
                                maps[[record_row[p] for p in wanted]], self.settings.logit_clip)
 
-        handle = self._handle
-        if "samples/embedding" in handle:
+        embedding = None
+        if "samples/embedding" in self._handle:
             embedding = np.ascontiguousarray(entry.features[EMBEDDING_FEATURE], dtype=np.float16)
+        with storage_faults(self.partial):
+            self._write_rows(sample, rows, inputs, np.ascontiguousarray(target, dtype=np.uint8), embedding)
+        self._complete[rows] = True
+
+    def _write_rows(self, sample: int, rows: np.ndarray, inputs: np.ndarray, target: np.ndarray,
+                    embedding: np.ndarray | None) -> None:
+        """One sample's rows: data and CRCs, sync, read back and check, then the flags, sync, check."""
+        handle = self._handle
+        if embedding is not None:
+            embedding_checksum = row_checksum(embedding)
             handle["samples/embedding"][sample] = embedding
-            handle["samples/checksum"][sample] = row_checksum(embedding)
-        target = np.ascontiguousarray(target, dtype=np.uint8)
+            handle["samples/checksum"][sample] = embedding_checksum
         checksums = handle["rows/checksum"]
+        expected = [row_checksum(inputs[position], target) for position in range(len(rows))]
         for position, row in enumerate(rows):
             handle["inputs"][row] = inputs[position]
             handle["targets"][row] = target
-            checksums[row] = row_checksum(inputs[position], target)
-        handle.flush()
+            checksums[row] = expected[position]
+        sync_file(handle)
+        if embedding is not None and (row_checksum(handle["samples/embedding"][sample]) != embedding_checksum
+                                      or int(handle["samples/checksum"][sample]) != embedding_checksum):
+            raise lost_write_error(self.partial, f"the embedding of sample {self.plan.safe_ids[sample]}")
+        for position, row in enumerate(rows):
+            if (int(checksums[row]) != expected[position]
+                    or row_checksum(handle["inputs"][row], handle["targets"][row]) != expected[position]):
+                raise lost_write_error(self.partial, f"row {row}")
         flags = handle["rows/complete"]
         for row in rows:
             flags[row] = 1
-        self._complete[rows] = True
-        handle.flush()
+        sync_file(handle)
+        if not flags[:][rows].all():
+            raise lost_write_error(self.partial, f"the completion flags of rows {rows.tolist()}")
 
     # ----------------------------------------------------------- finishing
 
@@ -282,9 +310,7 @@ class SplitPacker:
         self.close()
         if not complete:
             return False
-        with open(self.partial, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(self.partial, self.final)
+        durable_replace(self.partial, self.final)
         return True
 
     def close(self) -> None:

@@ -230,8 +230,8 @@ def stored_feature_names(handle: h5py.File) -> list[str]:
     return json.loads(handle.attrs["feature_names"])
 
 
-def write_entry_rows(handle: h5py.File, slot: int, entry: CacheEntry, feature_names: tuple[str, ...]) -> None:
-    """All rows of one entry except its completion flag."""
+def write_entry_rows(handle: h5py.File, slot: int, entry: CacheEntry, feature_names: tuple[str, ...]) -> int:
+    """All rows of one entry except its completion flag; returns the checksum it stored."""
     entry = _normalise_entry(entry)
     count = entry.num_promptsets
     for name in feature_names:
@@ -245,7 +245,17 @@ def write_entry_rows(handle: h5py.File, slot: int, entry: CacheEntry, feature_na
     entries["original_hw"][slot] = entry.original_hw
     entries["input_hw"][slot] = entry.input_hw
     entries["promptset_md5"][slot] = entry.promptset_md5.encode("ascii")
-    entries["checksum"][slot] = entry_checksum(entry, feature_names)
+    checksum = entry_checksum(entry, feature_names)
+    entries["checksum"][slot] = checksum
+    return checksum
+
+
+def stored_entry_matches(handle: h5py.File, slot: int, feature_names: Iterable[str], checksum: int) -> bool:
+    """The entry in ``slot`` reads back with ``checksum``, both recomputed from its arrays and as
+    stored (the writer's check that what it wrote reached the file)."""
+    names = list(feature_names)
+    return (int(handle["entries/checksum"][slot]) == checksum
+            and entry_checksum(read_entry(handle, slot, names), names) == checksum)
 
 
 # --------------------------------------------------------------------------- reading

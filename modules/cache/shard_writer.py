@@ -1,8 +1,11 @@
 """Writing one shard of the SAM cache (stage 3) crash-safely, and salvaging damaged shard files.
 
-``ShardWriter`` only overwrites bytes of a fully allocated file (data rows, flush, then flags,
-flush); a shard file that is truncated, corrupt or made for another layout is rebuilt atomically
-from the entries that still pass their checksum, so only the rest is recomputed.
+``ShardWriter`` only overwrites bytes of a fully allocated file whose disk blocks are reserved
+(``hdf5_rows.open_for_row_writes``): data rows, sync, read back and check each entry's CRC, then the
+flags, sync (``write_entries``). A full disk or a lost write is a ``StorageError`` naming the shard
+file, and no entry is flagged whose data is not on disk. A shard file that is truncated, corrupt or
+made for another layout is rebuilt atomically from the entries that still pass their checksum, so
+only the rest is recomputed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from modules.cache.hdf5_rows import decode_strings
+from modules.cache.hdf5_rows import decode_strings, open_for_row_writes, sync_file
 from modules.cache.sam_cache import (
     BACKBONE_INFO_FILE,
     CacheEntry,
@@ -32,11 +35,19 @@ from modules.cache.sam_cache import (
     read_entry,
     shard_file_name,
     shard_files,
+    stored_entry_matches,
     stored_feature_names,
     write_entry_rows,
 )
 from modules.core.errors import error_line
-from modules.core.fileio import atomic_path, atomic_write_json, atomic_write_text
+from modules.core.fileio import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    lost_write_error,
+    storage_error,
+    storage_faults,
+)
 
 log = logging.getLogger("pipeline.sam_cache")
 
@@ -70,8 +81,12 @@ class _ReadableCopy:
         fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".salvage", dir=self.path.parent)
         os.close(fd)
         self._padded = Path(name)
-        shutil.copyfile(self.path, self._padded)
-        os.truncate(self._padded, int(match.group(1)))
+        try:
+            shutil.copyfile(self.path, self._padded)
+            os.truncate(self._padded, int(match.group(1)))
+        except BaseException:  # a full disk: the partial copy must not stay and hold the space
+            self._padded.unlink(missing_ok=True)
+            raise
         try:
             self.handle = h5py.File(self._padded, "r", locking=False)
         except OSError as exc:
@@ -143,6 +158,36 @@ def drop_damaged_entries(handle: h5py.File) -> list[str]:
 # --------------------------------------------------------------------------- writing
 
 
+def write_entries(handle: h5py.File, path: Path, items: list[tuple[int, CacheEntry]],
+                  feature_names: tuple[str, ...], before_flags=None, durable: bool = True) -> None:
+    """Write ``items`` (``(slot, entry)``) into an open shard file, durable first, flagged last.
+
+    Data rows, sync, read every entry back and check its CRC, then the flags, sync, read them back.
+    A failed write (a full disk) or a read-back mismatch raises a ``StorageError`` naming ``path``
+    before any flag of ``items`` is written. ``durable=False`` skips the syncs (a file that is synced
+    before it is published, ``atomic_path``). ``before_flags``: a callable run before the flags (a
+    test hook).
+    """
+    with storage_faults(path):
+        checksums = [write_entry_rows(handle, slot, entry, feature_names) for slot, entry in items]
+        if durable:
+            sync_file(handle)
+        for (slot, entry), checksum in zip(items, checksums):
+            if not stored_entry_matches(handle, slot, feature_names, checksum):
+                raise lost_write_error(path, f"entry {entry.safe_id}")
+        if before_flags is not None:
+            before_flags()
+        flags = handle["entries/complete"]
+        for slot, _ in items:
+            flags[slot] = 1
+        if durable:
+            sync_file(handle)
+        stored = flags[:]
+        for slot, entry in items:
+            if stored[slot] != 1:
+                raise lost_write_error(path, f"the completion flag of entry {entry.safe_id}")
+
+
 class ShardWriter:
     """Writes the entries of one shard into its HDF5 file (see the module docstring).
 
@@ -178,10 +223,12 @@ class ShardWriter:
         messages: list[str] = []
         if path.is_file() and not rebuild:
             try:
-                handle = h5py.File(path, "r+")
+                handle = open_for_row_writes(path)
             except OSError as exc:
                 if "unable to lock file" in str(exc).lower():
                     raise SamCacheError(f"{path}: open by another writer ({error_line(exc)})") from None
+                if storage_error(exc, path) is not None:  # not damage: rebuilding would fail the same way
+                    raise storage_error(exc, path) from None
                 messages.append(f"{path.name}: truncated or corrupt HDF5 file ({error_line(exc)}); "
                                 "salvaging its complete entries into a fresh file")
             else:
@@ -190,7 +237,8 @@ class ShardWriter:
                 except (OSError, KeyError, ValueError) as exc:
                     mismatch = f"unreadable tables ({error_line(exc)})"
                 if mismatch is None:
-                    dropped = drop_damaged_entries(handle)
+                    with storage_faults(path):
+                        dropped = drop_damaged_entries(handle)
                     if dropped:
                         messages.append(f"{path.name}: {len(dropped)} complete entries fail their checksum "
                                         f"({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}); "
@@ -203,7 +251,7 @@ class ShardWriter:
         salvaged = cls._build(path, layout, promptset_md5s, sources)
         if sources:
             messages.append(f"{path.name}: {salvaged} complete entries kept from {len(sources)} file(s)")
-        return cls(path, layout, h5py.File(path, "r+"), messages)
+        return cls(path, layout, open_for_row_writes(path), messages)
 
     @staticmethod
     def _build(path: Path, layout: ShardLayout, promptset_md5s: dict[str, str], sources: list[Path]) -> int:
@@ -214,15 +262,16 @@ class ShardWriter:
         copied = 0
         with atomic_path(path) as tmp:
             create_shard_file(tmp, layout)
-            with h5py.File(tmp, "r+") as handle:
+            with open_for_row_writes(tmp) as handle:
                 for source in sources:
                     for entry in salvage_entries(source, wanted):
                         if entry.num_promptsets > layout.max_promptsets or any(
                             tuple(entry.features.get(n, np.empty(0)).shape) != shapes[n] for n in shapes
                         ):
                             continue
-                        write_entry_rows(handle, slot_of[entry.safe_id], entry, layout.feature_names)
-                        handle["entries/complete"][slot_of[entry.safe_id]] = 1
+                        # Not synced entry by entry: atomic_path syncs the file before publishing it.
+                        write_entries(handle, path, [(slot_of[entry.safe_id], entry)], layout.feature_names,
+                                      durable=False)
                         wanted.pop(entry.safe_id)
                         copied += 1
         return copied
@@ -237,23 +286,25 @@ class ShardWriter:
     def invalidate(self, safe_ids: Iterable[str]) -> int:
         """Clear the flags of these (stale) entries before their slots are overwritten."""
         slots = sorted(self._slot_of[s] for s in safe_ids if self._complete[self._slot_of[s]])
-        for slot in slots:
-            self._handle["entries/complete"][slot] = 0
-            self._complete[slot] = False
-        if slots:
-            self._handle.flush()
+        with storage_faults(self.path):
+            for slot in slots:
+                self._handle["entries/complete"][slot] = 0
+                self._complete[slot] = False
+            if slots:
+                self._handle.flush()
         return len(slots)
 
     # ----------------------------------------------------------- writing
 
     def write_batch(self, entries: list[CacheEntry], before_flags=None) -> None:
-        """Write a batch of entries: all data rows, flush, then the flags, flush.
+        """Write a batch of entries durably, then flag them (``write_entries``): on a full disk or a
+        lost write, a ``StorageError`` naming the shard file, and none of the batch is flagged.
 
-        ``before_flags``: optional callable run between the two flushes (a test hook).
+        ``before_flags``: optional callable run after the data is on disk, before the flags (a test hook).
         """
         if not entries:
             return
-        slots = []
+        items = []
         for entry in entries:
             slot = self._slot_of.get(entry.safe_id)
             if slot is None:
@@ -263,17 +314,11 @@ class ShardWriter:
             if entry.num_promptsets > self.layout.max_promptsets:
                 raise SamCacheError(f"{self.path}: {entry.safe_id} has {entry.num_promptsets} prompt sets, "
                                     f"the cache holds at most {self.layout.max_promptsets}")
-            write_entry_rows(self._handle, slot, entry, self.layout.feature_names)
-            slots.append((slot, entry.promptset_md5))
-        self._handle.flush()
-        if before_flags is not None:
-            before_flags()
-        flags = self._handle["entries/complete"]
-        for slot, md5 in slots:
-            flags[slot] = 1
+            items.append((slot, entry))
+        write_entries(self._handle, self.path, items, self.layout.feature_names, before_flags)
+        for slot, entry in items:
             self._complete[slot] = True
-            self._md5[slot] = md5
-        self._handle.flush()
+            self._md5[slot] = entry.promptset_md5
 
     def close(self) -> None:
         if self._handle is not None:

@@ -10,7 +10,8 @@ Every top-level script does the same three things::
 ``stage_context`` checks the arguments that name folders (``NAME_ARGUMENTS``), loads and validates
 the config (with ``--set`` overrides), checks that the stage's output folder resolves inside the
 project root and only then creates it, saves the resolved config beside the outputs, opens the
-stage's W&B run, and turns every ``PipelineError`` into one line on stderr and exit code 2.
+stage's W&B run, and turns every ``PipelineError``, and every storage fault (a full disk, a read-only
+folder: ``fileio.storage_error``) raised anywhere in the stage, into one line on stderr and exit code 2.
 
 Fingerprints: ``ctx.check_inputs(config_sections, upstream)`` records what the stage is computed
 from (its config sections and hashes of upstream artifacts) in ``<output>/.stage.json``. A rerun
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 
 from modules.core.config import PipelineConfig, load_config
 from modules.core.errors import PipelineError
-from modules.core.fileio import atomic_write_json, atomic_write_yaml, file_md5, read_json
+from modules.core.fileio import atomic_write_json, atomic_write_yaml, file_md5, read_json, storage_error
 from modules.core.paths import FINGERPRINT_FILE, check_name, ensure_inside
 from modules.core.tracking import NullTracker, start_tracker
 
@@ -320,6 +321,7 @@ def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callabl
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tracker = NullTracker()
+    project_root = None
     try:
         check_name_arguments(args)
         cfg = load_config(args.config, args.overrides)
@@ -338,8 +340,15 @@ def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callabl
         yield ctx
         ctx.save_resolved_config()
         print(f"[{name}] finished in {time.time() - ctx.started:.1f} s")
-    except PipelineError as exc:
+        sys.stdout.flush()  # stdout may be a file on a full disk: fail here, with the line below
+    except (PipelineError, OSError) as exc:
+        # A storage fault anywhere (also creating the folders above) is one line like bad input.
+        error = storage_error(exc, default_folder=project_root)
+        if error is None and not isinstance(exc, PipelineError):
+            raise
         tracker.finish()
-        print(f"error: {exc}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # what is left of stdout, before the error line
+            sys.stdout.flush()
+        print(f"error: {error or exc}", file=sys.stderr)
         raise SystemExit(2) from None
     tracker.finish()
