@@ -178,10 +178,8 @@ class ShardWriter:
         messages: list[str] = []
         if path.is_file() and not rebuild:
             try:
-                handle = h5py.File(path, "r+")
+                handle = h5py.File(path, "r+", locking=False)  # one writer: the stage's shard lock
             except OSError as exc:
-                if "unable to lock file" in str(exc).lower():
-                    raise SamCacheError(f"{path}: open by another writer ({error_line(exc)})") from None
                 messages.append(f"{path.name}: truncated or corrupt HDF5 file ({error_line(exc)}); "
                                 "salvaging its complete entries into a fresh file")
             else:
@@ -203,7 +201,7 @@ class ShardWriter:
         salvaged = cls._build(path, layout, promptset_md5s, sources)
         if sources:
             messages.append(f"{path.name}: {salvaged} complete entries kept from {len(sources)} file(s)")
-        return cls(path, layout, h5py.File(path, "r+"), messages)
+        return cls(path, layout, h5py.File(path, "r+", locking=False), messages)
 
     @staticmethod
     def _build(path: Path, layout: ShardLayout, promptset_md5s: dict[str, str], sources: list[Path]) -> int:
