@@ -11,8 +11,11 @@ Two mechanisms, used for every child the pipeline makes:
   On other systems it does nothing: there, workers fall back on PyTorch's own check that their
   parent is alive (every 5 s while idle).
 - ``run_child`` (``run_pipeline.py``'s stages): the child runs in its own session and dies with the
-  pipeline; SIGINT, SIGTERM and SIGHUP sent to the pipeline are forwarded to the child's process
-  group (the stage and its workers), and the pipeline exits with the child's status.
+  pipeline; SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to the pipeline are forwarded to the child's
+  process group (the stage and its workers), and the pipeline exits with the child's status. Its
+  own session keeps a terminal's Ctrl-C from reaching the stage twice (directly and forwarded), so
+  Ctrl-Z (SIGTSTP) and ``fg`` (SIGCONT) are passed on too: the stage stops and continues with the
+  pipeline.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Sequence
 PR_SET_PDEATHSIG = 1
 
 #: Signals ``run_child`` passes on to the running child instead of acting on them itself.
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def _load_prctl():
@@ -142,7 +145,19 @@ def run_child(argv: Sequence[str]) -> ChildExit:
         if child is not None:
             _signal_group(child.pid, signum)
 
-    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    def suspend(_signum, _frame) -> None:
+        # The child's group has no parent in its session, so the kernel would drop a SIGTSTP sent
+        # to it (an orphaned process group): stop it, and then this process, with SIGSTOP.
+        if child is not None:
+            _signal_group(child.pid, signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    def resume(_signum, _frame) -> None:
+        if child is not None:
+            _signal_group(child.pid, signal.SIGCONT)
+
+    handlers = {**{signum: forward for signum in FORWARDED_SIGNALS}, signal.SIGTSTP: suspend, signal.SIGCONT: resume}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         child = subprocess.Popen(list(argv), start_new_session=True, preexec_fn=DieWithParent())
         if received:  # arrived while the child was being started
