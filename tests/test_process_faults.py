@@ -9,6 +9,7 @@ through /proc (Linux).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import shutil
 import signal
@@ -21,7 +22,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 import yaml
+from torch.utils.data import DataLoader, Dataset
 
 from modules.cache import sam_cache
 from modules.core.config import load_config
@@ -31,7 +34,7 @@ from modules.core.processes import process_gone
 from modules.core.stage import Shard, resolve_shard, stage_context
 from modules.sam.registry import load_backbone
 from modules.stages.precompute_sam_outputs import run_precompute
-from modules.training.distributed import DistributedContext
+from modules.training.distributed import DistributedContext, TrainingWorkerInit
 from tests.helpers.precompute_fixtures import make_project, save_random_checkpoint
 from tests.stage_runner import REPO, run_stage, write_config
 
@@ -240,7 +243,7 @@ def test_bad_torchrun_variables_stop_training_with_one_line(env, message, monkey
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(PipelineError, match=f"^environment variable {message}"):
-        DistributedContext.from_env(__import__("torch").device("cpu"))
+        DistributedContext.from_env(torch.device("cpu"))
 
 
 def test_bad_slurm_variable_stops_stage3_with_one_line(tmp_path):
@@ -280,6 +283,33 @@ def test_run_child_forwards_signals_and_its_child_dies_with_it(tmp_path):
             process.wait()
             for pid in processes_mentioning(marker):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- DataLoader workers
+
+
+PR_GET_PDEATHSIG = 2
+
+
+class WorkerFacts(Dataset):
+    """Reports, from inside a DataLoader worker, its parent-death signal, its parent, and a NumPy draw."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> dict:
+        signum = ctypes.c_int(-1)
+        assert ctypes.CDLL(None, use_errno=True).prctl(PR_GET_PDEATHSIG, ctypes.byref(signum), 0, 0, 0) == 0
+        return {"pdeathsig": signum.value, "parent": os.getppid(), "draw": int(np.random.randint(2**31))}
+
+
+def test_training_loader_workers_die_with_the_trainer_and_are_seeded():
+    loader = DataLoader(WorkerFacts(), batch_size=None, num_workers=2, worker_init_fn=TrainingWorkerInit(),
+                        generator=torch.Generator().manual_seed(0))
+    facts = list(loader)
+    assert [f["pdeathsig"] for f in facts] == [signal.SIGKILL] * 2
+    assert [f["parent"] for f in facts] == [os.getpid()] * 2
+    assert facts[0]["draw"] != facts[1]["draw"]  # forked workers share NumPy's state unless seeded
 
 
 # --------------------------------------------------------------------------- stage 3 and the pipeline
