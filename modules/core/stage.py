@@ -9,7 +9,8 @@ Every top-level script does the same three things::
 
 ``stage_context`` checks the arguments that name folders (``NAME_ARGUMENTS``), loads and validates
 the config (with ``--set`` overrides), checks that the stage's output folder resolves inside the
-project root and only then creates it, saves the resolved config beside the outputs, opens the
+project root and only then creates it, takes the output's lock (``core.locks``: a second copy of
+the stage on the same output refuses), saves the resolved config beside the outputs, opens the
 stage's W&B run, and turns every ``PipelineError`` into one line on stderr and exit code 2.
 
 Fingerprints: ``ctx.check_inputs(config_sections, upstream)`` records what the stage is computed
