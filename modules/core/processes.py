@@ -157,11 +157,20 @@ def run_child(argv: Sequence[str]) -> ChildExit:
             _signal_group(child.pid, signal.SIGCONT)
 
     handlers = {**{signum: forward for signum in FORWARDED_SIGNALS}, signal.SIGTSTP: suspend, signal.SIGCONT: resume}
+    parent = DieWithParent()
+
+    def setup_child() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, handlers)  # the mask survives fork and exec
+        parent()
+
     previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
-        child = subprocess.Popen(list(argv), start_new_session=True, preexec_fn=DieWithParent())
-        if received:  # arrived while the child was being started
-            _signal_group(child.pid, received[-1])
+        # Signals that arrive while the child starts wait until ``child`` is set, then run the handlers.
+        signal.pthread_sigmask(signal.SIG_BLOCK, handlers)
+        try:
+            child = subprocess.Popen(list(argv), start_new_session=True, preexec_fn=setup_child)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, handlers)
         returncode = child.wait()
     finally:
         for signum, handler in previous.items():
