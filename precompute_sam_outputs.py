@@ -12,7 +12,7 @@ from modules.core.stage import default_argument_parser, resolve_shard, stage_con
 
 def main() -> None:
     args = default_argument_parser(__doc__.splitlines()[0], sharded=True).parse_args()
-    with stage_context("precompute_sam_outputs", args, output_dir=paths.SAM_CACHE_DIR) as ctx:
+    with stage_context("precompute_sam_outputs", args, output_dir=paths.SAM_CACHE_DIR, lock=False) as ctx:
         precompute.run_stage(ctx, resolve_shard(args))
 
 

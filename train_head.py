@@ -9,8 +9,6 @@
 Checkpoints go to ``<project_root>/checkpoints/<model>/run_<id>/``.
 """
 
-import os
-
 from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 from modules.stages import train_head as head_training
@@ -29,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     with stage_context(f"train_{args.model}", args,
                        output_dir=lambda cfg: paths.checkpoint_run_relpath(args.model, args.run_id),
-                       track=int(os.environ.get("RANK", "0")) == 0) as ctx:
+                       main_rank_only=True) as ctx:
         resume = args.resume or (args.resume_if_exists and has_run(ctx.output_dir))
         head_training.run_stage(ctx, args.model, args.run_id, resume, args.sanity_check, args.head_run_id)
 

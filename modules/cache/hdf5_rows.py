@@ -76,7 +76,9 @@ def open_for_row_writes(path: str | os.PathLike) -> h5py.File:
     The raw-data chunk cache and the sieve buffer are off: with them on, HDF5 writes a row when it
     evicts it or closes the dataset, where h5py reports a failure (a full disk) only as an ignored
     exception, and the row later reads back as zeros. The writers write whole rows, so the caches
-    would save nothing.
+    would save nothing. HDF5's own file lock is off: the stage's output lock (``core.locks``) already
+    guarantees one writer, and HDF5's lock, inherited by forked DataLoader workers, is what an
+    orphaned worker kept after a SIGKILL.
     """
     path = Path(path)
     reserve_space(path)
@@ -85,6 +87,7 @@ def open_for_row_writes(path: str | os.PathLike) -> h5py.File:
         fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)  # what h5py.File sets: close frees every object
         fapl.set_cache(0, 0, 0, 0.0)  # no raw-data chunk cache
         fapl.set_sieve_buf_size(0)
+        fapl.set_file_locking(False, True)
         return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR, fapl=fapl))
 
 

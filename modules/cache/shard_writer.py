@@ -225,8 +225,6 @@ class ShardWriter:
             try:
                 handle = open_for_row_writes(path)
             except OSError as exc:
-                if "unable to lock file" in str(exc).lower():
-                    raise SamCacheError(f"{path}: open by another writer ({error_line(exc)})") from None
                 if storage_error(exc, path) is not None:  # not damage: rebuilding would fail the same way
                     raise storage_error(exc, path) from None
                 messages.append(f"{path.name}: truncated or corrupt HDF5 file ({error_line(exc)}); "

@@ -9,7 +9,8 @@ Every top-level script does the same three things::
 
 ``stage_context`` checks the arguments that name folders (``NAME_ARGUMENTS``), loads and validates
 the config (with ``--set`` overrides), checks that the stage's output folder resolves inside the
-project root and only then creates it, saves the resolved config beside the outputs, opens the
+project root and only then creates it, takes the output's lock (``core.locks``: a second copy of
+the stage on the same output refuses), saves the resolved config beside the outputs, opens the
 stage's W&B run, and turns every ``PipelineError``, and every storage fault (a full disk, a read-only
 folder: ``fileio.storage_error``) raised anywhere in the stage, into one line on stderr and exit code 2.
 
@@ -32,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import yaml
 from tqdm.auto import tqdm
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 from modules.core.config import PipelineConfig, load_config
 from modules.core.errors import PipelineError
 from modules.core.fileio import atomic_write_json, atomic_write_yaml, file_md5, read_json, storage_error
+from modules.core.locks import OutputLock
 from modules.core.paths import FINGERPRINT_FILE, check_name, ensure_inside
 from modules.core.tracking import NullTracker, start_tracker
 
@@ -126,27 +128,78 @@ class Shard:
         return f"shard{self.index:03d}-of-{self.count:03d}"
 
 
-def resolve_shard(args: argparse.Namespace | None = None, environ: dict | None = None) -> Shard:
-    """The shard of this process: CLI flags, else torchrun (RANK/WORLD_SIZE), else a SLURM array."""
+def env_int(env: Mapping[str, str], name: str, default: int | None = None, minimum: int = 0) -> int | None:
+    """Environment variable ``name`` as an integer >= ``minimum``, ``default`` when it is unset; a
+    one-line ``PipelineError`` naming the variable when it holds anything else."""
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise PipelineError(f"environment variable {name}={raw!r}: not an integer") from None
+    if value < minimum:
+        raise PipelineError(f"environment variable {name}={value}: must be >= {minimum}")
+    return value
+
+
+def resolve_shard(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Shard:
+    """The shard of this process: CLI flags, else torchrun (``RANK``/``WORLD_SIZE``), else a SLURM
+    array (``SLURM_ARRAY_TASK_ID``/``_COUNT``/``_MIN``/``_MAX``/``_STEP``). A value that is not an
+    integer, is out of range, or contradicts the others is a one-line ``PipelineError`` naming it."""
     env = os.environ if environ is None else environ
-    count = getattr(args, "num_shards", None) if args is not None else None
-    index = getattr(args, "shard_index", None) if args is not None else None
-    source = "--num-shards/--shard-index"
-    if count is None and index is None:
-        if "WORLD_SIZE" in env and "RANK" in env:
-            count, index, source = int(env["WORLD_SIZE"]), int(env["RANK"]), "RANK/WORLD_SIZE"
-        elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-            task_min = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-            count = int(env["SLURM_ARRAY_TASK_COUNT"])
-            index = int(env["SLURM_ARRAY_TASK_ID"]) - task_min
-            source = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
-        else:
-            return Shard()
-    if count is None or index is None:
-        raise PipelineError("--num-shards and --shard-index must be given together")
-    if count < 1 or not 0 <= index < count:
-        raise PipelineError(f"{source}: shard index {index} is outside 0..{count - 1}")
+    count = getattr(args, "num_shards", None)
+    index = getattr(args, "shard_index", None)
+    if count is not None or index is not None:
+        if count is None or index is None:
+            raise PipelineError("--num-shards and --shard-index must be given together")
+        if count < 1:
+            raise PipelineError(f"--num-shards: {count} must be >= 1")
+        if not 0 <= index < count:
+            raise PipelineError(f"--shard-index: {index} is outside 0..{count - 1}")
+        return Shard(index=index, count=count)
+    if "WORLD_SIZE" in env or "RANK" in env:
+        return _torchrun_shard(env)
+    if "SLURM_ARRAY_TASK_ID" in env or "SLURM_ARRAY_TASK_COUNT" in env:
+        return _slurm_array_shard(env)
+    return Shard()
+
+
+def _torchrun_shard(env: Mapping[str, str]) -> Shard:
+    for name, other in (("RANK", "WORLD_SIZE"), ("WORLD_SIZE", "RANK")):
+        if name not in env:
+            raise PipelineError(f"environment variable {name} is not set but {other} is: "
+                                "set both (torchrun does) or neither")
+    count = env_int(env, "WORLD_SIZE", minimum=1)
+    index = env_int(env, "RANK")
+    if index >= count:
+        raise PipelineError(f"environment variable RANK={index}: outside 0..{count - 1} (WORLD_SIZE={count})")
     return Shard(index=index, count=count)
+
+
+def _slurm_array_shard(env: Mapping[str, str]) -> Shard:
+    """The shard of a SLURM array task: array tasks MIN, MIN + STEP, ..., MAX are shards 0 .. COUNT - 1,
+    so the array must be a range (``--array=0-7`` or ``--array=0-14:2``), not a list of task ids."""
+    for name, other in (("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"),
+                        ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID")):
+        if name not in env:
+            raise PipelineError(f"environment variable {name} is not set but {other} is: a SLURM array task "
+                                "has both")
+    task = env_int(env, "SLURM_ARRAY_TASK_ID")
+    count = env_int(env, "SLURM_ARRAY_TASK_COUNT", minimum=1)
+    first = env_int(env, "SLURM_ARRAY_TASK_MIN", default=0)
+    step = env_int(env, "SLURM_ARRAY_TASK_STEP", default=1, minimum=1)
+    last = env_int(env, "SLURM_ARRAY_TASK_MAX", default=first + (count - 1) * step)
+    if last != first + (count - 1) * step:
+        raise PipelineError(
+            f"environment variable SLURM_ARRAY_TASK_COUNT={count}: does not match the array range "
+            f"SLURM_ARRAY_TASK_MIN={first}..SLURM_ARRAY_TASK_MAX={last} (step {step}); shards need a range "
+            "of task ids (--array=0-7 or --array=0-14:2), not a list"
+        )
+    if not first <= task <= last or (task - first) % step:
+        raise PipelineError(f"environment variable SLURM_ARRAY_TASK_ID={task}: not a task of the array "
+                            f"{first}-{last}:{step} (SLURM_ARRAY_TASK_MIN/_MAX/_STEP)")
+    return Shard(index=(task - first) // step, count=count)
 
 
 def check_name_arguments(args: argparse.Namespace) -> None:
@@ -183,6 +236,7 @@ class StageContext:
             ``config.resolved.yaml`` are written.
         tracker: the stage's W&B run, or a no-op.
         started: wall-clock start, for the closing line.
+        locks: the output locks this run holds (``hold_lock``), released when the stage ends.
     """
 
     name: str
@@ -191,6 +245,7 @@ class StageContext:
     output_dir: Path
     tracker: Any = field(default_factory=NullTracker)
     started: float = field(default_factory=time.time)
+    locks: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     @property
     def force(self) -> bool:
@@ -203,6 +258,11 @@ class StageContext:
     def path(self, *parts: str) -> Path:
         """A path under the project root (the only place stages write)."""
         return self.project_root.joinpath(*parts)
+
+    def hold_lock(self, target: Path) -> None:
+        """Hold the lock of ``target`` (the output folder, or one output file, under the project root)
+        until the stage ends (``core.locks``); ``OutputLocked`` when another process holds it."""
+        self.locks.enter_context(OutputLock.acquire(self.project_root, target))
 
     # ----------------------------------------------------------- fingerprints
 
@@ -312,17 +372,24 @@ def upstream_fingerprint(paths: Iterable[Path]) -> dict[str, str]:
 
 @contextlib.contextmanager
 def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callable[[PipelineConfig], str],
-                  extra_tracker_config: dict | None = None, track: bool = True) -> Iterator[StageContext]:
-    """Set up a stage run (config, output folder, resolved config, W&B) and report errors as one line.
+                  extra_tracker_config: dict | None = None, lock: bool = True,
+                  main_rank_only: bool = False) -> Iterator[StageContext]:
+    """Set up a stage run (config, output folder and its lock, resolved config, W&B) and report errors
+    as one line.
 
     ``output_dir``: the stage's folder under the project root, or a function of the config giving it;
     it must resolve inside the project root (checked before anything is created).
-    ``track=False`` (e.g. DDP ranks other than 0) opens no W&B run.
+    ``lock``: hold the output folder's lock (``core.locks``) for the whole run, taken before anything
+    is written there; False when the stage locks finer outputs itself (``StageContext.hold_lock``).
+    ``main_rank_only``: the stage may run as several torchrun ranks of one job (``RANK``); only rank
+    0 opens a W&B run and takes the lock, the other ranks write nothing of their own.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tracker = NullTracker()
     project_root = None
+    locks = contextlib.ExitStack()
     try:
+        main_rank = not main_rank_only or env_int(os.environ, "RANK", default=0) == 0
         check_name_arguments(args)
         cfg = load_config(args.config, args.overrides)
         project_root = cfg.project_root
@@ -332,10 +399,12 @@ def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callabl
         # Libraries that cache to the home folder write under the project root instead.
         os.environ.setdefault("MPLCONFIGDIR", str(project_root / ".cache" / "matplotlib"))
         out.mkdir(parents=True, exist_ok=True)
+        if lock and main_rank:
+            locks.enter_context(OutputLock.acquire(project_root, out))
         tracker_config = {**cfg.to_dict(), **(extra_tracker_config or {})}
-        if track:
+        if main_rank:
             tracker = start_tracker(cfg.wandb, name, project_root, tracker_config)
-        ctx = StageContext(name=name, cfg=cfg, args=args, output_dir=out, tracker=tracker)
+        ctx = StageContext(name=name, cfg=cfg, args=args, output_dir=out, tracker=tracker, locks=locks)
         print(f"[{name}] project root: {project_root}")
         yield ctx
         ctx.save_resolved_config()
@@ -351,4 +420,6 @@ def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callabl
             sys.stdout.flush()
         print(f"error: {error or exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        locks.close()
     tracker.finish()

@@ -29,6 +29,7 @@ from modules.core.config import PipelineConfig
 from modules.core.errors import PipelineError
 from modules.core.fileio import cached_file_md5
 from modules.core.paths import FINGERPRINT_FILE, cache_dir, promptset_path
+from modules.core.processes import DieWithParent
 from modules.core.stage import KillSwitch, Shard, UnitCounts
 from modules.data.imageio import ImageReadError, read_image_rgb
 from modules.data.manifest import SPLITS, load_split_manifest
@@ -330,6 +331,7 @@ def run_precompute(cfg: PipelineConfig, backbone, shard: Shard, force: bool = Fa
                 batch_size=max(1, sam.encoder_batch_size),
                 num_workers=max(0, sam.num_workers),
                 collate_fn=collate_loaded,
+                worker_init_fn=DieWithParent(),
                 persistent_workers=False,
                 prefetch_factor=2 if sam.num_workers > 0 else None,
             )
@@ -364,10 +366,12 @@ def _stored_feature_shapes(path: Path) -> dict[str, tuple[int, int, int]] | None
 
 
 def run_stage(ctx, shard: Shard) -> None:
-    """Stage 3 entry point (``precompute_sam_outputs.py``)."""
+    """Stage 3 entry point (``precompute_sam_outputs.py``). Shards of one cache run at once, so each
+    process holds the lock of its own shard file, not of the whole cache folder."""
     sam = ctx.cfg.sam
     checkpoint_md5 = configured_checkpoint_md5(sam.checkpoint)
     backbone_folder = sam_cache.backbone_id(sam.family, sam.model_type, checkpoint_md5)
+    ctx.hold_lock(ctx.output_dir / backbone_folder / sam_cache.shard_file_name(shard.index, shard.count))
     ctx.check_inputs(FINGERPRINT_KEYS, upstream={"checkpoint_md5": checkpoint_md5},
                      fingerprint_file=f"{backbone_folder}/{FINGERPRINT_FILE}")
     try:

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from modules.core.processes import DieWithParent
+from modules.core.errors import PipelineError
+from modules.core.stage import env_int
 
 
 @dataclass
@@ -43,12 +47,21 @@ class DistributedContext:
 
     @classmethod
     def from_env(cls, device: torch.device) -> "DistributedContext":
-        """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; initialise the process group when ``WORLD_SIZE > 1``."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; initialise the process group when ``WORLD_SIZE > 1``.
+        A variable that is not a valid integer (or ``RANK`` missing or outside ``0..WORLD_SIZE - 1``)
+        is a one-line ``PipelineError`` naming it."""
+        env = os.environ
+        world_size = env_int(env, "WORLD_SIZE", default=1, minimum=1)
         if world_size <= 1:
             return cls()
-        rank = int(os.environ["RANK"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        rank = env_int(env, "RANK")
+        if rank is None:
+            raise PipelineError(f"environment variable RANK is not set but WORLD_SIZE={world_size} is: "
+                                "set both (torchrun does)")
+        if rank >= world_size:
+            raise PipelineError(f"environment variable RANK={rank}: outside 0..{world_size - 1} "
+                                f"(WORLD_SIZE={world_size})")
+        local_rank = env_int(env, "LOCAL_RANK", default=rank)
         owns = False
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
@@ -116,8 +129,20 @@ class ShardedSequentialSampler(Sampler[int]):
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: derive NumPy's and Python's seeds from the worker's torch seed."""
+    """Derive NumPy's and Python's seeds from a DataLoader worker's torch seed."""
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+
+
+@dataclass(frozen=True)
+class TrainingWorkerInit:
+    """The ``worker_init_fn`` of the training DataLoaders: the worker dies with the process that built
+    the loader (``core.processes.DieWithParent``), then seeds NumPy and Python (``seed_worker``)."""
+
+    die_with_parent: DieWithParent = field(default_factory=DieWithParent)
+
+    def __call__(self, worker_id: int) -> None:
+        self.die_with_parent(worker_id)
+        seed_worker(worker_id)
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from modules.core.fileio import read_json
 from modules.training.distributed import (DistributedContext, EpochSeededSampler, ShardedSequentialSampler,
-                                          seed_worker)
+                                          TrainingWorkerInit)
 from modules.training.losses import hard_iou
 from modules.training.run_state import (ALWAYS_SAVED_FILES, BEST_FILE, MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE,
                                         SCHEDULER_FILE, STATE_FILE, STATE_FORMAT_VERSION, ResumeError, TrainingError,
@@ -237,7 +237,7 @@ class Trainer:
             num_workers=self.config.num_workers,
             collate_fn=self.collate_fn,
             pin_memory=self.device.type == "cuda",
-            worker_init_fn=seed_worker,
+            worker_init_fn=TrainingWorkerInit(),
             generator=generator,
         )
 
