@@ -188,6 +188,22 @@ def test_stage_context_refuses_a_locked_output_except_on_ddp_ranks_above_0(tmp_p
     assert capsys.readouterr().err.strip() == "error: environment variable RANK='one': not an integer"
 
 
+
+def test_interrupted_stage_is_one_line_and_releases_its_lock(tmp_path, capsys):
+    """Ctrl-C (or the SIGINT run_pipeline.py passes on) ends a stage with one line and exit 130, not a
+    KeyboardInterrupt traceback, and the output's lock is free for the rerun."""
+    config = write_config(tmp_path, tmp_path / "images", tmp_path / "masks")
+    args = argparse.Namespace(config=str(config), overrides=[], force=False)
+    with pytest.raises(SystemExit) as exit_info:
+        with stage_context("build_manifests", args, output_dir="manifests"):
+            raise KeyboardInterrupt
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: build_manifests interrupted; rerun the same command to resume: finished work is kept"]
+    with stage_context("build_manifests", args, output_dir="manifests") as ctx:
+        assert ctx.output_dir.is_dir()
+
+
 # --------------------------------------------------------------------------- SLURM / torchrun variables
 
 

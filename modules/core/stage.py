@@ -420,6 +420,11 @@ def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callabl
             sys.stdout.flush()
         print(f"error: {error or exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C, or a SIGINT that run_pipeline.py passes on
+        tracker.finish()
+        print(f"error: {name} interrupted; rerun the same command to resume: finished work is kept",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         locks.close()
     tracker.finish()
