@@ -198,8 +198,9 @@ class UnitCounts:
         total = self.done + self.skipped + self.failed
         name, reason = self.failures[0] if self.failures else ("?", "?")
         more = f" (and {self.failed - 1} more, listed above)" if self.failed > 1 else ""
+        kept = "the others are kept" if total > self.failed else "nothing was computed"
         raise UnitsFailed(f"{stage}: {self.failed} of {total} {unit} failed, first {name}: {reason}{more}; "
-                          "the others are kept: fix the input named and rerun")
+                          f"{kept}: fix the input named and rerun")
 
 
 @dataclass

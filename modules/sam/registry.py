@@ -107,7 +107,25 @@ def verify_checkpoint_archive(path: Path) -> None:
     _VERIFIED_ARCHIVES.add(key)
 
 
+#: First bytes of what ``torch.save`` writes: a zip archive (torch >= 1.6) or a legacy pickle.
+_ZIP_MAGIC, _PICKLE_MAGIC = b"PK", b"\x80"
+
+
+def _check_checkpoint_kind(path: Path, model_type: str) -> None:
+    """One line for a file that cannot be a checkpoint at all (torch's own message for these talks
+    about ``weights_only`` or miniz internals)."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path):
+        raise BackboneError(f"sam.checkpoint: {path}: truncated checkpoint for model type {model_type!r} (its zip "
+                            "archive has no central directory); download or copy it again")
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
+        raise BackboneError(f"sam.checkpoint: {path}: not a PyTorch checkpoint for model type {model_type!r} "
+                            "(neither a torch.save zip archive nor a legacy pickle)")
+
+
 def _read_state_dict(path: Path, model_type: str) -> dict[str, torch.Tensor]:
+    _check_checkpoint_kind(path, model_type)
     verify_checkpoint_archive(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
