@@ -279,6 +279,30 @@ def remove_path(relative: str) -> Callable[[Workspace], list[str]]:
     return prepare
 
 
+def file_changed_after_stage_1(column: str, damage: Callable[[Path], None]) -> Callable[[Workspace], list[str]]:
+    """Keep one train sample and point its manifest ``column`` at a damaged copy of its file (the
+    data folder is the fixture's, shared by every case). A new mask path is a new prompt-set source,
+    so stage 2 reads the mask again; stage 3 reads the image."""
+
+    def prepare(ws: Workspace) -> list[str]:
+        keep_first_rows(ws, 1, 0, 0)
+        path = ws.root / "manifests" / "train.csv"
+        frame = pd.read_csv(path, keep_default_na=False, dtype={"stem": str, "group": str})
+        original = Path(frame.loc[0, column])
+        copy = ws.folder / f"changed{original.suffix}"
+        shutil.copyfile(original, copy)
+        damage(copy)
+        frame.loc[0, column] = str(copy)
+        path.write_text(frame.to_csv(index=False), encoding="utf-8")
+        return []
+
+    return prepare
+
+
+def truncate_file(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
 def own_data_with_demo_enabled(ws: Workspace) -> list[str]:
     group = ws.folder / "own" / "images" / "cats"
     group.mkdir(parents=True)
@@ -388,8 +412,8 @@ ERROR_CASES = [
     ErrorCase("no-valid-pair", "build_manifests", None, no_valid_pair, ("data.images_root", "no valid image/mask pair")),
     ErrorCase("demo-over-own-data", "build_manifests", "staged", own_data_with_demo_enabled,
               ("demo.enabled: false", "a.png")),
-    ErrorCase("demo-roots-the-same", "build_manifests", "staged",
-              lambda ws: ["--set", f"data.masks_root={ws.folder / 'data' / 'images'}"],
+    ErrorCase("masks-root-is-images-root", "build_manifests", "staged",
+              lambda ws: ["--set", "demo.enabled=false", "--set", f"data.masks_root={ws.folder / 'data' / 'images'}"],
               ("data.masks_root", "data.images_root")),
     # ---- upstream artifacts missing or edited
     ErrorCase("promptsets-before-manifests", "generate_promptsets", "staged", remove_path("manifests"),
@@ -417,6 +441,12 @@ ERROR_CASES = [
               edit_promptset(lambda r: "[1, 2]"), ("failed", ".json", "malformed")),
     ErrorCase("promptset-too-many-sets", "precompute_sam_outputs", "staged",
               edit_promptset(lambda r: {**r, "promptsets": r["promptsets"] * 3}), ("failed", ".json", "prompt sets")),
+    ErrorCase("mask-damaged-after-stage-1", "generate_promptsets", "staged",
+              file_changed_after_stage_1("mask_path", truncate_file),
+              ("generate_promptsets: 1 of 1 samples failed", "changed.")),
+    ErrorCase("image-damaged-after-stage-1", "precompute_sam_outputs", "staged",
+              file_changed_after_stage_1("image_path", truncate_file),
+              ("precompute_sam_outputs: 1 of 1 images failed", "changed.")),
     ErrorCase("indices-before-cache", "build_training_indices", "staged", args(), ("precompute_sam_outputs.py",)),
     ErrorCase("packing-before-indices", "pack_to_hdf5", "staged", args(), ("build_training_indices.py",)),
     ErrorCase("training-before-packing", "train_head", "staged", args("--model", "head", "--run_id", "t1"),

@@ -447,6 +447,9 @@ def _check_semantics(cfg: PipelineConfig) -> None:
         raise ConfigError(f"data.split_fractions: need three non-negative fractions summing to 1, got {fractions}")
     if cfg.data.layout == "split_roots" and cfg.data.masks_root is None:
         raise ConfigError("data.masks_root: required when data.layout is 'split_roots'")
+    if cfg.data.layout == "split_roots" and cfg.data.masks_root.resolve() == cfg.data.images_root.resolve():
+        raise ConfigError(f"data.masks_root: the same folder as data.images_root ({cfg.data.images_root}); every "
+                          "image would be its own mask (layout 'split_roots' needs two folders)")
     pg = cfg.prompt_generation
     if pg.min_pairs > pg.max_pairs:
         raise ConfigError(f"prompt_generation.min_pairs: need 1 <= min_pairs <= max_pairs, got {pg.min_pairs} and {pg.max_pairs}")
