@@ -7,7 +7,7 @@ caught): an exception escaping ``main`` is exactly the traceback a user would se
 run a few of them as real processes, to check the exit code and stderr a user gets.
 
 Projects (module fixtures, built once): ``staged`` is the demo (3 scenes per group) through stages 1-2;
-``packed`` is that project cut to two samples per split and run through stages 3-4.5. A case works on
+``packed`` is that project cut to one sample per split and run through stages 3-4.5. A case works on
 a copy of its project (``Workspace``), whose files are hashed before and after.
 """
 
@@ -31,8 +31,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
+from modules.cache.sam_cache import SamCache
 from tests.conftest import DEMO_CHECKPOINT, small_demo_config
 from tests.stage_runner import REPO
 
@@ -194,7 +196,7 @@ class ErrorCase:
     """A bad input given to ``script`` on a copy of ``project`` (``None``: an empty folder with a
     config only). ``prepare(workspace)`` makes the input bad and returns the command line (the
     config is added unless the returned list names ``--config``); the one error line must hold
-    every text of ``expect`` (``{root}``/``{folder}`` are filled in)."""
+    every text of ``expect``."""
 
     id: str
     script: str
@@ -212,8 +214,6 @@ def args(*items: str) -> Callable[[Workspace], list[str]]:
 
 
 def edit_config(edit: Callable[[dict], None]) -> Callable[[Workspace], list[str]]:
-    import yaml
-
     def prepare(ws: Workspace) -> list[str]:
         config = yaml.safe_load(ws.config.read_text())
         edit(config)
@@ -231,11 +231,11 @@ def write_config_text(text: bytes | str) -> Callable[[Workspace], list[str]]:
     return prepare
 
 
-def checkpoint_file(make: Callable[[Path], None], *extra: str) -> Callable[[Workspace], list[str]]:
+def checkpoint_file(make: Callable[[Path], None]) -> Callable[[Workspace], list[str]]:
     def prepare(ws: Workspace) -> list[str]:
         path = ws.folder / "checkpoint.pt"
         make(path)
-        return ["--set", f"sam.checkpoint={path}", *extra]
+        return ["--set", f"sam.checkpoint={path}"]
 
     return prepare
 
@@ -355,7 +355,8 @@ CUDA = torch.cuda.is_available()
 
 ERROR_CASES = [
     # ---- config file and keys (stage 1 reads the config first; every stage shares the loader)
-    ErrorCase("config-missing", "build_manifests", None, args("--config", "nowhere.yaml"), ("--config", "nowhere.yaml")),
+    ErrorCase("config-missing", "build_manifests", None, args("--config", "nowhere.yaml"),
+              ("--config", "nowhere.yaml")),
     ErrorCase("config-is-a-folder", "build_manifests", None, lambda ws: ["--config", str(ws.folder)], ("--config",)),
     ErrorCase("config-invalid-yaml", "build_manifests", None, write_config_text("data: {images_root: [\n"),
               ("config.yaml", "invalid YAML")),
@@ -390,10 +391,12 @@ ERROR_CASES = [
               ("sam.model_type",)),
     # ---- command line
     ErrorCase("set-without-equals", "build_manifests", "staged", args("--set", "training.lr"), ("--set", "KEY=VALUE")),
-    ErrorCase("set-malformed-key", "build_manifests", "staged", args("--set", "training..lr=1"), ("--set", "malformed key")),
+    ErrorCase("set-malformed-key", "build_manifests", "staged", args("--set", "training..lr=1"),
+              ("--set", "malformed key")),
     ErrorCase("set-below-a-value", "build_manifests", "staged", args("--set", "training.lr.x=1"),
               ("--set", "training.lr is not a section")),
-    ErrorCase("set-unknown-key", "build_manifests", "staged", overrides("training.lrr=1"), ("training.lrr: unknown key",)),
+    ErrorCase("set-unknown-key", "build_manifests", "staged", overrides("training.lrr=1"),
+              ("training.lrr: unknown key",)),
     ErrorCase("unknown-flag", "build_manifests", "staged", args("--forse"), ("--forse",)),
     ErrorCase("unknown-model", "train_head", "packed", args("--model", "transformer"), ("--model", "transformer")),
     ErrorCase("run-id-climbs-out", "train_head", "packed", args("--run_id", "../../x"), ("--run_id", "../../x")),
@@ -409,7 +412,8 @@ ERROR_CASES = [
     ErrorCase("masks-root-missing", "build_manifests", "staged",
               lambda ws: ["--set", "demo.enabled=false", "--set", f"data.masks_root={ws.folder / 'nowhere'}"],
               ("data.masks_root", "nowhere")),
-    ErrorCase("no-valid-pair", "build_manifests", None, no_valid_pair, ("data.images_root", "no valid image/mask pair")),
+    ErrorCase("no-valid-pair", "build_manifests", None, no_valid_pair,
+              ("data.images_root", "no valid image/mask pair")),
     ErrorCase("demo-over-own-data", "build_manifests", "staged", own_data_with_demo_enabled,
               ("demo.enabled: false", "a.png")),
     ErrorCase("masks-root-is-images-root", "build_manifests", "staged",
@@ -527,8 +531,6 @@ def test_truncated_promptset_keeps_the_other_images(projects, tmp_path, monkeypa
     """Stage 3 stops with exit code 2 for a truncated prompt-set file, but the other image of the run
     is cached, stage 2 rewrites the truncated file (it is not complete), and a rerun of stage 3
     computes only that image."""
-    from modules.cache.sam_cache import SamCache
-
     monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
     case = next(c for c in ERROR_CASES if c.id == "promptset-truncated")
     ws, argv = prepare_case(case, projects, tmp_path)
@@ -666,7 +668,8 @@ ROW_CASES = [
             "image-random-bytes.png"),
     RowCase("image-truncated", image_as(".png", lambda p: p.write_bytes(png_bytes(
         _rng("t").integers(0, 256, (48, 48, 3), dtype=np.uint8))[:400])), "unreadable_image", "image-truncated.png"),
-    RowCase("image-zero-byte", image_as(".jpg", lambda p: p.write_bytes(b"")), "unreadable_image", "image-zero-byte.jpg"),
+    RowCase("image-zero-byte", image_as(".jpg", lambda p: p.write_bytes(b"")), "unreadable_image",
+            "image-zero-byte.jpg"),
     RowCase("image-text-with-image-extension", image_as(".jpg", lambda p: p.write_text("not an image\n")),
             "unreadable_image", "image-text-with-image-extension.jpg"),
     RowCase("image-float32-tiff", image_as(".tif", float_tiff), "unreadable_image", "mode F"),
@@ -674,8 +677,10 @@ ROW_CASES = [
     RowCase("image-symlink-loop", image_as(".png", symlink_loop), "missing_image", "no image file"),
     RowCase("mask-truncated", mask_as(".png", lambda p: p.write_bytes(png_bytes(disc().astype(np.uint8) * 255)[:60])),
             "unreadable_mask", "mask-truncated.png"),
-    RowCase("mask-zero-byte-npy", mask_as(".npy", lambda p: p.write_bytes(b"")), "unreadable_mask", "mask-zero-byte-npy.npy"),
-    RowCase("mask-npy-of-strings", mask_as(".npy", lambda p: np.save(p, np.array([["a"]]))), "unreadable_mask", "dtype"),
+    RowCase("mask-zero-byte-npy", mask_as(".npy", lambda p: p.write_bytes(b"")), "unreadable_mask",
+            "mask-zero-byte-npy.npy"),
+    RowCase("mask-npy-of-strings", mask_as(".npy", lambda p: np.save(p, np.array([["a"]]))), "unreadable_mask",
+            "dtype"),
     RowCase("mask-npy-3d", mask_as(".npy", lambda p: np.save(p, disc()[None])), "mask_not_2d", "(1, 48, 48)"),
     RowCase("mask-no-foreground", mask_as(".png", lambda p: mask_png(p, np.zeros((48, 48), bool))), "empty_mask",
             "no foreground"),
@@ -687,9 +692,11 @@ ROW_CASES = [
     RowCase("mask-16bit-with-8bit-levels", mask_as(".png", sixteen_bit_with_eight_bit_levels), "empty_mask",
             "no foreground"),
     RowCase("mask-palette-black-foreground", mask_as(".png", palette_black_foreground), "empty_mask", "no foreground"),
-    RowCase("mask-symlink-dangling", mask_as(".png", lambda p: os.symlink("gone.png", p)), "missing_mask", "no mask file"),
+    RowCase("mask-symlink-dangling", mask_as(".png", lambda p: os.symlink("gone.png", p)), "missing_mask",
+            "no mask file"),
     RowCase("mask-missing", lambda images, masks, stem: image(images / f"{stem}.png"), "missing_mask", "no mask file"),
-    RowCase("image-missing", lambda images, masks, stem: mask_png(masks / f"{stem}.png"), "missing_image", "no image file"),
+    RowCase("image-missing", lambda images, masks, stem: mask_png(masks / f"{stem}.png"), "missing_image",
+            "no image file"),
     RowCase("duplicate-image-stem", ambiguous("image"), "ambiguous_image", "duplicate-image-stem.jpg"),
     RowCase("duplicate-mask-stem", ambiguous("mask"), "ambiguous_mask", "duplicate-mask-stem.npy"),
     RowCase("mask-of-another-shape", mask_as(".png", lambda p: mask_png(p, disc(48, 24))), "mask_shape_mismatch",
@@ -720,13 +727,17 @@ def invalid_rows(tmp_path_factory) -> tuple[Outcome, pd.DataFrame, Workspace, di
     return outcome, ws.manifest("invalid_samples"), ws, outside
 
 
-def test_stage_1_with_bad_samples_exits_0_and_writes_only_under_the_root(invalid_rows):
+def test_stage_1_with_bad_samples_exits_0_writes_only_under_the_root_and_reruns_unchanged(invalid_rows):
     outcome, invalid, ws, outside = invalid_rows
     assert outcome.code == 0 and "Traceback" not in outcome.stderr, outcome.stderr[-3000:]
     assert ws.outside_root() == outside
     valid = ws.manifest("all_samples")
     assert set(valid["group"]) == {"good"} and len(valid) == 4
     assert len(invalid) == len(ROW_CASES)
+    before = file_hashes(ws.root)
+    rerun = call_stage("build_manifests", "--config", str(ws.config))
+    assert rerun.code == 0 and "rewritten: nothing (unchanged)" in rerun.stdout, rerun.stdout[-2000:]
+    assert file_hashes(ws.root) == before
 
 
 @pytest.mark.parametrize("case", ROW_CASES, ids=[c.id for c in ROW_CASES])
