@@ -263,12 +263,14 @@ def truncate_text(record: dict) -> str:
     return text[: len(text) // 2]
 
 
-def break_manifest(name: str, text: str) -> Callable[[Workspace], list[str]]:
-    def prepare(ws: Workspace) -> list[str]:
-        (ws.root / "manifests" / f"{name}.csv").write_text(text)
-        return []
+def replace_text(ws: Workspace, relative: str, text: str) -> list[str]:
+    """Overwrite ``relative`` (under the project root) with ``text``; no extra arguments."""
+    (ws.root / relative).write_text(text)
+    return []
 
-    return prepare
+
+def break_manifest(name: str, text: str) -> Callable[[Workspace], list[str]]:
+    return lambda ws: replace_text(ws, f"manifests/{name}.csv", text)
 
 
 def remove_path(relative: str) -> Callable[[Workspace], list[str]]:
@@ -453,6 +455,13 @@ ERROR_CASES = [
               ("precompute_sam_outputs: 1 of 1 images failed", "changed.")),
     ErrorCase("indices-before-cache", "build_training_indices", "staged", args(), ("precompute_sam_outputs.py",)),
     ErrorCase("packing-before-indices", "pack_to_hdf5", "staged", args(), ("build_training_indices.py",)),
+    ErrorCase("index-csv-edited", "pack_to_hdf5", "packed",
+              lambda ws: replace_text(ws, "training_data/train_index.csv", "sample_id,safe_id\ng/a,g__a\n")
+              + ["--force"],
+              ("train_index.csv", "not a training index")),
+    ErrorCase("packed-split-truncated", "train_head", "packed",
+              lambda ws: truncate_file(ws.root / "training_data" / "train.h5") or ["--run_id", "t2"],
+              ("train.h5", "pack_to_hdf5.py")),
     ErrorCase("training-before-packing", "train_head", "staged", args("--model", "head", "--run_id", "t1"),
               ("pack_to_hdf5.py",)),
     ErrorCase("variance-without-head", "train_head", "packed", args("--model", "variance", "--run_id", "nohead"),

@@ -657,7 +657,7 @@ def read_manifest_csv(path: Path) -> pd.DataFrame:
     column of ``MANIFEST_COLUMNS`` or holds a non-integer size."""
     try:
         frame = pd.read_csv(path, keep_default_na=False, dtype={"stem": str, "group": str})
-    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+    except (OSError, ValueError) as error:  # pandas' ParserError and EmptyDataError, and UnicodeDecodeError
         raise PipelineError(f"{path}: unreadable manifest ({error_line(error)}); rerun build_manifests.py "
                             "(with --force if this is all_samples.csv)") from None
     missing = [column for column in MANIFEST_COLUMNS if column not in frame.columns]
