@@ -273,6 +273,19 @@ def break_manifest(name: str, text: str) -> Callable[[Workspace], list[str]]:
     return lambda ws: replace_text(ws, f"manifests/{name}.csv", text)
 
 
+def edit_manifest(name: str, column: str, value) -> Callable[[Workspace], list[str]]:
+    """Set ``column`` of the first row of manifest ``name`` to ``value``."""
+
+    def prepare(ws: Workspace) -> list[str]:
+        path = ws.root / "manifests" / f"{name}.csv"
+        frame = pd.read_csv(path, keep_default_na=False, dtype={"stem": str, "group": str})
+        frame.loc[0, column] = value
+        path.write_text(frame.to_csv(index=False), encoding="utf-8")
+        return []
+
+    return prepare
+
+
 def remove_path(relative: str) -> Callable[[Workspace], list[str]]:
     def prepare(ws: Workspace) -> list[str]:
         shutil.rmtree(ws.root / relative)
@@ -427,6 +440,8 @@ ERROR_CASES = [
     ErrorCase("manifest-csv-empty", "generate_promptsets", "staged", break_manifest("train", ""), ("train.csv",)),
     ErrorCase("manifest-csv-column-missing", "generate_promptsets", "staged",
               break_manifest("train", "sample_id,split\ncats/a,train\n"), ("train.csv", "safe_id")),
+    ErrorCase("manifest-csv-size-zero", "generate_promptsets", "staged", edit_manifest("train", "image_h", 0),
+              ("train.csv", "image_h")),
     ErrorCase("manifest-csv-rerun-corrupt", "build_manifests", None, stage_1_rerun_over_corrupt_manifest,
               ("all_samples.csv", "--force")),
     ErrorCase("cache-before-promptsets", "precompute_sam_outputs", "staged", remove_path("prompt_sets"),

@@ -647,14 +647,14 @@ def build_manifest_tables(
 # Reading stage 1's outputs
 # ---------------------------------------------------------------------------
 
-#: Columns of a valid-sample manifest that later stages read as integers.
+#: Columns of a valid-sample manifest that later stages read as positive integers (pixels).
 _INTEGER_COLUMNS = ("image_h", "image_w", "mask_h", "mask_w")
 
 
 def read_manifest_csv(path: Path) -> pd.DataFrame:
     """A valid-sample manifest CSV as written by stage 1 (stems and groups stay strings, empty
     cells stay ""). One-line ``PipelineError`` naming the file when it is unreadable, lacks a
-    column of ``MANIFEST_COLUMNS`` or holds a non-integer size."""
+    column of ``MANIFEST_COLUMNS`` or holds a size that is not a positive integer."""
     try:
         frame = pd.read_csv(path, keep_default_na=False, dtype={"stem": str, "group": str})
     except (OSError, ValueError) as error:  # pandas' ParserError and EmptyDataError, and UnicodeDecodeError
@@ -665,8 +665,9 @@ def read_manifest_csv(path: Path) -> pd.DataFrame:
         raise PipelineError(f"{path}: not a manifest written by build_manifests.py (no column "
                             f"{', '.join(missing[:3])}); rerun it (with --force if this is all_samples.csv)")
     for column in _INTEGER_COLUMNS:
-        if len(frame) and not pd.api.types.is_integer_dtype(frame[column]):
-            raise PipelineError(f"{path}: column {column} holds non-integer values; rerun build_manifests.py")
+        if len(frame) and not (pd.api.types.is_integer_dtype(frame[column]) and (frame[column] > 0).all()):
+            raise PipelineError(f"{path}: column {column} holds values that are no pixel count; "
+                                "rerun build_manifests.py")
     return frame
 
 
