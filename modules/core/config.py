@@ -303,7 +303,7 @@ def _coerce(value: Any, tp: Any, key: str, base_dir: Path) -> Any:
         path = path if path.is_absolute() else (base_dir / path).resolve()
         if printable(str(path)) != str(path):  # a non-UTF-8 folder name, from --set or the config's folder
             raise ConfigError(f"{key}: the path {printable(str(path))} is not valid UTF-8 (the manifests and "
-                              "reports that record it are UTF-8); rename the folder") from None
+                              "reports that record it are UTF-8); rename the folder")
         return path
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
 

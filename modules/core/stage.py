@@ -184,8 +184,9 @@ class UnitCounts:
 
     def add(self, other: "UnitCounts") -> None:
         """Add the counts and failures of another pass (e.g. another split) to these."""
-        self.done, self.skipped, self.failed = self.done + other.done, self.skipped + other.skipped, \
-            self.failed + other.failed
+        self.done += other.done
+        self.skipped += other.skipped
+        self.failed += other.failed
         self.failures.extend(other.failures)
 
     def raise_if_failed(self, stage: str, unit: str) -> None:
@@ -196,7 +197,7 @@ class UnitCounts:
         if not self.failed:
             return
         total = self.done + self.skipped + self.failed
-        name, reason = self.failures[0] if self.failures else ("?", "?")
+        name, reason = self.failures[0]
         more = f" (and {self.failed - 1} more, listed above)" if self.failed > 1 else ""
         kept = "the others are kept" if total > self.failed else "nothing was computed"
         raise UnitsFailed(f"{stage}: {self.failed} of {total} {unit} failed, first {name}: {reason}{more}; "
