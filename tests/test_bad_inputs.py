@@ -395,10 +395,9 @@ def check_case(case: ErrorCase, ws: Workspace, outcome: Outcome, before: dict, o
 
 
 @pytest.mark.parametrize("case", ERROR_CASES, ids=[c.id for c in ERROR_CASES])
-def test_bad_input_is_one_line_error(case, projects, tmp_path, monkeypatch):
+def test_bad_input_is_one_line_error(case, projects, tmp_path):
     if case.id in NEEDS_NO_CUDA and CUDA:
         pytest.skip("needs a machine without CUDA")
-    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
     ws, argv = prepare_case(case, projects, tmp_path)
     before, outside = file_hashes(ws.folder), ws.outside_root()
     check_case(case, ws, call_stage(case.script, *argv), before, outside)
@@ -412,11 +411,10 @@ def test_bad_input_as_a_user_sees_it(case_id, projects, tmp_path):
     check_case(case, ws, run_subprocess(case.script, *argv), before, outside)
 
 
-def test_truncated_promptset_keeps_the_other_images(projects, tmp_path, monkeypatch):
+def test_truncated_promptset_keeps_the_other_images(projects, tmp_path):
     """Stage 3 stops with exit code 2 for a truncated prompt-set file, but the other image of the run
     is cached, stage 2 rewrites the truncated file (it is not complete), and a rerun of stage 3
     computes only that image."""
-    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
     case = next(c for c in ERROR_CASES if c.id == "promptset-truncated")
     ws, argv = prepare_case(case, projects, tmp_path)
     broken = ws.first_promptset()

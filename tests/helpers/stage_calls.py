@@ -51,10 +51,11 @@ class Outcome:
 
 def call_stage(name: str, *argv: str) -> Outcome:
     """Run ``<name>.py`` with ``argv`` in this process, as its ``__main__`` would, and capture its
-    exit code and output. Logging handlers the stage installs are removed afterwards."""
+    exit code and output. What the stage changes in this process (logging handlers, the
+    ``MPLCONFIGDIR`` it points into its project root) is put back afterwards."""
     out, err = io.StringIO(), io.StringIO()
     handlers = list(logging.root.handlers)
-    saved_argv, code = sys.argv, 0
+    saved_argv, saved_environ, code = sys.argv, dict(os.environ), 0
     sys.argv = [f"{name}.py", *argv]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -65,6 +66,8 @@ def call_stage(name: str, *argv: str) -> Outcome:
     finally:
         sys.argv = saved_argv
         logging.root.handlers[:] = handlers
+        os.environ.clear()
+        os.environ.update(saved_environ)
     return Outcome(code, out.getvalue(), err.getvalue())
 
 
