@@ -193,15 +193,16 @@ def test_changed_checkpoint_gets_own_folder(demo, tmp_path):
     assert_caches_equal(all_arrays(old.folder), demo["reference"])
 
 
-def test_bad_inputs_fail_units_not_the_stage(demo):
+def test_bad_inputs_fail_units_not_the_others(demo):
+    """A failed unit is reported (exit code 2, one line) after every other unit was cached."""
     config, root = fresh_project(demo, "bad_inputs")
     from modules.data.manifest import load_split_manifest
 
     train = load_split_manifest(root, "train")
     promptset_path(root, "train", train["safe_id"].iloc[0]).unlink()
     result = run_stage(SCRIPT, config, *sam_overrides("sam", "demo_tiny", demo["checkpoint"]), check=False)
-    assert result.returncode == 0, result.stderr
-    assert "failed: 1" in result.stdout and "missing or unreadable prompt-set file" in result.stdout
+    assert result.returncode == 2, result.stderr
+    assert "failed: 1" in result.stdout and "missing or unreadable prompt-set file" in result.stderr
     assert len(SamCache(root)) == 3
 
 

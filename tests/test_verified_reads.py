@@ -139,7 +139,7 @@ def test_checkpoint_with_a_damaged_member_is_refused_naming_the_file(project, tm
     with pytest.raises(BackboneError) as info:
         registry.load_backbone("sam", "demo_tiny", bad, device="cpu")
     message = str(info.value)
-    assert message.startswith(str(bad)) and member in message and "\n" not in message, message
+    assert message.startswith(f"sam.checkpoint: {bad}") and member in message and "\n" not in message, message
 
     calls = []
     original = zipfile.ZipFile.testzip

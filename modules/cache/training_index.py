@@ -16,7 +16,7 @@ import pandas as pd
 
 from modules.cache import sam_cache
 from modules.core.config import PipelineConfig
-from modules.core.errors import PipelineError
+from modules.core.errors import PipelineError, error_line
 from modules.core.fileio import cached_file_md5
 from modules.core.paths import cache_dir, index_path, promptset_path
 from modules.data.manifest import load_split_manifest
@@ -57,12 +57,27 @@ def load_index(project_root: str | os.PathLike, split: str) -> pd.DataFrame:
     path = index_path(project_root, split)
     if not path.is_file():
         raise PackingError(f"{path}: missing; run build_training_indices.py first")
-    return read_index_csv(path.read_bytes())
+    return read_index_csv(path.read_bytes(), source=str(path))
 
 
-def read_index_csv(data: bytes) -> pd.DataFrame:
-    """An index CSV's bytes as a table (ids and paths stay strings, empty cells stay "")."""
-    return pd.read_csv(io.BytesIO(data), keep_default_na=False, dtype=_INDEX_DTYPES)
+def read_index_csv(data: bytes, source: str = "training index") -> pd.DataFrame:
+    """An index CSV's bytes as a table (ids and paths stay strings, empty cells stay ""). A one-line
+    ``PackingError`` naming ``source`` when the bytes are no index: unparsable, a column of
+    ``INDEX_COLUMNS`` missing, or a non-integer value in an integer column."""
+    try:
+        frame = pd.read_csv(io.BytesIO(data), keep_default_na=False, dtype=_INDEX_DTYPES)
+    except ValueError as error:  # pandas' ParserError and EmptyDataError, and UnicodeDecodeError, are ValueErrors
+        raise PackingError(f"{source}: unreadable training index ({error_line(error)}); "
+                           "rerun build_training_indices.py --force") from None
+    missing = [column for column in INDEX_COLUMNS if column not in frame.columns]
+    if missing:
+        raise PackingError(f"{source}: not a training index (no column {', '.join(missing[:3])}); "
+                           "rerun build_training_indices.py --force")
+    for column in INDEX_COLUMNS:
+        if column not in _INDEX_DTYPES and len(frame) and not pd.api.types.is_integer_dtype(frame[column]):
+            raise PackingError(f"{source}: column {column} holds non-integer values; "
+                               "rerun build_training_indices.py --force")
+    return frame
 
 
 # --------------------------------------------------------------------------- the configured cache

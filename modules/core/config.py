@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from modules.core.errors import PipelineError
+from modules.core.errors import PipelineError, printable
 from modules.core.paths import check_component
 
 
@@ -300,7 +300,11 @@ def _coerce(value: Any, tp: Any, key: str, base_dir: Path) -> Any:
         if not isinstance(value, (str, Path)) or str(value) == "":
             raise ConfigError(f"{key}: expected a path, got {value!r}")
         path = Path(value).expanduser()
-        return path if path.is_absolute() else (base_dir / path).resolve()
+        path = path if path.is_absolute() else (base_dir / path).resolve()
+        if printable(str(path)) != str(path):  # a non-UTF-8 folder name, from --set or the config's folder
+            raise ConfigError(f"{key}: the path {printable(str(path))} is not valid UTF-8 (the manifests and "
+                              "reports that record it are UTF-8); rename the folder")
+        return path
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
 
 
@@ -443,6 +447,9 @@ def _check_semantics(cfg: PipelineConfig) -> None:
         raise ConfigError(f"data.split_fractions: need three non-negative fractions summing to 1, got {fractions}")
     if cfg.data.layout == "split_roots" and cfg.data.masks_root is None:
         raise ConfigError("data.masks_root: required when data.layout is 'split_roots'")
+    if cfg.data.layout == "split_roots" and cfg.data.masks_root.resolve() == cfg.data.images_root.resolve():
+        raise ConfigError(f"data.masks_root: the same folder as data.images_root ({cfg.data.images_root}); every "
+                          "image would be its own mask (layout 'split_roots' needs two folders)")
     pg = cfg.prompt_generation
     if pg.min_pairs > pg.max_pairs:
         raise ConfigError(f"prompt_generation.min_pairs: need 1 <= min_pairs <= max_pairs, got {pg.min_pairs} and {pg.max_pairs}")
@@ -496,22 +503,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     base_dir = Path.cwd()
     if path is not None:
         path = Path(path)
+        shown = printable(str(path))
         if not path.is_file():
-            raise ConfigError(f"--config: no such file {path}")
+            raise ConfigError(f"--config: no such file {shown}")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
+            raise ConfigError(f"{shown}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+            raise ConfigError(f"{shown}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
         except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
+            raise ConfigError(f"{shown}: cannot read the config ({exc.strerror or exc})") from None
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, training:, ...), "
+            raise ConfigError(f"{shown}: the top level must be a mapping of sections (data:, training:, ...), "
                               f"got {type(raw).__name__}")
         base_dir = path.resolve().parent
     raw = apply_overrides(raw, overrides or [])

@@ -1,6 +1,8 @@
-"""The error base class every stage reports as one line, and the one helper that makes that line."""
+"""The error base class every stage reports as one line, and the helpers that make that line."""
 
 from __future__ import annotations
+
+import os
 
 
 class PipelineError(Exception):
@@ -13,3 +15,13 @@ def error_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     text = " ".join(lines[0].split()) if lines else ""
     return text or type(error).__name__
+
+
+def printable(text: str) -> str:
+    """``text`` with the bytes of a name that is not UTF-8 shown as ``\\xNN`` escapes. Python keeps
+    such file names as surrogate escapes, which no UTF-8 message, CSV or JSON can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text

@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence, TypeVar
 
 import yaml
 from tqdm.auto import tqdm
@@ -84,16 +84,29 @@ class StageInputsChanged(PipelineError):
 
 
 class UnitError(PipelineError):
-    """A work unit that cannot be computed from its (bad) input; counted as failed, not fatal."""
+    """A work unit that cannot be computed from its (bad) input; counted as failed, and the stage
+    goes on with the other units (``UnitCounts.raise_if_failed`` reports them at the end)."""
+
+
+class UnitsFailed(PipelineError):
+    """Some units of a stage failed; every other unit was computed and kept."""
 
 
 # --------------------------------------------------------------------------- CLI
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """``argparse`` reporting a bad command line like every other stage error: one line
+    ``error: ...`` on stderr and exit code 2 (argparse's default prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def default_argument_parser(description: str, sharded: bool = False) -> argparse.ArgumentParser:
     """The arguments every stage script shares; scripts add their own on top (an argument that names
     a folder is called ``--run_id``, ``--<model>_run_id`` or ``--name``: see ``NAME_ARGUMENTS``)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = OneLineArgumentParser(description=description)
     parser.add_argument("--config", default="config.yaml", help="pipeline config (default: config.yaml)")
     parser.add_argument(
         "--set",
@@ -222,6 +235,27 @@ class UnitCounts:
 
     def as_dict(self, prefix: str = "") -> dict[str, int]:
         return {f"{prefix}done": self.done, f"{prefix}skipped": self.skipped, f"{prefix}failed": self.failed}
+
+    def add(self, other: "UnitCounts") -> None:
+        """Add the counts and failures of another pass (e.g. another split) to these."""
+        self.done += other.done
+        self.skipped += other.skipped
+        self.failed += other.failed
+        self.failures.extend(other.failures)
+
+    def raise_if_failed(self, stage: str, unit: str) -> None:
+        """Exit code 2 with one line naming the first failed unit and its reason when any unit
+        failed. Called after the stage wrote every other unit and printed its summary, so nothing
+        computed is lost and a rerun once the input is fixed computes only the failed units; a
+        stage that exited 0 has no hole a later stage would silently skip."""
+        if not self.failed:
+            return
+        total = self.done + self.skipped + self.failed
+        name, reason = self.failures[0]
+        more = f" (and {self.failed - 1} more, listed above)" if self.failed > 1 else ""
+        kept = "the others are kept" if total > self.failed else "nothing was computed"
+        raise UnitsFailed(f"{stage}: {self.failed} of {total} {unit} failed, first {name}: {reason}{more}; "
+                          f"{kept}: fix the input named and rerun")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from modules.core.errors import PipelineError
 from modules.core.fileio import atomic_write_bytes, atomic_write_json
 from modules.data import demo_scenes
 from modules.data.demo_scenes import GENERATOR_VERSION, GROUPS, is_non_negative_int, scene_seed
@@ -27,8 +28,8 @@ MARKER_NAME = ".demo_complete.json"
 IN_PROGRESS_NAME = ".demo_in_progress.json"
 
 
-class DemoDatasetError(RuntimeError):
-    """Raised when the demo data set cannot be written where it was asked to go."""
+class DemoDatasetError(PipelineError, ValueError):
+    """The demo data set cannot be written where the config asks (one line naming the key)."""
 
 
 _GENERATOR_ID = "modules.demo_data"
@@ -168,8 +169,8 @@ def write_demo_dataset(
 
     Raises:
         DemoDatasetError: a root holds files but ``images_root`` has no marker of this generator
-            (the folders are not ours to overwrite).
-        ValueError: bad ``scenes_per_group`` or ``seed``, or the two roots are the same folder.
+            (the folders are not ours to overwrite), or the two roots are the same folder.
+        ValueError: bad ``scenes_per_group`` or ``seed``.
     """
     if not is_non_negative_int(scenes_per_group) or scenes_per_group < 1:
         raise ValueError(f"scenes_per_group must be a positive integer, got {scenes_per_group!r}")
@@ -177,7 +178,8 @@ def write_demo_dataset(
         raise ValueError(f"demo data seed must be a non-negative integer, got {seed!r}")
     images_root, masks_root = Path(images_root), Path(masks_root)
     if images_root.resolve() == masks_root.resolve():
-        raise ValueError(f"{images_root}: images_root and masks_root must be different folders")
+        raise DemoDatasetError(f"data.masks_root: {masks_root} is also data.images_root; the demo data set "
+                               "needs two different folders")
 
     plan = _plan_dataset(images_root, masks_root, int(scenes_per_group))
     pairs = [(scene.image_path, scene.mask_path) for scene in plan]
@@ -202,8 +204,9 @@ def write_demo_dataset(
         foreign = _files_under(images_root) + _files_under(masks_root)
         if foreign:
             raise DemoDatasetError(
-                f"{foreign[0]}: refusing to write the demo data set over files it did not write "
-                f"(no {MARKER_NAME} from {_GENERATOR_ID} in {images_root})"
+                f"demo.enabled: true: refusing to write the demo data set over {foreign[0]}, which it did not write "
+                f"(no {MARKER_NAME} in {images_root}); set demo.enabled: false to use your own data, or "
+                "point data.images_root and data.masks_root at new folders for the demo"
             )
     elif not same_parameters(previous):
         # Files of a run with other parameters would be mistaken for ours: remove them first.

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import pandas as pd
 from tqdm import tqdm
 
-from modules.core.errors import PipelineError
+from modules.core.errors import PipelineError, error_line, printable
 from modules.core.paths import manifest_path
 from modules.data.imageio import (
     IMAGE_EXTENSIONS,
@@ -30,6 +30,7 @@ from modules.data.imageio import (
     probe_image,
     read_image_rgb,
     read_mask,
+    resize_mask_nearest,
 )
 
 SPLITS = ("train", "val", "test")
@@ -57,6 +58,7 @@ INVALID_COLUMNS = ("sample_id", "group", "stem", "image_path", "mask_path", "rea
 # Machine-readable reason codes of ``InvalidRecord.reason``, in the order they
 # are checked (a sample gets the first one that applies).
 INVALID_REASONS = {
+    "undecodable_name": "the group or file name is not valid UTF-8 (rename it); the row shows it escaped",
     "missing_image": "a mask without an image of the same group and stem",
     "missing_mask": "an image without a mask of the same group and stem",
     "ambiguous_image": "several image files share the group and stem (e.g. a.png and a.jpg)",
@@ -67,6 +69,8 @@ INVALID_REASONS = {
     "mask_not_2d": "a .npy mask whose array is not 2-D",
     "empty_mask": "the mask has no foreground pixel",
     "full_mask": "the mask has no background pixel",
+    "mask_shape_mismatch": "the mask's sides are not the image's scaled by one factor (transposed, or "
+                           "another image's mask)",
 }
 
 _SAFE_CHARACTER = re.compile(r"[^A-Za-z0-9._-]")
@@ -265,20 +269,33 @@ class InvalidRecord:
     detail: str  # one human-readable line
 
 
+def is_utf8_text(text: str) -> bool:
+    """False for a name the file system gave as bytes that are not UTF-8 (see ``printable``)."""
+    return printable(text) == text
+
+
 def _path_text(path: Path | None) -> str:
-    return "" if path is None else str(path)
+    return "" if path is None else printable(str(path))
 
 
 def _invalid(candidate: Candidate, reason: str, detail: str) -> InvalidRecord:
     return InvalidRecord(
-        sample_id=candidate.sample_id,
-        group=candidate.group,
-        stem=candidate.stem,
+        sample_id=printable(candidate.sample_id),
+        group=printable(candidate.group),
+        stem=printable(candidate.stem),
         image_path=_path_text(candidate.image_path),
         mask_path=_path_text(candidate.mask_path),
         reason=reason,
-        detail=detail,
+        detail=printable(detail),
     )
+
+
+def _is_rescaled_frame(image_hw: tuple[int, int], mask_hw: tuple[int, int]) -> bool:
+    """True when the mask's sides are the image's times one factor, up to one pixel of rounding
+    on each side of the smaller of the two (``h_m * w - w_m * h`` is then at most ``h + w``)."""
+    (image_h, image_w), (mask_h, mask_w) = image_hw, mask_hw
+    tolerance = min(image_h + image_w, mask_h + mask_w)
+    return abs(mask_h * image_w - mask_w * image_h) <= tolerance
 
 
 def _file_names(paths: Iterable[Path]) -> str:
@@ -293,13 +310,18 @@ def validate_candidate(
     The checks run in the order of ``INVALID_REASONS``; the first failing one
     decides the reason. The image is fully decoded (so truncated files are
     caught here), the mask is read with ``imageio.read_mask`` and
-    ``mask_threshold``.
+    ``mask_threshold``. A mask of another size than its image must be a
+    rescaled copy of the image's frame, and must keep foreground and
+    background once resized to the image (as later stages use it).
 
     Args:
         candidate: one entry of ``scan_pairs``.
         mask_threshold: 8-bit grey threshold for image masks (see ``read_mask``).
         min_image_side: smallest allowed shorter image side, pixels.
     """
+    if not is_utf8_text(candidate.sample_id):
+        return _invalid(candidate, "undecodable_name",
+                        f"{candidate.sample_id}: the group or file name is not valid UTF-8; rename it")
     if candidate.ambiguous_image_paths:
         return _invalid(
             candidate, "ambiguous_image",
@@ -341,6 +363,19 @@ def validate_candidate(
         return _invalid(candidate, "full_mask", f"mask {mask.shape[0]} x {mask.shape[1]} has no background pixel")
 
     mask_h, mask_w = mask.shape
+    if (mask_h, mask_w) != (image_h, image_w):
+        if not _is_rescaled_frame((image_h, image_w), (mask_h, mask_w)):
+            return _invalid(
+                candidate, "mask_shape_mismatch",
+                f"mask is {mask_h} x {mask_w} px, image {image_h} x {image_w} px: not one scale factor",
+            )
+        at_image_size = resize_mask_nearest(mask, (image_h, image_w))
+        if not at_image_size.any():
+            return _invalid(candidate, "empty_mask",
+                            f"mask {mask_h} x {mask_w} has no foreground pixel at image size {image_h} x {image_w}")
+        if at_image_size.all():
+            return _invalid(candidate, "full_mask",
+                            f"mask {mask_h} x {mask_w} has no background pixel at image size {image_h} x {image_w}")
     return SampleRecord(
         sample_id=candidate.sample_id,
         group=candidate.group,
@@ -593,7 +628,9 @@ def build_manifest_tables(
         result = validate_candidate(candidate, mask_threshold, min_image_side)
         (valid if isinstance(result, SampleRecord) else invalid).append(result)
 
-    safe_ids = make_safe_ids((candidate.sample_id for candidate in candidates), existing_safe_ids)
+    # A name that is not UTF-8 gets no safe id: renaming the file is the only fix, and gives a new id.
+    safe_ids = make_safe_ids((candidate.sample_id for candidate in candidates if is_utf8_text(candidate.sample_id)),
+                             existing_safe_ids)
     valid = [replace(record, safe_id=safe_ids[record.sample_id]) for record in valid]
     splits = assign_splits(valid, existing_splits, split_seed, split_fractions)
 
@@ -610,9 +647,28 @@ def build_manifest_tables(
 # Reading stage 1's outputs
 # ---------------------------------------------------------------------------
 
+#: Columns of a valid-sample manifest that later stages read as positive integers (pixels).
+_INTEGER_COLUMNS = ("image_h", "image_w", "mask_h", "mask_w")
+
+
 def read_manifest_csv(path: Path) -> pd.DataFrame:
-    """A manifest CSV as written by stage 1 (stems and groups stay strings, empty cells stay "")."""
-    return pd.read_csv(path, keep_default_na=False, dtype={"stem": str, "group": str})
+    """A valid-sample manifest CSV as written by stage 1 (stems and groups stay strings, empty
+    cells stay ""). One-line ``PipelineError`` naming the file when it is unreadable, lacks a
+    column of ``MANIFEST_COLUMNS`` or holds a size that is not a positive integer."""
+    try:
+        frame = pd.read_csv(path, keep_default_na=False, dtype={"stem": str, "group": str})
+    except (OSError, ValueError) as error:  # pandas' ParserError and EmptyDataError, and UnicodeDecodeError
+        raise PipelineError(f"{path}: unreadable manifest ({error_line(error)}); rerun build_manifests.py "
+                            "(with --force if this is all_samples.csv)") from None
+    missing = [column for column in MANIFEST_COLUMNS if column not in frame.columns]
+    if missing:
+        raise PipelineError(f"{path}: not a manifest written by build_manifests.py (no column "
+                            f"{', '.join(missing[:3])}); rerun it (with --force if this is all_samples.csv)")
+    for column in _INTEGER_COLUMNS:
+        if len(frame) and not (pd.api.types.is_integer_dtype(frame[column]) and (frame[column] > 0).all()):
+            raise PipelineError(f"{path}: column {column} holds values that are no pixel count; "
+                                "rerun build_manifests.py")
+    return frame
 
 
 def load_split_manifest(project_root: Path, split: str) -> pd.DataFrame:

@@ -94,7 +94,7 @@ class Artifacts:
         try:
             return load_backbone(sam.family, sam.model_type, sam.checkpoint, sam.device)
         except BackboneError as exc:
-            raise EvaluationError(f"sam.checkpoint: {exc}") from None
+            raise EvaluationError(str(exc)) from None
 
     @cached_property
     def head(self):

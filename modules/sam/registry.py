@@ -61,16 +61,22 @@ def registered_backbones() -> list[tuple[str, str]]:
     return list(BACKBONE_REGISTRY)
 
 
+def check_registered(family: str, model_type: str) -> None:
+    """A one-line ``BackboneError`` naming ``sam.family`` or ``sam.model_type`` unless
+    ``(family, model_type)`` is registered (cheap: stages call it before any other work)."""
+    if (family, model_type) in BACKBONE_REGISTRY:
+        return
+    families = sorted({f for f, _ in BACKBONE_REGISTRY})
+    if family not in families:
+        raise BackboneError(f"sam.family: unknown backbone family {family!r}; valid families: {families}")
+    types_ = [t for f, t in BACKBONE_REGISTRY if f == family]
+    raise BackboneError(f"sam.model_type: unknown {family} model_type {model_type!r}; valid model types: {types_}")
+
+
 def build_sam_model(family: str, model_type: str) -> nn.Module:
     """The random-init ``nn.Module`` of a registered backbone (on CPU, float32, train mode)."""
-    key = (family, model_type)
-    if key not in BACKBONE_REGISTRY:
-        families = sorted({f for f, _ in BACKBONE_REGISTRY})
-        if family not in families:
-            raise BackboneError(f"unknown backbone family {family!r}; valid families: {families}")
-        types_ = [t for f, t in BACKBONE_REGISTRY if f == family]
-        raise BackboneError(f"unknown {family} model_type {model_type!r}; valid model types: {types_}")
-    builder, _ = BACKBONE_REGISTRY[key]
+    check_registered(family, model_type)
+    builder, _ = BACKBONE_REGISTRY[(family, model_type)]
     return builder()
 
 
@@ -94,25 +100,44 @@ def verify_checkpoint_archive(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as error:
-        raise BackboneError(f"{path}: damaged checkpoint archive ({error_line(error)})") from None
+        raise BackboneError(f"sam.checkpoint: {path}: damaged checkpoint archive ({error_line(error)})") from None
     if bad is not None:
-        raise BackboneError(f"{path}: damaged checkpoint (member {bad} fails its CRC); "
+        raise BackboneError(f"sam.checkpoint: {path}: damaged checkpoint (member {bad} fails its CRC); "
                             "download or copy the checkpoint again")
     _VERIFIED_ARCHIVES.add(key)
 
 
+#: First bytes of what ``torch.save`` writes: a zip archive (torch >= 1.6) or a legacy pickle.
+_ZIP_MAGIC, _PICKLE_MAGIC = b"PK", b"\x80"
+
+
+def _check_checkpoint_kind(path: Path, model_type: str) -> None:
+    """One line for a file that cannot be a checkpoint at all (torch's own message for these talks
+    about ``weights_only`` or miniz internals)."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path):
+        raise BackboneError(f"sam.checkpoint: {path}: truncated checkpoint for model type {model_type!r} (its zip "
+                            "archive has no central directory); download or copy it again")
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
+        raise BackboneError(f"sam.checkpoint: {path}: not a PyTorch checkpoint for model type {model_type!r} "
+                            "(neither a torch.save zip archive nor a legacy pickle)")
+
+
 def _read_state_dict(path: Path, model_type: str) -> dict[str, torch.Tensor]:
+    _check_checkpoint_kind(path, model_type)
     verify_checkpoint_archive(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt / non-tensor files
         reason = error_line(error)
-        raise BackboneError(f"{path}: cannot read checkpoint for model type {model_type!r}: {reason}") from None
+        raise BackboneError(f"sam.checkpoint: {path}: cannot read checkpoint for model type {model_type!r}: "
+                            f"{reason}") from None
     if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
         loaded = loaded["model"]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise BackboneError(
-            f"{path}: not a state dict (expected a dict of tensors or {{'model': state_dict}}) "
+            f"sam.checkpoint: {path}: not a state dict (expected a dict of tensors or {{'model': state_dict}}) "
             f"for model type {model_type!r}"
         )
     return loaded
@@ -128,11 +153,12 @@ def _check_state_dict(model: nn.Module, state_dict: dict, path: Path, model_type
             detail.append(f"{len(missing)} missing keys (first {missing[0]!r})")
         if unexpected:
             detail.append(f"{len(unexpected)} unexpected keys (first {unexpected[0]!r})")
-        raise BackboneError(f"{path}: checkpoint does not match model type {model_type!r}: {', '.join(detail)}")
+        raise BackboneError(f"sam.checkpoint: {path}: checkpoint does not match model type {model_type!r}: "
+                            f"{', '.join(detail)}")
     for key, tensor in expected.items():
         if tuple(state_dict[key].shape) != tuple(tensor.shape):
             raise BackboneError(
-                f"{path}: checkpoint does not match model type {model_type!r}: {key!r} has shape "
+                f"sam.checkpoint: {path}: checkpoint does not match model type {model_type!r}: {key!r} has shape "
                 f"{tuple(state_dict[key].shape)}, the model expects {tuple(tensor.shape)}"
             )
 
@@ -146,14 +172,16 @@ def load_backbone(family: str, model_type: str, checkpoint: str | os.PathLike,
     The model is frozen (eval mode, ``requires_grad=False``) and moved to ``device``.
 
     Raises:
-        BackboneError: unknown family / model type, missing or unreadable file, or a
-            checkpoint whose keys or shapes do not match the model type.
+        DeviceError: ``sam.device`` asks for CUDA and none is available (one line naming the key).
+        BackboneError: one line naming the config key at fault: ``sam.family`` / ``sam.model_type`` (not registered) or
+            ``sam.checkpoint`` (missing, unreadable or damaged file, or keys or shapes that do not
+            match the model type).
     """
     device = resolve_device(device, key="sam.device")
     model = build_sam_model(family, model_type)
     path = Path(checkpoint)
     if not path.is_file():
-        raise BackboneError(f"{path}: checkpoint file not found (model type {family}/{model_type})")
+        raise BackboneError(f"sam.checkpoint: {path}: checkpoint file not found (model type {family}/{model_type})")
     state_dict = _read_state_dict(path, model_type)
     _check_state_dict(model, state_dict, path, model_type)
     model.load_state_dict(state_dict, strict=True)

@@ -126,7 +126,7 @@ def run_decoder_stage(ctx, run_id: str) -> None:
     try:
         backbone = load_backbone(sam.family, sam.model_type, sam.checkpoint, sam.device)
     except BackboneError as error:
-        raise DecoderLaplaceError(f"sam.checkpoint: {error}") from None
+        raise DecoderLaplaceError(str(error)) from None
 
     train_rows = decoder_fit.SplitRows(cfg, "train", backbone)
     val_rows = decoder_fit.SplitRows(cfg, "val", backbone, cache=train_rows.cache)

@@ -6,7 +6,7 @@ import json
 
 from modules.core.fileio import atomic_write_text, cached_file_md5
 from modules.core.paths import promptset_path
-from modules.core.stage import UnitError
+from modules.core.stage import UnitCounts, UnitError
 from modules.data.imageio import MaskReadError, read_mask, resize_mask_nearest
 from modules.data.manifest import SPLITS, load_split_manifest
 from modules.data.promptset import PromptSpec, build_promptset_record, dumps_record
@@ -16,7 +16,9 @@ def run_stage(ctx) -> None:
     """Stage 2: one JSON of seeded prompt sets per sample and split, skipping finished samples.
 
     A sample counts as finished when its JSON exists and was drawn from the same mask file
-    (md5); the config it was drawn with is guarded by the stage fingerprint.
+    (md5); the config it was drawn with is guarded by the stage fingerprint. A sample whose mask
+    can no longer be read (it changed after stage 1) fails: the others are written, then the
+    stage exits with one line naming it.
     """
     cfg = ctx.cfg
     pg = cfg.prompt_generation
@@ -27,6 +29,7 @@ def run_stage(ctx) -> None:
         return {"mask_path": sample["mask_path"], "mask_md5": cached_file_md5(sample["mask_path"])}
 
     totals = {}
+    all_counts = UnitCounts()
     for split in SPLITS:
         samples = load_split_manifest(ctx.project_root, split).to_dict("records")
         num_sets = getattr(pg, f"num_promptsets_{split}")
@@ -56,4 +59,6 @@ def run_stage(ctx) -> None:
         counts = ctx.run_units(samples, is_complete, process, desc=f"prompt sets [{split}]",
                                unit_name=lambda s: s["sample_id"], metric_prefix=f"{split}/")
         totals.update({f"{split}_{k}": v for k, v in counts.as_dict().items()})
+        all_counts.add(counts)
     ctx.summary(totals)
+    all_counts.raise_if_failed(ctx.name, "samples")

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from modules.cache.packing import PackPlan, PackSettings, SplitPacker, partial_path, split_is_packed
-from modules.cache.training_index import PackingError, open_cache
+from modules.cache.training_index import PackingError, load_index, open_cache
 from modules.core.fileio import remove_file
 from modules.core.paths import index_path, packed_path, training_data_dir
 from modules.core.stage import upstream_fingerprint
@@ -23,9 +23,8 @@ def run_stage(ctx) -> None:
     cfg = ctx.cfg
     settings = PackSettings.from_config(cfg)
     index_files = [index_path(ctx.project_root, split) for split in SPLITS]
-    for path in index_files:
-        if not path.is_file():
-            raise PackingError(f"{path}: missing; run build_training_indices.py first")
+    for split in SPLITS:
+        load_index(ctx.project_root, split)  # each exists and is an index, before anything is touched
     # Each packed file also records its own fingerprint, so only --force discards finished rows.
     ctx.check_inputs(["training.logit_clip", "data.mask_threshold", "head.use_image_embedding"],
                      upstream={"indices": upstream_fingerprint(index_files)},

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from modules.cache import sam_cache, shard_writer
 from modules.core.config import PipelineConfig
-from modules.core.errors import PipelineError
+from modules.core.errors import error_line
 from modules.core.fileio import cached_file_md5
 from modules.core.paths import FINGERPRINT_FILE, cache_dir, promptset_path
 from modules.core.processes import DieWithParent
@@ -34,9 +34,8 @@ from modules.core.stage import KillSwitch, Shard, UnitCounts
 from modules.data.imageio import ImageReadError, read_image_rgb
 from modules.data.manifest import SPLITS, load_split_manifest
 from modules.data.promptset import load_promptsets, promptset_tensors
-from modules.sam.base import BackboneError
 from modules.sam.prompting import MULTIMASK_POLICIES, Prompts, decode_selected, round_features
-from modules.sam.registry import configured_checkpoint_md5, load_backbone
+from modules.sam.registry import check_registered, configured_checkpoint_md5, load_backbone
 
 log = logging.getLogger("pipeline.precompute")
 
@@ -126,15 +125,17 @@ class ImageLoader(Dataset):
             item.promptset_md5 = promptset_md5(self.project_root, unit) or ""
             record = load_promptsets(self.project_root, unit.split, unit.safe_id)
         except (OSError, ValueError) as exc:
-            item.error = f"{path}: missing or unreadable prompt-set file ({type(exc).__name__})"
+            item.error = (f"{path}: missing or unreadable prompt-set file ({type(exc).__name__}); "
+                          "rerun generate_promptsets.py")
             return item
         try:
             points, labels, _, boxes = promptset_tensors(record)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            item.error = f"{path}: malformed prompt-set file ({exc})"
+            promptset_ids = np.array([s["promptset_id"] for s in record["promptsets"]], dtype=np.int32)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            item.error = f"{path}: malformed prompt-set file ({error_line(exc)}); rerun generate_promptsets.py"
             return item
-        if points.shape[0] > self.max_promptsets:
-            item.error = (f"{path}: {points.shape[0]} prompt sets, more than the cache's "
+        if not 0 < points.shape[0] <= self.max_promptsets:
+            item.error = (f"{path}: {points.shape[0]} prompt sets, the cache holds 1 to "
                           f"{self.max_promptsets} (prompt_generation.num_promptsets_*)")
             return item
         try:
@@ -146,7 +147,7 @@ class ImageLoader(Dataset):
         item.input_hw = tuple(int(v) for v in self.preprocessor.input_size(item.original_hw))
         item.pixels = self.preprocessor.prepare(image).numpy()
         item.points, item.labels, item.boxes = points.numpy(), labels.numpy(), boxes.numpy()
-        item.promptset_ids = np.array([s["promptset_id"] for s in record["promptsets"]], dtype=np.int32)
+        item.promptset_ids = promptset_ids
         return item
 
 
@@ -369,15 +370,13 @@ def run_stage(ctx, shard: Shard) -> None:
     """Stage 3 entry point (``precompute_sam_outputs.py``). Shards of one cache run at once, so each
     process holds the lock of its own shard file, not of the whole cache folder."""
     sam = ctx.cfg.sam
+    check_registered(sam.family, sam.model_type)
     checkpoint_md5 = configured_checkpoint_md5(sam.checkpoint)
     backbone_folder = sam_cache.backbone_id(sam.family, sam.model_type, checkpoint_md5)
     ctx.hold_lock(ctx.output_dir / backbone_folder / sam_cache.shard_file_name(shard.index, shard.count))
     ctx.check_inputs(FINGERPRINT_KEYS, upstream={"checkpoint_md5": checkpoint_md5},
                      fingerprint_file=f"{backbone_folder}/{FINGERPRINT_FILE}")
-    try:
-        backbone = load_backbone(sam.family, sam.model_type, sam.checkpoint, sam.device)
-    except BackboneError as exc:
-        raise PipelineError(f"sam.checkpoint: {exc}") from None
+    backbone = load_backbone(sam.family, sam.model_type, sam.checkpoint, sam.device)
     print(f"[{ctx.name}] {backbone!r}, {shard.name}")
     result = run_precompute(ctx.cfg, backbone, shard, force=ctx.force, tracker=ctx.tracker)
     counts = result.counts
@@ -385,3 +384,4 @@ def run_stage(ctx, shard: Shard) -> None:
         print(f"  failed: {sample_id}: {reason}")
     ctx.summary({**counts.as_dict(), "images_per_s": round(result.images_per_s, 3),
                  "shard_file": str(result.shard_path)})
+    counts.raise_if_failed(ctx.name, "images")
