@@ -281,7 +281,7 @@ ERROR_CASES = [
     ErrorCase("shard-index-without-count", "precompute_sam_outputs", "staged", args("--shard-index", "1"),
               ("--num-shards and --shard-index",)),
     ErrorCase("shard-index-out-of-range", "precompute_sam_outputs", "staged",
-              args("--num-shards", "2", "--shard-index", "2"), ("shard index 2",)),
+              args("--num-shards", "2", "--shard-index", "2"), ("--shard-index: 2 is outside 0..1",)),
     # ---- data folders and the demo
     ErrorCase("images-root-missing", "build_manifests", "staged",
               overrides("demo.enabled=false", "data.images_root=nowhere"), ("data.images_root", "nowhere")),
