@@ -17,10 +17,10 @@ import pandas as pd
 import torch
 
 from modules.core.fileio import atomic_write_csv, atomic_write_text, remove_file, remove_tree
+from modules.evaluation.samples import LabelledSample
 from modules.evaluation.scoreboard import OVERALL, SEGMENTATION_KEYS, Scoreboard, ScoredMethod
 from modules.scoring import metrics
 from modules.scoring.plots import plot_qualitative_panel, plot_reliability_diagram, plot_sparsification
-from modules.uncertainty.strategies import EvalSample
 
 QUALITATIVE_DIR = "qualitative"
 SUMMARY_MARKDOWN = "summary.md"
@@ -191,11 +191,12 @@ def refinement_markdown(refinement: pd.DataFrame, unrefined: str) -> str:
 # --------------------------------------------------------------------------- figures
 
 
-def write_qualitative_panels(folder: Path, sample: EvalSample, scored: dict[str, ScoredMethod],
+def write_qualitative_panels(folder: Path, labelled: LabelledSample, scored: dict[str, ScoredMethod],
                              methods: Iterable[str]) -> list[Path]:
     """One panel per method for the sample's first prompt set."""
+    sample = labelled.inputs
     promptset_id = int(sample.record["promptsets"][0]["promptset_id"])
-    gt = torch.from_numpy(sample.gt_mask)
+    gt = torch.from_numpy(labelled.ground_truth)
     paths = []
     for method in methods:
         if method not in scored:
@@ -206,7 +207,7 @@ def write_qualitative_panels(folder: Path, sample: EvalSample, scored: dict[str,
         union = int((prediction | gt).sum())
         iou = int((prediction & gt).sum()) / union if union else 1.0
         path = folder / QUALITATIVE_DIR / file_label(method) / f"{file_label(sample.safe_id)}_{promptset_id}.png"
-        plot_qualitative_panel(sample.image, sample.gt_mask, prob, output.maps[output.primary_map][0].float().cpu(),
+        plot_qualitative_panel(sample.image, labelled.ground_truth, prob, output.maps[output.primary_map][0].float().cpu(),
                                path, f"{method} ({output.primary_map}) | {sample.safe_id} prompt set "
                                      f"{promptset_id} | IoU {iou:.3f}")
         paths.append(path)
