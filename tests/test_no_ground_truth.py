@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from modules.core.config import ConfigError, load_config
-from modules.evaluation import methods
+from modules.evaluation import methods, reports
 from modules.evaluation.methods import ORACLE_METHODS, Predictor, method_names, needed_artifacts
 from modules.evaluation.samples import LabelledSample
 from modules.evaluation.scoreboard import Scoreboard
@@ -25,7 +25,8 @@ from modules.laplace.hypernet import HypernetPosterior
 from modules.sam.prompting import PROMPT_MODES, decode_selected, round_features
 from modules.stages.evaluate_uncertainty import fingerprint_sections
 from modules.training.models import UncertaintyFusion, VarianceNetwork
-from modules.uncertainty.strategies import PromptPerturbationStrategy, UncertaintyError
+from modules.scoring.entropy import binary_entropy
+from modules.uncertainty.strategies import PromptPerturbationStrategy, StrategyOutput, UncertaintyError
 from tests.helpers.precompute_fixtures import save_random_checkpoint
 from tests.stage_runner import REPO
 from tests.test_uncertainty import HW, disc_ground_truth, make_sample, seeded_head
@@ -179,7 +180,19 @@ def test_oracle_methods_are_named_so_and_only_run_when_listed():
                                                        "evaluation.refinement=false"))
 
 
-def test_a_ground_truth_of_another_size_is_refused(parts):
-    sample, _, _ = parts
+def test_the_summary_names_the_oracle_ablations_as_such():
+    sample = make_sample()
+    names = ["raw_sam", "prompt_perturbation_oracle", "prompt_perturbation"]
+    board = Scoreboard(ece_bins=10, device=torch.device("cpu"))
+    prob = torch.from_numpy(np.random.default_rng(0).random((sample.num_promptsets, 256, 256), np.float32))
+    board.score_sample(LabelledSample(sample, disc_ground_truth()),
+                       {name: StrategyOutput(prob, {"entropy": binary_entropy(prob)}, "entropy") for name in names})
+    summary = reports.summary_frame(board, names, [])
+    text = reports.summary_markdown(summary, summary.iloc[0:0], "", names, 1, len(board.rows), 10)
+    oracle_lines = [line for line in text.splitlines() if line.startswith("Oracle ablations")]
+    assert len(oracle_lines) == 1 and oracle_lines[0].endswith(": prompt_perturbation_oracle.")
+
+
+def test_a_ground_truth_of_another_size_is_refused():
     with pytest.raises(UncertaintyError, match="s1: ground-truth mask"):
-        LabelledSample(sample, np.zeros((10, 10), bool))
+        LabelledSample(make_sample(), np.zeros((10, 10), bool))

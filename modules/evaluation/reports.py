@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from modules.core.fileio import atomic_write_csv, atomic_write_text, remove_file, remove_tree
+from modules.evaluation.methods import ORACLE_METHODS
 from modules.evaluation.samples import LabelledSample
 from modules.evaluation.scoreboard import OVERALL, SEGMENTATION_KEYS, Scoreboard, ScoredMethod
 from modules.scoring import metrics
@@ -163,6 +164,10 @@ def summary_markdown(summary: pd.DataFrame, refinement: pd.DataFrame, refinement
              f"Scored at ground-truth resolution. ECE with {ece_bins} equal-width bins of the foreground "
              "probability. Uncertainty metrics use each method's primary map: "
              + ", ".join(f"{m}: {primary.get(m, '?')}" for m in strategies) + ".", ""]
+    oracles = [m for m in methods if m in ORACLE_METHODS and m in set(summary["method"])]
+    if oracles:
+        lines += ["Oracle ablations (they read the ground truth, which no deployed system has; shown for "
+                  f"comparison only): {', '.join(oracles)}.", ""]
     for column, heading, higher_better in KEY_METRICS:
         lines += [f"## {heading} ({'higher' if higher_better else 'lower'} is better)", "",
                   markdown_table(method_by_domain(summary[summary["kind"] == "strategy"], column, strategies)), ""]
