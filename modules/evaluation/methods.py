@@ -164,7 +164,7 @@ class RefinementInputs:
 
 
 class Refinement:
-    """The fusion refinement variants for one sample, all prompt sets at once: ``first_pass`` builds
+    """The fusion refinement variants for one sample, all prompt sets at once: ``shared_inputs`` builds
     the inputs they share, ``predict`` runs the variants on SAM's first pass and ``predict_oracle``
     the ones that take the ground truth as the first pass."""
 
@@ -191,7 +191,7 @@ class Refinement:
                 log_var_range=(cfg.variance.log_var_min, cfg.variance.log_var_max),
             )
 
-    def first_pass(self, sample: EvalSample) -> RefinementInputs:
+    def shared_inputs(self, sample: EvalSample) -> RefinementInputs:
         """What every variant of one sample shares: prompts, features, SAM's first pass and the
         uncertainty maps (all from the sample alone)."""
         device = self.backbone.device
@@ -271,7 +271,7 @@ class Predictor:
         outputs = {name: strategy.predict(sample) for name, strategy in self.strategies.items()}
         outputs.update({name: oracle.predict(sample, labelled.ground_truth) for name, oracle in self.oracles.items()})
         if self.refinement is not None:
-            shared = self.refinement.first_pass(sample)
+            shared = self.refinement.shared_inputs(sample)
             outputs.update(self.refinement.predict(shared))
             outputs.update(self.refinement.predict_oracle(shared, labelled.ground_truth))
         return {name: outputs[name] for name in self.methods}
