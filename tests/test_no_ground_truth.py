@@ -16,7 +16,7 @@ import torch
 
 from modules.core.config import ConfigError, load_config
 from modules.evaluation import methods, reports
-from modules.evaluation.methods import ORACLE_METHODS, Predictor, method_names, needed_artifacts
+from modules.evaluation.methods import ORACLE_BUILDERS, ORACLE_METHODS, Predictor, method_names, needed_artifacts
 from modules.evaluation.samples import LabelledSample
 from modules.evaluation.scoreboard import Scoreboard
 from modules.laplace.decoder import DecoderPosterior, decode_chosen_outputs, final_layer_means
@@ -26,7 +26,8 @@ from modules.sam.prompting import PROMPT_MODES, decode_selected, round_features
 from modules.stages.evaluate_uncertainty import fingerprint_sections
 from modules.training.models import UncertaintyFusion, VarianceNetwork
 from modules.scoring.entropy import binary_entropy
-from modules.uncertainty.strategies import PromptPerturbationStrategy, StrategyOutput, UncertaintyError
+from modules.uncertainty.strategies import (ORACLE_STRATEGIES, PromptPerturbationStrategy, StrategyOutput,
+                                            UncertaintyError)
 from tests.helpers.precompute_fixtures import save_random_checkpoint
 from tests.stage_runner import REPO
 from tests.test_uncertainty import HW, disc_ground_truth, make_sample, seeded_head
@@ -172,6 +173,8 @@ def test_label_source_is_validated_and_fingerprinted():
 
 def test_oracle_methods_are_named_so_and_only_run_when_listed():
     assert ORACLE_METHODS and all("oracle" in name for name in ORACLE_METHODS)
+    assert set(ORACLE_STRATEGIES) == set(ORACLE_BUILDERS) <= set(ORACLE_METHODS)
+    assert all(cls.name == name for name, cls in ORACLE_STRATEGIES.items())
     default = load_config(REPO / "config.yaml")
     assert not set(ORACLE_METHODS) & set(default.evaluation.strategies)
     everything = config()
