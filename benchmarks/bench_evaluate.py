@@ -111,8 +111,8 @@ def synthetic_sample(backbone, height: int, width: int, num_promptsets: int) -> 
 def bench_prompt_perturbation(backbone, sample: EvalSample, num_samples: int, repeats: int) -> dict:
     features = sample.features(backbone.device)
     strategy = PromptPerturbationStrategy(backbone, num_samples, PROMPT_MODE, MULTIMASK_POLICY, seed=0)
-    all_points, all_labels, all_boxes = perturbed_prompts(sample.points, sample.labels, sample.boxes, sample.original_hw,
-                                                          num_samples, 0, sample.sample_key)
+    all_points, all_labels, all_boxes = perturbed_prompts(sample.points, sample.labels, sample.boxes,
+                                                          sample.original_hw, num_samples, 0, sample.sample_key)
     image = sample.image
     pixels = backbone.preprocess(image)[None]
     timings = {

@@ -8,13 +8,14 @@ oracle ablations must change (else the test could not fail) and so must the scor
 ground truth does reach the metrics).
 """
 
+import typing
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from modules.core.config import ConfigError, load_config
+from modules.core.config import ConfigError, PromptPerturbationConfig, load_config
 from modules.evaluation import methods, reports
 from modules.evaluation.methods import ORACLE_BUILDERS, ORACLE_METHODS, Predictor, method_names, needed_artifacts
 from modules.evaluation.samples import LabelledSample
@@ -26,6 +27,7 @@ from modules.sam.prompting import PROMPT_MODES, decode_selected, round_features
 from modules.stages.evaluate_uncertainty import fingerprint_sections
 from modules.training.models import UncertaintyFusion, VarianceNetwork
 from modules.scoring.entropy import binary_entropy
+from modules.uncertainty.prompt_perturbation import LABEL_SOURCES
 from modules.uncertainty.strategies import (ORACLE_STRATEGIES, PromptPerturbationStrategy, StrategyOutput,
                                             UncertaintyError)
 from tests.helpers.precompute_fixtures import save_random_checkpoint
@@ -159,6 +161,8 @@ def test_own_mask_reads_the_first_pass_and_original_reads_only_the_prompt(parts)
 def test_label_source_is_validated_and_fingerprinted():
     default = config()
     assert default.evaluation.prompt_perturbation.label_source == "original"
+    choices = typing.get_args(typing.get_type_hints(PromptPerturbationConfig)["label_source"])
+    assert choices == LABEL_SOURCES  # the config accepts exactly the sources the strategy implements
     for bad in ("oracle_gt", "ground_truth"):
         with pytest.raises(ConfigError, match=r"^evaluation\.prompt_perturbation\.label_source: .*not one of") as error:
             config(f"evaluation.prompt_perturbation.label_source={bad}")

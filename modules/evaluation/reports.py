@@ -212,9 +212,9 @@ def write_qualitative_panels(folder: Path, labelled: LabelledSample, scored: dic
         union = int((prediction | gt).sum())
         iou = int((prediction & gt).sum()) / union if union else 1.0
         path = folder / QUALITATIVE_DIR / file_label(method) / f"{file_label(sample.safe_id)}_{promptset_id}.png"
-        plot_qualitative_panel(sample.image, labelled.ground_truth, prob, output.maps[output.primary_map][0].float().cpu(),
-                               path, f"{method} ({output.primary_map}) | {sample.safe_id} prompt set "
-                                     f"{promptset_id} | IoU {iou:.3f}")
+        primary = output.maps[output.primary_map][0].float().cpu()
+        title = f"{method} ({output.primary_map}) | {sample.safe_id} prompt set {promptset_id} | IoU {iou:.3f}"
+        plot_qualitative_panel(sample.image, labelled.ground_truth, prob, primary, path, title)
         paths.append(path)
     return paths
 

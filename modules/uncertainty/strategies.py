@@ -132,8 +132,9 @@ class EvalSample:
                                    f"{record_ids}; rerun the SAM precompute stage")
         points, labels, points_256, boxes = promptset_tensors(record)
         return cls(
-            safe_id=safe_id, sample_id=str(record["sample_id"]), group=group, cache_entry=cache_entry, record=record, points=points, labels=labels, points_256=points_256,
-            boxes=boxes, head_inputs=head_inputs(cache_entry.logits, record, logit_clip), image_loader=image_loader,
+            safe_id=safe_id, sample_id=str(record["sample_id"]), group=group, cache_entry=cache_entry, record=record,
+            points=points, labels=labels, points_256=points_256, boxes=boxes,
+            head_inputs=head_inputs(cache_entry.logits, record, logit_clip), image_loader=image_loader,
         )
 
     @property
