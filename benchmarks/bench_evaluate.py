@@ -96,7 +96,7 @@ def synthetic_sample(backbone, height: int, width: int, num_promptsets: int) -> 
                                     spec, source={})
     features = round_features(backbone.encode(backbone.preprocess(image)[None]))
     feature_arrays = {name: value[0].cpu().numpy() for name, value in features.items()}
-    probe = EvalSample.build("bench__0", "bench", mask, CacheEntry(
+    probe = EvalSample.build("bench__0", "bench", CacheEntry(
         "bench__0", "test", feature_arrays, np.zeros((num_promptsets, 256, 256), np.float16),
         np.arange(num_promptsets, dtype=np.int32), np.zeros(num_promptsets, np.int8),
         np.zeros((num_promptsets, 3), np.float32), (height, width), backbone.input_size((height, width)), "0" * 32,
@@ -104,15 +104,15 @@ def synthetic_sample(backbone, height: int, width: int, num_promptsets: int) -> 
     logits = decode_selected_logits(backbone, features, (height, width), probe.points, probe.labels, probe.boxes,
                                     PROMPT_MODE, MULTIMASK_POLICY)
     probe.cache_entry.logits = logits.cpu().numpy().astype(np.float16)
-    return EvalSample.build("bench__0", "bench", mask, probe.cache_entry, record, LOGIT_CLIP,
+    return EvalSample.build("bench__0", "bench", probe.cache_entry, record, LOGIT_CLIP,
                             image_loader=lambda: image)
 
 
 def bench_prompt_perturbation(backbone, sample: EvalSample, num_samples: int, repeats: int) -> dict:
     features = sample.features(backbone.device)
     strategy = PromptPerturbationStrategy(backbone, num_samples, PROMPT_MODE, MULTIMASK_POLICY, seed=0)
-    all_points, all_labels, all_boxes = perturbed_prompts(sample.points, sample.labels, sample.boxes, sample.gt_mask,
-                                                          num_samples, 0, sample.sample_key)
+    all_points, all_labels, all_boxes = perturbed_prompts(sample.points, sample.labels, sample.boxes,
+                                                          sample.original_hw, num_samples, 0, sample.sample_key)
     image = sample.image
     pixels = backbone.preprocess(image)[None]
     timings = {

@@ -183,7 +183,7 @@ def _eval_sample(cfg):
     from modules.cache.training_index import open_cache
 
     unit = list_eval_units(cfg)[0]
-    return load_sample(cfg, open_cache(cfg), unit)
+    return load_sample(cfg, open_cache(cfg), unit).inputs
 
 
 STRATEGY_SCRIPT = """

@@ -94,20 +94,21 @@ def test_upsample_to_ground_truth_resolution_is_bilinear():
 
 
 def test_scoreboard_rows_and_accumulators_per_domain_and_overall():
-    from tests.test_uncertainty import make_sample  # a synthetic EvalSample (mask, cache entry, prompts)
+    from modules.evaluation.samples import LabelledSample
+    from tests.test_uncertainty import disc_ground_truth, make_sample  # a synthetic sample (cache entry, prompts)
 
     sample = make_sample()
     prob = torch.from_numpy(np.asarray(sample.cache_entry.logits)).float().sigmoid()
     output = StrategyOutput(prob, {"entropy": binary_entropy(prob), "std": prob * 0.1}, "entropy")
     board = Scoreboard(ece_bins=10, device=torch.device("cpu"))
-    scored = board.score_sample(sample, {"m": output})
+    scored = board.score_sample(LabelledSample(sample, disc_ground_truth()), {"m": output})
     assert scored["m"].prob.shape == (sample.num_promptsets, *sample.original_hw)
     assert {key for key in board.accumulators} == {("m", "entropy", "group"), ("m", "entropy", "overall"),
                                                    ("m", "std", "group"), ("m", "std", "overall")}
     assert len(board.rows) == sample.num_promptsets
     row = board.rows[0]
     assert row["ece_bins"] == 10 and row["method"] == "m" and row["primary_map"] == "entropy"
-    expected_iou = metrics.segmentation_metrics(scored["m"].prob[0], torch.from_numpy(sample.gt_mask))["iou"]
+    expected_iou = metrics.segmentation_metrics(scored["m"].prob[0], torch.from_numpy(disc_ground_truth()))["iou"]
     assert row["iou"] == pytest.approx(expected_iou)
     # the streaming figures count every pixel of every prompt set at ground-truth resolution
     pixels = sample.num_promptsets * math.prod(sample.original_hw)

@@ -1,12 +1,15 @@
-"""Prompt jitter: bounds in the 1024-frame-scaled pixels, seeding, labels re-read from the ground
-truth, and one batched decoder call for all K x P prompt sets on the demo SAM."""
+"""Prompt jitter: bounds in the 1024-frame-scaled pixels, seeding, the labels of jittered points (kept
+by default, read from masks at any resolution for ``own_mask`` and the oracle), and one batched
+decoder call for all K x P prompt sets on the demo SAM."""
 
 import numpy as np
 import pytest
 import torch
 
 from modules.core.config import ConfigError
-from modules.uncertainty.prompt_perturbation import PerturbationMagnitudes, perturbed_prompts, prompt_perturbation_predict
+from modules.data.promptset import to_frame256_points
+from modules.uncertainty.prompt_perturbation import (PerturbationMagnitudes, labels_at, perturbed_prompts,
+                                                     prompt_perturbation_predict)
 from modules.sam.prompting import round_features
 from tests.helpers.precompute_fixtures import save_random_checkpoint
 
@@ -35,7 +38,8 @@ def prompts():
 def test_sample_zero_is_the_original_and_jitter_respects_its_bounds():
     points, labels, boxes = prompts()
     mask = disc_mask()
-    all_points, all_labels, all_boxes = perturbed_prompts(points, labels, boxes, mask, K, seed=0, sample_key="a")
+    all_points, all_labels, all_boxes = perturbed_prompts(points, labels, boxes, HW, K, seed=0, sample_key="a",
+                                                          label_masks=mask)
     assert all_points.shape == (K * 3, 3, 2) and all_labels.shape == (K * 3, 3) and all_boxes.shape == (K * 3, 4)
     all_points, all_labels, all_boxes = (t.reshape(K, 3, *t.shape[1:]) for t in (all_points, all_labels, all_boxes))
     assert torch.equal(all_points[0], points) and torch.equal(all_labels[0], labels) and torch.equal(all_boxes[0], boxes)
@@ -50,7 +54,7 @@ def test_sample_zero_is_the_original_and_jitter_respects_its_bounds():
     assert torch.equal(all_points[:, ~valid], points[~valid].expand(K, -1, -1))  # padding untouched
     assert (all_labels[:, ~valid] == -1).all()
 
-    # Labels re-read from the ground truth at the nearest pixel; the rim points flip sometimes.
+    # Labels read from the mask at the nearest pixel; the rim points flip sometimes.
     cols = all_points[..., 0].round().long().numpy()
     rows = all_points[..., 1].round().long().numpy()
     expected = torch.from_numpy(mask[rows, cols].astype(np.int64))
@@ -68,11 +72,10 @@ def test_sample_zero_is_the_original_and_jitter_respects_its_bounds():
 
 
 def test_small_boxes_move_by_at_most_ten_percent_of_their_side_and_large_images_by_more_pixels():
-    mask = disc_mask((2048, 1500), centre=(1000, 700), radius=400)
     points = torch.tensor([[[700.0, 1000.0]]])
     labels = torch.tensor([[1]])
     boxes = torch.tensor([[690.0, 990.0, 719.0, 1039.0]])  # 30 x 50 px: bounds 3 and 5 px (< 40 px)
-    all_points, _, all_boxes = perturbed_prompts(points, labels, boxes, mask, 200, seed=3, sample_key=1)
+    all_points, _, all_boxes = perturbed_prompts(points, labels, boxes, (2048, 1500), 200, seed=3, sample_key=1)
     box_shift = (all_boxes - boxes).abs()
     assert box_shift[:, [0, 2]].max() <= 3.0 + 1e-4 and box_shift[:, [1, 3]].max() <= 5.0 + 1e-4
     assert box_shift[:, [0, 2]].max() > 2.7 and box_shift[:, [1, 3]].max() > 4.5
@@ -83,18 +86,17 @@ def test_small_boxes_move_by_at_most_ten_percent_of_their_side_and_large_images_
 
 def test_seeding():
     points, labels, boxes = prompts()
-    mask = disc_mask()
 
     def run(**kwargs):
         arguments = {"seed": 0, "sample_key": "img_1", "promptset_ids": [0, 1, 2], **kwargs}
-        return perturbed_prompts(points, labels, boxes, mask, 6, **arguments)
+        return perturbed_prompts(points, labels, boxes, HW, 6, **arguments)
 
     reference = run()
     assert all(torch.equal(a, b) for a, b in zip(reference, run()))
     for changed in (run(seed=1), run(sample_key="img_2"), run(promptset_ids=[5, 1, 2])):
         assert not torch.equal(reference[0], changed[0]) and not torch.equal(reference[2], changed[2])
     # A prompt set's copies depend on its own id only, not on the other prompt sets.
-    alone = perturbed_prompts(points[1:2], labels[1:2], boxes[1:2], mask, 6, seed=0, sample_key="img_1",
+    alone = perturbed_prompts(points[1:2], labels[1:2], boxes[1:2], HW, 6, seed=0, sample_key="img_1",
                               promptset_ids=[1])
     for full, single in zip(reference, alone):
         assert torch.equal(full.reshape(6, 3, *full.shape[1:])[:, 1], single)
@@ -104,16 +106,49 @@ def test_zero_magnitudes_copy_the_prompt_and_bad_settings_are_rejected():
     points, labels, boxes = prompts()
     mask = disc_mask()
     zero = PerturbationMagnitudes(point_noise_px=0.0, box_noise_fraction=0.0, box_noise_max_px=0.0)
-    all_points, all_labels, all_boxes = perturbed_prompts(points, labels, boxes, mask, 3, 0, 0, magnitudes=zero)
+    all_points, all_labels, all_boxes = perturbed_prompts(points, labels, boxes, HW, 3, 0, 0, magnitudes=zero,
+                                                          label_masks=mask)
     assert torch.equal(all_points, points.repeat(3, 1, 1)) and torch.equal(all_boxes, boxes.repeat(3, 1))
     # The original labels agree with the mask except the deliberately wrong one, which is re-read.
     relabelled = labels.clone()
     relabelled[1, 1] = 0
     assert torch.equal(all_labels[3:], relabelled.repeat(2, 1))
     with pytest.raises(ConfigError, match="num_samples"):
-        perturbed_prompts(points, labels, boxes, mask, 0, 0, 0)
+        perturbed_prompts(points, labels, boxes, HW, 0, 0, 0)
     with pytest.raises(ConfigError, match="point_noise_px"):
         PerturbationMagnitudes(point_noise_px=-1.0)
+
+
+def test_jittered_points_keep_their_labels_unless_masks_are_given():
+    points, labels, boxes = prompts()
+    kept = perturbed_prompts(points, labels, boxes, HW, K, seed=0, sample_key="a")
+    read = perturbed_prompts(points, labels, boxes, HW, K, seed=0, sample_key="a", label_masks=disc_mask())
+    # The same jitter either way; only the labels differ, and by default they are the user's.
+    assert torch.equal(kept[0], read[0]) and torch.equal(kept[2], read[2])
+    assert torch.equal(kept[1], labels.repeat(K, 1))
+    assert not torch.equal(read[1], kept[1])
+
+
+def test_labels_at_reads_masks_of_any_resolution_at_the_nearest_pixel():
+    mask = disc_mask()
+    rng = np.random.default_rng(0)
+    points = np.stack([rng.uniform(0, HW[1] - 1, (5, 3, 40)), rng.uniform(0, HW[0] - 1, (5, 3, 40))], axis=-1)
+    # At the image's own size: the pixel at the rounded coordinates, for every prompt set alike.
+    expected = mask[np.rint(points[..., 1]).astype(int), np.rint(points[..., 0]).astype(int)]
+    assert np.array_equal(labels_at(points, mask, HW), expected.astype(np.int64))
+    # One FRAME256 mask per prompt set (own_mask reads the cached first passes): each set reads its
+    # own mask at the point's FRAME256 position (``to_frame256_points``, rounded).
+    frames = np.zeros((3, 256, 256), bool)
+    frames[0, :, :128] = True   # left half
+    frames[1, :128] = True      # top half
+    frames[2] = np.random.default_rng(1).random((256, 256)) > 0.5
+    labels = labels_at(points, frames, HW)
+    for p in range(3):
+        at = np.rint(to_frame256_points(points[:, p].reshape(-1, 2), *HW)).astype(int).clip(0, 255)
+        assert np.array_equal(labels[:, p].reshape(-1), frames[p, at[:, 1], at[:, 0]].astype(np.int64))
+    assert labels[:, 0].min() == 0 and labels[:, 0].max() == 1  # both halves are hit
+    with pytest.raises(ValueError, match="h x w"):
+        labels_at(points, frames[:2], HW)
 
 
 # --------------------------------------------------------------------------- demo SAM, one decode
@@ -152,13 +187,16 @@ def test_all_prompt_variants_in_one_decoder_call_and_sample_zero_is_the_plain_pr
     labels = torch.tensor([[1, 0], [1, -1]])
     boxes = torch.tensor([[18.0, 12.0, 41.0, 35.0], [10.0, 10.0, 50.0, 40.0]])
     spy = DecodeSpy(demo_backbone)
-    probs = prompt_perturbation_predict(spy, features, hw, points, labels, boxes, mask, 3, "points_and_box",
+    probs = prompt_perturbation_predict(spy, features, hw, points, labels, boxes, 3, "points_and_box",
                                         "best_iou", seed=0, sample_key="x", promptset_ids=[0, 1])
     assert probs.shape == (3, 2, 256, 256) and probs.dtype == torch.float32
     assert spy.decode_sets == [6] and spy.encode_calls == 0
     logits, iou = demo_backbone.decode(features, hw, points, labels, boxes, multimask_output=True)
     torch.testing.assert_close(probs[0], torch.sigmoid(logits[torch.arange(2), iou.argmax(dim=1)]), atol=1e-5, rtol=0)
     assert (probs[1:] - probs[:1]).abs().amax() > 1e-3  # the perturbed prompts change the prediction
-    with pytest.raises(ValueError, match="gt_mask shape"):
-        prompt_perturbation_predict(spy, features, (hw[0] + 1, hw[1]), points, labels, boxes, mask, 3, "points",
-                                    "single", seed=0, sample_key="x")
+    # Labels read from a mask change the copies (same jitter), not the unperturbed sample 0.
+    relabelled = prompt_perturbation_predict(spy, features, hw, points, labels, boxes, 3, "points_and_box",
+                                             "best_iou", seed=0, sample_key="x", promptset_ids=[0, 1],
+                                             label_masks=~mask)
+    assert spy.decode_sets == [6, 6] and torch.equal(relabelled[0], probs[0])
+    assert (relabelled[1:] - probs[1:]).abs().amax() > 1e-3

@@ -85,10 +85,15 @@ def test_entropy_from_logits_matches_and_keeps_confident_pixels_resolved():
 # --------------------------------------------------------------------------- samples
 
 
+def disc_ground_truth():
+    """The ``HW`` ground truth of ``make_sample`` (its prompts are drawn from it): a disc."""
+    rows, cols = np.mgrid[: HW[0], : HW[1]]
+    return (rows - 24) ** 2 + (cols - 30) ** 2 < 12**2
+
+
 def make_sample(safe_id="s1", seed=0, logits=None, features=None, image=None, num_sets=3, loader_calls=None):
     rng = np.random.default_rng(seed)
-    rows, cols = np.mgrid[: HW[0], : HW[1]]
-    mask = (rows - 24) ** 2 + (cols - 30) ** 2 < 12**2
+    mask = disc_ground_truth()
     spec = PromptSpec(min_pairs=1, max_pairs=3, prompt_seed=7, gaussian_sigma=4.0, box_jitter=0.0)
     record = build_promptset_record({"sample_id": f"group/{safe_id}", "safe_id": safe_id}, "test", mask, num_sets,
                                     spec, source={})
@@ -108,7 +113,7 @@ def make_sample(safe_id="s1", seed=0, logits=None, features=None, image=None, nu
             loader_calls.append(safe_id)
         return image
 
-    return EvalSample.build(safe_id, "group", mask, entry, record, CLIP, image_loader=loader)
+    return EvalSample.build(safe_id, "group", entry, record, CLIP, image_loader=loader)
 
 
 def test_head_inputs_pack_clipped_logits_and_prompt_maps():
@@ -133,13 +138,11 @@ def test_eval_sample_checks_consistency_and_loads_the_image_once():
     assert sample.image.shape == (*HW, 3) and sample.image.shape == (*HW, 3)
     assert calls == ["s1"]
     entry, record = sample.cache_entry, sample.record
-    with pytest.raises(UncertaintyError, match="s1: ground-truth mask"):
-        EvalSample.build("s1", "g", np.zeros((10, 10), bool), entry, record, CLIP)
     reordered = {**record, "promptsets": record["promptsets"][::-1]}
     with pytest.raises(UncertaintyError, match="s1: cached prompt sets"):
-        EvalSample.build("s1", "g", sample.gt_mask, entry, reordered, CLIP)
+        EvalSample.build("s1", "g", entry, reordered, CLIP)
     with pytest.raises(UncertaintyError, match="no image_loader"):
-        _ = EvalSample.build("s1", "g", sample.gt_mask, entry, record, CLIP).image
+        _ = EvalSample.build("s1", "g", entry, record, CLIP).image
 
 
 def test_strategy_output_checks_its_maps():

@@ -174,6 +174,9 @@ class PromptPerturbationConfig:
     box_noise_max_px: float = 20.0
     reference_side: float = 1024.0
     seed: int = 0
+    # The label of a jittered point: the user's own (original) or the first pass's mask at the new
+    # spot (own_mask); never the ground truth, whose re-read is the prompt_perturbation_oracle strategy.
+    label_source: Literal["original", "own_mask"] = "original"
 
 
 @dataclass

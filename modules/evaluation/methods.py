@@ -1,12 +1,15 @@
 """The evaluated methods: how each ``evaluation.strategies`` entry is built from the loaded
 artifacts, the fusion refinement variants and their ablations, and the ``Predictor`` that runs them
 all on one sample.
+
+Only the oracle ablations (``ORACLE_METHODS``, each named so) read the ground truth; the
+``Predictor`` hands every other method the ``EvalSample`` alone, which has none.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -15,13 +18,15 @@ from modules.core.config import PipelineConfig
 from modules.core.frames import FRAME256
 from modules.data.imageio import resize_mask_nearest
 from modules.evaluation.runs import Artifacts, EvaluationError
+from modules.evaluation.samples import LabelledSample
 from modules.laplace.decoder import load_decoder_posterior
 from modules.sam.prompting import PROMPT_MODES, Prompts
 from modules.scoring.entropy import binary_entropy_from_logits
 from modules.uncertainty.prompt_perturbation import PerturbationMagnitudes
-from modules.uncertainty.strategies import (EvalSample, LaplaceStrategy, MapHeadStrategy, PromptPerturbationStrategy,
-                                            RawSamStrategy, Strategy, StrategyOutput, TTAStrategy,
-                                            VarianceNetworkStrategy)
+from modules.uncertainty.strategies import (EvalSample, LaplaceStrategy, MapHeadStrategy,
+                                            OraclePromptPerturbationStrategy, OracleStrategy,
+                                            PromptPerturbationStrategy, RawSamStrategy, Strategy, StrategyOutput,
+                                            TTAStrategy, VarianceNetworkStrategy)
 from modules.uncertainty.decoder_laplace import DecoderLaplaceStrategy
 from modules.uncertainty.fusion import make_uncertainty_source, refine
 from modules.uncertainty.tta import build_transforms
@@ -35,7 +40,7 @@ class StrategyBuilder:
     """How one ``evaluation.strategies`` entry is built, and the artifacts it needs."""
 
     needs: tuple[str, ...]
-    build: Callable[[PipelineConfig, Artifacts], Strategy]
+    build: Callable[[PipelineConfig, Artifacts], Union[Strategy, OracleStrategy]]
 
 
 def _build_raw_sam(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
@@ -53,12 +58,24 @@ def _build_tta(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
                        cfg.sam.encoder_batch_size, seed=tta.seed, reuse_cached_features=tta.reuse_cached_features)
 
 
+def _perturbation_magnitudes(cfg: PipelineConfig) -> PerturbationMagnitudes:
+    settings = cfg.evaluation.prompt_perturbation
+    return PerturbationMagnitudes(settings.point_noise_px, settings.box_noise_fraction, settings.box_noise_max_px,
+                                  settings.reference_side)
+
+
 def _build_prompt_perturbation(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
     settings = cfg.evaluation.prompt_perturbation
-    magnitudes = PerturbationMagnitudes(settings.point_noise_px, settings.box_noise_fraction,
-                                        settings.box_noise_max_px, settings.reference_side)
     return PromptPerturbationStrategy(artifacts.backbone, settings.num_samples, cfg.sam.prompt_mode,
-                                      cfg.sam.multimask_policy, seed=settings.seed, magnitudes=magnitudes)
+                                      cfg.sam.multimask_policy, seed=settings.seed,
+                                      magnitudes=_perturbation_magnitudes(cfg), label_source=settings.label_source)
+
+
+def _build_prompt_perturbation_oracle(cfg: PipelineConfig, artifacts: Artifacts) -> OracleStrategy:
+    settings = cfg.evaluation.prompt_perturbation
+    return OraclePromptPerturbationStrategy(artifacts.backbone, settings.num_samples, cfg.sam.prompt_mode,
+                                            cfg.sam.multimask_policy, seed=settings.seed,
+                                            magnitudes=_perturbation_magnitudes(cfg))
 
 
 def _build_laplace(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
@@ -85,6 +102,12 @@ STRATEGY_BUILDERS: dict[str, StrategyBuilder] = {
     "laplace": StrategyBuilder(("head", "laplace"), _build_laplace),
     "variance_network": StrategyBuilder(("head", "variance"), _build_variance_network),
 }
+#: The oracle ablations ``evaluation.strategies`` may also list: name -> builder of an ``OracleStrategy``.
+ORACLE_BUILDERS: dict[str, StrategyBuilder] = {
+    "prompt_perturbation_oracle": StrategyBuilder(("sam_checkpoint",), _build_prompt_perturbation_oracle),
+}
+#: Every ``evaluation.strategies`` name.
+ALL_BUILDERS: dict[str, StrategyBuilder] = {**STRATEGY_BUILDERS, **ORACLE_BUILDERS}
 
 
 # --------------------------------------------------------------------------- refinement
@@ -102,6 +125,10 @@ class RefinementVariant:
     first_pass: str
     source: str
 
+    @property
+    def oracle(self) -> bool:
+        return self.first_pass == "ground_truth"
+
 
 #: Method name -> variant. The unrefined baselines are the ``raw_sam`` (and ``map_head``) strategies.
 REFINEMENT_VARIANTS: dict[str, RefinementVariant] = {
@@ -111,6 +138,8 @@ REFINEMENT_VARIANTS: dict[str, RefinementVariant] = {
 }
 #: The unrefined method every refinement row is compared with.
 UNREFINED_BASELINE = "raw_sam"
+#: The methods that read the ground truth (ablations, each named so).
+ORACLE_METHODS = (*ORACLE_BUILDERS, *(name for name, variant in REFINEMENT_VARIANTS.items() if variant.oracle))
 #: ``fusion.uncertainty_source`` -> the artifacts it needs.
 SOURCE_NEEDS: dict[str, tuple[str, ...]] = {
     "laplace_epistemic": ("head", "head_laplace"),
@@ -121,8 +150,23 @@ SOURCE_NEEDS: dict[str, tuple[str, ...]] = {
 }
 
 
+@dataclass(frozen=True)
+class RefinementInputs:
+    """One sample's shared refinement inputs on the backbone's device: ``features``, ``prompts``
+    (chosen by ``sam.prompt_mode``), ``sam_logits`` ``P x 1 x 256 x 256`` and ``uncertainty``
+    (``Refinement.sources`` key -> ``P x 1 x 256 x 256``)."""
+
+    features: dict[str, torch.Tensor]
+    original_hw: tuple[int, int]
+    prompts: Prompts
+    sam_logits: torch.Tensor
+    uncertainty: dict[str, torch.Tensor]
+
+
 class Refinement:
-    """The fusion refinement variants for one sample, all prompt sets at once (``predict``)."""
+    """The fusion refinement variants for one sample, all prompt sets at once: ``shared_inputs`` builds
+    the inputs they share, ``predict`` runs the variants on SAM's first pass and ``predict_oracle``
+    the ones that take the ground truth as the first pass."""
 
     primary_map = "entropy"
 
@@ -147,44 +191,50 @@ class Refinement:
                 log_var_range=(cfg.variance.log_var_min, cfg.variance.log_var_max),
             )
 
-    def predict(self, sample: EvalSample) -> dict[str, StrategyOutput]:
-
+    def shared_inputs(self, sample: EvalSample) -> RefinementInputs:
+        """What every variant of one sample shares: prompts, features, SAM's first pass and the
+        uncertainty maps (all from the sample alone)."""
         device = self.backbone.device
         inputs = self.select_prompts(sample.points, sample.labels, sample.boxes)
         prompts = Prompts(*(None if t is None else t.to(device) for t in
                             (inputs.point_coords, inputs.point_labels, inputs.boxes)))
-        features = sample.features(device)
         sam_logits = torch.from_numpy(np.asarray(sample.cache_entry.logits)).float().to(device).unsqueeze(1)
-        gt_256 = torch.from_numpy(resize_mask_nearest(sample.gt_mask, (FRAME256, FRAME256))).to(device)
-        first_passes = {
-            "sam": sam_logits,
-            "ground_truth": torch.where(gt_256, ORACLE_MASK_LOGIT, -ORACLE_MASK_LOGIT)
-            .float().expand_as(sam_logits).contiguous(),
-        }
         head_inputs = sample.head_inputs.to(self.head_device)
         uncertainty = {name: source(head_inputs).float().to(device).unsqueeze(1)
                        for name, source in self.sources.items()}
-        outputs = {}
-        for method, variant in REFINEMENT_VARIANTS.items():
-            logits, _ = refine(self.backbone, self.fusion, features, sample.original_hw, prompts,
-                               first_passes[variant.first_pass], uncertainty[variant.source],
-                               multimask_policy=self.multimask_policy)
-            logits = logits[:, 0].float()
-            outputs[method] = StrategyOutput(torch.sigmoid(logits), {"entropy": binary_entropy_from_logits(logits)},
-                                             self.primary_map)
-        return outputs
+        return RefinementInputs(sample.features(device), sample.original_hw, prompts, sam_logits, uncertainty)
+
+    def predict(self, shared: RefinementInputs) -> dict[str, StrategyOutput]:
+        """The variants refining SAM's own first pass."""
+        return {method: self._refine(shared, shared.sam_logits, variant.source)
+                for method, variant in REFINEMENT_VARIANTS.items() if not variant.oracle}
+
+    def predict_oracle(self, shared: RefinementInputs, ground_truth: np.ndarray) -> dict[str, StrategyOutput]:
+        """The oracle variants: the ground truth (``H x W`` bool) as the first-pass mask prompt."""
+        gt_256 = torch.from_numpy(resize_mask_nearest(ground_truth, (FRAME256, FRAME256))).to(self.backbone.device)
+        oracle_logits = (torch.where(gt_256, ORACLE_MASK_LOGIT, -ORACLE_MASK_LOGIT).float()
+                         .expand_as(shared.sam_logits).contiguous())
+        return {method: self._refine(shared, oracle_logits, variant.source)
+                for method, variant in REFINEMENT_VARIANTS.items() if variant.oracle}
+
+    def _refine(self, shared: RefinementInputs, first_pass: torch.Tensor, source: str) -> StrategyOutput:
+        logits, _ = refine(self.backbone, self.fusion, shared.features, shared.original_hw, shared.prompts,
+                           first_pass, shared.uncertainty[source], multimask_policy=self.multimask_policy)
+        logits = logits[:, 0].float()
+        return StrategyOutput(torch.sigmoid(logits), {"entropy": binary_entropy_from_logits(logits)},
+                              self.primary_map)
 
 
 def needed_artifacts(cfg: PipelineConfig) -> set[str]:
     """Names of ``ARTIFACT_FILES`` the configured strategies and refinement read."""
-    unknown = [name for name in cfg.evaluation.strategies if name not in STRATEGY_BUILDERS]
+    unknown = [name for name in cfg.evaluation.strategies if name not in ALL_BUILDERS]
     if unknown:
-        raise EvaluationError(f"evaluation.strategies: unknown {unknown} (known: {', '.join(STRATEGY_BUILDERS)})")
+        raise EvaluationError(f"evaluation.strategies: unknown {unknown} (known: {', '.join(ALL_BUILDERS)})")
     if not cfg.evaluation.strategies and not cfg.evaluation.refinement:
         raise EvaluationError("evaluation.strategies: empty and evaluation.refinement is false; nothing to evaluate")
     names = {"sam_checkpoint"}
     for strategy in cfg.evaluation.strategies:
-        names.update(STRATEGY_BUILDERS[strategy].needs)
+        names.update(ALL_BUILDERS[strategy].needs)
     if cfg.evaluation.refinement:
         names.update(("fusion", *SOURCE_NEEDS[cfg.fusion.uncertainty_source]))
     return names
@@ -201,16 +251,27 @@ def method_names(cfg: PipelineConfig) -> list[str]:
 
 
 class Predictor:
-    """Every method's ``StrategyOutput`` for one sample (strategies built on first use)."""
+    """Every method's ``StrategyOutput`` for one sample, in ``method_names`` order.
+
+    The ground truth of a ``LabelledSample`` goes to the oracle ablations only; every other method
+    gets ``labelled.inputs``, which does not hold it.
+    """
 
     def __init__(self, cfg: PipelineConfig, artifacts: Artifacts) -> None:
         self.cfg, self.artifacts = cfg, artifacts
-        strategies = [m for m in method_names(cfg) if m in STRATEGY_BUILDERS]
-        self.strategies = {name: STRATEGY_BUILDERS[name].build(cfg, artifacts) for name in strategies}
+        self.methods = method_names(cfg)
+        self.strategies = {name: STRATEGY_BUILDERS[name].build(cfg, artifacts)
+                           for name in self.methods if name in STRATEGY_BUILDERS}
+        self.oracles = {name: ORACLE_BUILDERS[name].build(cfg, artifacts)
+                        for name in self.methods if name in ORACLE_BUILDERS}
         self.refinement = Refinement(cfg, artifacts) if cfg.evaluation.refinement else None
 
-    def predict(self, sample: EvalSample) -> dict[str, StrategyOutput]:
+    def predict(self, labelled: LabelledSample) -> dict[str, StrategyOutput]:
+        sample = labelled.inputs
         outputs = {name: strategy.predict(sample) for name, strategy in self.strategies.items()}
+        outputs.update({name: oracle.predict(sample, labelled.ground_truth) for name, oracle in self.oracles.items()})
         if self.refinement is not None:
-            outputs.update(self.refinement.predict(sample))
-        return outputs
+            shared = self.refinement.shared_inputs(sample)
+            outputs.update(self.refinement.predict(shared))
+            outputs.update(self.refinement.predict_oracle(shared, labelled.ground_truth))
+        return {name: outputs[name] for name in self.methods}

@@ -17,10 +17,11 @@ import pandas as pd
 import torch
 
 from modules.core.fileio import atomic_write_csv, atomic_write_text, remove_file, remove_tree
+from modules.evaluation.methods import ORACLE_METHODS
+from modules.evaluation.samples import LabelledSample
 from modules.evaluation.scoreboard import OVERALL, SEGMENTATION_KEYS, Scoreboard, ScoredMethod
 from modules.scoring import metrics
 from modules.scoring.plots import plot_qualitative_panel, plot_reliability_diagram, plot_sparsification
-from modules.uncertainty.strategies import EvalSample
 
 QUALITATIVE_DIR = "qualitative"
 SUMMARY_MARKDOWN = "summary.md"
@@ -163,6 +164,10 @@ def summary_markdown(summary: pd.DataFrame, refinement: pd.DataFrame, refinement
              f"Scored at ground-truth resolution. ECE with {ece_bins} equal-width bins of the foreground "
              "probability. Uncertainty metrics use each method's primary map: "
              + ", ".join(f"{m}: {primary.get(m, '?')}" for m in strategies) + ".", ""]
+    oracles = [m for m in methods if m in ORACLE_METHODS and m in set(summary["method"])]
+    if oracles:
+        lines += ["Oracle ablations (they read the ground truth, which no deployed system has; shown for "
+                  f"comparison only): {', '.join(oracles)}.", ""]
     for column, heading, higher_better in KEY_METRICS:
         lines += [f"## {heading} ({'higher' if higher_better else 'lower'} is better)", "",
                   markdown_table(method_by_domain(summary[summary["kind"] == "strategy"], column, strategies)), ""]
@@ -191,11 +196,12 @@ def refinement_markdown(refinement: pd.DataFrame, unrefined: str) -> str:
 # --------------------------------------------------------------------------- figures
 
 
-def write_qualitative_panels(folder: Path, sample: EvalSample, scored: dict[str, ScoredMethod],
+def write_qualitative_panels(folder: Path, labelled: LabelledSample, scored: dict[str, ScoredMethod],
                              methods: Iterable[str]) -> list[Path]:
     """One panel per method for the sample's first prompt set."""
+    sample = labelled.inputs
     promptset_id = int(sample.record["promptsets"][0]["promptset_id"])
-    gt = torch.from_numpy(sample.gt_mask)
+    gt = torch.from_numpy(labelled.ground_truth)
     paths = []
     for method in methods:
         if method not in scored:
@@ -206,9 +212,9 @@ def write_qualitative_panels(folder: Path, sample: EvalSample, scored: dict[str,
         union = int((prediction | gt).sum())
         iou = int((prediction & gt).sum()) / union if union else 1.0
         path = folder / QUALITATIVE_DIR / file_label(method) / f"{file_label(sample.safe_id)}_{promptset_id}.png"
-        plot_qualitative_panel(sample.image, sample.gt_mask, prob, output.maps[output.primary_map][0].float().cpu(),
-                               path, f"{method} ({output.primary_map}) | {sample.safe_id} prompt set "
-                                     f"{promptset_id} | IoU {iou:.3f}")
+        primary = output.maps[output.primary_map][0].float().cpu()
+        title = f"{method} ({output.primary_map}) | {sample.safe_id} prompt set {promptset_id} | IoU {iou:.3f}"
+        plot_qualitative_panel(sample.image, labelled.ground_truth, prob, primary, path, title)
         paths.append(path)
     return paths
 

@@ -1,5 +1,7 @@
 """The samples the evaluation scores: the split's units (optionally a domain-balanced subset) and
-each unit's ``EvalSample`` (cache entry, prompt sets, ground truth at the image's size).
+each unit's ``LabelledSample``: the ``EvalSample`` the methods read (cache entry, prompt sets, image)
+and, kept apart from it, the ground truth at the image's size that only the metrics and the oracle
+ablations read.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from modules.data.imageio import MaskReadError, read_image_rgb, read_mask, resiz
 from modules.data.manifest import load_split_manifest
 from modules.data.promptset import load_promptsets
 from modules.evaluation.runs import EvaluationError
-from modules.uncertainty.strategies import EvalSample
+from modules.uncertainty.strategies import EvalSample, UncertaintyError
 
 
 @dataclass(frozen=True)
@@ -66,14 +68,31 @@ def read_ground_truth(unit: EvalUnit, threshold: int) -> np.ndarray:
     return mask
 
 
-def load_sample(cfg: PipelineConfig, cache, unit: EvalUnit) -> EvalSample:
-    """The ``EvalSample`` of one unit (cache entry, prompt sets, ground truth, lazy image)."""
+@dataclass(frozen=True)
+class LabelledSample:
+    """One evaluated sample: ``inputs``, what every method reads (no ground truth), and
+    ``ground_truth``, the ``H x W`` bool mask at ORIGINAL resolution, which reaches only the metrics,
+    the qualitative panels and the oracle ablations (``methods.Predictor`` hands it to nothing else)."""
+
+    inputs: EvalSample
+    ground_truth: np.ndarray
+
+    def __post_init__(self) -> None:
+        ground_truth = np.asarray(self.ground_truth, dtype=bool)
+        if ground_truth.shape != self.inputs.original_hw:
+            raise UncertaintyError(f"{self.inputs.safe_id}: ground-truth mask {ground_truth.shape} differs from the "
+                                   f"cached image size {self.inputs.original_hw}")
+        object.__setattr__(self, "ground_truth", ground_truth)
+
+
+def load_sample(cfg: PipelineConfig, cache, unit: EvalUnit) -> LabelledSample:
+    """The ``LabelledSample`` of one unit (cache entry, prompt sets and lazy image; ground truth apart)."""
     if unit.safe_id not in cache:
         raise UnitError(f"{unit.safe_id}: not in the SAM cache {cache.folder}; rerun precompute_sam_outputs.py")
     path = promptset_path(cfg.project_root, cfg.evaluation.split, unit.safe_id)
     if not path.is_file():
         raise UnitError(f"{path}: missing prompt-set file; rerun generate_promptsets.py")
     record = load_promptsets(cfg.project_root, cfg.evaluation.split, unit.safe_id)
-    gt_mask = read_ground_truth(unit, cfg.data.mask_threshold)
-    return EvalSample.build(unit.safe_id, unit.group, gt_mask, cache.entry(unit.safe_id), record,
-                            cfg.training.logit_clip, image_loader=lambda: read_image_rgb(unit.image_path))
+    inputs = EvalSample.build(unit.safe_id, unit.group, cache.entry(unit.safe_id), record, cfg.training.logit_clip,
+                              image_loader=lambda: read_image_rgb(unit.image_path))
+    return LabelledSample(inputs, read_ground_truth(unit, cfg.data.mask_threshold))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from modules.core.fileio import atomic_path
 from modules.evaluation.runs import EvaluationError
 from modules.scoring import metrics
+from modules.evaluation.samples import LabelledSample
 from modules.uncertainty.strategies import EvalSample, StrategyOutput
 
 log = logging.getLogger("pipeline")
@@ -80,10 +81,11 @@ class Scoreboard:
                                                                     calibration_bins=self.ece_bins)
         return self.accumulators[key]
 
-    def score_sample(self, sample: EvalSample, outputs: dict[str, StrategyOutput]) -> dict[str, ScoredMethod]:
-        """Score every method's output of one sample; returns the upsampled outputs."""
+    def score_sample(self, labelled: LabelledSample, outputs: dict[str, StrategyOutput]) -> dict[str, ScoredMethod]:
+        """Score every method's output of one sample against its ground truth; returns the upsampled outputs."""
+        sample = labelled.inputs
         size = sample.original_hw
-        gt = torch.from_numpy(sample.gt_mask).to(self.device)
+        gt = torch.from_numpy(labelled.ground_truth).to(self.device)
         gt_stack = gt.expand(sample.num_promptsets, *size)
         promptset_ids = [int(s["promptset_id"]) for s in sample.record["promptsets"]]
         scored = {}

@@ -1,10 +1,13 @@
 """One interface for every uncertainty strategy of the evaluation stage.
 
-A ``Strategy`` turns one ``EvalSample`` (an image's cache entry, prompt sets and ground truth) into a
-``StrategyOutput``: the foreground probability and named uncertainty maps (higher = more uncertain,
-entropies in nats), each ``P x 256 x 256`` FRAME256, one per prompt set, on the strategy's device.
-Stochastic strategies seed per ``(seed, sample key)``, so results never depend on sample order.
-``STRATEGIES`` maps the config names to the classes.
+A ``Strategy`` turns one ``EvalSample`` (an image's cache entry, prompt sets and image; never its
+ground truth) into a ``StrategyOutput``: the foreground probability and named uncertainty maps
+(higher = more uncertain, entropies in nats), each ``P x 256 x 256`` FRAME256, one per prompt set,
+on the strategy's device. Stochastic strategies seed per ``(seed, sample key)``, so results never
+depend on sample order. ``STRATEGIES`` maps the config names to the classes.
+
+An ``OracleStrategy`` is an ablation that also reads the ground truth (it is handed over as a
+separate argument); its name says ``oracle`` and ``ORACLE_STRATEGIES`` lists it apart.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from modules.data.promptset import gaussian_prompt_maps, promptset_tensors, samp
 from modules.laplace.head import HeadInputs
 from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
 from modules.training.models import VarianceNetwork
-from modules.uncertainty.prompt_perturbation import PerturbationMagnitudes, prompt_perturbation_predict
+from modules.core.config import ConfigError
+from modules.uncertainty.prompt_perturbation import (LABEL_SOURCES, MAGNITUDES_KEY, PerturbationMagnitudes,
+                                                     prompt_perturbation_predict)
 from modules.uncertainty.tta import ImageTransform, tta_predict
 
 #: The cache feature holding the image embedding (``C x 64 x 64``) a head may consume.
@@ -90,10 +95,11 @@ def head_inputs(cache_logits: torch.Tensor | np.ndarray, record: dict, logit_cli
 
 @dataclass
 class EvalSample:
-    """Everything a strategy may need for one image (build it with ``EvalSample.build``).
+    """Everything a strategy may read for one image (build it with ``EvalSample.build``): what a
+    deployed system has, so no ground truth (the evaluation keeps that apart, for the metrics and
+    the oracle ablations only).
 
     - ``safe_id``, ``sample_id``, ``group``: identity (``sample_id`` seeds stochastic strategies).
-    - ``gt_mask``: ``H x W`` bool ground truth at ORIGINAL resolution.
     - ``cache_entry``: the ``sam_cache.CacheEntry`` (``features`` name -> ``C x h x w`` float16,
       ``logits`` ``P x 256 x 256`` float16 in FRAME256, ``original_hw``).
     - ``record``: the prompt-set JSON record; ``points`` ``P x N x 2`` / ``boxes`` ``P x 4`` ORIGINAL
@@ -105,7 +111,6 @@ class EvalSample:
     safe_id: str
     sample_id: str
     group: str
-    gt_mask: np.ndarray
     cache_entry: CacheEntry
     record: dict
     points: torch.Tensor
@@ -117,24 +122,19 @@ class EvalSample:
     _image: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, safe_id: str, group: str, gt_mask: np.ndarray, cache_entry: CacheEntry, record: dict,
-              logit_clip: float, image_loader: Callable[[], np.ndarray] | None = None) -> "EvalSample":
-        """Check that cache, prompt sets and mask belong together, then derive the tensors."""
+    def build(cls, safe_id: str, group: str, cache_entry: CacheEntry, record: dict, logit_clip: float,
+              image_loader: Callable[[], np.ndarray] | None = None) -> "EvalSample":
+        """Check that cache and prompt sets belong together, then derive the tensors."""
         cached_ids = [int(i) for i in np.asarray(cache_entry.promptset_ids).tolist()]
         record_ids = [int(s["promptset_id"]) for s in record["promptsets"]]
         if cached_ids != record_ids:
             raise UncertaintyError(f"{safe_id}: cached prompt sets {cached_ids} differ from the prompt-set file's "
                                    f"{record_ids}; rerun the SAM precompute stage")
-        original_hw = (int(cache_entry.original_hw[0]), int(cache_entry.original_hw[1]))
-        gt_mask = np.asarray(gt_mask, dtype=bool)
-        if gt_mask.shape != original_hw:
-            raise UncertaintyError(f"{safe_id}: ground-truth mask {gt_mask.shape} differs from the cached image "
-                                   f"size {original_hw}")
         points, labels, points_256, boxes = promptset_tensors(record)
         return cls(
-            safe_id=safe_id, sample_id=str(record["sample_id"]), group=group, gt_mask=gt_mask,
-            cache_entry=cache_entry, record=record, points=points, labels=labels, points_256=points_256,
-            boxes=boxes, head_inputs=head_inputs(cache_entry.logits, record, logit_clip), image_loader=image_loader,
+            safe_id=safe_id, sample_id=str(record["sample_id"]), group=group, cache_entry=cache_entry, record=record,
+            points=points, labels=labels, points_256=points_256, boxes=boxes,
+            head_inputs=head_inputs(cache_entry.logits, record, logit_clip), image_loader=image_loader,
         )
 
     @property
@@ -228,6 +228,20 @@ class Strategy(ABC):
         """All prompt sets of ``sample`` at once."""
 
 
+class OracleStrategy(ABC):
+    """An ablation that reads the ground truth, which no deployed system has: ``predict(sample,
+    ground_truth) -> StrategyOutput``. Its name says ``oracle``; it is reported beside the
+    strategies to show what the ground truth would add, never in place of one."""
+
+    name: ClassVar[str]
+    primary_map: ClassVar[str]
+    device: torch.device
+
+    @abstractmethod
+    def predict(self, sample: EvalSample, ground_truth: np.ndarray) -> StrategyOutput:
+        """All prompt sets of ``sample`` at once; ``ground_truth``: ``H x W`` bool at ORIGINAL resolution."""
+
+
 class RawSamStrategy(Strategy):
     """The frozen SAM's own cached prediction; uncertainty = binary entropy of its probability."""
 
@@ -296,29 +310,69 @@ class TTAStrategy(Strategy):
 
 class PromptPerturbationStrategy(Strategy):
     """The original prompt + K-1 jittered copies (``prompt_perturbation``), decoded on the cached
-    embedding in one call, + ``sample_statistics``. Point labels are re-read from the ground truth."""
+    embedding in one call, + ``sample_statistics``.
+
+    ``label_source`` (``prompt_perturbation.LABEL_SOURCES``) labels the jittered points:
+    ``original`` keeps the user's label, ``own_mask`` reads the first pass's mask (the cached SAM
+    logits > 0 of the unperturbed prompt set) at the new spot. Neither reads the ground truth; the
+    ground-truth re-read of the original systems is ``OraclePromptPerturbationStrategy``.
+    """
 
     name = "prompt_perturbation"
     primary_map = "entropy"
 
     def __init__(self, backbone, num_samples: int, prompt_mode: str, multimask_policy: str, seed: int = 0,
-                 magnitudes: PerturbationMagnitudes = PerturbationMagnitudes()) -> None:
+                 magnitudes: PerturbationMagnitudes = PerturbationMagnitudes(),
+                 label_source: str = "original") -> None:
+        if label_source not in LABEL_SOURCES:
+            raise ConfigError(f"{MAGNITUDES_KEY}.label_source: {label_source!r} is not one of "
+                              f"{', '.join(LABEL_SOURCES)}")
         self.backbone = backbone
         self.num_samples = int(num_samples)
         self.prompt_mode = prompt_mode
         self.multimask_policy = multimask_policy
         self.seed = int(seed)
         self.magnitudes = magnitudes
+        self.label_source = label_source
         self.device = backbone.device
 
     def predict(self, sample: EvalSample) -> StrategyOutput:
+        first_pass_masks = np.asarray(sample.cache_entry.logits) > 0 if self.label_source == "own_mask" else None
+        return self.predict_relabelled(sample, first_pass_masks)
+
+    def predict_relabelled(self, sample: EvalSample, label_masks: np.ndarray | None) -> StrategyOutput:
+        """The output with jittered points labelled from ``label_masks`` (``perturbed_prompts``;
+        ``None`` keeps the original labels)."""
         probs = prompt_perturbation_predict(
             self.backbone, sample.features(self.device), sample.original_hw, sample.points, sample.labels,
-            sample.boxes, sample.gt_mask, self.num_samples, self.prompt_mode, self.multimask_policy,
+            sample.boxes, self.num_samples, self.prompt_mode, self.multimask_policy,
             seed=self.seed, sample_key=sample.sample_key,
             promptset_ids=[int(s["promptset_id"]) for s in sample.record["promptsets"]], magnitudes=self.magnitudes,
+            label_masks=label_masks,
         )
         return _statistics_output(probs, self.primary_map)
+
+
+class OraclePromptPerturbationStrategy(OracleStrategy):
+    """Prompt perturbation as the original systems ran it, each jittered point's label re-read from
+    the ground truth at its new spot: an oracle ablation (same jitter, seeds and decoder call as
+    ``PromptPerturbationStrategy``)."""
+
+    name = "prompt_perturbation_oracle"
+    primary_map = "entropy"
+
+    def __init__(self, backbone, num_samples: int, prompt_mode: str, multimask_policy: str, seed: int = 0,
+                 magnitudes: PerturbationMagnitudes = PerturbationMagnitudes()) -> None:
+        self.perturbation = PromptPerturbationStrategy(backbone, num_samples, prompt_mode, multimask_policy, seed,
+                                                       magnitudes)
+        self.device = backbone.device
+
+    def predict(self, sample: EvalSample, ground_truth: np.ndarray) -> StrategyOutput:
+        ground_truth = np.asarray(ground_truth, dtype=bool)
+        if ground_truth.shape != sample.original_hw:
+            raise UncertaintyError(f"{sample.safe_id}: ground-truth mask {ground_truth.shape} differs from the "
+                                   f"cached image size {sample.original_hw}")
+        return self.perturbation.predict_relabelled(sample, ground_truth)
 
 
 class LaplaceStrategy(Strategy):
@@ -400,3 +454,5 @@ STRATEGIES: dict[str, type[Strategy]] = {
     for cls in (RawSamStrategy, MapHeadStrategy, TTAStrategy, PromptPerturbationStrategy, LaplaceStrategy,
                 VarianceNetworkStrategy)
 }
+#: Oracle ablation name (as in the config) -> class.
+ORACLE_STRATEGIES: dict[str, type[OracleStrategy]] = {cls.name: cls for cls in (OraclePromptPerturbationStrategy,)}
