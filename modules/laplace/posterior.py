@@ -31,8 +31,12 @@ DEFAULT_SAMPLES_PER_CHUNK = 16
 STATE_FILE = "laplace_state.pt"
 CONFIG_FILE = "laplace_config.yaml"
 META_FILE = "posterior_meta.json"
+GRID_TABLE_FILE = "prior_precision_nll.csv"
+GRID_PLOT_FILE = "prior_precision_nll.png"
+#: Written last by the stage: a fit killed before it is not complete and is refitted.
+QUALITY_FILE = "quality.json"
 #: The files of a complete fit (both targets).
-ARTIFACTS = (STATE_FILE, CONFIG_FILE, META_FILE)
+ARTIFACTS = (STATE_FILE, CONFIG_FILE, META_FILE, GRID_TABLE_FILE, GRID_PLOT_FILE, QUALITY_FILE)
 
 ENTROPY_UNITS = "nats"
 
