@@ -4,9 +4,9 @@
 hypernetwork (``laplace.decoder``). Artifacts in ``laplace/<target>/run_<id>/``: ``laplace_state.pt``,
 ``laplace_config.yaml``, ``posterior_meta.json``, ``prior_precision_nll.csv`` and
 ``prior_precision_nll.png``, and, written last, ``quality.json`` (the checks below). The fit is skipped
-when all of them exist (a fit killed before ``quality.json`` is fitted again) and the stage fingerprint (``.stage.json``: every ``laplace.*`` value and the
-checkpoint md5) is unchanged; the fingerprint is checked before that skip, so a changed setting or
-checkpoint is a one-line error until ``--force`` refits.
+when all of them exist (a fit killed before ``quality.json`` is fitted again) and the stage fingerprint
+(``.stage.json``: every ``laplace.*`` value and the checkpoint md5) is unchanged; the fingerprint is
+checked before that skip, so a changed setting or checkpoint is a one-line error until ``--force`` refits.
 
 Quality checks on the validation split (printed and logged): NLL and ECE of the Laplace predictive
 (probit) against the MAP head, and the mean mutual information on pixels the MAP head gets wrong
