@@ -26,11 +26,12 @@ import json
 import random
 import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -364,3 +365,86 @@ def _same(a: Path, b: Path) -> bool:
         return True
     except Exception:  # a torn or unfinished file is simply not finished
         return False
+
+
+# --------------------------------------------------------------------------- damaged artifacts
+#
+# The SAM cache shards and the packed HDF5 files are covered by tests/test_verified_reads.py.
+
+
+def flip_bytes(path: Path, count: int = 4) -> None:
+    """XOR ``count`` bytes in the middle of ``path``; in a zip archive (``torch.save``), in the middle of
+    its largest member's data (flips in the alignment padding between members change nothing)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            info = max(archive.infolist(), key=lambda i: i.file_size)
+        name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+        middle = info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
+    for i in range(middle, middle + count):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def truncate_half(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+
+
+HEAD, VARIANCE, FUSION = (("train_head.py", "--model", model, *RUN, "--resume-if-exists")
+                          for model in ("head", "variance", "fusion"))
+#: (damaged file, damage, steps): each step is (command, expected) with expected "error" (exit 2, one line
+#: ``error: ...`` naming the damaged file) or "ok" (exit 0). After the last "ok" step the project must
+#: equal the uninterrupted one (the damage was detected and recomputed); after an "error" nothing
+#: but the damaged file may differ from it.
+DAMAGE = {
+    "manifest_csv": ("manifests/train.csv", flip_bytes,
+                     [(("generate_promptsets.py",), "ok"), (("build_manifests.py",), "ok")]),
+    "promptset_json": ("prompt_sets/train/cats__s00.json", flip_bytes, [(("generate_promptsets.py",), "ok")]),
+    "training_index": ("training_data/train_index.csv", flip_bytes,
+                       [(("pack_to_hdf5.py",), "error"), (("build_training_indices.py",), "ok"),
+                        (("pack_to_hdf5.py",), "ok")]),
+    "head_checkpoint": ("checkpoints/head/run_v1/best.pt", flip_bytes,
+                        [(HEAD, "error"), (VARIANCE, "error"), (("fit_laplace.py", *RUN), "error")]),
+    "head_last_truncated": ("checkpoints/head/run_v1/last.pt", truncate_half, [(HEAD, "error")]),
+    "variance_checkpoint": ("checkpoints/variance/run_v1/best.pt", flip_bytes,
+                            [(VARIANCE, "error"), (("evaluate_uncertainty.py", *RUN), "error")]),
+    "fusion_checkpoint": ("checkpoints/fusion/run_v1/best.pt", flip_bytes,
+                          [(FUSION, "error"), (("evaluate_uncertainty.py", *RUN), "error")]),
+    "laplace_posterior": ("laplace/head/run_v1/laplace_state.pt", flip_bytes,
+                          [(("fit_laplace.py", *RUN), "ok"), (FUSION, "ok")]),
+    "stage_fingerprint": ("prompt_sets/.stage.json", truncate_half,
+                          [(("generate_promptsets.py",), "error"), (("generate_promptsets.py", "--force"), "ok")]),
+    "resolved_config": ("manifests/config.resolved.yaml", flip_bytes, [(("build_manifests.py",), "ok")]),
+    "evaluation_report": ("reports/eval/run_v1/per_mask.csv", flip_bytes,
+                          [(("evaluate_uncertainty.py", *RUN), "ok")]),
+    "evaluation_state": ("reports/eval/run_v1/state.pt", flip_bytes, [(("evaluate_uncertainty.py", *RUN), "ok")]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_damaged_artifact_is_refused_naming_it_or_recomputed(project, kind):
+    relative, damage, steps = DAMAGE[kind]
+    reference = project.copy(STAGES[-1][0])
+    project.restore(STAGES[-1][0])
+    damage(project.root / relative)
+    for command, expected in steps:
+        result = project.run(*command)
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        if expected == "error":
+            lines = [line for line in result.stderr.splitlines() if line.strip()]
+            assert result.returncode == 2 and lines[-1].startswith("error: "), result.stderr[-2000:]
+            assert Path(relative).name in lines[-1], lines[-1]
+        else:
+            assert result.returncode == 0, f"{command}: {result.stderr[-3000:]}"
+    if expected == "error":  # nothing else was touched
+        got, _ = project_files(project.root)
+        want, _ = project_files(reference)
+        assert sorted(got) == sorted(want)
+        for rel, path in got.items():
+            if rel != relative:
+                assert_same_content(path, want[rel], rel)
+    else:
+        assert_same_tree(project.root, reference)
+    project.assert_nothing_outside()
