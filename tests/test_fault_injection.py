@@ -342,6 +342,9 @@ def test_sigkill_at_random_points_then_plain_rerun_equals_uninterrupted(project,
         assert killed.returncode in (-9, 0), f"{where}: {killed.stderr[-2000:]}"
         assert "Traceback" not in killed.stderr, killed.stderr
         finished = finished_units(name, project.root, reference)
+        print(f"[{name} seed {seed}] killed {where}: exit {killed.returncode}, finished on disk: {finished}"
+              if name not in ("head", "variance", "fusion") else
+              f"[{name} seed {seed}] killed {where}: exit {killed.returncode}, epochs committed: {len(finished)}")
         kept, _ = project_files(project.root)
         kept = {rel: path for rel, path in kept.items() if (reference / rel).is_file()
                 and not rewritten_by_design(name, rel) and _same(path, reference / rel)}

@@ -154,7 +154,7 @@ def recover_run_dir(run_dir: Path) -> dict[str, Any]:
         elif entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
             remove_file(entry, run_dir)
     # A finished run that is resumed loads none of its files: check them all here, so damage to
-    # best.pt is found by the rerun that could repair it, not by a later stage.
+    # best.pt is reported by a rerun of its own stage, not first by the stages that load it.
     for name in (*ALWAYS_SAVED_FILES, BEST_FILE):
         if (run_dir / name).is_file():
             verify_checkpoint_file(run_dir / name)
