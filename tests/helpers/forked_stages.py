@@ -14,6 +14,7 @@ Protocol (JSON lines on the server's stdin / stdout): the test sends ``{"script"
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import runpy
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,9 +73,7 @@ def _run_child(request: dict) -> None:
 
 
 def serve() -> None:
-    import importlib
-    import warnings
-
+    """The server's loop (run as ``python -c``): preload, then fork one child per request line."""
     warnings.simplefilter("ignore")
     os.chdir(REPO)
     for name in PRELOADED:
