@@ -313,7 +313,13 @@ class StageContext:
             "upstream": upstream or {},
         }
         path = self.output_dir / fingerprint_file
-        previous = read_json(path) if path.is_file() else None
+        try:
+            previous = read_json(path) if path.is_file() else None
+        except (OSError, ValueError) as exc:  # damaged bytes: --force starts over and rewrites it
+            if not self.force:
+                raise StageInputsChanged(f"{path}: unreadable stage fingerprint ({type(exc).__name__}); "
+                                         "rerun with --force to recompute the stage's outputs") from None
+            previous = None
         if previous is not None and not self.force:
             changed = describe_changes(previous, current)
             if changed:

@@ -1,8 +1,9 @@
 """The evaluation stage's report files in ``<project_root>/reports/eval/<name>/`` (CSV tables, markdown
 summaries, reliability and sparsification plots, qualitative panels) and their W&B copies.
 
-All files are written atomically; ``summary.md`` is written last, so its presence marks a complete
-report (``reports_complete``).
+All files are written atomically; ``reports.md5.json`` (``DIGEST_FILE``: the md5 of every file
+``write_reports`` wrote) is written last, so a report is complete when it exists and every file still
+has its md5 (``reports_complete``); a rerun rewrites the reports from the saved state otherwise.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from modules.core.fileio import atomic_write_csv, atomic_write_text, remove_file, remove_tree
+from modules.core.fileio import (atomic_write_csv, atomic_write_json, atomic_write_text, file_md5, read_json,
+                                 remove_file, remove_tree)
 from modules.evaluation.methods import ORACLE_METHODS
 from modules.evaluation.samples import LabelledSample
 from modules.evaluation.scoreboard import OVERALL, SEGMENTATION_KEYS, Scoreboard, ScoredMethod
@@ -25,6 +27,7 @@ from modules.scoring.plots import plot_qualitative_panel, plot_reliability_diagr
 
 QUALITATIVE_DIR = "qualitative"
 SUMMARY_MARKDOWN = "summary.md"
+DIGEST_FILE = "reports.md5.json"
 CSV_FILES = ("per_mask.csv", "summary_by_domain.csv", "summary_overall.csv", "reliability_bins.csv",
              "sparsification_curves.csv", "refinement.csv")
 #: summary.md: (column of the summary tables, heading, higher is better?).
@@ -49,14 +52,21 @@ def file_label(name: str) -> str:
 
 def remove_reports(folder: Path) -> None:
     """Delete the report files of an earlier run (a fresh run must not leave stale domains behind)."""
-    for pattern in (*CSV_FILES, "*.png", "*.md"):
+    for pattern in (*CSV_FILES, "*.png", "*.md", DIGEST_FILE):
         for path in folder.glob(pattern):
             remove_file(path, folder)
     remove_tree(folder / QUALITATIVE_DIR, folder)
 
 
 def reports_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in (*CSV_FILES, "refinement.md", SUMMARY_MARKDOWN))
+    """Whether ``write_reports`` finished in ``folder`` and none of its files was changed or damaged since."""
+    try:
+        recorded = read_json(folder / DIGEST_FILE)
+    except (OSError, ValueError):
+        return False
+    required = {*CSV_FILES, "refinement.md", SUMMARY_MARKDOWN}
+    return (isinstance(recorded, dict) and required <= set(recorded)
+            and all((folder / name).is_file() and file_md5(folder / name) == md5 for name, md5 in recorded.items()))
 
 
 # --------------------------------------------------------------------------- tables
@@ -263,6 +273,8 @@ def write_reports(folder: Path, scoreboard: Scoreboard, methods: list[str], refi
     atomic_write_text(folder / SUMMARY_MARKDOWN,
                       summary_markdown(summary, refinement, refinement_md, methods, len(scoreboard.done),
                                        len(per_mask), scoreboard.ece_bins))
+    written = [*CSV_FILES, "refinement.md", SUMMARY_MARKDOWN, *(path.name for path in plots)]
+    atomic_write_json(folder / DIGEST_FILE, {name: file_md5(folder / name) for name in written})
 
     tracker.log_table("eval/summary_overall", summary[summary["domain"] == OVERALL])
     tracker.log_table("eval/summary_by_domain", summary[summary["domain"] != OVERALL])

@@ -18,7 +18,7 @@ from modules.core.paths import checkpoint_run_dir, laplace_run_dir
 from modules.laplace.head import load_head_posterior
 from modules.laplace.posterior import STATE_FILE as LAPLACE_STATE_FILE
 from modules.sam.base import BackboneError
-from modules.sam.registry import load_backbone
+from modules.sam.registry import load_backbone, verify_checkpoint_archive
 from modules.training.checkpoints import load_trained_fusion, load_trained_head, load_trained_variance_network
 from modules.training.run_state import BEST_FILE
 
@@ -125,12 +125,21 @@ class Artifacts:
 
 
 def artifact_md5s(cfg: PipelineConfig, runs: RunIds, names: set[str]) -> dict[str, str]:
-    """``name -> md5`` of each needed artifact file; a missing one is a one-line error naming it."""
+    """``name -> md5`` of each needed artifact file; a missing or damaged one (a member of its zip
+    archive fails its CRC-32) is a one-line error naming it, before any fingerprint is compared: a
+    damaged file must not read as a changed input that ``--force`` would accept."""
     hashes = {}
     for name in sorted(names):
         path = ARTIFACT_FILES[name](cfg, runs)
         if not path.is_file():
             raise EvaluationError(f"{path}: missing {name} artifact needed by evaluation.strategies / "
                                   "evaluation.refinement; run its stage first (or pick other run ids)")
+        try:
+            verify_checkpoint_archive(path)
+        except BackboneError as error:
+            if name == "sam_checkpoint":
+                raise
+            raise EvaluationError(str(error).split(";")[0] + f"; rerun the stage that wrote this {name} "
+                                  "artifact with --force, or restore the file") from None
         hashes[name] = cached_file_md5(path)
     return hashes

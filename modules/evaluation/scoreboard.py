@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.core.fileio import atomic_path
+from modules.sam.registry import verify_checkpoint_archive
 from modules.evaluation.runs import EvaluationError
 from modules.scoring import metrics
 from modules.evaluation.samples import LabelledSample
@@ -191,7 +192,8 @@ def load_state_file(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
+        verify_checkpoint_archive(path)  # torch.load would read flipped bytes as wrong sums
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a torn or foreign file: start over rather than crash
+    except Exception as exc:  # a torn, damaged or foreign file: start over rather than crash
         log.warning("%s: unreadable evaluation state (%s); starting over", path, exc)
         return None

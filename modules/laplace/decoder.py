@@ -363,6 +363,7 @@ def read_decoder_state(folder: str | Path, device: torch.device | str = "cpu") -
     path = Path(folder) / lp.STATE_FILE
     if not path.is_file():
         raise DecoderLaplaceError(f"{path}: missing; run fit_laplace.py --set laplace.target={TARGET} first")
+    lp.verify_state_file(path)
     try:
         state = torch.load(path, map_location=torch.device(device), weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files

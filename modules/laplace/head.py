@@ -29,7 +29,8 @@ from modules.core.paths import laplace_run_dir
 from modules.laplace.posterior import (CONFIG_FILE, DEFAULT_NLL_EPS, DEFAULT_PRIOR_PRECISION_GRID, META_FILE,
                                        STATE_FILE, DiagonalLastLayerPosterior, LaplacePosteriorError,
                                        PosteriorMeta, PosteriorQualityAccumulator, PriorSearchResult,
-                                       binary_targets, read_posterior_meta, search_prior_precision)
+                                       binary_targets, read_posterior_meta, search_prior_precision,
+                                       verify_state_file)
 from modules.training.checkpoints import load_trained_head
 from modules.training.models import FINAL_LAYER_NAME
 
@@ -397,6 +398,7 @@ def load_head_laplace(run_dir: str | Path, head: nn.Module, device: str | torch.
         raise LaplacePosteriorError(f"{path}: missing; run the fit_laplace stage first")
     device = torch.device(device)
     head.to(device).eval()
+    verify_state_file(path)
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files

@@ -21,6 +21,8 @@ from laplace.baselaplace import ParametricLaplace
 
 from modules.core.errors import PipelineError, error_line
 from modules.core.fileio import read_json, remove_file
+from modules.sam.base import BackboneError
+from modules.sam.registry import verify_checkpoint_archive
 from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
 from modules.scoring.metrics import CalibrationAccumulator
 
@@ -31,8 +33,12 @@ DEFAULT_SAMPLES_PER_CHUNK = 16
 STATE_FILE = "laplace_state.pt"
 CONFIG_FILE = "laplace_config.yaml"
 META_FILE = "posterior_meta.json"
+GRID_TABLE_FILE = "prior_precision_nll.csv"
+GRID_PLOT_FILE = "prior_precision_nll.png"
+#: Written last by the stage: a fit killed before it is not complete and is refitted.
+QUALITY_FILE = "quality.json"
 #: The files of a complete fit (both targets).
-ARTIFACTS = (STATE_FILE, CONFIG_FILE, META_FILE)
+ARTIFACTS = (STATE_FILE, CONFIG_FILE, META_FILE, GRID_TABLE_FILE, GRID_PLOT_FILE, QUALITY_FILE)
 
 ENTROPY_UNITS = "nats"
 
@@ -332,6 +338,15 @@ def read_posterior_meta(run_dir: str | Path) -> PosteriorMeta:
         ) from error
 
 
+def verify_state_file(path: Path) -> None:
+    """A ``LaplacePosteriorError`` naming ``path`` when a member of the saved state's zip archive fails
+    its CRC-32 (``torch.load`` would read the flipped bytes as a wrong posterior)."""
+    try:
+        verify_checkpoint_archive(path)
+    except BackboneError as error:
+        raise LaplacePosteriorError(f"{error}".split(";")[0] + "; rerun fit_laplace.py --force") from None
+
+
 def already_fitted(ctx, checkpoint: Path | str, checkpoint_md5: str, upstream: Mapping[str, Any]) -> bool:
     """True when the stage's output folder holds a complete posterior fitted from the same inputs (skip it).
 
@@ -346,6 +361,11 @@ def already_fitted(ctx, checkpoint: Path | str, checkpoint_md5: str, upstream: M
             remove_file(folder / name, folder)
         return False
     if not all((folder / name).is_file() for name in ARTIFACTS):
+        return False
+    try:
+        verify_state_file(folder / STATE_FILE)
+    except LaplacePosteriorError as error:
+        print(f"[{ctx.name}] {error}; fitting again")
         return False
     meta = read_json(folder / META_FILE)
     fitted_on = meta.get("source_checkpoint_md5")

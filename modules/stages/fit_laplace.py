@@ -3,10 +3,10 @@
 ``laplace.target`` picks the layer: the head's final conv (``laplace.head``) or SAM's mask-decoder
 hypernetwork (``laplace.decoder``). Artifacts in ``laplace/<target>/run_<id>/``: ``laplace_state.pt``,
 ``laplace_config.yaml``, ``posterior_meta.json``, ``prior_precision_nll.csv`` and
-``prior_precision_nll.png``, and ``quality.json`` (the checks below). The fit is skipped when the
-artifacts exist and the stage fingerprint (``.stage.json``: every ``laplace.*`` value and the
-checkpoint md5) is unchanged; the fingerprint is checked before that skip, so a changed setting or
-checkpoint is a one-line error until ``--force`` refits.
+``prior_precision_nll.png``, and, written last, ``quality.json`` (the checks below). The fit is skipped
+when all of them exist (a fit killed before ``quality.json`` is fitted again) and the stage fingerprint
+(``.stage.json``: every ``laplace.*`` value and the checkpoint md5) is unchanged; the fingerprint is
+checked before that skip, so a changed setting or checkpoint is a one-line error until ``--force`` refits.
 
 Quality checks on the validation split (printed and logged): NLL and ECE of the Laplace predictive
 (probit) against the MAP head, and the mean mutual information on pixels the MAP head gets wrong
@@ -100,12 +100,12 @@ def run_stage(ctx, run_id: str) -> None:
     meta = lp.PosteriorMeta.for_head(la, settings.backend, search, checkpoint_md5)
     meta.tuning_nll = grid_table.to_dict("records")
     lh.save_posterior(folder, la, meta, cfg.section("laplace"))
-    atomic_write_csv(folder / "prior_precision_nll.csv", grid_table)
+    atomic_write_csv(folder / lp.GRID_TABLE_FILE, grid_table)
     plot_prior_grid(list(search.grid), list(search.nll), search.best_prior_precision,
-                    folder / "prior_precision_nll.png", title=f"Laplace prior precision (temperature {temperature:g})")
+                    folder / lp.GRID_PLOT_FILE, title=f"Laplace prior precision (temperature {temperature:g})")
     posterior = lh.LastLayerPosterior.from_laplace(head, la)
     checks = lh.head_quality_checks(head, posterior, val_set, settings.num_samples, settings.seed, settings.nll_eps)
-    atomic_write_json(folder / "quality.json", checks)
+    atomic_write_json(folder / lp.QUALITY_FILE, checks)
     ctx.tracker.log_table("prior_precision_nll", grid_table)
     ctx.tracker.log_artifact(folder, name=f"laplace-head-run_{run_id}", type="laplace")
     ctx.summary({"prior_precision": search.best_prior_precision, "temperature": temperature,
@@ -150,14 +150,14 @@ def run_decoder_stage(ctx, run_id: str) -> None:
         ctx.tracker.log(row.to_dict(), step=int(step))
     meta = decoder_fit.posterior_meta(posterior, accumulator, search, checkpoint_md5, sam)
     save_decoder_posterior(folder, posterior, accumulator, meta, cfg.section("laplace"))
-    atomic_write_csv(folder / "prior_precision_nll.csv", search.table)
+    atomic_write_csv(folder / lp.GRID_TABLE_FILE, search.table)
     plot_prior_grid(list(search.prior_search.grid), list(search.prior_search.nll),
-                    search.prior_search.best_prior_precision, folder / "prior_precision_nll.png",
+                    search.prior_search.best_prior_precision, folder / lp.GRID_PLOT_FILE,
                     title=f"SAM decoder Laplace prior precision (temperature {search.temperature:g})")
     with torch.autocast(device_type=backbone.device.type, enabled=False):
         checks = decoder_fit.decoder_quality_checks(posterior, validation, settings.num_samples, settings.seed,
                                                     settings.nll_eps)
-    atomic_write_json(folder / "quality.json", checks)
+    atomic_write_json(folder / lp.QUALITY_FILE, checks)
     ctx.tracker.log_table("prior_precision_nll", search.table)
     ctx.tracker.log_artifact(folder, name=f"laplace-{DECODER_TARGET}-run_{run_id}", type="laplace")
     ctx.summary({"prior_precision": posterior.prior_precision, "temperature": posterior.temperature,

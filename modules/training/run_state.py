@@ -24,6 +24,8 @@ from torch import nn
 
 from modules.core.errors import PipelineError
 from modules.core.fileio import atomic_path, atomic_write_json, read_json, remove_file, remove_tree
+from modules.sam.base import BackboneError
+from modules.sam.registry import verify_checkpoint_archive
 
 STATE_FILE = "epoch_state.json"
 MODEL_FILE = "last.pt"
@@ -98,10 +100,22 @@ def _save_tensors(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def verify_checkpoint_file(path: Path) -> None:
+    """A ``ResumeError`` naming ``path`` when a member of the zip archive fails its CRC-32: ``torch.load``
+    does not check them, and would load flipped bytes as wrong weights."""
+    try:
+        verify_checkpoint_archive(path)
+    except BackboneError as error:
+        raise ResumeError(f"{error}".split(";")[0] + "; retrain the run (train_head.py --force) or restore "
+                          "the file from a backup") from None
+
+
 def load_checkpoint_file(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` onto the CPU; a missing or unreadable file is a ``ResumeError``."""
+    """``torch.load(weights_only=True)`` onto the CPU after the archive's CRC check; a missing,
+    damaged or unreadable file is a ``ResumeError``."""
     if not path.is_file():
         raise ResumeError(f"{path}: missing; cannot resume")
+    verify_checkpoint_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign file
@@ -139,6 +153,11 @@ def recover_run_dir(run_dir: Path) -> dict[str, Any]:
                 remove_tree(entry, run_dir)
         elif entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
             remove_file(entry, run_dir)
+    # A finished run that is resumed loads none of its files: check them all here, so damage to
+    # best.pt is reported by a rerun of its own stage, not first by the stages that load it.
+    for name in (*ALWAYS_SAVED_FILES, BEST_FILE):
+        if (run_dir / name).is_file():
+            verify_checkpoint_file(run_dir / name)
     return state
 
 
