@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from modules.core.config import PipelineConfig, load_config
 from modules.core.errors import PipelineError
 from modules.core.fileio import atomic_write_json, atomic_write_yaml, file_md5, read_json, storage_error
+from modules.core.library_caches import point_library_caches
 from modules.core.locks import OutputLock
 from modules.core.paths import FINGERPRINT_FILE, check_name, ensure_inside
 from modules.core.tracking import NullTracker, start_tracker
@@ -430,8 +431,7 @@ def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callabl
         out = project_root / (output_dir(cfg) if callable(output_dir) else output_dir)
         ensure_inside(project_root, out, "output folder")
         project_root.mkdir(parents=True, exist_ok=True)
-        # Libraries that cache to the home folder write under the project root instead.
-        os.environ.setdefault("MPLCONFIGDIR", str(project_root / ".cache" / "matplotlib"))
+        point_library_caches(project_root)  # in-process callers; the scripts did it at import
         out.mkdir(parents=True, exist_ok=True)
         if lock and main_rank:
             locks.enter_context(OutputLock.acquire(project_root, out))
