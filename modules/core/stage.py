@@ -419,7 +419,10 @@ def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callabl
     ``main_rank_only``: the stage may run as several torchrun ranks of one job (``RANK``); only rank
     0 opens a W&B run and takes the lock, the other ranks write nothing of their own.
     """
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # force: laplace-torch installs a WARNING-level root handler at import, which would hide every
+    # INFO line of the stages ("epoch 3: ...", "resumed after epoch 2").
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S", force=True)
     tracker = NullTracker()
     project_root = None
     locks = contextlib.ExitStack()
