@@ -4,6 +4,7 @@ Writes ``<project_root>/manifests/{all_samples,train,val,test,invalid_samples}.c
 ``demo.enabled`` it first writes the procedural demo data set.
 """
 
+import modules.core.script_start  # noqa: F401  (first: see its docstring)
 from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 from modules.stages import build_manifests

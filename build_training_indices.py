@@ -4,6 +4,7 @@ Writes ``<project_root>/training_data/<split>_index.csv``; samples missing from 
 out and counted. A rerun with unchanged inputs rewrites nothing.
 """
 
+import modules.core.script_start  # noqa: F401  (first: see its docstring)
 from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 from modules.stages import build_training_indices

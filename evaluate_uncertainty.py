@@ -8,6 +8,7 @@ Reports go to ``<project_root>/reports/eval/<name>/`` (default name ``run_<run_i
 resumes where it stopped.
 """
 
+import modules.core.script_start  # noqa: F401  (first: see its docstring)
 from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 from modules.evaluation.runs import RunIds

@@ -6,6 +6,7 @@
 Artifacts go to ``<project_root>/laplace/<target>/run_<id>/``.
 """
 
+import modules.core.script_start  # noqa: F401  (first: see its docstring)
 from modules.stages import fit_laplace as laplace_stage
 from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context

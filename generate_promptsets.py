@@ -3,6 +3,7 @@
 Writes ``<project_root>/prompt_sets/<split>/<safe_id>.json``; samples already done are skipped.
 """
 
+import modules.core.script_start  # noqa: F401  (first: see its docstring)
 from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 from modules.stages import generate_promptsets

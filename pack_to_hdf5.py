@@ -4,6 +4,7 @@ Writes ``<project_root>/training_data/<split>.h5`` (via ``<split>.h5.partial``, 
 row); a split whose file is complete and was packed from the same inputs is skipped.
 """
 
+import modules.core.script_start  # noqa: F401  (first: see its docstring)
 from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 from modules.stages import pack_to_hdf5

@@ -5,6 +5,7 @@ Writes ``<project_root>/sam_cache/<backbone_id>/shard-III-of-NNN.h5`` (one file 
 are skipped; a damaged shard file is salvaged and only what it lost is recomputed.
 """
 
+import modules.core.script_start  # noqa: F401  (first: see its docstring)
 from modules.stages import precompute_sam_outputs as precompute
 from modules.core import paths
 from modules.core.stage import default_argument_parser, resolve_shard, stage_context

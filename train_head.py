@@ -9,6 +9,7 @@
 Checkpoints go to ``<project_root>/checkpoints/<model>/run_<id>/``.
 """
 
+import modules.core.script_start  # noqa: F401  (first: see its docstring)
 from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 from modules.stages import train_head as head_training

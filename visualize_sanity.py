@@ -4,6 +4,7 @@ Writes ``<project_root>/reports/debug_panels/<split>__<safe_id>.png`` for the fi
 cached samples of ``--split`` (first prompt set of each), everything shown in FRAME256.
 """
 
+import modules.core.script_start  # noqa: F401  (first: see its docstring)
 from modules.stages import visualize_sanity
 from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context

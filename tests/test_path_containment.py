@@ -244,3 +244,17 @@ def test_a_config_model_type_that_is_a_path_is_refused(empty_project):
     assert_refused(result, "sam.model_type")
     assert not root.exists()
 
+
+
+def test_library_caches_go_into_the_project_root_not_home(tmp_path):
+    """matplotlib is imported (by torchmetrics, via laplace-torch) before any stage reads its config;
+    the scripts point its config folder and font cache into the project root first, so a stage
+    writes nothing under $HOME. ``--help`` stops right after the imports, where the writes happen."""
+    home = tmp_path / "home"
+    home.mkdir()
+    config = write_config(tmp_path, tmp_path / "images", tmp_path / "masks")
+    env = {"HOME": str(home), "XDG_CONFIG_HOME": "", "XDG_CACHE_HOME": "", "MPLCONFIGDIR": ""}
+    result = run_stage("evaluate_uncertainty.py", config, "--help", env=env)
+    assert "usage" in result.stdout
+    assert list(home.iterdir()) == []
+    assert list((tmp_path / "project" / ".cache" / "matplotlib").glob("fontlist-*.json"))

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from modules.core.config import PipelineConfig, load_config
 from modules.core.errors import PipelineError
 from modules.core.fileio import atomic_write_json, atomic_write_yaml, file_md5, read_json, storage_error
+from modules.core.library_caches import point_library_caches
 from modules.core.locks import OutputLock
 from modules.core.paths import FINGERPRINT_FILE, check_name, ensure_inside
 from modules.core.tracking import NullTracker, start_tracker
@@ -424,7 +425,10 @@ def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callabl
     ``main_rank_only``: the stage may run as several torchrun ranks of one job (``RANK``); only rank
     0 opens a W&B run and takes the lock, the other ranks write nothing of their own.
     """
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # force: laplace-torch installs a WARNING-level root handler at import, which would hide every
+    # INFO line of the stages ("epoch 3: ...", "resumed after epoch 2").
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S", force=True)
     tracker = NullTracker()
     project_root = None
     locks = contextlib.ExitStack()
@@ -436,8 +440,7 @@ def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callabl
         out = project_root / (output_dir(cfg) if callable(output_dir) else output_dir)
         ensure_inside(project_root, out, "output folder")
         project_root.mkdir(parents=True, exist_ok=True)
-        # Libraries that cache to the home folder write under the project root instead.
-        os.environ.setdefault("MPLCONFIGDIR", str(project_root / ".cache" / "matplotlib"))
+        point_library_caches(project_root)  # in-process callers; the scripts did it at import
         out.mkdir(parents=True, exist_ok=True)
         if lock and main_rank:
             locks.enter_context(OutputLock.acquire(project_root, out))
