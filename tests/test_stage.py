@@ -75,3 +75,35 @@ def test_stage_log_lines_show_with_timestamps(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if "epoch 3" in line]
     assert len(lines) == 1
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO pipeline\.test: epoch 3: done", lines[0])
+
+
+def test_temporary_files_of_a_killed_run_are_removed_once_the_lock_is_held(tmp_path, capsys):
+    """A write killed between ``atomic_path``'s temporary file and its rename leaves ``.<name>.<random>.tmp``
+    behind; the next run of the stage, holding the output's lock, removes them (and nothing else)."""
+    config = write_config(tmp_path, tmp_path / "images", tmp_path / "masks")
+    args = argparse.Namespace(config=str(config), overrides=[], force=False)
+    out = tmp_path / "project" / "prompt_sets"
+    (out / "train").mkdir(parents=True)
+    stale = [out / ".stage.json.k2j4x8.tmp", out / "train" / ".cats__s00.json.a8f3_q.tmp"]
+    kept = [out / "train" / "cats__s00.json", out / ".notes.tmp", out / "train" / "x.json.abc.tmp"]
+    for path in stale + kept:
+        path.write_text("{}")
+    with stage_context("generate_promptsets", args, output_dir="prompt_sets"):
+        pass
+    assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in kept)
+    assert "[generate_promptsets] removed 2 temporary file(s) a killed run left" in capsys.readouterr().out
+
+
+def test_a_shard_lock_removes_only_that_shards_temporary_files(tmp_path):
+    """Stage 3 locks per shard file (shards run side by side in one folder): holding one shard's lock
+    removes that shard's leftover temporary file, never another shard's, which may be mid-write."""
+    config = write_config(tmp_path, tmp_path / "images", tmp_path / "masks")
+    args = argparse.Namespace(config=str(config), overrides=[], force=False)
+    folder = tmp_path / "project" / "sam_cache" / "demo"
+    folder.mkdir(parents=True)
+    mine, other = folder / ".shard-000-of-002.h5.x1y2.tmp", folder / ".shard-001-of-002.h5.z3w4.tmp"
+    mine.write_bytes(b"\0" * 64)
+    other.write_bytes(b"\0" * 64)
+    with stage_context("precompute_sam_outputs", args, output_dir="sam_cache", lock=False) as ctx:
+        ctx.hold_lock(folder / "shard-000-of-002.h5")
+    assert not mine.exists() and other.exists()

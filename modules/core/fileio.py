@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -276,6 +277,23 @@ def remove_tree(path: str | os.PathLike, root: str | os.PathLike) -> None:
         path.unlink()
     elif path.exists():
         shutil.rmtree(path)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete the temporary files ``atomic_path`` left under ``folder`` (recursively) when their
+    writer was killed mid-write, or only those of the final file ``name`` in ``folder`` itself; the
+    paths removed. Call it only while holding the lock of everything written there (``core.locks``):
+    a live writer's temporary file looks the same."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    candidates = folder.glob(f".{glob.escape(name)}.*.tmp") if name else folder.rglob(".*.tmp")
+    removed = []
+    for path in candidates:
+        if _TEMPORARY_NAME.match(path.name) and path.is_file() and not path.is_symlink():
+            remove_file(path, folder)
+            removed.append(path)
+    return removed
 
 
 def remove_file(path: str | os.PathLike, root: str | os.PathLike) -> None:

@@ -10,7 +10,8 @@ Every top-level script does the same three things::
 ``stage_context`` checks the arguments that name folders (``NAME_ARGUMENTS``), loads and validates
 the config (with ``--set`` overrides), checks that the stage's output folder resolves inside the
 project root and only then creates it, takes the output's lock (``core.locks``: a second copy of
-the stage on the same output refuses), saves the resolved config beside the outputs, opens the
+the stage on the same output refuses) and removes the temporary files a killed run left there,
+saves the resolved config beside the outputs, opens the
 stage's W&B run, and turns every ``PipelineError``, and every storage fault (a full disk, a read-only
 folder: ``fileio.storage_error``) raised anywhere in the stage, into one line on stderr and exit code 2.
 
@@ -40,7 +41,8 @@ from tqdm.auto import tqdm
 
 from modules.core.config import PipelineConfig, load_config
 from modules.core.errors import PipelineError
-from modules.core.fileio import atomic_write_json, atomic_write_yaml, file_md5, read_json, storage_error
+from modules.core.fileio import (atomic_write_json, atomic_write_yaml, file_md5, read_json,
+                                 remove_stale_temporaries, storage_error)
 from modules.core.library_caches import point_library_caches
 from modules.core.locks import OutputLock
 from modules.core.paths import FINGERPRINT_FILE, check_name, ensure_inside
@@ -296,8 +298,12 @@ class StageContext:
 
     def hold_lock(self, target: Path) -> None:
         """Hold the lock of ``target`` (the output folder, or one output file, under the project root)
-        until the stage ends (``core.locks``); ``OutputLocked`` when another process holds it."""
+        until the stage ends (``core.locks``), and remove the temporary files a killed writer of it
+        left; ``OutputLocked`` when another process holds it."""
         self.locks.enter_context(OutputLock.acquire(self.project_root, target))
+        removed = (remove_stale_temporaries(target) if target.is_dir()
+                   else remove_stale_temporaries(target.parent, target.name))
+        report_stale_temporaries(self.name, removed)
 
     # ----------------------------------------------------------- fingerprints
 
@@ -384,6 +390,13 @@ class StageContext:
             print(f"  {key}: {value}")
 
 
+def report_stale_temporaries(stage: str, removed: list[Path]) -> None:
+    """One line about the temporary files a killed run of ``stage`` left and this run removed."""
+    if removed:
+        shown = ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else "")
+        print(f"[{stage}] removed {len(removed)} temporary file(s) a killed run left ({shown})")
+
+
 def read_yaml_safe(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -444,6 +457,7 @@ def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callabl
         out.mkdir(parents=True, exist_ok=True)
         if lock and main_rank:
             locks.enter_context(OutputLock.acquire(project_root, out))
+            report_stale_temporaries(name, remove_stale_temporaries(out))
         tracker_config = {**cfg.to_dict(), **(extra_tracker_config or {})}
         if main_rank:
             tracker = start_tracker(cfg.wandb, name, project_root, tracker_config)
