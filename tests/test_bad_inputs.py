@@ -31,6 +31,7 @@ import yaml
 from PIL import Image
 
 from modules.cache.sam_cache import SamCache
+from modules.data.manifest_checksums import record_manifest_checksums
 from tests.conftest import DEMO_CHECKPOINT, small_demo_config
 from tests.helpers.stage_calls import (SMALL, Outcome, Workspace, assert_one_error_line, build_staged, call_stage,
                                        copy_workspace, file_hashes, keep_first_rows, run_subprocess)
@@ -131,7 +132,15 @@ def replace_text(ws: Workspace, relative: str, text: str) -> list[str]:
 
 
 def break_manifest(name: str, text: str) -> Callable[[Workspace], list[str]]:
-    return lambda ws: replace_text(ws, f"manifests/{name}.csv", text)
+    """Manifest ``name`` replaced by ``text``, its checksum recorded as if stage 1 had written it (the
+    case is the content; a manifest changed behind stage 1's back is ``manifest-csv-edited``)."""
+
+    def prepare(ws: Workspace) -> list[str]:
+        replace_text(ws, f"manifests/{name}.csv", text)
+        record_manifest_checksums([ws.root / "manifests" / f"{name}.csv"])
+        return []
+
+    return prepare
 
 
 def edit_manifest(name: str, column: str, value) -> Callable[[Workspace], list[str]]:
@@ -142,6 +151,7 @@ def edit_manifest(name: str, column: str, value) -> Callable[[Workspace], list[s
         frame = pd.read_csv(path, keep_default_na=False, dtype={"stem": str, "group": str})
         frame.loc[0, column] = value
         path.write_text(frame.to_csv(index=False), encoding="utf-8")
+        record_manifest_checksums([path])
         return []
 
     return prepare
@@ -170,6 +180,7 @@ def file_changed_after_stage_1(column: str, damage: Callable[[Path], None]) -> C
         damage(copy)
         frame.loc[0, column] = str(copy)
         path.write_text(frame.to_csv(index=False), encoding="utf-8")
+        record_manifest_checksums([path])
         return []
 
     return prepare
@@ -305,6 +316,10 @@ ERROR_CASES = [
               ("train.csv", "image_h")),
     ErrorCase("manifest-csv-rerun-corrupt", "build_manifests", None, stage_1_rerun_over_corrupt_manifest,
               ("all_samples.csv", "--force")),
+    ErrorCase("manifest-csv-edited", "generate_promptsets", "staged",
+              lambda ws: replace_text(ws, "manifests/train.csv",
+                                      (ws.root / "manifests" / "train.csv").read_text().replace("train", "trains", 1)),
+              ("train.csv", "differs from what build_manifests.py wrote")),
     ErrorCase("cache-before-promptsets", "precompute_sam_outputs", "staged", remove_path("prompt_sets"),
               ("generate_promptsets.py",)),
     ErrorCase("promptset-truncated", "precompute_sam_outputs", "staged", edit_promptset(truncate_text, others=1),

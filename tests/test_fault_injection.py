@@ -401,15 +401,12 @@ def truncate_half(path: Path) -> None:
 HEAD, VARIANCE, FUSION = (("train_head.py", "--model", model, *RUN, "--resume-if-exists")
                           for model in ("head", "variance", "fusion"))
 #: (damaged file, damage, steps): each step is (command, expected) with expected "error" (exit 2, one line
-#: ``error: ...`` naming the damaged file), "failed unit" (exit 2, the one line of a stage whose units
-#: failed) or "ok" (exit 0). After the last "ok" step the project must
+#: ``error: ...`` naming the damaged file) or "ok" (exit 0). After the last "ok" step the project must
 #: equal the uninterrupted one (the damage was detected and recomputed); after an "error" nothing
 #: but the damaged file may differ from it.
 DAMAGE = {
-    # Manifests carry no checksum of their own: the damaged path stops stage 2 as a failed unit
-    # (one line naming the sample, exit 2); stage 1 rewrites the manifest.
     "manifest_csv": ("manifests/train.csv", flip_bytes,
-                     [(("generate_promptsets.py",), "failed unit"), (("build_manifests.py",), "ok"),
+                     [(("generate_promptsets.py",), "error"), (("build_manifests.py",), "ok"),
                       (("generate_promptsets.py",), "ok")]),
     "promptset_json": ("prompt_sets/train/cats__s00.json", flip_bytes, [(("generate_promptsets.py",), "ok")]),
     "training_index": ("training_data/train_index.csv", flip_bytes,
@@ -442,11 +439,10 @@ def test_damaged_artifact_is_refused_naming_it_or_recomputed(project, kind):
     for command, expected in steps:
         result = project.run(*command)
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
-        if expected in ("error", "failed unit"):
+        if expected == "error":
             lines = [line for line in result.stderr.splitlines() if line.strip()]
             assert result.returncode == 2 and lines[-1].startswith("error: "), result.stderr[-2000:]
-            named = Path(relative).name if expected == "error" else " samples failed, first "
-            assert named in lines[-1], lines[-1]
+            assert Path(relative).name in lines[-1], lines[-1]
         else:
             assert result.returncode == 0, f"{command}: {result.stderr[-3000:]}"
     if expected == "error":  # nothing else was touched

@@ -19,6 +19,8 @@ from pathlib import Path
 from modules.core.errors import PipelineError
 
 MANIFEST_DIR = "manifests"
+#: Beside the manifest CSVs: the md5 of each, as stage 1 wrote it (``data.manifest_checksums``).
+MANIFEST_CHECKSUMS_FILE = "checksums.json"
 PROMPT_SET_DIR = "prompt_sets"
 SAM_CACHE_DIR = "sam_cache"
 TRAINING_DATA_DIR = "training_data"

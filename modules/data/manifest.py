@@ -32,6 +32,7 @@ from modules.data.imageio import (
     read_mask,
     resize_mask_nearest,
 )
+from modules.data.manifest_checksums import verify_manifest
 
 SPLITS = ("train", "val", "test")
 
@@ -654,7 +655,9 @@ _INTEGER_COLUMNS = ("image_h", "image_w", "mask_h", "mask_w")
 def read_manifest_csv(path: Path) -> pd.DataFrame:
     """A valid-sample manifest CSV as written by stage 1 (stems and groups stay strings, empty
     cells stay ""). One-line ``PipelineError`` naming the file when it is unreadable, lacks a
-    column of ``MANIFEST_COLUMNS`` or holds a size that is not a positive integer."""
+    column of ``MANIFEST_COLUMNS`` or holds a size that is not a positive integer, or when it is not
+    what stage 1 wrote (``manifest_checksums``)."""
+    verify_manifest(path)
     try:
         frame = pd.read_csv(path, keep_default_na=False, dtype={"stem": str, "group": str})
     except (OSError, ValueError) as error:  # pandas' ParserError and EmptyDataError, and UnicodeDecodeError

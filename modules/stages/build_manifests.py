@@ -8,6 +8,7 @@ from modules.core.fileio import atomic_write_text
 from modules.core.paths import manifest_path
 from modules.data.demo_dataset import write_demo_dataset
 from modules.data.manifest import SPLITS, build_manifest_tables, read_manifest_csv
+from modules.data.manifest_checksums import record_manifest_checksums
 
 
 def run_stage(ctx) -> None:
@@ -52,6 +53,7 @@ def run_stage(ctx) -> None:
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             atomic_write_text(path, text)
             rewritten.append(name)
+    record_manifest_checksums(manifest_path(ctx.project_root, name) for name in tables)
 
     per_group = (valid.groupby(["group", "split"]).size().unstack(fill_value=0)
                  .reindex(columns=list(SPLITS), fill_value=0).reset_index())

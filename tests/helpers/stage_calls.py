@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from modules.data.manifest_checksums import record_manifest_checksums
 from tests.conftest import small_demo_config
 from tests.stage_runner import REPO
 
@@ -158,3 +159,4 @@ def keep_first_rows(workspace: Workspace, train: int, val: int, test: int) -> No
         path = workspace.root / "manifests" / f"{split}.csv"
         frame = pd.read_csv(path, keep_default_na=False, dtype={"stem": str, "group": str})
         path.write_text(frame.head(rows).to_csv(index=False), encoding="utf-8")
+        record_manifest_checksums([path])  # as if stage 1 had written the cut manifest
