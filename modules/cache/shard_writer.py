@@ -225,8 +225,9 @@ class ShardWriter:
             try:
                 handle = open_for_row_writes(path)
             except OSError as exc:
-                if storage_error(exc, path) is not None:  # not damage: rebuilding would fail the same way
-                    raise storage_error(exc, path) from None
+                fault = storage_error(exc, path)
+                if fault is not None:  # not damage: rebuilding would fail the same way
+                    raise fault from None
                 messages.append(f"{path.name}: truncated or corrupt HDF5 file ({error_line(exc)}); "
                                 "salvaging its complete entries into a fresh file")
             else:
