@@ -27,6 +27,9 @@ from tests.stage_runner import REPO
 from modules.scoring.entropy import binary_entropy
 from modules.uncertainty.strategies import LaplaceStrategy, StrategyOutput
 from modules.core.paths import checkpoint_run_dir, eval_report_dir
+from modules.evaluation.samples import LabelledSample
+from modules.training.run_state import load_checkpoint_file
+from tests.test_uncertainty import disc_ground_truth, make_sample
 
 # Stage processes run single-threaded: on the shared 2-core test machine two torch threads per process
 # spin against the other jobs and made scoring ~20x slower in measurements.
@@ -94,8 +97,6 @@ def test_upsample_to_ground_truth_resolution_is_bilinear():
 
 
 def test_scoreboard_rows_and_accumulators_per_domain_and_overall():
-    from modules.evaluation.samples import LabelledSample
-    from tests.test_uncertainty import disc_ground_truth, make_sample  # a synthetic sample (cache entry, prompts)
 
     sample = make_sample()
     prob = torch.from_numpy(np.asarray(sample.cache_entry.logits)).float().sigmoid()
@@ -241,7 +242,6 @@ def test_changed_strategies_or_model_need_force(fusion_project):
     assert changed.returncode == 2 and "evaluation.strategies" in changed.stderr
 
     # another head checkpoint (one weight changed) is another model: refused, then --force recomputes
-    from modules.training.run_state import load_checkpoint_file
 
     source = checkpoint_run_dir(project.root, "head", "v1")
     target = checkpoint_run_dir(project.root, "head", "evalchanged")

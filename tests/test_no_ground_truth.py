@@ -24,6 +24,7 @@ from modules.laplace.decoder import DecoderPosterior, decode_chosen_outputs, fin
 from modules.laplace.head import LastLayerPosterior
 from modules.laplace.hypernet import HypernetPosterior
 from modules.sam.prompting import PROMPT_MODES, decode_selected, round_features
+from modules.sam.registry import load_backbone
 from modules.stages.evaluate_uncertainty import fingerprint_sections
 from modules.training.models import UncertaintyFusion, VarianceNetwork
 from modules.scoring.entropy import binary_entropy
@@ -53,8 +54,6 @@ def parts(tmp_path_factory):
     """The demo SAM, a sample whose cache entry it produced (as stage 3 does), and small random models
     in place of the trained artifacts (the fusion module moved off its identity start, so the
     uncertainty maps it fuses change its output)."""
-    from modules.sam.registry import load_backbone
-
     path = save_random_checkpoint("sam", "demo_tiny", tmp_path_factory.mktemp("ckpt") / "demo_tiny.pt", seed=0)
     backbone = load_backbone("sam", "demo_tiny", path, "cpu")
     image = np.random.default_rng(5).integers(0, 256, (*HW, 3), dtype=np.uint8)
