@@ -12,6 +12,7 @@ import dataclasses
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -54,9 +55,25 @@ def report(tmp_path_factory):
         labelled = LabelledSample(sample, disc_ground_truth())
         scored = board.score_sample(labelled, _outputs(sample, seed))
         reports.write_qualitative_panels(folder, labelled, scored, PANEL_METHODS, prompt_mode="points_and_box")
-    provenance = {"run ids": {"head": "v1", "laplace": "v1"}, "config": {"evaluation": {"ece_bins": 10}}}
-    figures = reports.write_reports(folder, board, METHODS, [], "raw_sam", NullTracker(), provenance=provenance)
-    return folder, board, figures
+    provenance = {"run ids": {"head": "v1", "variance": "v1", "laplace": "v2", "fusion": "v1"},
+                  "inputs": ["head", "laplace", "sam_checkpoint"],
+                  "config": {"evaluation": {"ece_bins": 10}, "laplace": {"target": "head"}}}
+    tracker = RecordingTracker()
+    reports.write_reports(folder, board, METHODS, [], "raw_sam", tracker, provenance=provenance)
+    return folder, board, tracker
+
+
+class RecordingTracker(NullTracker):
+    """The artifacts a stage's tracker is handed."""
+
+    def __init__(self):
+        self.logged, self.used = [], []
+
+    def log_artifact(self, path, name, type, aliases=None, root=None):
+        self.logged.append((name, type, sorted(Path(p).relative_to(root).as_posix() for p in path)))
+
+    def use_artifact(self, name, type):
+        self.used.append((name, type))
 
 
 def test_summary_counts_marks_best_links_figures_and_never_prints_negative_zero(report):
@@ -91,8 +108,10 @@ def test_summary_shows_intervals_where_the_tables_have_them(report):
 def test_html_report_is_one_file_with_every_figure_embedded(report):
     folder, _, _ = report
     page = (folder / HTML_REPORT).read_text()
-    figures = sorted(p.relative_to(folder).as_posix() for p in [*folder.glob("*.png"), *folder.glob("qualitative/*/*.png")])
-    assert len(figures) == 2 * 3 + 2 * len(PANEL_METHODS)  # reliability + sparsification x (2 domains + overall), panels
+    figures = sorted(p.relative_to(folder).as_posix()
+                     for p in [*folder.glob("*.png"), *folder.glob("qualitative/*/*.png")])
+    # reliability and sparsification per domain and overall, and the panels
+    assert len(figures) == 2 * 3 + 2 * len(PANEL_METHODS)
     sources = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', page)
     assert sorted(sources) == figures
     assert not re.search(r'<img[^>]+src="(?!data:)', page)  # nothing loaded from outside the page
@@ -101,6 +120,7 @@ def test_html_report_is_one_file_with_every_figure_embedded(report):
     assert "<h4>tta: forest</h4>" in page and "<h4>tta: street</h4>" in page  # panels per method and domain
     assert "run ids:" in page and "head: v1" in page and "ece_bins: 10" in page
     assert "summary_by_domain.csv" in page and "<strong>" in page
+    assert "inputs:" in page
     assert reports.reports_complete(folder)
     (folder / HTML_REPORT).write_text(page.replace("<h2>", "<h2>changed", 1))
     assert not reports.reports_complete(folder)  # the page is part of the recorded report
@@ -146,3 +166,13 @@ def test_html_report_renders_in_headless_chromium_with_every_image_loaded(report
         pixels = np.asarray(shot.convert("L"))
     assert pixels.shape == (1600, 1280)
     assert (pixels < 128).mean() > 0.005 and pixels.std() > 10  # text and tables drawn, not a blank page
+
+
+def test_the_report_is_one_w_and_b_artifact_and_declares_the_models_it_read(report):
+    folder, _, tracker = report
+    ((name, kind, files),) = tracker.logged
+    recorded = reports.read_json(folder / reports.DIGEST_FILE)
+    panels = sorted(p.relative_to(folder).as_posix() for p in folder.glob("qualitative/*/*.png"))
+    assert (name, kind) == ("evaluation-run_v1", "evaluation") and files == sorted([*recorded, *panels])
+    assert HTML_REPORT in files and "reports.md5.json" not in files
+    assert tracker.used == [("head-run_v1", "model"), ("laplace-head-run_v2", "laplace")]

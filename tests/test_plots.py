@@ -170,9 +170,9 @@ def test_qualitative_panel_keeps_aspect_shared_scale_unit_and_prompts():
     gt = np.zeros((50, 150), bool)
     gt[10:30, 20:80] = True
     prob = gt * 0.9
-    figure = plots.qualitative_figure(image, gt, prob, np.full((50, 150), 0.1), "t", points=[[30, 20], [100, 40], [0, 0]],
-                                      point_labels=[1, 0, -1], box=[20, 10, 80, 30], uncertainty_range=(0.0, 0.7),
-                                      uncertainty_name="entropy")
+    figure = plots.qualitative_figure(image, gt, prob, np.full((50, 150), 0.1), "t",
+                                      points=[[30, 20], [100, 40], [0, 0]], point_labels=[1, 0, -1],
+                                      box=[20, 10, 80, 30], uncertainty_range=(0.0, 0.7), uncertainty_name="entropy")
     width, height = figure.get_size_inches()
     assert (height - 1.0) / ((width - 1.2) / 5) == pytest.approx(50 / 150)
     _drawn(figure)

@@ -19,6 +19,7 @@ import torch
 
 from modules.core.fileio import (atomic_write_csv, atomic_write_json, atomic_write_text, file_md5, read_json,
                                  remove_file, remove_tree)
+from modules.core.lineage import evaluation_artifact, evaluation_model_inputs
 from modules.evaluation.html_report import HTML_REPORT, html_report
 from modules.evaluation.methods import ORACLE_METHODS
 from modules.evaluation.samples import LabelledSample
@@ -292,7 +293,8 @@ def write_qualitative_panels(folder: Path, labelled: LabelledSample, scored: dic
         union = int((prediction | gt).sum())
         iou = int((prediction & gt).sum()) / union if union else 1.0
         path = folder / QUALITATIVE_DIR / file_label(method) / f"{file_label(sample.safe_id)}_{promptset_id}.png"
-        title = f"{method} ({output.primary_map}) | {sample.group} / {sample.safe_id} prompt set {promptset_id} | IoU {iou:.3f}"
+        title = (f"{method} ({output.primary_map}) | {sample.group} / {sample.safe_id} prompt set {promptset_id} "
+                 f"| IoU {iou:.3f}")
         plot_qualitative_panel(sample.image, labelled.ground_truth, prob, primaries[method], path, title,
                                points=sample.points[0], point_labels=sample.labels[0], box=box,
                                uncertainty_range=ranges[output.primary_map], uncertainty_name=output.primary_map)
@@ -342,7 +344,9 @@ def write_reports(folder: Path, scoreboard: Scoreboard, methods: list[str], refi
                   unrefined: str, tracker, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write every report file from the scoreboard and log them; returns headline figures.
 
-    ``provenance``: what the report came from (the run ids, the resolved config), shown in the HTML report."""
+    ``provenance``: what the report came from, shown in the HTML report: ``run ids`` (``RunIds`` as a dict),
+    ``inputs`` (``methods.needed_artifacts``: declared to W&B as the run's inputs) and ``config``. The
+    report files are logged as one W&B artifact (``lineage.evaluation_artifact``)."""
     per_mask = pd.DataFrame(scoreboard.rows)
     summary = summary_frame(scoreboard, methods, refinement_methods)
     reliability, sparsification, curves_by_domain = curve_frames(scoreboard)
@@ -372,6 +376,13 @@ def write_reports(folder: Path, scoreboard: Scoreboard, methods: list[str], refi
     written = [*CSV_FILES, "refinement.md", SUMMARY_MARKDOWN, HTML_REPORT, *(path.name for path in plots)]
     atomic_write_json(folder / DIGEST_FILE, {name: file_md5(folder / name) for name in written})
 
+    provenance = provenance or {}
+    laplace_target = provenance.get("config", {}).get("laplace", {}).get("target", "head")
+    for name, kind in evaluation_model_inputs(provenance.get("inputs", []), provenance.get("run ids", {}),
+                                              laplace_target):
+        tracker.use_artifact(name, kind)
+    name, kind = evaluation_artifact(file_label(folder.name))
+    tracker.log_artifact([folder / file for file in written] + panels, name=name, type=kind, root=folder)
     tracker.log_table("eval/summary_overall", summary[summary["domain"] == OVERALL])
     tracker.log_table("eval/summary_by_domain", summary[summary["domain"] != OVERALL])
     tracker.log_table("eval/per_mask", per_mask)
