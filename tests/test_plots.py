@@ -13,6 +13,7 @@ from matplotlib.collections import PathCollection
 from modules.scoring import metrics
 from modules.scoring import plots
 from modules.scoring.plots import PlotInputError
+from modules.stages.visualize_sanity import sanity_figsize
 
 
 def _open_png(path):
@@ -187,3 +188,9 @@ def test_qualitative_panel_keeps_aspect_shared_scale_unit_and_prompts():
         assert (box.get_x(), box.get_y(), box.get_width(), box.get_height()) == (20, 10, 60, 20)
     outline = [c for c in prediction_axes.collections if not isinstance(c, PathCollection)]
     assert len(outline) == 1 and outline[0].get_edgecolor()[0].tolist() == [*plots.OVERLAY_COLOUR, 1.0]
+
+
+def test_debug_panels_keep_the_image_aspect_ratio():
+    for height, width in ((192, 302), (310, 192)):
+        figure_width, figure_height = sanity_figsize((height, width), 6)
+        assert (figure_height - 0.6) / (figure_width / 6) == pytest.approx(height / width)
