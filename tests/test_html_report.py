@@ -9,6 +9,7 @@ three methods on synthetic samples (no pipeline fixture: seconds, not minutes).
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
 import shutil
 import subprocess
@@ -22,7 +23,8 @@ from PIL import Image
 
 from modules.core.tracking import NullTracker
 from modules.evaluation import reports
-from modules.evaluation.html_report import HTML_REPORT, figure_anchor, markdown_to_html
+from modules.evaluation.html_report import (HTML_REPORT, JPEG_ABOVE_BYTES, embedded_image, figure_anchor,
+                                            markdown_to_html)
 from modules.evaluation.samples import LabelledSample
 from modules.evaluation.scoreboard import Scoreboard
 from modules.scoring.entropy import binary_entropy
@@ -112,7 +114,7 @@ def test_html_report_is_one_file_with_every_figure_embedded(report):
                      for p in [*folder.glob("*.png"), *folder.glob("qualitative/*/*.png")])
     # reliability and sparsification per domain and overall, and the panels
     assert len(figures) == 2 * 3 + 2 * len(PANEL_METHODS)
-    sources = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', page)
+    sources = re.findall(r'<img alt="([^"]+)" src="data:image/(?:png|jpeg);base64,', page)
     assert sorted(sources) == figures
     assert not re.search(r'<img[^>]+src="(?!data:)', page)  # nothing loaded from outside the page
     for name in figures:
@@ -183,3 +185,20 @@ def test_methods_share_one_colour_scale_per_map_kind():
     low[0, 0], high[0, 0] = 0.05, 0.6
     ranges = reports.shared_colour_ranges({"a": ("entropy", low), "b": ("entropy", high), "c": ("std", other)})
     assert ranges == {"entropy": (pytest.approx(0.05), pytest.approx(0.6)), "std": (5.0, 5.0 + 1e-6)}
+
+
+def test_large_figures_are_embedded_as_jpeg_small_ones_as_png(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (400, 600, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noisy.png")
+    Image.fromarray(np.full((400, 600, 3), 200, np.uint8)).save(tmp_path / "flat.png")
+    assert (tmp_path / "noisy.png").stat().st_size > JPEG_ABOVE_BYTES
+    mime, data = embedded_image(tmp_path / "noisy.png")
+    assert mime == "image/jpeg" and len(data) < (tmp_path / "noisy.png").stat().st_size
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.size == (600, 400)
+    assert embedded_image(tmp_path / "flat.png") == ("image/png", (tmp_path / "flat.png").read_bytes())
+
+
+def test_values_equal_to_the_digits_shown_are_all_best():
+    table = pd.DataFrame({"method": ["a", "b", "oracle"], "x": [0.00121, 0.00118, 0.0001]})
+    assert reports.best_methods(table, higher_better=False, candidates=["a", "b"]) == {"x": {"a", "b"}}

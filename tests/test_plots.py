@@ -151,15 +151,22 @@ def test_reliability_legend_outside_counts_below_and_nearly_empty_bins_hollow():
 def test_sparsification_draws_random_baseline_once_per_curve_and_keeps_useful_range():
     good = _calibration_and_sparsification(0)["sparsification"]
     bad = dict(good, uncertainty=list(np.linspace(good["random"], 0.95, len(good["fractions"]))), ause=0.5)
-    figure = plots.sparsification_figure({"good": good, "same": dict(good), "bad": bad}, "t")
+    near = dict(good, random=good["random"] * (1 + 1e-4))  # on top of the others at any plot size
+    apart = dict(good, random=good["random"] * 1.2, oracle=[v * 1.2 for v in good["oracle"]])
+    figure = plots.sparsification_figure({"good": good, "same": dict(good), "bad": bad, "near": near,
+                                          "apart": apart}, "t")
     (axes,) = figure.axes
     _legend_clear_of_data(figure, axes)
     labels = [line.get_label() for line in axes.get_lines()]
-    assert labels.count("random order (good, same, bad)") == 1 and labels.count("oracle (good, same, bad)") == 1
-    random_line = axes.get_lines()[labels.index("random order (good, same, bad)")]
+    assert labels.count("random order (good, same, bad, near)") == 1 and "random order (apart)" in labels
+    assert labels.count("oracle (good, same, bad, near)") == 1 and "oracle (apart)" in labels
+    random_line = axes.get_lines()[labels.index("random order (good, same, bad, near)")]
     assert list(random_line.get_ydata()) == [pytest.approx(good["random"])] * 2
+    good_colour = axes.get_lines()[labels.index(f"good (AUSE={good['ause']:.4f})")].get_color()
+    assert random_line.get_color() == good_colour  # drawn in its first method's colour
     bottom, top = axes.get_ylim()
-    assert bottom == 0 and top == pytest.approx(1.08 * plots.SPARSIFICATION_Y_LIMIT * good["random"]) and top < 0.95
+    assert bottom == 0 and top == pytest.approx(1.08 * plots.SPARSIFICATION_Y_LIMIT * 1.2 * good["random"])
+    assert top < 0.95
     assert any("clipped" in text.get_text() for text in axes.texts)
     # the coinciding curves of good and same are told apart by marker shape and staggered markers
     good_line, same_line = (axes.get_lines()[labels.index(f"{m} (AUSE={good['ause']:.4f})")] for m in ("good", "same"))

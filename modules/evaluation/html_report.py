@@ -1,7 +1,7 @@
 """The evaluation's static HTML report (``index.html`` in the report folder), for readers without W&B.
 
 One self-contained file: ``summary.md`` rendered (its tables, with the best values marked), every
-figure of the folder embedded as a base64 PNG data URI (curve plots, then the qualitative panels per
+figure of the folder embedded as a base64 data URI (``embedded_image``) (curve plots, then the qualitative panels per
 method and domain), the full summary tables read back from their CSV files (so every column any part
 of the pipeline adds shows up), and the configuration and run ids the report came from.
 """
@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import re
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 import yaml
+from PIL import Image
 
 HTML_REPORT = "index.html"
+#: Figures larger than this are embedded as JPEG (``JPEG_QUALITY``) to keep the page small; the PNG
+#: files stay in the folder.
+JPEG_ABOVE_BYTES = 200_000
+JPEG_QUALITY = 90
 _LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
 _CODE = re.compile(r"`([^`]+)`")
@@ -95,11 +101,24 @@ def markdown_to_html(markdown: str, figures: Iterable[str] = ()) -> str:
     return "\n".join(out)
 
 
+def embedded_image(path: Path) -> tuple[str, bytes]:
+    """``(MIME type, bytes)`` of a PNG figure for embedding: the PNG itself, or, when it is larger
+    than ``JPEG_ABOVE_BYTES`` (panels of textured photographs), the same pixels as a JPEG."""
+    data = path.read_bytes()
+    if len(data) <= JPEG_ABOVE_BYTES:
+        return "image/png", data
+    with Image.open(io.BytesIO(data)) as image:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return ("image/jpeg", buffer.getvalue()) if buffer.tell() < len(data) else ("image/png", data)
+
+
 def embedded_figure(folder: Path, relative_path: str, caption: str) -> str:
-    """A ``<figure>`` with the PNG at ``folder / relative_path`` as a base64 data URI."""
-    data = base64.b64encode((folder / relative_path).read_bytes()).decode("ascii")
+    """A ``<figure>`` with the image at ``folder / relative_path`` as a base64 data URI."""
+    mime, data = embedded_image(folder / relative_path)
+    encoded = base64.b64encode(data).decode("ascii")
     return (f'<figure id="{figure_anchor(relative_path)}"><img alt="{html.escape(relative_path, quote=True)}" '
-            f'src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+            f'src="data:{mime};base64,{encoded}"><figcaption>{html.escape(caption)}</figcaption></figure>')
 
 
 def _csv_table(path: Path) -> str:

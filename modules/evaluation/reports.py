@@ -186,11 +186,12 @@ def domain_counts(per_mask: pd.DataFrame) -> pd.DataFrame:
 
 def best_methods(table: pd.DataFrame, higher_better: bool, candidates: Iterable[str]) -> dict[str, set[str]]:
     """``{domain column: methods with the best value}`` of a ``method_by_domain`` table, among
-    ``candidates`` (the oracle ablations compete with nothing); ties are all best."""
+    ``candidates`` (the oracle ablations compete with nothing); values equal to the 4 decimals shown
+    are ties, all best."""
     eligible = table[table["method"].isin(list(candidates))]
     best: dict[str, set[str]] = {}
     for column in table.columns[1:]:
-        values = pd.to_numeric(eligible[column], errors="coerce")
+        values = pd.to_numeric(eligible[column], errors="coerce").round(4)
         if values.notna().any():
             target = values.max() if higher_better else values.min()
             best[column] = set(eligible.loc[values == target, "method"])

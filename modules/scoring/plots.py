@@ -43,6 +43,9 @@ METHOD_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 NEARLY_EMPTY_FRACTION = 1e-3
 #: Sparsification plots: the y axis ends at this multiple of the random-order error when a curve rises higher.
 SPARSIFICATION_Y_LIMIT = 2.0
+#: Sparsification plots: oracle and random-order curves of several methods within this fraction of the
+#: random-order error of each other are drawn once (they would lie on top of each other).
+SAME_CURVE_FRACTION = 2e-3
 #: Width (inches) of one panel of a qualitative figure; its height follows the image's aspect ratio.
 QUALITATIVE_PANEL_WIDTH = 3.2
 #: Units of the uncertainty maps, shown in the colour bars (entropies in nats: natural logarithms).
@@ -150,12 +153,13 @@ def plot_reliability_diagram(
     _save(reliability_figure(bins_by_method, title, path), path)
 
 
-def _distinct_curves(curves: list[tuple[str, np.ndarray]]) -> list[tuple[list[str], np.ndarray]]:
-    """Group methods whose curves are equal (to 1e-9): ``[(methods, curve)]`` in first-seen order."""
+def _distinct_curves(curves: list[tuple[str, np.ndarray]], tolerance: float) -> list[tuple[list[str], np.ndarray]]:
+    """Group methods whose curves agree within ``tolerance`` (they would be drawn on top of each
+    other): ``[(methods, curve)]`` in first-seen order."""
     groups: list[tuple[list[str], np.ndarray]] = []
     for method, curve in curves:
         for names, shown in groups:
-            if shown.shape == curve.shape and np.allclose(shown, curve, rtol=0.0, atol=1e-9, equal_nan=True):
+            if shown.shape == curve.shape and np.allclose(shown, curve, rtol=0.0, atol=tolerance, equal_nan=True):
                 names.append(method)
                 break
         else:
@@ -188,13 +192,15 @@ def sparsification_figure(curves_by_method: dict[str, dict], title: str, path: s
         oracles.append((method, np.stack([fractions, oracle])))
         randoms.append((method, np.array([random])))
         tops.append(by_uncertainty[fractions <= 0.9])
-    for names, curve in _distinct_curves(oracles):
-        axes.plot(curve[0], curve[1], color="black", linewidth=1.0, linestyle="--",
-                  label=f"oracle ({', '.join(names)})")
-    for names, value in _distinct_curves(randoms):
-        axes.axhline(float(value[0]), color="dimgrey", linewidth=1.0, linestyle=":",
-                     label=f"random order ({', '.join(names)})")
     baseline = max((float(v[0]) for _, v in randoms if np.isfinite(v[0])), default=math.nan)
+    tolerance = SAME_CURVE_FRACTION * (baseline if math.isfinite(baseline) and baseline > 0 else 1.0)
+    colour_of = {method: method_style(index)["color"] for index, method in enumerate(curves_by_method)}
+    for names, curve in _distinct_curves(oracles, tolerance):
+        axes.plot(curve[0], curve[1], color=colour_of[names[0]], linewidth=1.0, linestyle="--",
+                  label=f"oracle ({', '.join(names)})")
+    for names, value in _distinct_curves(randoms, tolerance):
+        axes.axhline(float(value[0]), color=colour_of[names[0]], linewidth=1.0, linestyle=":",
+                     label=f"random order ({', '.join(names)})")
     highest = max((float(np.nanmax(t)) for t in tops if t.size and np.isfinite(t).any()), default=math.nan)
     if math.isfinite(baseline) and baseline > 0:
         top = SPARSIFICATION_Y_LIMIT * baseline
@@ -226,7 +232,8 @@ def plot_sparsification(
         title: figure title.
     Each method's curve is solid with its own markers (staggered, so coinciding curves stay
     distinguishable) and its AUSE in the legend (outside the plot); the oracle curves (dashed) and
-    the random-order baselines (dotted) are drawn once per distinct curve, naming their methods.
+    the random-order baselines (dotted) are drawn once per distinct curve (``SAME_CURVE_FRACTION``),
+    in the colour of the first method they belong to, naming their methods.
     The y axis ends at ``SPARSIFICATION_Y_LIMIT`` times the random-order error when a curve rises
     higher (a note says so), so the useful part of the curves stays readable.
     """
