@@ -228,7 +228,7 @@ def summary_markdown(summary: pd.DataFrame, refinement: pd.DataFrame, refinement
     strategies = [m for m in methods if m in set(summary.loc[summary["kind"] == "strategy", "method"])]
     primary = summary[summary["is_primary"] & (summary["domain"] == OVERALL)].set_index("method")["map"]
     lines = ["# Uncertainty evaluation", "",
-             f"{n_samples} samples, {n_masks} masks (sample x prompt set x method rows in per_mask.csv). "
+             f"{n_samples} images; {n_masks} rows in per_mask.csv (image x prompt set x method). "
              f"Scored at ground-truth resolution. ECE with {ece_bins} equal-width bins of the foreground "
              "probability. Uncertainty metrics use each method's primary map: "
              + ", ".join(f"{m}: {primary.get(m, '?')}" for m in strategies) + ".", ""]
