@@ -43,11 +43,12 @@ def iter_record_bytes(path: Path):
 
 
 def read_offline_run(run_dir: Path) -> dict:
-    """``{"job_type", "group", "history": [dict], "summary": dict}`` of one offline run folder."""
+    """``{"job_type", "group", "history": [dict], "summary": dict, "config": dict, "artifacts": [dict],
+    "used": [dict]}`` of one offline run folder; an artifact: ``{"name", "type", "files"}`` (its paths)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     (run_file,) = Path(run_dir).glob("run-*.wandb")
-    out = {"job_type": None, "group": None, "history": [], "summary": {}}
+    out = {"job_type": None, "group": None, "history": [], "summary": {}, "config": {}, "artifacts": [], "used": []}
     for raw in iter_record_bytes(run_file):
         record = pb.Record()
         record.ParseFromString(raw)
@@ -57,6 +58,14 @@ def read_offline_run(run_dir: Path) -> dict:
         elif kind == "history":
             out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
                                    for i in record.history.item})
+        elif kind == "config":
+            for item in record.config.update:
+                out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "artifact":
+            out["artifacts"].append({"name": record.artifact.name, "type": record.artifact.type,
+                                     "files": sorted(entry.path for entry in record.artifact.manifest.contents)})
+        elif kind == "use_artifact":
+            out["used"].append({"name": record.use_artifact.name, "type": record.use_artifact.type})
         elif kind == "summary":
             for item in record.summary.update:
                 out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)

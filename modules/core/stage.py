@@ -44,6 +44,7 @@ from modules.core.errors import PipelineError
 from modules.core.fileio import (atomic_write_json, atomic_write_yaml, file_md5, read_json,
                                  remove_stale_temporaries, storage_error)
 from modules.core.library_caches import point_library_caches
+from modules.core.lineage import declare_stage_inputs, log_stage_output
 from modules.core.locks import OutputLock
 from modules.core.paths import FINGERPRINT_FILE, check_name, ensure_inside
 from modules.core.tracking import NullTracker, start_tracker
@@ -461,10 +462,12 @@ def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callabl
         tracker_config = {**cfg.to_dict(), **(extra_tracker_config or {})}
         if main_rank:
             tracker = start_tracker(cfg.wandb, name, project_root, tracker_config)
+            declare_stage_inputs(tracker, name, args, cfg)
         ctx = StageContext(name=name, cfg=cfg, args=args, output_dir=out, tracker=tracker, locks=locks)
         print(f"[{name}] project root: {project_root}")
         yield ctx
         ctx.save_resolved_config()
+        log_stage_output(tracker, name, out)
         print(f"[{name}] finished in {time.time() - ctx.started:.1f} s")
         sys.stdout.flush()  # stdout may be a file on a full disk: fail here, with the line below
     except (PipelineError, OSError) as exc:

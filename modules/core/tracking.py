@@ -4,10 +4,18 @@
 network). Enabled runs default to offline mode and keep every file wandb writes (run folder,
 cache, config, artifacts) under ``<project_root>/wandb``. In online mode a failed or slow
 connection falls back to offline after ``wandb.init_timeout_s`` instead of hanging.
+
+Lineage (``core.lineage``): stages log their outputs as artifacts and declare the artifacts they read
+with ``use_artifact``. wandb records an input only online (an offline run cannot: wandb refuses
+``use_artifact`` offline because the input is looked up on the server), so offline runs keep the
+declared inputs in their config (``lineage/inputs``) instead.
+The default ``group`` (``default_group``) is derived from the resolved project root, so the stages of
+one project share a group and two projects never do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -31,7 +39,11 @@ class NullTracker:
     def log_image(self, name: str, path: str | os.PathLike) -> None:
         pass
 
-    def log_artifact(self, path, name: str, type: str, aliases: list[str] | None = None) -> None:
+    def log_artifact(self, path, name: str, type: str, aliases: list[str] | None = None,
+                     root: str | os.PathLike | None = None) -> None:
+        pass
+
+    def use_artifact(self, name: str, type: str) -> None:
         pass
 
     def watch(self, model) -> None:
@@ -51,6 +63,7 @@ class WandbTracker(NullTracker):
         self._run = run
         self._wandb = wandb_module
         self.run_dir = Path(run.dir).parent if getattr(run, "dir", None) else None
+        self._declared: list[str] = []
 
     def log(self, metrics, step=None):
         self._run.log(dict(metrics), step=step)
@@ -61,14 +74,28 @@ class WandbTracker(NullTracker):
     def log_image(self, name, path):
         self._run.log({name: self._wandb.Image(str(path))})
 
-    def log_artifact(self, path, name, type, aliases=None):
+    def log_artifact(self, path, name, type, aliases=None, root=None):
+        """``path``: a folder, a file, or a list of files (named relative to ``root``)."""
         artifact = self._wandb.Artifact(name=name, type=type)
-        path = Path(path)
-        if path.is_dir():
+        if isinstance(path, (list, tuple)):
+            for file in path:
+                artifact.add_file(str(file), name=Path(file).relative_to(root).as_posix() if root else Path(file).name)
+        elif Path(path).is_dir():
             artifact.add_dir(str(path))
         else:
             artifact.add_file(str(path))
         self._run.log_artifact(artifact, aliases=aliases or [])
+
+    def use_artifact(self, name, type):
+        """Declare ``name:latest`` an input of this run (offline: listed in the config, see the module doc)."""
+        if self._run.offline:
+            self._declared.append(f"{name}:latest")
+            self._run.config.update({"lineage/inputs": list(self._declared)}, allow_val_change=True)
+            return
+        try:
+            self._run.use_artifact(f"{name}:latest", type=type)
+        except Exception as exc:  # not on the server (its stage ran offline or without W&B): keep going
+            log.warning("wandb: input artifact %s:latest not found (%s); lineage lacks it", name, exc)
 
     def watch(self, model):
         self._run.watch(model, log="all", log_freq=100)
@@ -95,6 +122,12 @@ def wandb_environment(project_root: Path) -> dict[str, str]:
     }
 
 
+def default_group(project_root: Path) -> str:
+    """``pipeline-<folder name>-<8 hex digits of the resolved root's path>``: one per project."""
+    root = Path(project_root).resolve()
+    return f"pipeline-{root.name}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
+
+
 def start_tracker(wandb_cfg, stage: str, project_root: Path, config: dict) -> NullTracker:
     """Open the W&B run of one stage (``job_type`` = stage name, shared ``group``)."""
     if not wandb_cfg.enabled or wandb_cfg.mode == "disabled":
@@ -106,7 +139,7 @@ def start_tracker(wandb_cfg, stage: str, project_root: Path, config: dict) -> Nu
     os.environ.update(env)
     import wandb
 
-    group = wandb_cfg.group or f"pipeline-{Path(project_root).name}"
+    group = wandb_cfg.group or default_group(project_root)
     kwargs = dict(
         project=wandb_cfg.project,
         entity=wandb_cfg.entity,

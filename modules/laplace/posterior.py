@@ -380,6 +380,13 @@ def already_fitted(ctx, checkpoint: Path | str, checkpoint_md5: str, upstream: M
 # --------------------------------------------------------------------------- quality checks
 
 
+#: What the boolean checks of ``quality.json`` require (each is also written there as ``margin_<check>``):
+#: ``nll_better`` / ``ece_better``: the Laplace predictive's NLL / ECE at least this fraction below the
+#: MAP head's; ``mi_higher_on_errors``: the mean mutual information on the MAP head's wrong pixels at
+#: least this multiple of that on its correct pixels (a ratio of 1.007 is no evidence of anything).
+QUALITY_MARGINS = {"nll_better": 0.01, "ece_better": 0.05, "mi_higher_on_errors": 1.5}
+
+
 class PosteriorQualityAccumulator:
     """Is the posterior worth having? Streams, over validation batches, the calibration of the MAP
     prediction and of the probit predictive, and the mean mutual information on the pixels the
@@ -411,7 +418,9 @@ class PosteriorQualityAccumulator:
             "mi_error_ratio": mi_wrong / mi_right if mi_right > 0 else float("inf"),
             # relative tolerance: a posterior tuned onto the MAP differs from it by float rounding
             "nll_no_worse": results["laplace"]["nll"] <= results["map"]["nll"] * (1 + 1e-6),
-            "ece_better": results["laplace"]["ece"] < results["map"]["ece"],
-            "mi_higher_on_errors": mi_wrong > mi_right,
+            "nll_better": results["laplace"]["nll"] <= results["map"]["nll"] * (1 - QUALITY_MARGINS["nll_better"]),
+            "ece_better": results["laplace"]["ece"] <= results["map"]["ece"] * (1 - QUALITY_MARGINS["ece_better"]),
+            "mi_higher_on_errors": mi_wrong >= mi_right * QUALITY_MARGINS["mi_higher_on_errors"],
+            **{f"margin_{name}": margin for name, margin in QUALITY_MARGINS.items()},
         }
 

@@ -114,7 +114,7 @@ def run_stage(ctx, runs: RunIds) -> None:
             outputs = predictor.predict(sample)
             scored = scoreboard.score_sample(sample, outputs)
         if unit.safe_id in qualitative.chosen:
-            reports.write_qualitative_panels(folder, sample, scored, methods)
+            reports.write_qualitative_panels(folder, sample, scored, methods, cfg.sam.prompt_mode)
         if checkpoints.due():
             started = time.perf_counter()
             save_state(state_path, scoreboard)
@@ -127,8 +127,9 @@ def run_stage(ctx, runs: RunIds) -> None:
         print(f"  failed: {name}: {reason}")
     if not scoreboard.done:
         raise EvaluationError(f"{folder}: no sample could be evaluated ({counts.failed} failed)")
+    provenance = {"run ids": vars(runs), "inputs": sorted(needed_artifacts(cfg)), "config": cfg.to_dict()}
     written = reports.write_reports(folder, scoreboard, methods, list(REFINEMENT_VARIANTS), UNREFINED_BASELINE,
-                                    ctx.tracker)
+                                    ctx.tracker, provenance)
     ctx.summary({"samples": len(scoreboard.done), "masks": len(scoreboard.rows), **counts.as_dict(),
                  **written})
     if counts.failed:
