@@ -80,6 +80,9 @@ class HeadConfig:
     channels_in: int = 3
     hidden_channels: int = 16
     use_image_embedding: bool = False
+    # SAM's logit also feeds the last layer (weight 1, the rest 0 at initialisation): an untrained head
+    # is raw SAM, and training learns a correction to it.
+    residual: bool = True
 
 
 @dataclass
