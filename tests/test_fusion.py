@@ -10,6 +10,7 @@ import torch
 from scipy import ndimage
 
 from modules.data import demo_scenes
+from modules.evaluation.methods import gate_by_predicted_iou
 from modules.core.frames import FRAME256
 from modules.sam.registry import load_backbone
 from modules.sam.prompting import Prompts
@@ -80,3 +81,22 @@ def test_training_steps_open_the_uncertainty_path_and_lower_the_loss(scene):
         with_map, _ = refine(backbone, fusion, features, hw, prompts, first_pass, uncertainty)
         with_other, _ = refine(backbone, fusion, features, hw, prompts, first_pass, other_uncertainty)
     assert (with_map - with_other).abs().max() > 1e-3  # the trained module reads the map
+
+
+def test_gate_keeps_the_first_pass_unless_the_refined_mask_is_predicted_better(scene):
+    """The refinement gate reads only the decoder's predicted IoUs (never the ground truth)."""
+    backbone, features, hw, prompts, first_pass, _ = scene
+    with torch.inference_mode():
+        first_logits, first_ious = backbone.decode(features, hw, prompts.point_coords, prompts.point_labels,
+                                                   multimask_output=True)
+        refined, refined_iou = refine(backbone, UncertaintyFusion(), features, hw, prompts, first_pass,
+                                      torch.zeros_like(first_pass))
+    first_pass_iou = first_ious.max(dim=1).values
+    refined, refined_iou, first = refined[:, 0], refined_iou[:, 0], first_pass[:, 0]
+    for threshold in (first_pass_iou, refined_iou - 1e-3, refined_iou + 1e-3):
+        gated = gate_by_predicted_iou(refined, refined_iou, first, threshold)
+        for p in range(refined.shape[0]):
+            expected = refined[p] if refined_iou[p] > threshold[p] else first[p]
+            assert torch.equal(gated[p], expected)
+    assert torch.equal(gate_by_predicted_iou(refined, refined_iou, first, refined_iou - 1e-3), refined)
+    assert torch.equal(gate_by_predicted_iou(refined, refined_iou, first, refined_iou), first)  # a tie keeps SAM

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from modules.core.config import ConfigError, load_config
+from modules.core.errors import PipelineError
+from modules.core.paths import checkpoint_run_dir
 from modules.training.losses import (
     LOSSES,
     BceDiceLoss,
@@ -18,7 +20,8 @@ from modules.training.losses import (
     build_variance_loss,
     hard_iou,
 )
-from modules.training.checkpoints import build_fusion, build_head, build_variance_network
+from modules.training.checkpoints import build_fusion, build_head, build_variance_network, load_trained_head
+from modules.training.run_state import BEST_FILE, _save_tensors
 from modules.training.models import FINAL_LAYER_NAME, PromptAwareHead, UncertaintyFusion, VarianceNetwork, soft_clamp
 
 
@@ -63,6 +66,42 @@ def test_head_with_image_embedding_uses_it():
         PromptAwareHead()(x, embedding)
 
 
+@pytest.mark.parametrize("use_image_embedding", [False, True])
+def test_untrained_residual_head_is_raw_sam(use_image_embedding):
+    torch.manual_seed(0)
+    head = PromptAwareHead(hidden_channels=8, use_image_embedding=use_image_embedding, residual=True)
+    x = _head_inputs(2, 32) * 10
+    embedding = torch.randn(2, 256, 8, 8) if use_image_embedding else None
+    assert head.final_conv.in_channels == 9
+    assert torch.equal(head(x, embedding), x[:, :1])
+    features = head.features(x, embedding)
+    assert torch.equal(features[:, -1:], x[:, :1])
+    assert torch.equal(head.final_conv(features), head(x, embedding))
+
+
+def test_residual_head_learns_a_correction_to_sam():
+    torch.manual_seed(0)
+    head = PromptAwareHead(hidden_channels=8, residual=True)
+    x = _head_inputs(4, 16)
+    target = (x[:, 1:2] > 0).float()  # the prompt map, not SAM's logit, says where the object is
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    start = F.binary_cross_entropy_with_logits(head(x), target).item()
+    for _ in range(100):
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(head(x), target)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * start
+    assert head.conv1.weight.grad is not None and head.conv1.weight.grad.abs().sum() > 0
+
+
+def test_config_builds_residual_head_by_default_and_seed_head_on_request(tmp_path):
+    (tmp_path / "config.yaml").write_text("head: {hidden_channels: 4}\n")
+    assert build_head(load_config(tmp_path / "config.yaml")).final_conv.in_channels == 5
+    plain = build_head(load_config(tmp_path / "config.yaml", ["head.residual=false"]))
+    assert plain.final_conv.in_channels == 4 and not plain.residual
+
+
 def test_head_rejects_wrong_channel_count():
     with pytest.raises(ValueError, match=r"B x 3 x H x W"):
         PromptAwareHead()(torch.zeros(1, 4, 8, 8))
@@ -97,7 +136,7 @@ def test_models_are_built_from_their_config_sections(tmp_path):
                       "fusion: {hidden_channels: 12}\n")
     cfg = load_config(config)
     head, variance, fusion = build_head(cfg), build_variance_network(cfg), build_fusion(cfg)
-    assert isinstance(head, PromptAwareHead) and head.final_conv.in_channels == 8
+    assert isinstance(head, PromptAwareHead) and head.conv2.out_channels == 8 and head.final_conv.in_channels == 9
     assert isinstance(variance, VarianceNetwork) and variance.conv1.in_channels == cfg.head.channels_in + 1
     assert variance.conv1.out_channels == 6
     assert isinstance(fusion, UncertaintyFusion) and fusion.uncertainty_downscaling[3].out_channels == 12
@@ -252,3 +291,16 @@ def test_focal_dice_iou_loss_terms(iou_loss, expected_iou_term):
 def test_focal_dice_iou_loss_rejects_unknown_iou_loss():
     with pytest.raises(ConfigError, match="iou_loss"):
         FocalDiceIouLoss(iou_loss="huber")
+
+
+def test_checkpoint_of_another_head_design_is_one_line_naming_it(tmp_path):
+    (tmp_path / "config.yaml").write_text("head: {hidden_channels: 4, residual: false}\n")
+    seed_head = build_head(load_config(tmp_path / "config.yaml"))
+    run_dir = checkpoint_run_dir(tmp_path, "head", "v1")
+    run_dir.mkdir(parents=True)
+    _save_tensors(seed_head.state_dict(), run_dir / BEST_FILE)
+    cfg = load_config(tmp_path / "config.yaml", ["head.residual=true", f"data.project_root={tmp_path}"])
+    with pytest.raises(PipelineError) as raised:
+        load_trained_head(cfg, "v1")
+    message = str(raised.value)
+    assert "\n" not in message and str(run_dir / BEST_FILE) in message and "head.*" in message

@@ -80,6 +80,9 @@ class HeadConfig:
     channels_in: int = 3
     hidden_channels: int = 16
     use_image_embedding: bool = False
+    # SAM's logit also feeds the last layer (weight 1, the rest 0 at initialisation): an untrained head
+    # is raw SAM, and training learns a correction to it.
+    residual: bool = True
 
 
 @dataclass
@@ -139,6 +142,9 @@ class FusionConfig:
     # single-mask output (the prompt removes the ambiguity the multimask outputs are for); it is
     # also the output the oracle mask helps most (demo: 0.75 vs 0.69 IoU).
     multimask_policy: Literal["single", "best_iou"] = "single"
+    # At evaluation, a prompt set keeps SAM's first pass unless the refined mask's predicted IoU (the
+    # decoder's own estimate, no ground truth) beats SAM's for its first pass; none: always refined.
+    gate: Literal["predicted_iou", "none"] = "predicted_iou"
     focal_weight: float = 20.0
     num_epochs: int = 8
     # Low on purpose: the fuse conv starts as the identity on 256 channels, and Adam at 1e-3 moves

@@ -153,14 +153,23 @@ SOURCE_NEEDS: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True)
 class RefinementInputs:
     """One sample's shared refinement inputs on the backbone's device: ``features``, ``prompts``
-    (chosen by ``sam.prompt_mode``), ``sam_logits`` ``P x 1 x 256 x 256`` and ``uncertainty``
-    (``Refinement.sources`` key -> ``P x 1 x 256 x 256``)."""
+    (chosen by ``sam.prompt_mode``), ``sam_logits`` ``P x 1 x 256 x 256``, ``uncertainty``
+    (``Refinement.sources`` key -> ``P x 1 x 256 x 256``) and ``sam_predicted_iou`` ``P``."""
 
     features: dict[str, torch.Tensor]
     original_hw: tuple[int, int]
     prompts: Prompts
     sam_logits: torch.Tensor
     uncertainty: dict[str, torch.Tensor]
+    sam_predicted_iou: torch.Tensor  # P: SAM's predicted IoU of its cached first-pass output
+
+
+def gate_by_predicted_iou(refined_logits: torch.Tensor, refined_iou: torch.Tensor, first_pass_logits: torch.Tensor,
+                          first_pass_iou: torch.Tensor) -> torch.Tensor:
+    """Per prompt set, the refined logits ``P x H x W`` where their predicted IoU ``P`` is higher than the
+    first pass's, else the first pass's logits ``P x H x W`` (a tie keeps the first pass)."""
+    keep_refined = (refined_iou > first_pass_iou)[:, None, None]
+    return torch.where(keep_refined, refined_logits, first_pass_logits)
 
 
 class Refinement:
@@ -175,6 +184,7 @@ class Refinement:
         self.fusion = artifacts.fusion.to(self.backbone.device)
         self.select_prompts = PROMPT_MODES[cfg.sam.prompt_mode]
         self.multimask_policy = cfg.fusion.multimask_policy
+        self.gate = cfg.fusion.gate
         self.head_device = artifacts.device
         needed = {variant.source for variant in REFINEMENT_VARIANTS.values()}
         configured = cfg.fusion.uncertainty_source
@@ -202,25 +212,43 @@ class Refinement:
         head_inputs = sample.head_inputs.to(self.head_device)
         uncertainty = {name: source(head_inputs).float().to(device).unsqueeze(1)
                        for name, source in self.sources.items()}
-        return RefinementInputs(sample.features(device), sample.original_hw, prompts, sam_logits, uncertainty)
+        entry = sample.cache_entry
+        predicted_iou = np.take_along_axis(np.asarray(entry.iou_predictions, dtype=np.float32),
+                                           np.asarray(entry.branch_index, dtype=np.int64)[:, None], axis=1)[:, 0]
+        return RefinementInputs(sample.features(device), sample.original_hw, prompts, sam_logits, uncertainty,
+                                torch.from_numpy(predicted_iou).to(device))
 
     def predict(self, shared: RefinementInputs) -> dict[str, StrategyOutput]:
-        """The variants refining SAM's own first pass."""
-        return {method: self._refine(shared, shared.sam_logits, variant.source)
-                for method, variant in REFINEMENT_VARIANTS.items() if not variant.oracle}
+        """The variants refining SAM's own first pass; with ``fusion.gate: predicted_iou`` a prompt set
+        keeps SAM's first pass unless the refined mask's predicted IoU is higher (no ground truth)."""
+        outputs = {}
+        for method, variant in REFINEMENT_VARIANTS.items():
+            if variant.oracle:
+                continue
+            logits, predicted_iou = self._refine_logits(shared, shared.sam_logits, variant.source)
+            if self.gate == "predicted_iou":
+                logits = gate_by_predicted_iou(logits, predicted_iou, shared.sam_logits[:, 0].float(),
+                                               shared.sam_predicted_iou)
+            outputs[method] = self._output(logits)
+        return outputs
 
     def predict_oracle(self, shared: RefinementInputs, ground_truth: np.ndarray) -> dict[str, StrategyOutput]:
         """The oracle variants: the ground truth (``H x W`` bool) as the first-pass mask prompt."""
         gt_256 = torch.from_numpy(resize_mask_nearest(ground_truth, (FRAME256, FRAME256))).to(self.backbone.device)
         oracle_logits = (torch.where(gt_256, ORACLE_MASK_LOGIT, -ORACLE_MASK_LOGIT).float()
                          .expand_as(shared.sam_logits).contiguous())
-        return {method: self._refine(shared, oracle_logits, variant.source)
+        return {method: self._output(self._refine_logits(shared, oracle_logits, variant.source)[0])
                 for method, variant in REFINEMENT_VARIANTS.items() if variant.oracle}
 
-    def _refine(self, shared: RefinementInputs, first_pass: torch.Tensor, source: str) -> StrategyOutput:
-        logits, _ = refine(self.backbone, self.fusion, shared.features, shared.original_hw, shared.prompts,
-                           first_pass, shared.uncertainty[source], multimask_policy=self.multimask_policy)
-        logits = logits[:, 0].float()
+    def _refine_logits(self, shared: RefinementInputs, first_pass: torch.Tensor,
+                       source: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refined logits ``P x 256 x 256`` (FRAME256) and their predicted IoU ``P``."""
+        logits, predicted_iou = refine(self.backbone, self.fusion, shared.features, shared.original_hw,
+                                       shared.prompts, first_pass, shared.uncertainty[source],
+                                       multimask_policy=self.multimask_policy)
+        return logits[:, 0].float(), predicted_iou[:, 0].float()
+
+    def _output(self, logits: torch.Tensor) -> StrategyOutput:
         return StrategyOutput(torch.sigmoid(logits), {"entropy": binary_entropy_from_logits(logits)},
                               self.primary_map)
 

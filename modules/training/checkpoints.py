@@ -26,7 +26,7 @@ def has_run(folder: Path) -> bool:
 
 def build_head(cfg: PipelineConfig) -> PromptAwareHead:
     return PromptAwareHead(channels_in=cfg.head.channels_in, hidden_channels=cfg.head.hidden_channels,
-                           use_image_embedding=cfg.head.use_image_embedding)
+                           use_image_embedding=cfg.head.use_image_embedding, residual=cfg.head.residual)
 
 
 def build_variance_network(cfg: PipelineConfig) -> VarianceNetwork:
@@ -46,7 +46,12 @@ def load_trained(cfg: PipelineConfig, model_kind: str, build: Callable[[Pipeline
         raise PipelineError(f"{path}: no trained {model_kind} model; run train_head.py --model {model_kind} "
                             f"--run_id {run_id} first")
     model = build(cfg)
-    model.load_state_dict(load_checkpoint_file(path))
+    try:
+        model.load_state_dict(load_checkpoint_file(path))
+    except RuntimeError as error:  # missing / unexpected keys or size mismatches
+        raise PipelineError(f"{path}: does not fit the {model_kind} the config describes (trained with other "
+                            f"head.* / {model_kind}.* settings?): {str(error).splitlines()[0]}; retrain it "
+                            f"(train_head.py --model {model_kind} --force) or restore those settings") from None
     return model.to(device).eval().requires_grad_(False), path
 
 

@@ -7,7 +7,8 @@ are rendered in that same frame.
 - ``PromptAwareHead``: the BALD-SAM corrective head. Input ``B x 3 x H x W`` = (SAM logits clipped to
   [-clip, clip], positive prompt map in [0, 1], negative prompt map in [0, 1]); output refined
   logits ``B x 1 x H x W``. Its last layer is the 1x1 conv ``final_conv`` on which the last-layer
-  Laplace approximation is fitted.
+  Laplace approximation is fitted. With ``residual=True`` the SAM logit is also an input of
+  ``final_conv`` (weight 1, every other weight 0 at initialisation): an untrained head is raw SAM.
 - ``VarianceNetwork``: a heteroscedastic (aleatoric) branch trained on a frozen MAP head. Input
   ``B x 4 x H x W`` = the head's three input channels plus the MAP head's logit; output the
   per-pixel log-variance of that logit, ``B x 1 x H x W``.
@@ -28,6 +29,12 @@ FINAL_LAYER_NAME = "final_conv"
 class PromptAwareHead(nn.Module):
     """Conv(3x3)+ReLU, Conv(3x3)+ReLU, Conv(1x1) -> one logit per pixel (the BALD-SAM seed head).
 
+    With ``residual=True``, ``features`` appends the input's channel 0 (the clipped SAM logit) to the
+    hidden features, so ``final_conv`` sees ``hidden + 1`` channels and the head computes
+    ``a * sam_logit + w . hidden + b``. It starts at ``a = 1, w = 0, b = 0``, i.e. exactly raw SAM,
+    and training learns a correction; the last-layer Laplace posterior then also covers ``a``, the
+    trust in SAM's own logit.
+
     With ``use_image_embedding=True`` the cached SAM image embedding ``B x embedding_channels x
     h x w`` (``256 x 64 x 64`` for SAM v1) is reduced by a 1x1 conv to ``embedding_proj_channels``,
     upsampled bilinearly to the input's H x W and concatenated to the input channels before the
@@ -41,33 +48,42 @@ class PromptAwareHead(nn.Module):
         use_image_embedding: bool = False,
         embedding_channels: int = 256,
         embedding_proj_channels: int = 8,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         self.channels_in = channels_in
         self.hidden_channels = hidden_channels
         self.use_image_embedding = use_image_embedding
+        self.residual = residual
         first_in = channels_in
         if use_image_embedding:
             self.embedding_proj = nn.Conv2d(embedding_channels, embedding_proj_channels, kernel_size=1)
             first_in += embedding_proj_channels
         self.conv1 = nn.Conv2d(first_in, hidden_channels, kernel_size=3, padding=1)
         self.conv2 = nn.Conv2d(hidden_channels, hidden_channels, kernel_size=3, padding=1)
-        self.final_conv = nn.Conv2d(hidden_channels, 1, kernel_size=1)
+        self.final_conv = nn.Conv2d(hidden_channels + int(residual), 1, kernel_size=1)
+        if residual:
+            with torch.no_grad():
+                self.final_conv.weight.zero_()
+                self.final_conv.weight[0, hidden_channels] = 1.0
+                self.final_conv.bias.zero_()
 
     def features(self, x: torch.Tensor, image_embedding: torch.Tensor | None = None) -> torch.Tensor:
-        """Everything before ``final_conv``: ``B x channels_in x H x W`` -> ``B x hidden x H x W``."""
+        """Everything before ``final_conv``: ``B x channels_in x H x W`` -> ``B x F x H x W``, with
+        ``F = hidden`` (+ 1: the SAM logit channel, last, when ``residual``)."""
         if x.ndim != 4 or x.shape[1] != self.channels_in:
             raise ValueError(f"head input: expected B x {self.channels_in} x H x W, got {tuple(x.shape)}")
+        if self.use_image_embedding and image_embedding is None:
+            raise ValueError("head: use_image_embedding=True but no image_embedding was passed")
+        if not self.use_image_embedding and image_embedding is not None:
+            raise ValueError("head: an image_embedding was passed but use_image_embedding=False")
+        sam_logit = x[:, :1]
         if self.use_image_embedding:
-            if image_embedding is None:
-                raise ValueError("head: use_image_embedding=True but no image_embedding was passed")
             projected = self.embedding_proj(image_embedding.to(x.dtype))
             projected = F.interpolate(projected, size=x.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([x, projected], dim=1)
-        elif image_embedding is not None:
-            raise ValueError("head: an image_embedding was passed but use_image_embedding=False")
-        x = F.relu(self.conv1(x))
-        return F.relu(self.conv2(x))
+        hidden = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return torch.cat([hidden, sam_logit], dim=1) if self.residual else hidden
 
     def forward(self, x: torch.Tensor, image_embedding: torch.Tensor | None = None) -> torch.Tensor:
         """``B x channels_in x H x W`` (+ optional ``B x E x h x w`` embedding) -> logits ``B x 1 x H x W``."""
