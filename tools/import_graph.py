@@ -24,7 +24,8 @@ from pathlib import Path
 
 PACKAGE = "modules"
 #: Subpackages of ``modules``, lowest layer first.
-LAYERS = ("core", "data", "sam", "cache", "scoring", "training", "laplace", "uncertainty", "evaluation", "stages")
+LAYERS = ("core", "data", "sam", "cache", "scoring", "training", "laplace", "uncertainty", "interactive", "evaluation",
+          "stages")
 MAX_LINES = 700
 MAX_DEFERRED = 5
 DEFERRED_TAG = "# deferred:"
