@@ -317,6 +317,11 @@ class StageContext:
 
     # ----------------------------------------------------------- fingerprints
 
+    def fingerprint(self, config_sections: Iterable[str], upstream: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What ``check_inputs`` records: the stage name, its config sections and the upstream hashes."""
+        return {"stage": self.name, "config": {name: self.cfg.section(name) for name in config_sections},
+                "upstream": upstream or {}}
+
     def check_inputs(self, config_sections: Iterable[str], upstream: dict[str, Any] | None = None,
                      fingerprint_file: str = FINGERPRINT_FILE) -> bool:
         """Record what this stage is computed from; refuse to reuse outputs made from other inputs.
@@ -324,11 +329,7 @@ class StageContext:
         Returns True when the outputs must be rebuilt from scratch (``--force``, or no previous
         fingerprint), False when earlier outputs are valid and complete units may be skipped.
         """
-        current = {
-            "stage": self.name,
-            "config": {name: self.cfg.section(name) for name in config_sections},
-            "upstream": upstream or {},
-        }
+        current = self.fingerprint(config_sections, upstream)
         path = self.output_dir / fingerprint_file
         try:
             previous = read_json(path) if path.is_file() else None
