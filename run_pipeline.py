@@ -71,7 +71,7 @@ def main() -> None:
             sys.exit(2)
     else:
         for call in stages:
-            log.info("=== %s %s", call.script, " ".join(call.args))
+            log.info("=== %s", " ".join([call.script, *call.args]))
             ended = run_child(call.command(shared))
             if not ended.ok:
                 print(f"run_pipeline: {call.script} {ended.describe()}", file=sys.stderr, flush=True)

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from modules.core.pipeline_plan import pipeline_stages, selected_stages
+from modules.core.pipeline_plan import pipeline_stages, result_locations, selected_stages
 from modules.core.slurm_launch import SLURM_LOG_DIR, plan_phases
 from tests.conftest import small_demo_config
 from tests.helpers.stage_calls import call_stage
@@ -63,3 +63,18 @@ def test_local_executor_runs_stage_3_as_a_two_task_array(tmp_path):
     assert failed.returncode == 2
     lines = [line for line in failed.stderr.splitlines() if line.startswith("error: train job")]
     assert len(lines) == 1 and "pack_to_hdf5.py failed with exit code 2" in lines[0], failed.stderr[-3000:]
+
+
+def test_the_pipeline_names_the_summary_the_html_report_and_the_wandb_runs(tmp_path):
+    assert result_locations(tmp_path, "r1") == []  # nothing written yet: nothing named
+    report = tmp_path / "reports" / "eval" / "run_r1"
+    report.mkdir(parents=True)
+    (report / "summary.md").write_text("# summary\n")
+    offline = tmp_path / "wandb" / "wandb" / "offline-run-20261130_140000-abc"
+    offline.mkdir(parents=True)
+    found = dict(result_locations(tmp_path, "r1"))
+    assert found.pop("summary") == report / "summary.md"
+    ((label, path),) = found.items()
+    assert label.startswith("W&B offline runs (1; upload: wandb sync") and path == offline.parent
+    (report / "index.html").write_text("<html></html>")
+    assert [label for label, _ in result_locations(tmp_path, "r1")][:2] == ["summary", "HTML report"]

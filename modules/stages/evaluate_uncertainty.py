@@ -131,7 +131,7 @@ def run_one_process(ctx, runs: RunIds) -> None:
     scoreboard, counts = (None, None) if merged and reports.reports_complete(folder) else \
         evaluate_units(ctx, runs, units, units, state_path, fresh)
     if scoreboard is None:
-        print(f"[{ctx.name}] {folder}: all {len(units)} samples evaluated and reports written; skipped")
+        log.info("[%s] %s: all %d samples evaluated and reports written; skipped", ctx.name, folder, len(units))
         ctx.summary({"skipped": True, "samples": len(units)})
         return
     if not scoreboard.done:
@@ -191,8 +191,8 @@ def evaluate_units(ctx, runs: RunIds, units: list[EvalUnit], all_units: list[Eva
     remaining = [unit for unit in units if unit.safe_id not in done]
     if not remaining and (complete_if_done or reports.reports_complete(folder)):
         return None, None
-    print(f"[{ctx.name}] {len(units)} samples of {cfg.evaluation.split!r} ({len(done)} done before), "
-          f"methods: {', '.join(method_names(cfg))}")
+    log.info("[%s] %d samples of %r (%d done before), methods: %s", ctx.name, len(units), cfg.evaluation.split,
+             len(done), ", ".join(method_names(cfg)))
 
     artifacts = Artifacts(cfg, runs, device)
     predictor: Predictor | None = None  # built on the first sample that needs work
@@ -220,7 +220,7 @@ def evaluate_units(ctx, runs: RunIds, units: list[EvalUnit], all_units: list[Eva
                            unit_name=lambda unit: unit.safe_id, unit_label="samples")
     save_state(state_path, scoreboard)
     for name, reason in counts.failures[:10]:
-        print(f"  failed: {name}: {reason}")
+        log.info("  failed: %s: %s", name, reason)
     return scoreboard, counts
 
 
