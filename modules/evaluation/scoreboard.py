@@ -134,8 +134,8 @@ class Scoreboard:
         for key, accumulator in other.accumulators.items():
             mine = self.accumulator(*key)
             try:
-                restore_accumulator(mine, merge_accumulator_states(accumulator_state(mine), accumulator_state(accumulator)),
-                                    self.device)
+                merged = merge_accumulator_states(accumulator_state(mine), accumulator_state(accumulator))
+                restore_accumulator(mine, merged, self.device)
             except metrics.MetricInputError as exc:
                 raise EvaluationError(f"merging {key}: {exc}") from None
         for method, map_name in other.primary_maps.items():
@@ -280,10 +280,9 @@ def merge_accumulator_states(first: dict[str, dict[str, torch.Tensor]],
             for part in first}
 
 
-def save_state(path: Path, scoreboard: Scoreboard, extra: dict[str, Any] | None = None) -> None:
-    """``scoreboard.state()`` (with ``extra`` keys, e.g. a shard's identity) written atomically to ``path``."""
+def save_state(path: Path, scoreboard: Scoreboard) -> None:
     with atomic_path(path) as tmp:
-        torch.save({**scoreboard.state(), **(extra or {})}, tmp)
+        torch.save(scoreboard.state(), tmp)
 
 
 def load_state_file(path: Path) -> dict[str, Any] | None:

@@ -157,18 +157,17 @@ def run_shard(ctx, runs: RunIds, shard: Shard) -> None:
         remove_file(folder / reports.DIGEST_FILE, folder)  # the reports are stale until the next merge
     log.info("[%s] %s: %d of the %d samples", ctx.name, shard.name, len(units), len(all_units))
     scoreboard, counts = evaluate_units(ctx, runs, units, all_units, state_path, fresh, complete_if_done=True)
-    if scoreboard is None:  # nothing left; the state on disk (if any: a shard may have no samples) is final
-        scoreboard = Scoreboard(cfg.evaluation.ece_bins, resolve_device(cfg.training.device, key="training.device"))
+    if scoreboard is None:  # nothing left: the state on disk is final (kept byte for byte: merged.json)
         previous = load_state_file(state_path)
-        if previous is not None:
-            scoreboard.load_state(previous)
-    done = set(scoreboard.done)
+        done = set(previous["done"]) if previous is not None else set()
+        figures = {"skipped": len(units)}
+    else:
+        done, figures = set(scoreboard.done), counts.as_dict()
+    if scoreboard is not None or not state_path.is_file():  # (a shard may have no samples at all)
+        save_state(state_path, scoreboard or Scoreboard(cfg.evaluation.ece_bins, torch.device("cpu")))
     failed = [unit.safe_id for unit in units if unit.safe_id not in done]
-    save_state(state_path, scoreboard, extra={"shard": {"index": shard.index, "count": shard.count,
-                                                         "units": [unit.safe_id for unit in units],
-                                                         "failed": failed}})
     atomic_write_json(marker, {"state_md5": file_md5(state_path), "samples": len(units), "failed": failed})
-    ctx.summary({"shard": shard.name, "samples": len(units), **counts.as_dict()})
+    ctx.summary({"shard": shard.name, "samples": len(units), **figures})
     merge_shards(ctx, runs, shard.count, required=False)
     if failed:
         raise EvaluationError(f"{folder}: {shard.name}: {len(failed)} samples failed (listed above); fix the "
@@ -285,13 +284,14 @@ def merge_shards(ctx, runs: RunIds, count: int | None, required: bool) -> bool:
     merged = Scoreboard(cfg.evaluation.ece_bins, device)
     failed = []
     for index in range(count):
-        state = load_state_file(shard_paths(folder, Shard(index, count))[0])
+        state_path, marker, _ = shard_paths(folder, Shard(index, count))
+        state = load_state_file(state_path)
         if state is None:
             raise EvaluationError(f"{folder}: shard {index} of {count}: unreadable state; rerun that shard")
         part = Scoreboard(cfg.evaluation.ece_bins, device)
         part.load_state(state)
         merged.merge(part)
-        failed += state.get("shard", {}).get("failed", [])
+        failed += read_json(marker).get("failed", [])
     merged.sort_in_unit_order([unit.safe_id for unit in units])
     if not merged.done:
         raise EvaluationError(f"{folder}: no sample could be evaluated ({len(failed)} failed)")
