@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,11 @@ def plan_phases(stages: list[StageCall], shared: list[str], shards: int) -> list
 def make_executor(args: argparse.Namespace, project_root: Path):
     """The submitit executor (``--submitit-cluster``) writing its logs under the project root."""
     folder = Path(project_root) / SLURM_LOG_DIR / "%j"
-    executor = submitit.AutoExecutor(folder=folder, cluster=args.submitit_cluster)
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=args.submitit_cluster)
+    except RuntimeError as exc:  # no srun / sbatch on this machine
+        raise LaunchError(f"--submitit-cluster {args.submitit_cluster}: {exc} (--submitit-cluster local runs "
+                          "the jobs on this machine)") from None
     executor.update_parameters(timeout_min=args.slurm_time_min, cpus_per_task=args.slurm_cpus,
                                mem_gb=args.slurm_mem_gb, slurm_partition=args.slurm_partition,
                                slurm_array_parallelism=args.slurm_array_parallelism or args.shards)
@@ -129,11 +134,14 @@ def _submit(executor, phase: Phase, args: argparse.Namespace, after: list[Any]) 
         parameters["slurm_additional_parameters"] = {
             "dependency": "afterok:" + ":".join(sorted({job.job_id.split("_")[0] for job in after}))}
     executor.update_parameters(**parameters)
-    if phase.array:
-        with executor.batch():
-            jobs = [executor.submit(job) for job in phase.jobs]
-    else:
-        jobs = [executor.submit(phase.jobs[0])]
+    try:
+        if phase.array:
+            with executor.batch():
+                jobs = [executor.submit(job) for job in phase.jobs]
+        else:
+            jobs = [executor.submit(phase.jobs[0])]
+    except (submitit.core.utils.FailedSubmissionError, subprocess.CalledProcessError) as exc:
+        raise LaunchError(f"submitting {phase.name}: {' '.join(str(exc).split())[:500]}") from None
     log.info("submitted %s: job %s%s", phase.name, jobs[0].job_id.split("_")[0],
              f" ({len(jobs)} array tasks)" if phase.array else "")
     return jobs
