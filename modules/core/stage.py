@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence, TypeVar
 
 import yaml
+
 from modules.core import progress
 from modules.core.config import PipelineConfig, load_config
 from modules.core.console import configure_logging
