@@ -2,49 +2,47 @@
 
 Each stage runs as its own process (its own W&B run), skips the work it already finished, and
 stops the pipeline with its one-line error if it fails; the pipeline then exits with the stage's
-exit code. Extra arguments (``--set``, ``--force``) are passed to every stage. A stage cannot
-outlive the pipeline: it dies with it (even when the pipeline is SIGKILLed), and SIGINT, SIGTERM and
-SIGHUP sent to the pipeline are passed on to the running stage (``modules/core/processes.py``).
+exit code. Extra arguments (``--set``, ``--force``, ``--verbose``, ``--progress-every``) are passed
+to every stage, ``--run_id`` to every stage that has one. A stage cannot outlive the pipeline: it
+dies with it (even when the pipeline is SIGKILLed), and SIGINT, SIGTERM and SIGHUP sent to the
+pipeline are passed on to the running stage (``modules/core/processes.py``). At the end it names
+the evaluation's summary, its HTML report and the W&B offline runs.
+
+``--launcher submitit`` submits the stages as SLURM jobs instead (``modules/core/slurm_launch.py``).
 """
 
+import logging
 import sys
-from pathlib import Path
 
+from modules.core import slurm_launch
+from modules.core.config import load_config
+from modules.core.console import configure_logging
+from modules.core.errors import PipelineError
+from modules.core.paths import check_name
+from modules.core.pipeline_plan import DEFAULT_RUN_ID, result_locations, selected_stages
 from modules.core.processes import run_child
 from modules.core.stage import default_argument_parser
 
-REPO = Path(__file__).resolve().parent
-
-RUN_ID = "v1"
-
-#: (stage name, script, its own arguments) in pipeline order; the names are those the stages run
-#: under (``stage_context``), as ``--from`` and ``--only`` take them.
-STAGES = [
-    ("build_manifests", "build_manifests.py", []),
-    ("generate_promptsets", "generate_promptsets.py", []),
-    ("precompute_sam_outputs", "precompute_sam_outputs.py", []),
-    ("visualize_sanity", "visualize_sanity.py", ["--n", "8", "--split", "train"]),
-    ("build_training_indices", "build_training_indices.py", []),
-    ("pack_to_hdf5", "pack_to_hdf5.py", []),
-    ("train_head", "train_head.py", ["--model", "head", "--run_id", RUN_ID, "--resume-if-exists"]),
-    ("train_variance", "train_head.py", ["--model", "variance", "--run_id", RUN_ID, "--resume-if-exists"]),
-    ("fit_laplace", "fit_laplace.py", ["--run_id", RUN_ID]),
-    ("train_fusion", "train_head.py", ["--model", "fusion", "--run_id", RUN_ID, "--resume-if-exists"]),
-    ("evaluate_uncertainty", "evaluate_uncertainty.py", ["--run_id", RUN_ID]),
-]
-STAGE_NAMES = [name for name, _, _ in STAGES]
+log = logging.getLogger("pipeline")
 
 
-def selected_stages(start: str | None, only: str | None) -> list[tuple[str, str, list[str]]]:
-    """The stages to run: all, those from ``start`` on, or the comma-separated ``only`` (in pipeline
-    order); a ``ValueError`` naming an unknown stage."""
-    wanted = [name.strip() for name in only.split(",") if name.strip()] if only else [start] if start else []
-    unknown = [name for name in wanted if name not in STAGE_NAMES]
-    if unknown:
-        raise ValueError(f"unknown stage {', '.join(unknown)} (stages: {', '.join(STAGE_NAMES)})")
-    if only:
-        return [stage for stage in STAGES if stage[0] in wanted]
-    return STAGES[STAGE_NAMES.index(start):] if start else list(STAGES)
+def shared_arguments(args) -> list[str]:
+    """The arguments every stage gets."""
+    shared = ["--config", args.config] + [a for o in args.overrides for a in ("--set", o)]
+    shared += ["--progress-every", f"{args.progress_every:g}"]
+    shared += ["--force"] if args.force else []
+    shared += ["--verbose"] if args.verbose else []
+    return shared
+
+
+def report_results(args) -> None:
+    """One line per result file a user reads next (those that exist)."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except PipelineError:
+        return
+    for label, path in result_locations(cfg.project_root, args.run_id):
+        log.info("%s: %s", label, path)
 
 
 def main() -> None:
@@ -52,21 +50,35 @@ def main() -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--from", dest="start", metavar="STAGE", help="run the stages from this one on")
     which.add_argument("--only", metavar="STAGE[,STAGE]", help="run only these stages (in pipeline order)")
+    parser.add_argument("--run_id", default=DEFAULT_RUN_ID, help="run id of the trained models, the Laplace and "
+                        f"the evaluation (reports/eval/run_<run_id>; default {DEFAULT_RUN_ID})")
+    slurm_launch.add_launcher_arguments(parser)
     args = parser.parse_args()
+    configure_logging(args.verbose)
     try:
-        stages = selected_stages(args.start, args.only)
+        check_name(args.run_id, "--run_id")
+        stages = selected_stages(args.start, args.only, args.run_id)
     except ValueError as exc:
         parser.error(f"--{'only' if args.only else 'from'}: {exc}")
-    shared = ["--config", args.config] + [a for o in args.overrides for a in ("--set", o)]
-    if args.force:
-        shared.append("--force")
-    for _, script, extra in stages:
-        print(f"=== {script} {' '.join(extra)}".rstrip(), flush=True)
-        ended = run_child([sys.executable, str(REPO / script), *shared, *extra])
-        if not ended.ok:
-            print(f"run_pipeline: {script} {ended.describe()}", file=sys.stderr, flush=True)
-            sys.exit(ended.exit_status)
-    print("=== pipeline finished")
+    except PipelineError as exc:
+        parser.error(str(exc))
+    shared = shared_arguments(args)
+    if args.launcher == "submitit":
+        try:
+            slurm_launch.launch(stages, shared, args, load_config(args.config, args.overrides).project_root)
+        except PipelineError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
+    else:
+        for call in stages:
+            log.info("=== %s", " ".join([call.script, *call.args]))
+            ended = run_child(call.command(shared))
+            if not ended.ok:
+                print(f"run_pipeline: {call.script} {ended.describe()}", file=sys.stderr, flush=True)
+                sys.exit(ended.exit_status)
+        log.info("=== pipeline finished")
+    if args.launcher == "local" or args.submitit_cluster != "slurm":
+        report_results(args)
 
 
 if __name__ == "__main__":

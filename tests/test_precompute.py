@@ -2,6 +2,7 @@
 truncated shard repair, invalidation by prompt-set md5 and checkpoint, two-shard equivalence."""
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -136,16 +137,16 @@ def test_sigkill_at_random_moment_then_resume(demo):
     assert_caches_equal(all_arrays(root), demo["reference"])
 
 
-def test_truncated_shard_repaired_and_promptset_change_recomputed(demo, capsys):
+def test_truncated_shard_repaired_and_promptset_change_recomputed(demo, caplog):
     config, root = fresh_project(demo, "repair")
     shutil.copytree(demo["folder"] / "base" / "project" / "sam_cache", root / "sam_cache")
     (shard_file,) = sam_cache.shard_files(next((root / "sam_cache").iterdir()))
     os.truncate(shard_file, shard_file.stat().st_size - 200_000)  # cuts into the last entry's logits
     cfg = load_config(config, ["sam.device=cpu", f"sam.checkpoint={demo['checkpoint']}"])
     backbone = load_backbone("sam", "demo_tiny", demo["checkpoint"], "cpu")
+    caplog.set_level(logging.INFO, logger="pipeline.precompute")  # run_precompute logs its messages
     result = run_precompute(cfg, backbone, Shard())
-    out = capsys.readouterr().out
-    assert "truncated or corrupt" in out
+    assert "truncated or corrupt" in caplog.text
     assert 1 <= result.counts.done < 4 and result.counts.done + result.counts.skipped == 4
     assert_caches_equal(all_arrays(root), demo["reference"])
 

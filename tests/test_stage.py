@@ -65,14 +65,14 @@ def test_shards_from_flags_torchrun_and_slurm():
 
 
 def test_stage_log_lines_show_with_timestamps(tmp_path, capsys):
-    """INFO lines of a stage reach stderr with a timestamp (cluster logs), although laplace-torch has
+    """INFO lines of a stage reach stdout with a timestamp (cluster logs), although laplace-torch has
     already installed a WARNING-level root handler, which made ``basicConfig`` a no-op before."""
     assert logging.getLogger().handlers  # what laplace-torch left, or the test would prove nothing
     config = write_config(tmp_path, tmp_path / "images", tmp_path / "masks")
     args = argparse.Namespace(config=str(config), overrides=[], force=False)
     with stage_context("build_manifests", args, output_dir="manifests"):
         logging.getLogger("pipeline.test").info("epoch 3: done")
-    lines = [line for line in capsys.readouterr().err.splitlines() if "epoch 3" in line]
+    lines = [line for line in capsys.readouterr().out.splitlines() if "epoch 3" in line]
     assert len(lines) == 1
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO pipeline\.test: epoch 3: done", lines[0])
 

@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence, TypeVar
 
 import yaml
-from tqdm.auto import tqdm
 
+from modules.core import progress
 from modules.core.config import PipelineConfig, load_config
+from modules.core.console import configure_logging
 from modules.core.errors import PipelineError
 from modules.core.fileio import (atomic_write_json, atomic_write_yaml, file_md5, read_json,
                                  remove_stale_temporaries, storage_error)
@@ -121,9 +122,19 @@ def default_argument_parser(description: str, sharded: bool = False) -> argparse
         help="override a config value, e.g. --set training.lr=1e-3 (repeatable)",
     )
     parser.add_argument("--force", action="store_true", help="recompute even if finished or inputs changed")
+    add_console_arguments(parser)
     if sharded:
         add_shard_arguments(parser)
     return parser
+
+
+def add_console_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--verbose`` and ``--progress-every`` (``core.console``, ``core.progress``)."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="show DEBUG lines and the third-party warnings hidden by default")
+    parser.add_argument("--progress-every", dest="progress_every", type=float, default=progress.DEFAULT_INTERVAL_S,
+                        metavar="SECONDS", help="when the output is not a terminal, a progress line of each long "
+                        f"loop every SECONDS (default {progress.DEFAULT_INTERVAL_S:g})")
 
 
 def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
@@ -308,6 +319,11 @@ class StageContext:
 
     # ----------------------------------------------------------- fingerprints
 
+    def fingerprint(self, config_sections: Iterable[str], upstream: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What ``check_inputs`` records: the stage name, its config sections and the upstream hashes."""
+        return {"stage": self.name, "config": {name: self.cfg.section(name) for name in config_sections},
+                "upstream": upstream or {}}
+
     def check_inputs(self, config_sections: Iterable[str], upstream: dict[str, Any] | None = None,
                      fingerprint_file: str = FINGERPRINT_FILE) -> bool:
         """Record what this stage is computed from; refuse to reuse outputs made from other inputs.
@@ -315,11 +331,7 @@ class StageContext:
         Returns True when the outputs must be rebuilt from scratch (``--force``, or no previous
         fingerprint), False when earlier outputs are valid and complete units may be skipped.
         """
-        current = {
-            "stage": self.name,
-            "config": {name: self.cfg.section(name) for name in config_sections},
-            "upstream": upstream or {},
-        }
+        current = self.fingerprint(config_sections, upstream)
         path = self.output_dir / fingerprint_file
         try:
             previous = read_json(path) if path.is_file() else None
@@ -351,14 +363,17 @@ class StageContext:
         unit_name: Callable[[Unit], str] = str,
         log_every: int = 100,
         metric_prefix: str = "",
+        unit_label: str = "units",
     ) -> UnitCounts:
-        """Process every unit not yet complete; a ``UnitError`` marks one unit failed and goes on."""
+        """Process every unit not yet complete; a ``UnitError`` marks one unit failed and goes on.
+        Progress (``core.progress``) counts ``unit_label``; ``log_every`` units go to the tracker."""
         counts = UnitCounts()
         kill_switch = KillSwitch.from_env()
-        bar = tqdm(units, desc=desc, unit="unit", dynamic_ncols=True, disable=None)
-        for i, unit in enumerate(bar, 1):
+        bar = progress.Progress(len(units), desc, unit_label)
+        for i, unit in enumerate(units, 1):
             if not self.force and is_complete(unit):
                 counts.skipped += 1
+                bar.skip()
             else:
                 try:
                     process(unit)
@@ -369,8 +384,10 @@ class StageContext:
                     counts.failed += 1
                     counts.failures.append((unit_name(unit), str(exc)))
                     log.warning("%s: %s", unit_name(unit), exc)
+                bar.update()
             if i % log_every == 0:
                 self.tracker.log(counts.as_dict(metric_prefix))
+        bar.close()
         self.tracker.log(counts.as_dict(metric_prefix))
         return counts
 
@@ -385,17 +402,25 @@ class StageContext:
         return path
 
     def summary(self, values: dict[str, Any]) -> None:
-        """Print the stage's closing figures and hand them to the tracker."""
+        """Log the stage's closing figures (one ``  key: value`` line each) and hand them to the tracker."""
         self.tracker.summary(values)
-        for key, value in values.items():
-            print(f"  {key}: {value}")
+        if values:
+            log.info("[%s] summary:\n%s", self.name, "\n".join(f"  {key}: {value}" for key, value in values.items()))
 
 
 def report_stale_temporaries(stage: str, removed: list[Path]) -> None:
     """One line about the temporary files a killed run of ``stage`` left and this run removed."""
     if removed:
         shown = ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else "")
-        print(f"[{stage}] removed {len(removed)} temporary file(s) a killed run left ({shown})")
+        log.info("[%s] removed %d temporary file(s) a killed run left (%s)", stage, len(removed), shown)
+
+
+def set_progress_interval(seconds: float) -> None:
+    """``--progress-every``; a negative value is a one-line error naming the flag."""
+    try:
+        progress.set_interval(seconds)
+    except ValueError:
+        raise PipelineError(f"--progress-every: {seconds} must be >= 0 seconds") from None
 
 
 def read_yaml_safe(path: Path) -> Any:
@@ -439,15 +464,13 @@ def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callabl
     ``main_rank_only``: the stage may run as several torchrun ranks of one job (``RANK``); only rank
     0 opens a W&B run and takes the lock, the other ranks write nothing of their own.
     """
-    # force: laplace-torch installs a WARNING-level root handler at import, which would hide every
-    # INFO line of the stages ("epoch 3: ...", "resumed after epoch 2").
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S", force=True)
+    configure_logging(getattr(args, "verbose", False))
     tracker = NullTracker()
     project_root = None
     locks = contextlib.ExitStack()
     try:
         main_rank = not main_rank_only or env_int(os.environ, "RANK", default=0) == 0
+        set_progress_interval(getattr(args, "progress_every", progress.DEFAULT_INTERVAL_S))
         check_name_arguments(args)
         cfg = load_config(args.config, args.overrides)
         project_root = cfg.project_root
@@ -464,11 +487,11 @@ def stage_context(name: str, args: argparse.Namespace, output_dir: str | Callabl
             tracker = start_tracker(cfg.wandb, name, project_root, tracker_config)
             declare_stage_inputs(tracker, name, args, cfg)
         ctx = StageContext(name=name, cfg=cfg, args=args, output_dir=out, tracker=tracker, locks=locks)
-        print(f"[{name}] project root: {project_root}")
+        log.info("[%s] project root: %s", name, project_root)
         yield ctx
         ctx.save_resolved_config()
         log_stage_output(tracker, name, out)
-        print(f"[{name}] finished in {time.time() - ctx.started:.1f} s")
+        log.info("[%s] finished in %.1f s", name, time.time() - ctx.started)
         sys.stdout.flush()  # stdout may be a file on a full disk: fail here, with the line below
     except (PipelineError, OSError) as exc:
         # A storage fault anywhere (also creating the folders above) is one line like bad input.

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
-from tqdm import tqdm
 
 from modules.core.errors import PipelineError, error_line, printable
 from modules.core.paths import manifest_path
+from modules.core.progress import track
 from modules.data.imageio import (
     IMAGE_EXTENSIONS,
     MASK_EXTENSIONS,
@@ -614,7 +614,7 @@ def build_manifest_tables(
         mask_threshold: see ``imageio.read_mask``.
         min_image_side: see ``validate_candidate``.
         split_seed, split_fractions, existing_splits: see ``assign_splits``.
-        progress: show a tqdm bar over the pairs.
+        progress: show the progress over the pairs (``core.progress``).
         existing_safe_ids: safe ids of an earlier manifest, kept (see ``make_safe_ids``).
 
     Returns:
@@ -625,7 +625,7 @@ def build_manifest_tables(
     candidates = scan_pairs(layout, images_root, masks_root)
     valid: list[SampleRecord] = []
     invalid: list[InvalidRecord] = []
-    for candidate in tqdm(candidates, desc="validate pairs", unit="pair", disable=not progress):
+    for candidate in track(candidates, "validate pairs", unit="pairs", enabled=progress):
         result = validate_candidate(candidate, mask_threshold, min_image_side)
         (valid if isinstance(result, SampleRecord) else invalid).append(result)
 

@@ -8,7 +8,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +119,63 @@ class Scoreboard:
         row.update({f"mean_{name}": float(values.double().mean()) for name, values in maps.items()})
         return row
 
+    # ----------------------------------------------------------- merging shards
+
+    def merge(self, other: "Scoreboard") -> None:
+        """Add another shard's scoreboard to this one: accumulators of the same (method, map, domain)
+        are summed (``merge_accumulator_states``), rows and finished samples appended. Call
+        ``sort_in_unit_order`` once every shard is merged. Per-sample state added to the scoreboard
+        later must be merged here too (appended like ``rows``, reordered in ``sort_in_unit_order``)."""
+        if other.ece_bins != self.ece_bins:
+            raise EvaluationError(f"merging scoreboards of ece_bins {self.ece_bins} and {other.ece_bins}")
+        overlap = set(self.done) & set(other.done)
+        if overlap:
+            raise EvaluationError(f"merging scoreboards that both scored {sorted(overlap)[:3]}: shards overlap")
+        for key, accumulator in other.accumulators.items():
+            mine = self.accumulator(*key)
+            try:
+                merged = merge_accumulator_states(accumulator_state(mine), accumulator_state(accumulator))
+                restore_accumulator(mine, merged, self.device)
+            except metrics.MetricInputError as exc:
+                raise EvaluationError(f"merging {key}: {exc}") from None
+        for method, map_name in other.primary_maps.items():
+            if self.primary_maps.setdefault(method, map_name) != map_name:
+                raise EvaluationError(f"merging scoreboards: {method} has primary map {self.primary_maps[method]} "
+                                      f"in one shard and {map_name} in another")
+        self.rows.extend(other.rows)
+        self.done.extend(other.done)
+
+    def sort_in_unit_order(self, unit_order: Sequence[str]) -> None:
+        """Put finished samples, rows and accumulators in the order a one-process run over the units
+        ``unit_order`` (safe ids) makes them: samples in unit order, each sample's rows as scored, and
+        accumulators by first appearance (the domain's first sample, then method, map, the domain
+        before ``overall``), so the reports of merged shards equal a one-process run's."""
+        position = {safe_id: index for index, safe_id in enumerate(unit_order)}
+        missing = [safe_id for safe_id in self.done if safe_id not in position]
+        if missing:
+            raise EvaluationError(f"scored samples {missing[:3]} are not among the evaluation units")
+        self.done.sort(key=position.__getitem__)
+        self.rows.sort(key=lambda row: position[row["safe_id"]])  # stable: a sample's rows keep their order
+        first_of_domain: dict[str, int] = {}
+        method_order: dict[str, int] = {}
+        map_order: dict[tuple[str, str], int] = {}
+        for row in self.rows:
+            first_of_domain.setdefault(row["group"], position[row["safe_id"]])
+            method_order.setdefault(row["method"], len(method_order))
+        if self.rows:  # ``overall`` appears with the first sample, right after that sample's own domain
+            first_of_domain[OVERALL] = position[self.rows[0]["safe_id"]]
+        for method, map_name, _ in self.accumulators:
+            map_order.setdefault((method, map_name), len(map_order))
+
+        def appearance(key: tuple[str, str, str]) -> tuple:
+            method, map_name, domain = key
+            return (first_of_domain.get(domain, len(position)), method_order.get(method, len(method_order)),
+                    map_order[(method, map_name)], domain == OVERALL)
+
+        self.accumulators = dict(sorted(self.accumulators.items(), key=lambda item: appearance(item[0])))
+        self.primary_maps = dict(sorted(self.primary_maps.items(),
+                                        key=lambda item: method_order.get(item[0], len(method_order))))
+
     # ----------------------------------------------------------- checkpoint
 
     def state(self) -> dict[str, Any]:
@@ -181,6 +238,46 @@ def restore_accumulator(accumulator: metrics.UncertaintyAccumulator, state: dict
     """Load ``accumulator_state`` output, onto ``device``, into an accumulator of the same settings."""
     accumulator.load_state_dict({part: {name: _unpack_tensor(packed, device) for name, packed in tensors.items()}
                                  for part, tensors in state.items()})
+
+
+#: The ``CorrelationAccumulator`` part: its moments are sums about ``_shift`` (the first update's
+#: means), ``_moments`` = [n, sum du, sum de, sum du^2, sum de^2, sum du*de] for du = u - shift[0],
+#: de = error - shift[1]. Every other tensor of an accumulator's state is a plain sum.
+_SHIFT, _MOMENTS = "_shift", "_moments"
+
+
+def _merge_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not first or not second:  # an accumulator part before any update holds nothing
+        return {name: value.clone() for name, value in (first or second).items()}
+    if set(first) != set(second):
+        raise metrics.MetricInputError(f"states hold {sorted(first)} and {sorted(second)}")
+    merged = {name: first[name] + second[name] for name in first if name not in (_SHIFT, _MOMENTS)}
+    if _SHIFT in first:
+        merged[_SHIFT] = first[_SHIFT].clone()
+        merged[_MOMENTS] = first[_MOMENTS] + recentred_moments(second[_MOMENTS], second[_SHIFT] - first[_SHIFT])
+    return merged
+
+
+def recentred_moments(moments: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``_moments`` about a shift ``s`` -> about ``s - offset`` (``offset`` = ``[a_u, a_e]``: every
+    du and de grow by ``a_u``, ``a_e``)."""
+    n, su, se, suu, see, sue = moments.unbind()
+    a_u, a_e = offset.to(moments.dtype).unbind()
+    return torch.stack([n, su + n * a_u, se + n * a_e, suu + 2 * a_u * su + n * a_u * a_u,
+                        see + 2 * a_e * se + n * a_e * a_e, sue + a_u * se + a_e * su + n * a_u * a_e])
+
+
+def merge_accumulator_states(first: dict[str, dict[str, torch.Tensor]],
+                             second: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, Any]]:
+    """The ``accumulator_state`` of one accumulator fed the pixels of both (packed, like its inputs)."""
+    if not first or not second:  # an accumulator before any update has no parts
+        return first or second
+    if set(first) != set(second):
+        raise metrics.MetricInputError(f"accumulator parts {sorted(first)} and {sorted(second)} differ")
+    return {part: {name: _pack_tensor(value) for name, value in
+                   _merge_tensors({k: _unpack_tensor(v, torch.device("cpu")) for k, v in first[part].items()},
+                                  {k: _unpack_tensor(v, torch.device("cpu")) for k, v in second[part].items()}).items()}
+            for part in first}
 
 
 def save_state(path: Path, scoreboard: Scoreboard) -> None:

@@ -23,6 +23,7 @@ from modules.cache.training_index import open_cache
 from modules.core.config import PipelineConfig
 from modules.core.errors import error_line
 from modules.core.paths import packed_path
+from modules.core.progress import track
 from modules.data.promptset import load_promptsets, promptset_path, promptset_tensors
 from modules.laplace import posterior as lp
 from modules.laplace.decoder import (CURVATURE_BACKEND, TARGET, DecodedRows, DecoderGgnAccumulator,
@@ -117,7 +118,7 @@ class SplitRows:
 def accumulate_curvature(split_rows: SplitRows) -> DecoderGgnAccumulator:
     """The per-token GGN diagonal over every row of ``split_rows`` (the training split)."""
     accumulator = None
-    for decoded in split_rows:
+    for decoded in track(split_rows, "laplace curvature", unit="samples"):
         if accumulator is None:
             accumulator = DecoderGgnAccumulator(decoded.final_layers)
         accumulator.add(decoded.inputs)

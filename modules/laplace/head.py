@@ -26,6 +26,7 @@ from laplace.curvature.curvature import CurvatureInterface
 from modules.core.errors import error_line
 from modules.core.fileio import atomic_write_bytes, atomic_write_json, atomic_write_yaml, cached_file_md5
 from modules.core.paths import laplace_run_dir
+from modules.core.progress import TrackedIterable
 from modules.laplace.posterior import (CONFIG_FILE, DEFAULT_NLL_EPS, DEFAULT_PRIOR_PRECISION_GRID, META_FILE,
                                        STATE_FILE, DiagonalLastLayerPosterior, LaplacePosteriorError,
                                        PosteriorMeta, PosteriorQualityAccumulator, PriorSearchResult,
@@ -266,7 +267,7 @@ def fit_head_laplace(
     # batch_size=None: each sampler key is one ready-made chunk; dataset length stays the pixel count.
     loader = DataLoader(dataset, sampler=dataset.chunks(), batch_size=None)
     la = build_head_laplace(head, backend)
-    la.fit(loader)
+    la.fit(TrackedIterable(loader, "laplace fit", "chunks"))
     return la
 
 

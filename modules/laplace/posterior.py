@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from modules.sam.base import BackboneError
 from modules.sam.registry import verify_checkpoint_archive
 from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
 from modules.scoring.metrics import CalibrationAccumulator
+
+log = logging.getLogger("pipeline.laplace")
 
 DEFAULT_PRIOR_PRECISION_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 DEFAULT_NLL_EPS = 1e-6
@@ -365,14 +368,14 @@ def already_fitted(ctx, checkpoint: Path | str, checkpoint_md5: str, upstream: M
     try:
         verify_state_file(folder / STATE_FILE)
     except LaplacePosteriorError as error:
-        print(f"[{ctx.name}] {error}; fitting again")
+        log.info(f"[{ctx.name}] {error}; fitting again")
         return False
     meta = read_json(folder / META_FILE)
     fitted_on = meta.get("source_checkpoint_md5")
     if fitted_on != checkpoint_md5:
         raise PipelineError(f"{folder}: fitted on checkpoint md5 {fitted_on}, but {checkpoint} now has md5 "
                             f"{checkpoint_md5}; rerun with --force to refit")
-    print(f"[{ctx.name}] {folder}: already fitted on {checkpoint} (md5 {checkpoint_md5}); skipping")
+    log.info(f"[{ctx.name}] {folder}: already fitted on {checkpoint} (md5 {checkpoint_md5}); skipping")
     ctx.summary({"skipped": True, "prior_precision": meta.get("prior_precision")})
     return True
 

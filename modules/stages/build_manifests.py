@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from modules.core.config import require_existing
 from modules.core.errors import PipelineError
 from modules.core.fileio import atomic_write_text
@@ -9,6 +11,8 @@ from modules.core.paths import manifest_path
 from modules.data.demo_dataset import write_demo_dataset
 from modules.data.manifest import SPLITS, build_manifest_tables, read_manifest_csv
 from modules.data.manifest_checksums import record_manifest_checksums
+
+log = logging.getLogger("pipeline")
 
 
 def run_stage(ctx) -> None:
@@ -20,7 +24,7 @@ def run_stage(ctx) -> None:
     cfg = ctx.cfg
     data = cfg.data
     if cfg.demo.enabled:
-        print(f"[{ctx.name}] demo data: {cfg.demo.scenes_per_group} scenes per group -> {data.images_root}")
+        log.info("[%s] demo data: %d scenes per group -> %s", ctx.name, cfg.demo.scenes_per_group, data.images_root)
         write_demo_dataset(data.images_root, data.masks_root, cfg.demo.scenes_per_group, cfg.demo.seed)
     require_existing(cfg, "data.images_root")
     if data.layout == "split_roots":
@@ -62,7 +66,7 @@ def run_stage(ctx) -> None:
                      **{f"split/{s}": int((valid["split"] == s).sum()) for s in SPLITS}})
     ctx.tracker.log_table("per_group", per_group)
     ctx.tracker.log_table("invalid_samples", invalid)
-    print(per_group.to_string(index=False))
+    log.info("[%s] samples per group and split:\n%s", ctx.name, per_group.to_string(index=False))
     ctx.summary({"valid": len(valid), "invalid": len(invalid), "invalid_reasons": invalid_counts,
                  **{f"{s}_samples": int((valid["split"] == s).sum()) for s in SPLITS},
                  "rewritten": rewritten or "nothing (unchanged)"})

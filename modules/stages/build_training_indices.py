@@ -30,7 +30,7 @@ def run_stage(ctx) -> None:
                   "cache_manifests": upstream_fingerprint(cache_manifest_paths(cache))},
         fingerprint_file=f".stage.{ctx.name}.json",
     )
-    print(f"[{ctx.name}] cache {cache.folder} ({len(locations)} complete images)")
+    log.info(f"[{ctx.name}] cache {cache.folder} ({len(locations)} complete images)")
     totals: dict[str, Any] = {}
     for split in SPLITS:
         index = build_split_index(ctx.project_root, split, locations)
@@ -38,7 +38,7 @@ def run_stage(ctx) -> None:
         text = index.frame.to_csv(index=False)
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             atomic_write_text(path, text)
-            print(f"[{ctx.name}] wrote {path}")
+            log.info(f"[{ctx.name}] wrote {path}")
         left_out = index.missing_from_cache + index.stale_in_cache
         if index.missing_from_cache:
             log.warning("%s: %d samples left out, not in the SAM cache (failed in stage 2 or 3), e.g. %s",

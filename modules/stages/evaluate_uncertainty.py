@@ -4,25 +4,45 @@ reports (``evaluate_uncertainty.py``).
 Units are samples; the scoreboard (accumulators, per-mask rows, finished samples) is checkpointed to
 ``state.pt`` often enough to cost at most ``CHECKPOINT_MAX_OVERHEAD`` of the run, so a killed run
 resumes after its last checkpointed sample, never counting one twice.
+
+Sharded (``--num-shards/--shard-index``, torchrun or a SLURM array: ``core.stage.resolve_shard``),
+shard i of n scores the samples ``Shard.select`` gives it, with its own fingerprint, state and lock
+under ``shards/`` (``shard-III-of-NNN.pt``), writes its qualitative panels, and when it has gone
+through all its samples writes ``shard-III-of-NNN.done.json`` (its state's md5). The shard that
+finds every ``.done.json`` of the n shards (the last to finish) merges their states
+(``Scoreboard.merge``, then rows and accumulators in unit order) and writes the reports, which equal
+a one-process run's; ``--merge`` does the same on its own (after a job array) and names the shards
+still missing.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from modules.cache.training_index import open_cache
 from modules.core.device import resolve_device
-from modules.core.fileio import file_md5, remove_file
-from modules.core.paths import manifest_path
+from modules.core.fileio import atomic_write_json, file_md5, read_json, remove_file
+from modules.core.locks import OutputLocked
+from modules.core.paths import FINGERPRINT_FILE, manifest_path
+from modules.core.stage import Shard
 from modules.evaluation import reports
 from modules.evaluation.methods import (REFINEMENT_VARIANTS, UNREFINED_BASELINE, Predictor, method_names,
                                         needed_artifacts)
 from modules.evaluation.runs import Artifacts, EvaluationError, RunIds, artifact_md5s
 from modules.evaluation.samples import EvalUnit, list_eval_units, load_sample
 from modules.evaluation.scoreboard import STATE_FILE, Scoreboard, load_state_file, save_state
+
+log = logging.getLogger("pipeline")
+
+#: Folder (in the report folder) of the shards' states, fingerprints and completion markers.
+SHARDS_DIR = "shards"
+_SHARD_FILE = re.compile(r"shard-(\d{3})-of-(\d{3})\.done\.json")
 
 #: Checkpoint the state after a sample once the time since the last checkpoint is at least
 #: ``last checkpoint duration / CHECKPOINT_MAX_OVERHEAD``.
@@ -70,20 +90,97 @@ def fingerprint_sections() -> list[str]:
             "fusion", "head", "variance", "training.logit_clip", "training.seed", "data.mask_threshold"]
 
 
-def run_stage(ctx, runs: RunIds) -> None:
-    """Evaluate every configured method on ``evaluation.split`` and write the reports (module docstring)."""
+def shard_stem(shard: Shard) -> str:
+    return f"shard-{shard.index:03d}-of-{shard.count:03d}"
+
+
+def shard_paths(folder: Path, shard: Shard) -> tuple[Path, Path, str]:
+    """(state file, completion marker, fingerprint file relative to ``folder``) of one shard."""
+    stem = shard_stem(shard)
+    return (folder / SHARDS_DIR / f"{stem}.pt", folder / SHARDS_DIR / f"{stem}.done.json",
+            f"{SHARDS_DIR}/{stem}{FINGERPRINT_FILE}")
+
+
+def stage_upstream(cfg, runs: RunIds) -> dict:
+    return {"checkpoints": artifact_md5s(cfg, runs, needed_artifacts(cfg)),
+            "split_manifest": file_md5(manifest_path(cfg.project_root, cfg.evaluation.split))}
+
+
+def run_stage(ctx, runs: RunIds, shard: Shard = Shard(), merge_only: bool = False) -> None:
+    """Evaluate every configured method on ``evaluation.split`` and write the reports (module
+    docstring); ``shard``: score only this shard's samples, then merge if every shard is done;
+    ``merge_only``: only merge the shards' states (``shard.count`` shards) into the reports."""
+    if merge_only:
+        merge_shards(ctx, runs, shard.count, required=True)
+    elif shard.count > 1:
+        run_shard(ctx, runs, shard)
+    else:
+        run_one_process(ctx, runs)
+
+
+def run_one_process(ctx, runs: RunIds) -> None:
     cfg = ctx.cfg
     folder = ctx.output_dir
-    split_manifest = manifest_path(cfg.project_root, cfg.evaluation.split)
     units = list_eval_units(cfg)
-    upstream = {"checkpoints": artifact_md5s(cfg, runs, needed_artifacts(cfg)),
-                "split_manifest": file_md5(split_manifest)}
-    fresh = ctx.check_inputs(fingerprint_sections(), upstream)
+    fresh = ctx.check_inputs(fingerprint_sections(), stage_upstream(cfg, runs))
     state_path = folder / STATE_FILE
     if fresh:
         reports.remove_reports(folder)
         remove_file(state_path, folder)
+    merged = not fresh and not state_path.is_file() and _merged_from(folder) is not None
+    scoreboard, counts = (None, None) if merged and reports.reports_complete(folder) else \
+        evaluate_units(ctx, runs, units, units, state_path, fresh)
+    if scoreboard is None:
+        log.info("[%s] %s: all %d samples evaluated and reports written; skipped", ctx.name, folder, len(units))
+        ctx.summary({"skipped": True, "samples": len(units)})
+        return
+    if not scoreboard.done:
+        raise EvaluationError(f"{folder}: no sample could be evaluated ({counts.failed} failed)")
+    write_stage_reports(ctx, runs, scoreboard, counts.as_dict())
+    if counts.failed:
+        raise EvaluationError(f"{folder}: {counts.failed} samples failed (listed above); the reports cover the "
+                              f"{len(scoreboard.done)} others; fix the inputs and rerun to add them")
 
+
+def run_shard(ctx, runs: RunIds, shard: Shard) -> None:
+    """Score this shard's samples into its own state, mark it done, and merge when every shard is."""
+    cfg = ctx.cfg
+    folder = ctx.output_dir
+    all_units = list_eval_units(cfg)
+    units = shard.select(all_units)
+    state_path, marker, fingerprint_file = shard_paths(folder, shard)
+    ctx.hold_lock(state_path)
+    fresh = ctx.check_inputs(fingerprint_sections(), stage_upstream(cfg, runs), fingerprint_file=fingerprint_file)
+    remove_file(marker, folder)  # set again once this shard has gone through all its samples
+    if fresh:
+        remove_file(state_path, folder)
+        remove_file(folder / reports.DIGEST_FILE, folder)  # the reports are stale until the next merge
+    log.info("[%s] %s: %d of the %d samples", ctx.name, shard.name, len(units), len(all_units))
+    scoreboard, counts = evaluate_units(ctx, runs, units, all_units, state_path, fresh, complete_if_done=True)
+    if scoreboard is None:  # nothing left: the state on disk is final (kept byte for byte: merged.json)
+        previous = load_state_file(state_path)
+        done = set(previous["done"]) if previous is not None else set()
+        figures = {"skipped": len(units)}
+    else:
+        done, figures = set(scoreboard.done), counts.as_dict()
+    if scoreboard is not None or not state_path.is_file():  # (a shard may have no samples at all)
+        save_state(state_path, scoreboard or Scoreboard(cfg.evaluation.ece_bins, torch.device("cpu")))
+    failed = [unit.safe_id for unit in units if unit.safe_id not in done]
+    atomic_write_json(marker, {"state_md5": file_md5(state_path), "samples": len(units), "failed": failed})
+    ctx.summary({"shard": shard.name, "samples": len(units), **figures})
+    merge_shards(ctx, runs, shard.count, required=False)
+    if failed:
+        raise EvaluationError(f"{folder}: {shard.name}: {len(failed)} samples failed (listed above); fix the "
+                              "inputs and rerun this shard to add them")
+
+
+def evaluate_units(ctx, runs: RunIds, units: list[EvalUnit], all_units: list[EvalUnit], state_path: Path,
+                   fresh: bool, complete_if_done: bool = False):
+    """Score the ``units`` not in the state at ``state_path`` (checkpointed there); returns the
+    scoreboard and the unit counts, or ``(None, None)`` when nothing is left and the reports are
+    complete (``complete_if_done``: when nothing is left at all)."""
+    cfg = ctx.cfg
+    folder = ctx.output_dir
     device = resolve_device(cfg.training.device, key="training.device")
     scoreboard = Scoreboard(cfg.evaluation.ece_bins, device)
     previous = None if fresh else load_state_file(state_path)
@@ -91,17 +188,15 @@ def run_stage(ctx, runs: RunIds) -> None:
         scoreboard.load_state(previous)
     done = set(scoreboard.done)
     remaining = [unit for unit in units if unit.safe_id not in done]
-    if not remaining and reports.reports_complete(folder):
-        print(f"[{ctx.name}] {folder}: all {len(units)} samples evaluated and reports written; skipped")
-        ctx.summary({"skipped": True, "samples": len(units)})
-        return
-    print(f"[{ctx.name}] {len(units)} samples of {cfg.evaluation.split!r} ({len(done)} done before), "
-          f"methods: {', '.join(method_names(cfg))}")
+    if not remaining and (complete_if_done or reports.reports_complete(folder)):
+        return None, None
+    log.info("[%s] %d samples of %r (%d done before), methods: %s", ctx.name, len(units), cfg.evaluation.split,
+             len(done), ", ".join(method_names(cfg)))
 
     artifacts = Artifacts(cfg, runs, device)
     predictor: Predictor | None = None  # built on the first sample that needs work
     cache = open_cache(cfg) if remaining else None
-    qualitative = QualitativeSelection.from_units(units, cfg.evaluation.qualitative_per_domain)
+    qualitative = QualitativeSelection.from_units(all_units, cfg.evaluation.qualitative_per_domain)
     checkpoints = CheckpointPolicy()
     methods = method_names(cfg)
 
@@ -121,17 +216,106 @@ def run_stage(ctx, runs: RunIds) -> None:
             checkpoints.record(started)
 
     counts = ctx.run_units(units, lambda unit: unit.safe_id in done, process, desc="evaluating",
-                           unit_name=lambda unit: unit.safe_id)
+                           unit_name=lambda unit: unit.safe_id, unit_label="samples")
     save_state(state_path, scoreboard)
     for name, reason in counts.failures[:10]:
-        print(f"  failed: {name}: {reason}")
-    if not scoreboard.done:
-        raise EvaluationError(f"{folder}: no sample could be evaluated ({counts.failed} failed)")
-    provenance = {"run ids": vars(runs), "inputs": sorted(needed_artifacts(cfg)), "config": cfg.to_dict()}
-    written = reports.write_reports(folder, scoreboard, methods, list(REFINEMENT_VARIANTS), UNREFINED_BASELINE,
-                                    ctx.tracker, provenance)
-    ctx.summary({"samples": len(scoreboard.done), "masks": len(scoreboard.rows), **counts.as_dict(),
-                 **written})
-    if counts.failed:
-        raise EvaluationError(f"{folder}: {counts.failed} samples failed (listed above); the reports cover the "
-                              f"{len(scoreboard.done)} others; fix the inputs and rerun to add them")
+        log.info("  failed: %s: %s", name, reason)
+    return scoreboard, counts
+
+
+def write_stage_reports(ctx, runs: RunIds, scoreboard: Scoreboard, figures: dict) -> None:
+    methods = method_names(ctx.cfg)
+    provenance = {"run ids": vars(runs), "inputs": sorted(needed_artifacts(ctx.cfg)), "config": ctx.cfg.to_dict()}
+    written = reports.write_reports(ctx.output_dir, scoreboard, methods, list(REFINEMENT_VARIANTS),
+                                    UNREFINED_BASELINE, ctx.tracker, provenance)
+    ctx.summary({"samples": len(scoreboard.done), "masks": len(scoreboard.rows), **figures, **written})
+
+
+def finished_shard_count(folder: Path) -> int | None:
+    """The shard count of the ``.done.json`` markers in ``folder/shards`` (None: none, or several counts)."""
+    counts = {int(found[2]) for path in (folder / SHARDS_DIR).glob("*.done.json")
+              if (found := _SHARD_FILE.fullmatch(path.name))}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def merge_shards(ctx, runs: RunIds, count: int | None, required: bool) -> bool:
+    """Merge the states of the ``count`` shards into the reports (``count`` None: from the markers).
+    Returns False, or with ``required`` raises naming them, when shards are missing or were made
+    from other inputs; another process merging already is not an error (it writes the same)."""
+    cfg = ctx.cfg
+    folder = ctx.output_dir
+    count = count if count and count > 1 else finished_shard_count(folder)
+    if count is None:
+        raise EvaluationError(f"{folder / SHARDS_DIR}: no finished shards, or shards of several counts; "
+                              "pass --num-shards N with --merge")
+    current = ctx.fingerprint(fingerprint_sections(), stage_upstream(cfg, runs))
+    missing, stale = [], []
+    for index in range(count):
+        shard = Shard(index, count)
+        state_path, marker, fingerprint_file = shard_paths(folder, shard)
+        try:
+            recorded = read_json(marker)
+            same_inputs = read_json(folder / fingerprint_file) == current
+        except (OSError, ValueError):
+            missing.append(index)
+            continue
+        if not state_path.is_file() or file_md5(state_path) != recorded.get("state_md5"):
+            missing.append(index)
+        elif not same_inputs:
+            stale.append(index)
+    if missing or stale:
+        problem = (f"shards {missing} of {count} have not finished" if missing else
+                   f"shards {stale} of {count} were computed from other inputs; rerun them (with --force)")
+        if required:
+            raise EvaluationError(f"{folder}: cannot merge: {problem}")
+        log.info("[%s] merge waits: %s", ctx.name, problem)
+        return False
+    try:
+        ctx.hold_lock(folder / reports.DIGEST_FILE)
+    except OutputLocked:
+        log.info("[%s] another shard is merging the reports", ctx.name)
+        return False
+    fingerprint_path = folder / FINGERPRINT_FILE
+    if reports.reports_complete(folder) and fingerprint_path.is_file() and read_json(fingerprint_path) == current \
+            and _merged_from(folder) == _shard_md5s(folder, count):
+        log.info("[%s] %s: the %d shards are merged and the reports written; skipped", ctx.name, folder, count)
+        return True
+    units = list_eval_units(cfg)
+    device = resolve_device(cfg.training.device, key="training.device")
+    merged = Scoreboard(cfg.evaluation.ece_bins, device)
+    failed = []
+    for index in range(count):
+        state_path, marker, _ = shard_paths(folder, Shard(index, count))
+        state = load_state_file(state_path)
+        if state is None:
+            raise EvaluationError(f"{folder}: shard {index} of {count}: unreadable state; rerun that shard")
+        part = Scoreboard(cfg.evaluation.ece_bins, device)
+        part.load_state(state)
+        merged.merge(part)
+        failed += read_json(marker).get("failed", [])
+    merged.sort_in_unit_order([unit.safe_id for unit in units])
+    if not merged.done:
+        raise EvaluationError(f"{folder}: no sample could be evaluated ({len(failed)} failed)")
+    log.info("[%s] merging %d shards: %d samples, %d masks", ctx.name, count, len(merged.done), len(merged.rows))
+    for path in folder.glob("*.png"):  # plots of domains an earlier run had
+        remove_file(path, folder)
+    remove_file(folder / STATE_FILE, folder)  # a one-process run's state, superseded by the merge
+    atomic_write_json(fingerprint_path, current)
+    write_stage_reports(ctx, runs, merged, {"shards": count, "failed": len(failed)})
+    atomic_write_json(folder / SHARDS_DIR / "merged.json", _shard_md5s(folder, count))
+    if failed:
+        raise EvaluationError(f"{folder}: {len(failed)} samples failed in the shards (e.g. {failed[0]}); the "
+                              f"reports cover the {len(merged.done)} others; fix the inputs and rerun the shards")
+    return True
+
+
+def _shard_md5s(folder: Path, count: int) -> dict[str, str]:
+    return {path.name: read_json(path)["state_md5"] for path in
+            (shard_paths(folder, Shard(index, count))[1] for index in range(count))}
+
+
+def _merged_from(folder: Path) -> dict | None:
+    try:
+        return read_json(folder / SHARDS_DIR / "merged.json")
+    except (OSError, ValueError):
+        return None

@@ -15,6 +15,8 @@ against those it gets right.
 
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
 import torch
 
@@ -31,6 +33,8 @@ from modules.sam.base import BackboneError
 from modules.sam.registry import configured_checkpoint_md5, load_backbone
 from modules.scoring.plots import plot_prior_grid
 from modules.training.checkpoints import load_trained_head
+
+log = logging.getLogger("pipeline")
 
 
 class HeadSamples:
@@ -89,7 +93,7 @@ def run_stage(ctx, run_id: str) -> None:
         return
 
     train_set, val_set = (HeadSamples(packed_dataset(cfg, split)) for split in ("train", "val"))
-    print(f"[{ctx.name}] fitting a diagonal last-layer Laplace ({settings.backend}) on "
+    log.info(f"[{ctx.name}] fitting a diagonal last-layer Laplace ({settings.backend}) on "
           f"{len(train_set)} training rows of {checkpoint}")
     with torch.autocast(device_type=device.type, enabled=False):
         la = lh.fit_head_laplace(head, train_set, backend=settings.backend)
@@ -133,13 +137,13 @@ def run_decoder_stage(ctx, run_id: str) -> None:
     # Two passes over the validation split (grid search, quality checks): decode it once if it fits.
     fits_in_memory = val_rows.num_rows * decoder_fit.ROW_BYTES <= decoder_fit.VALIDATION_IN_MEMORY_BYTES
     validation = list(val_rows) if fits_in_memory else val_rows
-    print(f"[{ctx.name}] fitting a diagonal Laplace on the {sam.family}/{sam.model_type} decoder's hypernetwork "
+    log.info(f"[{ctx.name}] fitting a diagonal Laplace on the {sam.family}/{sam.model_type} decoder's hypernetwork "
           f"last layers over {train_rows.num_rows} training rows ({len(train_rows)} images) of {sam.checkpoint}")
     with torch.autocast(device_type=backbone.device.type, enabled=False):
         accumulator = decoder_fit.accumulate_curvature(train_rows)
         unused = [token for token, entry in accumulator.curvature.items() if entry.n_prompts == 0]
         if unused:
-            print(f"[{ctx.name}] mask tokens {unused} were never chosen on the training split: their posterior "
+            log.info(f"[{ctx.name}] mask tokens {unused} were never chosen on the training split: their posterior "
                   "is the prior")
         search = decoder_fit.search_temperature_and_prior(accumulator.means, accumulator.curvature, validation,
                                                           settings.prior_precision_grid, settings.temperature_grid,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -11,6 +12,8 @@ from modules.core.fileio import remove_file
 from modules.core.paths import index_path, packed_path, training_data_dir
 from modules.core.stage import upstream_fingerprint
 from modules.data.manifest import SPLITS
+
+log = logging.getLogger("pipeline")
 
 
 def run_stage(ctx) -> None:
@@ -39,18 +42,18 @@ def run_stage(ctx) -> None:
             raise PackingError(f"{path}: indexed from the SAM cache of {sorted(other_backbones)[0]}, but the config "
                                f"names {cache.folder.name}; rerun build_training_indices.py --force")
         if not ctx.force and split_is_packed(ctx.project_root, split, plan.fingerprint):
-            print(f"[{ctx.name}] {split}: {packed_path(ctx.project_root, split)} is complete, skipped")
+            log.info(f"[{ctx.name}] {split}: {packed_path(ctx.project_root, split)} is complete, skipped")
             remove_file(partial_path(ctx.project_root, split), ctx.project_root)  # left by an interrupted --force run
             totals[f"{split}_rows"] = len(plan.index)
             totals[f"{split}_status"] = "skipped"
             continue
         if not ctx.force and packed_path(ctx.project_root, split).is_file():
-            print(f"[{ctx.name}] {split}: {packed_path(ctx.project_root, split)} was packed from other inputs "
+            log.info(f"[{ctx.name}] {split}: {packed_path(ctx.project_root, split)} was packed from other inputs "
                   "or in an older format; repacking it")
         started = time.perf_counter()
         packer = SplitPacker(ctx.project_root, plan, settings, cache, fresh=ctx.force)
         for message in packer.messages:
-            print(f"[{ctx.name}] {message}")
+            log.info(f"[{ctx.name}] {message}")
         try:
             counts = ctx.run_units(packer.sample_numbers, packer.is_complete, packer.pack_sample,
                                    desc=f"packing [{split}]", unit_name=packer.sample_name,
@@ -64,7 +67,7 @@ def run_stage(ctx) -> None:
         if not published:
             incomplete.append(f"{split} ({counts.failed} samples failed)")
             for name, reason in counts.failures[:10]:
-                print(f"  failed: {name}: {reason}")
+                log.info(f"  failed: {name}: {reason}")
         size_mb = (packed_path if published else partial_path)(ctx.project_root, split).stat().st_size / 2**20
         stats = {"rows": len(plan.index), "rows_complete": rows_complete, "samples": len(plan.safe_ids),
                  "file_mb": round(size_mb, 1), "seconds": round(seconds, 2), **counts.as_dict()}

@@ -30,6 +30,7 @@ from modules.core.errors import error_line
 from modules.core.fileio import cached_file_md5
 from modules.core.paths import FINGERPRINT_FILE, cache_dir, promptset_path
 from modules.core.processes import DieWithParent
+from modules.core.progress import Progress
 from modules.core.stage import KillSwitch, Shard, UnitCounts
 from modules.data.imageio import ImageReadError, read_image_rgb
 from modules.data.manifest import SPLITS, load_split_manifest
@@ -291,7 +292,7 @@ def run_precompute(cfg: PipelineConfig, backbone, shard: Shard, force: bool = Fa
     layout = make_layout(cfg, backbone, shard, units, shapes)
     writer = shard_writer.ShardWriter.open(folder, layout, {k: v for k, v in md5s.items() if v}, rebuild=force)
     for message in writer.messages:
-        print(f"[precompute] {message}")
+        log.info("[precompute] %s", message)
     shard_writer.write_backbone_info(folder, {
         "backbone_id": layout.backbone_id, "family": backbone.family, "model_type": backbone.model_type,
         "checkpoint_path": str(backbone.checkpoint_path), "checkpoint_md5": backbone.checkpoint_md5,
@@ -307,8 +308,8 @@ def run_precompute(cfg: PipelineConfig, backbone, shard: Shard, force: bool = Fa
         else:
             pending.append(unit)
     writer.invalidate([u.safe_id for u in pending])
-    print(f"[precompute] {shard.name}: {len(units)} images, {counts.skipped} already cached, "
-          f"{len(pending)} to compute -> {writer.path}")
+    log.info("[precompute] %s: %d images, %d already cached, %d to compute -> %s", shard.name, len(units),
+             counts.skipped, len(pending), writer.path)
 
     started = time.perf_counter()
     progress = {"written": 0, "logged": 0}
@@ -336,7 +337,9 @@ def run_precompute(cfg: PipelineConfig, backbone, shard: Shard, force: bool = Fa
                 persistent_workers=False,
                 prefetch_factor=2 if sam.num_workers > 0 else None,
             )
+            images = Progress(len(pending), f"precompute {shard.name}", "images")
             for batch in loader:
+                images.update(len(batch["items"]))
                 for item in batch["items"]:
                     if item.error is not None:
                         counts.failed += 1
@@ -346,6 +349,7 @@ def run_precompute(cfg: PipelineConfig, backbone, shard: Shard, force: bool = Fa
                 background.put(entries)
                 counts.done += len(entries)
                 report()
+            images.close()
         background.close()
     finally:
         writer.write_manifest()
@@ -377,11 +381,11 @@ def run_stage(ctx, shard: Shard) -> None:
     ctx.check_inputs(FINGERPRINT_KEYS, upstream={"checkpoint_md5": checkpoint_md5},
                      fingerprint_file=f"{backbone_folder}/{FINGERPRINT_FILE}")
     backbone = load_backbone(sam.family, sam.model_type, sam.checkpoint, sam.device)
-    print(f"[{ctx.name}] {backbone!r}, {shard.name}")
+    log.info("[%s] %r, %s", ctx.name, backbone, shard.name)
     result = run_precompute(ctx.cfg, backbone, shard, force=ctx.force, tracker=ctx.tracker)
     counts = result.counts
     for sample_id, reason in counts.failures[:20]:
-        print(f"  failed: {sample_id}: {reason}")
+        log.info("  failed: %s: %s", sample_id, reason)
     ctx.summary({**counts.as_dict(), "images_per_s": round(result.images_per_s, 3),
                  "shard_file": str(result.shard_path)})
     counts.raise_if_failed(ctx.name, "images")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +19,8 @@ from modules.core.frames import FRAME256  # noqa: E402
 from modules.data.imageio import read_image_rgb, read_mask  # noqa: E402
 from modules.data.manifest import load_split_manifest  # noqa: E402
 from modules.data.promptset import gaussian_prompt_maps, load_promptsets, promptset_tensors  # noqa: E402
+
+log = logging.getLogger("pipeline")
 
 
 def sanity_figsize(image_hw: tuple[int, int], n_panels: int, panel_width: float = 3.0) -> tuple[float, float]:
@@ -72,5 +75,5 @@ def write_sanity_panels(ctx, split: str, count: int) -> list[Path]:
         plt.close(figure)
         ctx.tracker.log_image(f"debug_panels/{safe_id}", path)
         written.append(path)
-    print(f"[visualize_sanity] {len(written)} panels -> {ctx.output_dir}")
+    log.info(f"[visualize_sanity] {len(written)} panels -> {ctx.output_dir}")
     return written

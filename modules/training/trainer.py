@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +20,9 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from tqdm.auto import tqdm
 
 from modules.core.fileio import read_json
+from modules.core.progress import Progress, track
 from modules.training.distributed import (DistributedContext, EpochSeededSampler, ShardedSequentialSampler,
                                           TrainingWorkerInit)
 from modules.training.losses import hard_iou
@@ -70,7 +69,7 @@ class TrainerConfig:
     selection_metric: str = "val_iou"
     selection_mode: str = "max"
     validate_initial: bool = False
-    show_progress: bool | None = None  # None: only when stderr is a terminal
+    show_progress: bool | None = None  # None: a bar on a terminal, else progress lines (core.progress)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_epochs < 1:
@@ -226,8 +225,7 @@ class Trainer:
             self.val_dataset, ShardedSequentialSampler(len(self.val_dataset), self.dist.rank, self.dist.world_size),
             torch.Generator().manual_seed(cfg.seed),
         )
-        show = cfg.show_progress if cfg.show_progress is not None else sys.stderr.isatty()
-        self.show_progress = show and self.dist.is_main
+        self.show_progress = cfg.show_progress is not False and self.dist.is_main
 
     def _loader(self, dataset: Dataset, sampler: Sampler[int], generator: torch.Generator) -> DataLoader:
         return DataLoader(
@@ -318,7 +316,8 @@ class Trainer:
         self.loader_generator.manual_seed(self.config.seed + epoch)
         self.train_model.train()
         loss_sum, sample_count, data_wait, compute = 0.0, 0, 0.0, 0.0
-        progress = tqdm(total=len(self.train_loader), desc=f"epoch {epoch} train", disable=not self.show_progress, leave=False)
+        progress = Progress(len(self.train_loader), f"epoch {epoch} train", "batches", enabled=self.show_progress,
+                            terminal=True if self.config.show_progress else None)
         step = 0
         fetch_start = time.perf_counter()
         batches = iter(self.train_loader)  # starts the workers: counted as data wait
@@ -345,8 +344,7 @@ class Trainer:
             size = batch_size_of(batch)
             loss_sum += loss_value * size
             sample_count += size
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}")
+            progress.update(1, loss=f"{loss_value:.4f}")
             step += 1
             fetch_start = time.perf_counter()
             compute += fetch_start - compute_start
@@ -367,7 +365,7 @@ class Trainer:
         self.model.eval()
         loss_sum, sample_count = 0.0, 0
         metric_sums: dict[str, float] = {}
-        for batch in tqdm(self.val_loader, desc=f"epoch {epoch} val", disable=not self.show_progress, leave=False):
+        for batch in track(self.val_loader, f"epoch {epoch} val", unit="batches", enabled=self.show_progress):
             batch = move_to_device(batch, self.device)
             with self._autocast():
                 loss, outputs = self.step_fn(self.model, batch)
