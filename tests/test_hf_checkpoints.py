@@ -20,7 +20,8 @@ from transformers import (Sam2Config, Sam2HieraDetConfig, Sam2Model, Sam2VisionC
 
 from modules.sam import hf_weights, registry
 from modules.sam.base import BackboneError
-from modules.sam.checkpoint_files import locate_checkpoint, read_state_dict
+from modules.core.config import load_config
+from modules.sam.checkpoint_files import OFFICIAL_RELEASES, locate_checkpoint, read_state_dict
 from modules.sam.demo_tiny import DEMO_TINY_ARCH, build_small_sam
 from modules.sam.hf_weights import hf_to_official
 from modules.sam.registry import load_backbone
@@ -28,6 +29,7 @@ from modules.sam.sam2 import Sam2Backbone
 from modules.sam.sam_v1 import SamBackbone
 from tests.conftest import small_demo_config
 from tests.helpers.stage_calls import SMALL, call_stage
+from tests.stage_runner import REPO
 
 #: A SAM v1 small enough for the CPU that ``transformers``' ``SamModel`` can express (its
 #: two-way blocks fix the attention downsample rate at 2; the demo model uses 4).
@@ -144,6 +146,7 @@ def test_checkpoint_errors_name_the_file_and_both_models(tiny_registered, hf_sam
     assert f"sam/{TINY_TYPE}" in message and "sam.model_type=demo_tiny" in message
     message = _one_line(lambda: load_backbone("sam2", "hiera_t", hf_sam_folder, "cpu"))
     assert message.startswith("sam.family:") and "sam.family=sam2" in message
+    assert "sam2.1_hiera_tiny.pt" in message and "facebook/sam2.1-hiera-tiny" in message
 
     hub_id = tmp_path / "facebook" / "sam-vit-huge"  # a hub id, resolved against the config folder
     message = _one_line(lambda: load_backbone("sam", "vit_h", hub_id, "cpu"))
@@ -236,3 +239,11 @@ def test_hf_folder_runs_stage_3_and_an_evaluation(tiny_registered, hf_sam_folder
     summary = pd.read_csv(tmp_path / "project" / "reports" / "eval" / "hf" / "summary_overall.csv")
     assert {"raw_sam", "tta"} <= set(summary.method)
     assert summary.mean_iou.between(0, 1).all()
+
+
+def test_example_config_is_a_valid_own_data_config():
+    cfg = load_config(REPO / "configs" / "own_data_vit_h.yaml")
+    assert not cfg.demo.enabled
+    assert (cfg.sam.family, cfg.sam.model_type) == ("sam", "vit_h")
+    assert cfg.sam.checkpoint.name == OFFICIAL_RELEASES[("sam", "vit_h")][0]
+    assert cfg.data.project_root.is_relative_to(REPO) and cfg.data.images_root.is_relative_to(REPO)

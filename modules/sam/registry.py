@@ -20,7 +20,7 @@ from torch import nn
 from modules.core.device import enable_tf32, resolve_device
 from modules.core.errors import PipelineError
 from modules.sam.base import Backbone, BackboneError, checkpoint_md5
-from modules.sam.checkpoint_files import (CheckpointFiles, locate_checkpoint, read_state_dict,
+from modules.sam.checkpoint_files import (OFFICIAL_RELEASES, CheckpointFiles, locate_checkpoint, read_state_dict,
                                           verify_checkpoint_archive)
 from modules.sam.demo_tiny import build_demo_tiny
 from modules.sam.hf_weights import (SAM2_VIDEO_ONLY_PREFIXES, FoundModel, hf_family, hf_to_official, identify_model,
@@ -123,8 +123,10 @@ def _check_found_model(found: FoundModel | None, family: str, model_type: str, p
     if found is None or (found.family == family and model_type in found.model_types):
         return
     key = "sam.family" if found.family != family else "sam.model_type"
+    release = OFFICIAL_RELEASES.get((family, model_type))
+    hint = "" if release is None else f" (the {family}/{model_type} release is {release[0]}, on Hugging Face {release[1]})"
     raise BackboneError(f"{key}: {path} holds {found.describe()}, but the config sets sam.family={family}, "
-                        f"sam.model_type={model_type}")
+                        f"sam.model_type={model_type}{hint}")
 
 
 def _fill_video_only_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
