@@ -15,8 +15,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from sam2.build_sam import build_sam2
-from transformers import (Sam2Config, Sam2HieraDetConfig, Sam2Model, Sam2VisionConfig, SamConfig, SamMaskDecoderConfig,
-                          SamModel, SamPromptEncoderConfig, SamVisionConfig)
+from transformers import (Sam2Config, Sam2HieraDetConfig, Sam2Model, Sam2VisionConfig, Sam3TrackerConfig,
+                          Sam3TrackerModel, SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig,
+                          SamVisionConfig)
+from transformers.models.sam3.configuration_sam3 import Sam3VisionConfig, Sam3ViTConfig
 
 from modules.sam import hf_weights, registry
 from modules.sam.base import BackboneError
@@ -26,6 +28,7 @@ from modules.sam.demo_tiny import DEMO_TINY_ARCH, build_small_sam
 from modules.sam.hf_weights import hf_to_official
 from modules.sam.registry import load_backbone
 from modules.sam.sam2 import Sam2Backbone
+from modules.sam.sam3 import build_sam3_tracker
 from modules.sam.sam_v1 import SamBackbone
 from tests.conftest import small_demo_config
 from tests.helpers.stage_calls import SMALL, call_stage
@@ -156,12 +159,12 @@ def test_checkpoint_errors_name_the_file_and_both_models(tiny_registered, hf_sam
     no_config = tmp_path / "folder"
     no_config.mkdir()
     assert "config.json" in _one_line(lambda: load_backbone("sam", "vit_b", no_config, "cpu"))
-    sam3 = tmp_path / "sam3"
-    sam3.mkdir()
-    (sam3 / "config.json").write_text('{"model_type": "sam3_tracker"}')
-    (sam3 / "model.safetensors").write_bytes(b"")
-    save_file({"vision_encoder.backbone.layers.0.mlp.fc1.weight": torch.zeros(1)}, sam3 / "model.safetensors")
-    assert "SAM 3" in _one_line(lambda: load_backbone("sam", "vit_b", sam3, "cpu"))
+    video = tmp_path / "sam2_video"
+    video.mkdir()
+    (video / "config.json").write_text('{"model_type": "sam2_video"}')
+    save_file({"vision_encoder.backbone.blocks.0.proj.weight": torch.zeros(1)}, video / "model.safetensors")
+    message = _one_line(lambda: load_backbone("sam2", "hiera_t", video, "cpu"))
+    assert "sam2_video" in message and "Sam2Model" in message
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     message = _one_line(lambda: load_backbone("sam", "vit_b", damaged, "cpu"))
@@ -247,3 +250,43 @@ def test_example_config_is_a_valid_own_data_config():
     assert (cfg.sam.family, cfg.sam.model_type) == ("sam", "vit_h")
     assert cfg.sam.checkpoint.name == OFFICIAL_RELEASES[("sam", "vit_h")][0]
     assert cfg.data.project_root.is_relative_to(REPO) and cfg.data.images_root.is_relative_to(REPO)
+
+
+def test_hf_sam3_tracker_agrees_with_transformers_forward(monkeypatch, tmp_path):
+    """SAM 3's tracker (a one-block ViT; SAM 3's input side, feature sizes and decoder) through
+    ``load_backbone``: its ViT runs in ``transformers``, its decoder as SAM 2's modules."""
+    vit = Sam3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        global_attn_indexes=[0])
+    config = Sam3TrackerConfig(vision_config=Sam3VisionConfig(
+        backbone_config=vit, backbone_feature_sizes=[[288, 288], [144, 144], [72, 72]]))
+    monkeypatch.setitem(registry.BACKBONE_REGISTRY, ("sam3", "tracker"),
+                        (lambda: build_sam3_tracker(config), registry.BACKBONE_REGISTRY[("sam3", "tracker")][1]))
+    monkeypatch.setitem(hf_weights.SAM3_SIGNATURES, (32, 1), "tracker")
+    hf = Sam3TrackerModel(config)
+    _randomize(hf, seed=4)
+    hf.prompt_encoder.shared_embedding.positional_embedding.copy_(hf.shared_image_embedding.positional_embedding)
+    hf.eval().save_pretrained(tmp_path / "sam3")
+    backbone = load_backbone("sam3", "tracker", tmp_path / "sam3", "cpu")
+    assert backbone.image_size == 1008 and backbone.low_res_size == 288
+
+    pixels = backbone.preprocess(_image())[None]
+    features = backbone.encode(pixels)
+    with torch.no_grad():
+        hf_maps = hf.get_image_embeddings(pixels)
+    for ours, theirs in zip([features["high_res_feat0"], features["high_res_feat1"], features["image_embed"]], hf_maps):
+        assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    size = torch.tensor([IMAGE_HW[1], IMAGE_HW[0]], dtype=torch.float32)
+    for multimask, boxes in ((True, None), (False, BOXES)):
+        logits, iou = backbone.decode(features, IMAGE_HW, point_coords=POINTS, point_labels=LABELS, boxes=boxes,
+                                      multimask_output=multimask)
+        with torch.no_grad():
+            out = hf(image_embeddings=hf_maps, input_points=(POINTS / size * 1008)[None], input_labels=LABELS[None],
+                     input_boxes=None if boxes is None else (boxes / size.repeat(2) * 1008)[None],
+                     multimask_output=multimask)
+        hf_logits = backbone.to_frame256(out.pred_masks[0].clamp(-32, 32), IMAGE_HW)
+        assert logits.shape == hf_logits.shape == (2, 3 if multimask else 1, 256, 256)
+        assert logits.abs().max() > 0.1
+        assert torch.allclose(logits, hf_logits, atol=1e-4), (multimask, (logits - hf_logits).abs().max())
+        assert torch.allclose(iou, out.iou_scores[0], atol=1e-4)
+    unrolled = backbone.decode_features(features, IMAGE_HW, point_coords=POINTS, point_labels=LABELS)
+    assert torch.allclose(unrolled.logits_from_hidden(unrolled.hyper_hidden), unrolled.logits, atol=1e-3)

@@ -74,6 +74,13 @@ def checkpoint_md5(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def bilinear_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """``size_out x size_in`` float64 matrix of 1-D bilinear resampling (align_corners=False)."""
+    identity = torch.eye(size_in, dtype=torch.float64).view(1, size_in, size_in, 1)
+    resampled = F.interpolate(identity, (size_out, 1), mode="bilinear", align_corners=False)
+    return resampled.view(size_in, size_out).T.contiguous()
+
+
 def checked_hw(original_hw) -> tuple[int, int]:
     """``original_hw`` as two positive ints ``(H, W)``."""
     height, width = (int(v) for v in original_hw)

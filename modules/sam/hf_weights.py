@@ -4,7 +4,8 @@ registered model a state dict holds.
 ``SamModel`` (``facebook/sam-vit-*``) is the ``segment_anything`` ``Sam`` and ``Sam2Model``
 (``facebook/sam2.1-hiera-*``) the image part of ``sam2``'s ``SAM2Base`` with their modules
 renamed, so their weights load into the official modules and every stage runs one decoder
-code path. The renames are the module names of both libraries (no conversion script copied);
+code path. ``Sam3TrackerModel``'s prompt encoder and mask decoder are SAM 2's, mapped the same
+way; its ViT stays ``transformers``' (``modules/sam/sam3.py``). The renames are the module names of both libraries (no conversion script copied);
 ``tests/test_hf_checkpoints.py`` checks them by comparing the two libraries' forward outputs
 on the same random weights.
 """
@@ -18,13 +19,12 @@ import torch
 
 from modules.sam.base import BackboneError
 
-#: ``config.json`` ``model_type`` -> the project's family.
-HF_MODEL_TYPES = {"sam": "sam", "sam2": "sam2"}
-#: Hugging Face SAM models not (yet) supported, with the reason.
+#: ``config.json`` ``model_type`` -> the project's family. ``facebook/sam3`` holds the detector
+#: and the tracker in one file; the tracker's weights are taken from it (``_SAM3_LAYOUT``).
+HF_MODEL_TYPES = {"sam": "sam", "sam2": "sam2", "sam3_tracker": "sam3", "sam3_tracker_video": "sam3",
+                  "sam3_video": "sam3", "sam3": "sam3"}
+#: Hugging Face SAM models not supported, with what to do instead.
 HF_UNSUPPORTED = {
-    "sam3_tracker": "SAM 3 (Sam3TrackerModel) is not supported yet: see README 'SAM 3'",
-    "sam3": "SAM 3 (Sam3Model) is not supported yet: see README 'SAM 3'",
-    "sam3_video": "SAM 3 video models are not supported: see README 'SAM 3'",
     "sam2_video": "Sam2VideoModel: save the image model (Sam2Model) or use the official sam2.1_hiera_*.pt",
     "sam_hq": "SAM-HQ is a different decoder and is not supported",
 }
@@ -36,9 +36,13 @@ SAM2_VIDEO_ONLY_PREFIXES = ("memory_attention.", "memory_encoder.", "maskmem_tpo
                             "mask_downsample.")
 
 
+_HF_PREFIXES = ("vision_encoder.", "tracker_model.", "detector_model.")
+
+
 def is_hf_state_dict(state_dict: dict) -> bool:
-    """Whether the key names are ``transformers``' (``vision_encoder.`` instead of ``image_encoder.``)."""
-    return any(key.startswith("vision_encoder.") for key in state_dict)
+    """Whether the key names are ``transformers``' (``vision_encoder.`` instead of ``image_encoder.``,
+    or SAM 3's ``tracker_model.`` / ``detector_model.`` file layout)."""
+    return any(key.startswith(_HF_PREFIXES) for key in state_dict)
 
 
 def hf_family(state_dict: dict, hf_model_type: str | None, where: str) -> str:
@@ -55,8 +59,8 @@ def hf_family(state_dict: dict, hf_model_type: str | None, where: str) -> str:
         return "sam2"
     if any(key.startswith("vision_encoder.layers.") for key in state_dict):
         return "sam"
-    if any(key.startswith("vision_encoder.backbone.layers.") for key in state_dict):
-        raise BackboneError(f"sam.checkpoint: {where}: {HF_UNSUPPORTED['sam3_tracker']}")
+    if any(key.startswith(("vision_encoder.backbone.layers.", "tracker_model.")) for key in state_dict):
+        return "sam3"
     raise BackboneError(f"sam.checkpoint: {where}: Hugging Face weights of an unknown model "
                         "(neither SamModel nor Sam2Model key names)")
 
@@ -67,7 +71,7 @@ def hf_family(state_dict: dict, hf_model_type: str | None, where: str) -> str:
 
 #: (pattern, replacement) applied in order to every key; prefixes first, then module names.
 _COMMON_RENAMES = (
-    (r"\.o_proj\.", ".out_proj."),
+    (r"^(.*mask_decoder\.transformer\..*)\.o_proj\.", r"\1.out_proj."),
     (r"^(.*prompt_encoder)\.mask_embed\.conv1\.", r"\1.mask_downscaling.0."),
     (r"^(.*prompt_encoder)\.mask_embed\.layer_norm1\.", r"\1.mask_downscaling.1."),
     (r"^(.*prompt_encoder)\.mask_embed\.conv2\.", r"\1.mask_downscaling.3."),
@@ -101,6 +105,34 @@ _SAM2_RENAMES = (
     (r"^no_memory_embedding$", "no_mem_embed"),
     *_COMMON_RENAMES,
 )
+#: SAM 3's tracker: its ViT stays ``transformers``' module (same names), the rest is SAM 2's.
+_SAM3_RENAMES = (
+    (r"^prompt_encoder\.", "sam_prompt_encoder."),
+    (r"^mask_decoder\.", "sam_mask_decoder."),
+    (r"^no_memory_embedding$", "no_mem_embed"),
+    *_COMMON_RENAMES,
+)
+#: SAM 3's file layout (what ``save_pretrained`` writes and ``facebook/sam3`` holds) -> the
+#: ``Sam3TrackerModel`` module names, as ``transformers``' own loading renames them.
+_SAM3_LAYOUT = ((r"^tracker_model\.", ""), (r"^detector_model\.vision_encoder\.backbone\.", "vision_encoder.backbone."),
+                (r"^tracker_neck\.", "vision_encoder.neck."))
+#: What ``Sam3TrackerModel`` itself ignores in such a file: the detector and the video memory.
+_SAM3_UNUSED = re.compile(r"^(detector_model\.|memory_|mask_downsample|object_pointer_proj|"
+                          r"temporal_positional_encoding_projection_layer|no_memory_positional_encoding|"
+                          r"no_object_pointer|occlusion_spatial_embedding_parameter)")
+
+
+def _sam3_tracker_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SAM 3 weights under ``Sam3TrackerModel``'s module names, the detector and video parts dropped."""
+    renamed = {}
+    for key, tensor in state_dict.items():
+        for pattern, replacement in _SAM3_LAYOUT:
+            key = re.sub(pattern, replacement, key)
+        if not _SAM3_UNUSED.match(key):
+            renamed[key] = tensor
+    return renamed
+
+
 #: The random Fourier matrix of the prompt encoder; HF keeps a tied copy at the top level.
 _PE_KEYS = ("shared_image_embedding.positional_embedding", "prompt_encoder.shared_embedding.positional_embedding")
 _MLP_PART = re.compile(r"^(.*)\.(proj_in|proj_out|layers\.(\d+))\.(weight|bias)$")
@@ -131,10 +163,14 @@ def _rename_mlps(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def hf_to_official(state_dict: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
-    """``SamModel`` / ``Sam2Model`` weights under the official ``Sam`` / ``SAM2Base`` key names.
+    """``SamModel`` / ``Sam2Model`` / ``Sam3TrackerModel`` weights under the official ``Sam`` /
+    ``SAM2Base`` / ``Sam3TrackerImageModel`` key names.
 
-    SAM 2's video-only modules are absent (see ``SAM2_VIDEO_ONLY_PREFIXES``).
+    SAM 2's video-only modules are absent (see ``SAM2_VIDEO_ONLY_PREFIXES``); SAM 3's
+    ``vision_encoder.*`` keys are kept as they are.
     """
+    if family == "sam3":
+        state_dict = _sam3_tracker_keys(state_dict)
     copies = [state_dict[key] for key in _PE_KEYS if key in state_dict]
     if not copies:
         raise BackboneError(f"Hugging Face {family} weights lack the prompt encoder's positional matrix "
@@ -145,7 +181,7 @@ def hf_to_official(state_dict: dict[str, torch.Tensor], family: str) -> dict[str
     if any(copy.shape != pe.shape or not torch.equal(copy, pe) for copy in copies[1:]):
         raise BackboneError(f"Hugging Face {family} weights: {_PE_KEYS[0]!r} and {_PE_KEYS[1]!r} differ; the official "
                             "architecture has one positional matrix for both")
-    rules = _SAM_RENAMES if family == "sam" else _SAM2_RENAMES
+    rules = {"sam": _SAM_RENAMES, "sam2": _SAM2_RENAMES, "sam3": _SAM3_RENAMES}[family]
     prompt_encoder = "prompt_encoder" if family == "sam" else "sam_prompt_encoder"
     mapped = {}
     for key, tensor in state_dict.items():
@@ -169,6 +205,7 @@ def hf_to_official(state_dict: dict[str, torch.Tensor], family: str) -> dict[str
 #: (patch embedding width, number of encoder blocks) -> model_type, per family.
 SAM_SIGNATURES = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h", (96, 4): "demo_tiny"}
 SAM2_SIGNATURES = {(96, 12): "t", (96, 16): "s", (112, 24): "b+", (144, 48): "l"}
+SAM3_SIGNATURES = {(1024, 32): "tracker"}
 
 
 @dataclass(frozen=True)
@@ -211,4 +248,10 @@ def identify_model(state_dict: dict[str, torch.Tensor], from_hf: bool = False) -
         if "no_obj_embed_spatial" in state_dict:
             return FoundModel("sam2", (f"hiera_{size}",), evidence + ", SAM 2.1")
         return FoundModel("sam2", (f"sam2.0_hiera_{size}",), evidence + ", SAM 2.0")
+    vit_patch = state_dict.get("vision_encoder.backbone.embeddings.patch_embeddings.projection.weight")
+    if vit_patch is not None:
+        width, depth = int(vit_patch.shape[0]), _block_count(state_dict, "vision_encoder.backbone.layers.")
+        model_type = SAM3_SIGNATURES.get((width, depth))
+        evidence = f"vision_encoder.backbone.layers: width {width}, {depth} blocks"
+        return None if model_type is None else FoundModel("sam3", (model_type,), evidence)
     return None

@@ -26,6 +26,7 @@ from modules.sam.demo_tiny import build_demo_tiny
 from modules.sam.hf_weights import (SAM2_VIDEO_ONLY_PREFIXES, FoundModel, hf_family, hf_to_official, identify_model,
                                     is_hf_state_dict)
 from modules.sam.sam2 import Sam2Backbone
+from modules.sam.sam3 import Sam3Backbone, build_sam3_tracker
 from modules.sam.sam_v1 import SamBackbone
 
 
@@ -57,6 +58,7 @@ BACKBONE_REGISTRY: dict[tuple[str, str], tuple[Callable[[], nn.Module], type[Bac
        for size in _SAM2_SIZES},
     **{("sam2", f"sam2.0_hiera_{size}"): (_sam2_builder(f"configs/sam2/sam2_hiera_{size}.yaml"), Sam2Backbone)
        for size in _SAM2_SIZES},
+    ("sam3", "tracker"): (build_sam3_tracker, Sam3Backbone),
 }
 
 
