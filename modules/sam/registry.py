@@ -116,7 +116,11 @@ def _official_state_dict(files: CheckpointFiles) -> tuple[dict[str, torch.Tensor
     state_dict = read_state_dict(files)
     from_hf = files.hf_config is not None or is_hf_state_dict(state_dict)
     if from_hf:
-        state_dict = hf_to_official(state_dict, hf_family(state_dict, files.hf_model_type, str(files.path)))
+        family = hf_family(state_dict, files.hf_model_type, str(files.path))
+        try:
+            state_dict = hf_to_official(state_dict, family)
+        except BackboneError as error:
+            raise BackboneError(f"sam.checkpoint: {files.path}: {error}") from None
     return state_dict, identify_model(state_dict, from_hf=from_hf), from_hf
 
 
