@@ -121,8 +121,8 @@ def test_load_errors_are_one_line_and_name_the_problem(tmp_path, demo_checkpoint
 
     message = _one_line_error(lambda: load_backbone("sam", "vit_x", demo_checkpoint, "cpu"))
     assert "vit_x" in message and "vit_b" in message and "demo_tiny" in message
-    message = _one_line_error(lambda: load_backbone("sam3", "vit_b", demo_checkpoint, "cpu"))
-    assert "sam3" in message and "sam2" in message
+    message = _one_line_error(lambda: load_backbone("sam4", "vit_b", demo_checkpoint, "cpu"))
+    assert "sam4" in message and "sam2" in message
 
     # a demo_tiny checkpoint is not a vit_b checkpoint
     message = _one_line_error(lambda: load_backbone("sam", "vit_b", demo_checkpoint, "cpu"))

@@ -65,7 +65,7 @@ class PromptGenerationConfig:
 
 @dataclass
 class SamConfig:
-    family: Literal["sam", "sam2"] = "sam"
+    family: Literal["sam", "sam2", "sam3"] = "sam"
     model_type: str = "demo_tiny"
     checkpoint: Path = Path("assets/demo_backbone/demo_tiny.pt")
     device: Literal["auto", "cuda", "cpu"] = "auto"

@@ -18,7 +18,7 @@ from modules.core.paths import checkpoint_run_dir, laplace_run_dir
 from modules.laplace.head import load_head_posterior
 from modules.laplace.posterior import STATE_FILE as LAPLACE_STATE_FILE
 from modules.sam.base import BackboneError
-from modules.sam.registry import load_backbone, verify_checkpoint_archive
+from modules.sam.registry import configured_checkpoint_md5, load_backbone, verify_checkpoint_archive
 from modules.training.checkpoints import load_trained_fusion, load_trained_head, load_trained_variance_network
 from modules.training.run_state import BEST_FILE
 
@@ -131,6 +131,9 @@ def artifact_md5s(cfg: PipelineConfig, runs: RunIds, names: set[str]) -> dict[st
     hashes = {}
     for name in sorted(names):
         path = ARTIFACT_FILES[name](cfg, runs)
+        if name == "sam_checkpoint" and path.is_dir():  # a Hugging Face model folder
+            hashes[name] = configured_checkpoint_md5(path)
+            continue
         if not path.is_file():
             raise EvaluationError(f"{path}: missing {name} artifact needed by evaluation.strategies / "
                                   "evaluation.refinement; run its stage first (or pick other run ids)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +54,31 @@ def grad_mode(enable_grad: bool) -> contextlib.AbstractContextManager:
     return torch.enable_grad() if enable_grad else torch.inference_mode()
 
 
+#: Files of a Hugging Face model folder that make up the model (config, weights, shard index).
+_MODEL_FOLDER_SUFFIXES = (".json", ".safetensors", ".bin")
+
+
 def checkpoint_md5(path: str | os.PathLike) -> str:
-    """MD5 of a checkpoint file, read in chunks and cached per process by (path, size, mtime)."""
-    return cached_file_md5(path)
+    """MD5 of a checkpoint file, read in chunks and cached per process by (path, size, mtime).
+
+    For a Hugging Face model folder: the MD5 of its ``.json`` / ``.safetensors`` / ``.bin``
+    files' names and MD5s, so any changed config or weight file changes it.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return cached_file_md5(path)
+    digest = hashlib.md5()
+    for member in sorted(path.iterdir()):
+        if member.suffix in _MODEL_FOLDER_SUFFIXES and member.is_file():
+            digest.update(f"{member.name}:{cached_file_md5(member)}\n".encode())
+    return digest.hexdigest()
+
+
+def bilinear_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """``size_out x size_in`` float64 matrix of 1-D bilinear resampling (align_corners=False)."""
+    identity = torch.eye(size_in, dtype=torch.float64).view(1, size_in, size_in, 1)
+    resampled = F.interpolate(identity, (size_out, 1), mode="bilinear", align_corners=False)
+    return resampled.view(size_in, size_out).T.contiguous()
 
 
 def checked_hw(original_hw) -> tuple[int, int]:

@@ -35,7 +35,12 @@ DEMO_TINY_ARCH: dict = {
 
 def build_demo_tiny() -> nn.Module:
     """The ``demo_tiny`` SAM with random weights (about 4 M parameters)."""
-    arch = DEMO_TINY_ARCH
+    return build_small_sam(DEMO_TINY_ARCH)
+
+
+def build_small_sam(arch: dict) -> nn.Module:
+    """A SAM v1 of SAM's own blocks with random weights, sized by ``arch`` (the keys of
+    ``DEMO_TINY_ARCH``)."""
     embedding_side = arch["image_size"] // arch["patch_size"]
     model = Sam(
         image_encoder=ImageEncoderViT(

@@ -3,13 +3,13 @@
 ``BACKBONE_REGISTRY`` maps ``(family, model_type)`` to the builder of the random-init model and
 its ``Backbone`` class (as ``segment_anything.build_sam.sam_model_registry``);
 ``load_backbone`` builds the model, loads a checkpoint strictly and wraps it. The demo model is
-loaded exactly like ``vit_b``.
+loaded exactly like ``vit_b``. ``verify_checkpoint_archive`` (from ``checkpoint_files``) is
+re-exported here for the other checkpoint readers.
 """
 
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -18,10 +18,15 @@ from segment_anything import sam_model_registry
 from torch import nn
 
 from modules.core.device import enable_tf32, resolve_device
-from modules.core.errors import PipelineError, error_line
+from modules.core.errors import PipelineError
 from modules.sam.base import Backbone, BackboneError, checkpoint_md5
+from modules.sam.checkpoint_files import (OFFICIAL_RELEASES, CheckpointFiles, locate_checkpoint, read_state_dict,
+                                          verify_checkpoint_archive)
 from modules.sam.demo_tiny import build_demo_tiny
+from modules.sam.hf_weights import (SAM2_VIDEO_ONLY_PREFIXES, FoundModel, hf_family, hf_to_official, identify_model,
+                                    is_hf_state_dict)
 from modules.sam.sam2 import Sam2Backbone
+from modules.sam.sam3 import Sam3Backbone, build_sam3_tracker
 from modules.sam.sam_v1 import SamBackbone
 
 
@@ -53,7 +58,12 @@ BACKBONE_REGISTRY: dict[tuple[str, str], tuple[Callable[[], nn.Module], type[Bac
        for size in _SAM2_SIZES},
     **{("sam2", f"sam2.0_hiera_{size}"): (_sam2_builder(f"configs/sam2/sam2_hiera_{size}.yaml"), Sam2Backbone)
        for size in _SAM2_SIZES},
+    ("sam3", "tracker"): (build_sam3_tracker, Sam3Backbone),
 }
+
+
+__all__ = ["BACKBONE_REGISTRY", "build_sam_model", "check_registered", "configured_checkpoint_md5",
+           "load_backbone", "registered_backbones", "verify_checkpoint_archive"]
 
 
 def registered_backbones() -> list[tuple[str, str]]:
@@ -80,69 +90,6 @@ def build_sam_model(family: str, model_type: str) -> nn.Module:
     return builder()
 
 
-#: (resolved path, size, mtime_ns) of checkpoint archives whose members passed their CRC.
-_VERIFIED_ARCHIVES: set[tuple[str, int, int]] = set()
-
-
-def verify_checkpoint_archive(path: Path) -> None:
-    """Refuse a zip-format checkpoint (what ``torch.save`` writes) with a damaged member.
-
-    ``torch.load`` does not check the members' CRC-32, so flipped bytes in a tensor load as
-    wrong weights; ``ZipFile.testzip`` reads every member and checks it. Memoised on (path,
-    size, mtime) like ``cached_file_md5``, so a process pays it once per file. Legacy
-    (non-zip) checkpoints carry no checksum and are left to ``torch.load``.
-    """
-    stat = os.stat(path)
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if key in _VERIFIED_ARCHIVES or not zipfile.is_zipfile(path):
-        return
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as error:
-        raise BackboneError(f"sam.checkpoint: {path}: damaged checkpoint archive ({error_line(error)})") from None
-    if bad is not None:
-        raise BackboneError(f"sam.checkpoint: {path}: damaged checkpoint (member {bad} fails its CRC); "
-                            "download or copy the checkpoint again")
-    _VERIFIED_ARCHIVES.add(key)
-
-
-#: First bytes of what ``torch.save`` writes: a zip archive (torch >= 1.6) or a legacy pickle.
-_ZIP_MAGIC, _PICKLE_MAGIC = b"PK", b"\x80"
-
-
-def _check_checkpoint_kind(path: Path, model_type: str) -> None:
-    """One line for a file that cannot be a checkpoint at all (torch's own message for these talks
-    about ``weights_only`` or miniz internals)."""
-    with open(path, "rb") as handle:
-        head = handle.read(2)
-    if head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path):
-        raise BackboneError(f"sam.checkpoint: {path}: truncated checkpoint for model type {model_type!r} (its zip "
-                            "archive has no central directory); download or copy it again")
-    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
-        raise BackboneError(f"sam.checkpoint: {path}: not a PyTorch checkpoint for model type {model_type!r} "
-                            "(neither a torch.save zip archive nor a legacy pickle)")
-
-
-def _read_state_dict(path: Path, model_type: str) -> dict[str, torch.Tensor]:
-    _check_checkpoint_kind(path, model_type)
-    verify_checkpoint_archive(path)
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for corrupt / non-tensor files
-        reason = error_line(error)
-        raise BackboneError(f"sam.checkpoint: {path}: cannot read checkpoint for model type {model_type!r}: "
-                            f"{reason}") from None
-    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
-        loaded = loaded["model"]
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise BackboneError(
-            f"sam.checkpoint: {path}: not a state dict (expected a dict of tensors or {{'model': state_dict}}) "
-            f"for model type {model_type!r}"
-        )
-    return loaded
-
-
 def _check_state_dict(model: nn.Module, state_dict: dict, path: Path, model_type: str) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -163,26 +110,69 @@ def _check_state_dict(model: nn.Module, state_dict: dict, path: Path, model_type
             )
 
 
+def _official_state_dict(files: CheckpointFiles) -> tuple[dict[str, torch.Tensor], FoundModel | None, bool]:
+    """The checkpoint's tensors under the official key names, the model they were found to be, and
+    whether they came with Hugging Face key names."""
+    state_dict = read_state_dict(files)
+    from_hf = files.hf_config is not None or is_hf_state_dict(state_dict)
+    if from_hf:
+        family = hf_family(state_dict, files.hf_model_type, str(files.path))
+        try:
+            state_dict = hf_to_official(state_dict, family)
+        except BackboneError as error:
+            raise BackboneError(f"sam.checkpoint: {files.path}: {error}") from None
+    return state_dict, identify_model(state_dict, from_hf=from_hf), from_hf
+
+
+def _check_found_model(found: FoundModel | None, family: str, model_type: str, path: Path) -> None:
+    """One line naming both when the checkpoint holds another model than ``sam.family`` / ``sam.model_type``."""
+    if found is None or (found.family == family and model_type in found.model_types):
+        return
+    key = "sam.family" if found.family != family else "sam.model_type"
+    release = OFFICIAL_RELEASES.get((family, model_type))
+    hint = "" if release is None else f" (the {family}/{model_type} release is {release[0]}, on Hugging Face {release[1]})"
+    raise BackboneError(f"{key}: {path} holds {found.describe()}, but the config sets sam.family={family}, "
+                        f"sam.model_type={model_type}{hint}")
+
+
+def _fill_video_only_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Zeros for the SAM 2 video-only parameters a Hugging Face image model does not carry."""
+    for key, tensor in model.state_dict().items():
+        if key not in state_dict and key.startswith(SAM2_VIDEO_ONLY_PREFIXES):
+            state_dict[key] = torch.zeros_like(tensor)
+
+
 def load_backbone(family: str, model_type: str, checkpoint: str | os.PathLike,
                   device: str | torch.device = "auto") -> Backbone:
     """Build ``(family, model_type)`` with random init and load ``checkpoint`` strictly.
 
-    The checkpoint is read with ``torch.load(weights_only=True)`` and may be a raw state dict or
-    ``{"model": state_dict}`` (SAM 2's format); float16 tensors are cast by ``load_state_dict``.
-    The model is frozen (eval mode, ``requires_grad=False``) and moved to ``device``.
+    ``checkpoint`` may be a ``torch.save`` file (read with ``weights_only=True``: a raw state
+    dict or ``{"model": state_dict}``, SAM 2's format), a ``.safetensors`` file or a local
+    Hugging Face model folder (``SamModel`` / ``Sam2Model``; see ``checkpoint_files`` and
+    ``hf_weights``). Hugging Face key names are mapped onto the official modules; the model the
+    weights hold is identified from their shapes and must be ``(family, model_type)``. float16
+    tensors are cast by ``load_state_dict``. The model is frozen (eval mode,
+    ``requires_grad=False``) and moved to ``device``.
 
     Raises:
         DeviceError: ``sam.device`` asks for CUDA and none is available (one line naming the key).
-        BackboneError: one line naming the config key at fault: ``sam.family`` / ``sam.model_type`` (not registered) or
-            ``sam.checkpoint`` (missing, unreadable or damaged file, or keys or shapes that do not
-            match the model type).
+        BackboneError: one line naming the config key at fault: ``sam.family`` / ``sam.model_type`` (not
+            registered, or not the model the checkpoint holds: both named) or ``sam.checkpoint``
+            (missing, unreadable or damaged file, a hub id instead of a folder, or keys or shapes
+            that do not match the model type).
     """
     device = resolve_device(device, key="sam.device")
+    check_registered(family, model_type)
+    try:
+        files = locate_checkpoint(checkpoint)
+        state_dict, found, from_hf = _official_state_dict(files)
+    except BackboneError as error:
+        raise BackboneError(f"{error} (model type {family}/{model_type})") from None
+    path = files.path
+    _check_found_model(found, family, model_type, path)
     model = build_sam_model(family, model_type)
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise BackboneError(f"sam.checkpoint: {path}: checkpoint file not found (model type {family}/{model_type})")
-    state_dict = _read_state_dict(path, model_type)
+    if family == "sam2" and from_hf:
+        _fill_video_only_weights(model, state_dict)
     _check_state_dict(model, state_dict, path, model_type)
     model.load_state_dict(state_dict, strict=True)
     model.eval()
@@ -196,7 +186,9 @@ def load_backbone(family: str, model_type: str, checkpoint: str | os.PathLike,
 
 
 def configured_checkpoint_md5(checkpoint: str | os.PathLike) -> str:
-    """MD5 of the ``sam.checkpoint`` file (it names the SAM cache); one-line error when missing."""
+    """MD5 of the ``sam.checkpoint`` file or model folder (it names the SAM cache); one-line error
+    when missing (with the download command for a hub id)."""
+    locate_checkpoint(checkpoint)
     try:
         return checkpoint_md5(checkpoint)
     except OSError:

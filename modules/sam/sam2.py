@@ -68,14 +68,18 @@ class Sam2Backbone(Backbone):
     feature_names = ("image_embed", "high_res_feat0", "high_res_feat1")
     #: Clamp of SAM 2's low-res logits (``SAM2ImagePredictor._predict``; safe in float16).
     logit_clamp = 32.0
+    #: Input normalisation (0-1 scale); SAM 3 (a subclass) uses its own.
+    pixel_mean, pixel_std = SAM2_PIXEL_MEAN, SAM2_PIXEL_STD
+    #: SAM 2's low-res frame is FRAME256 itself; a subclass with another low-res size resamples.
+    low_res_is_frame256 = True
 
     def __init__(self, model: nn.Module, model_type: str, checkpoint_path: Path, device: torch.device) -> None:
         if not model.use_high_res_features_in_sam:
             raise BackboneError(f"sam2/{model_type}: configs without high-resolution features are not supported")
-        preprocessor = Sam2Preprocessor(int(model.image_size), SAM2_PIXEL_MEAN, SAM2_PIXEL_STD)
+        preprocessor = Sam2Preprocessor(int(model.image_size), self.pixel_mean, self.pixel_std)
         super().__init__(model, model_type, checkpoint_path, device, preprocessor)
         self.low_res_size = 4 * int(model.sam_image_embedding_size)
-        if self.low_res_size != FRAME256:
+        if self.low_res_is_frame256 and self.low_res_size != FRAME256:
             raise BackboneError(f"sam2/{model_type}: low-res masks are {self.low_res_size} px, expected {FRAME256}")
 
     def _prompt_encoder(self) -> nn.Module:

@@ -14,7 +14,7 @@ from torch import nn
 
 from modules.core.device import inference_autocast
 from modules.core.frames import FRAME256
-from modules.sam.base import MASK_INPUT_PAD_LOGIT, Backbone, SamDecoderPass, hypernetwork_outputs
+from modules.sam.base import MASK_INPUT_PAD_LOGIT, Backbone, SamDecoderPass, bilinear_matrix, hypernetwork_outputs
 from modules.sam.preprocessing import SamPreprocessor
 from modules.sam.prompting import Prompts
 
@@ -24,13 +24,6 @@ from modules.sam.prompting import Prompts
 # ----------------------------------------------------------------------------------------------
 
 
-def _bilinear_matrix(size_in: int, size_out: int) -> torch.Tensor:
-    """``size_out x size_in`` matrix of 1-D bilinear resampling (align_corners=False)."""
-    identity = torch.eye(size_in, dtype=torch.float64).view(1, size_in, size_in, 1)
-    resampled = F.interpolate(identity, (size_out, 1), mode="bilinear", align_corners=False)
-    return resampled.view(size_in, size_out).T.contiguous()
-
-
 def _sam_lowres_to_frame256_matrix(low_res: int, image_size: int, valid: int) -> torch.Tensor:
     """1-D map of ``Sam.postprocess_masks`` followed by a resize to FRAME256, as a matrix.
 
@@ -38,8 +31,8 @@ def _sam_lowres_to_frame256_matrix(low_res: int, image_size: int, valid: int) ->
     (the unpadded image) and resizes to the original size; we resize to 256 instead. Bilinear
     resampling is separable and linear, so the composition is one ``256 x low_res`` matrix.
     """
-    up = _bilinear_matrix(low_res, image_size)[:valid]
-    return (_bilinear_matrix(valid, FRAME256) @ up).float()
+    up = bilinear_matrix(low_res, image_size)[:valid]
+    return (bilinear_matrix(valid, FRAME256) @ up).float()
 
 
 def sam_mask_decoder_pass(
