@@ -69,13 +69,20 @@ def packed_batch_datasets(cfg: PipelineConfig):
     return [PackedBatches(packed) for packed in packed_datasets(cfg)]
 
 
+def conv_layout(inputs: torch.Tensor) -> torch.Tensor:
+    """``B x C x H x W`` inputs in channels-last memory order (same values and shape): the head's and
+    the variance network's few-channel convolutions run faster on it, forward and backward
+    (benchmarks/README.md, training)."""
+    return inputs.contiguous(memory_format=torch.channels_last)
+
+
 def head_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
     model = build_head(cfg)
     loss_fn = BceDiceLoss(dice_lambda=cfg.training.dice_lambda)
 
     def step_fn(model, batch):
         batch = as_float32(batch)
-        logits = model(batch["inputs"], batch.get("image_embedding"))
+        logits = model(conv_layout(batch["inputs"]), batch.get("image_embedding"))
         return loss_fn(logits.float(), batch["target"]), (logits.detach().float(), batch["target"])
 
     train, val = packed_batch_datasets(cfg)
@@ -102,7 +109,7 @@ def variance_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | 
 
     def step_fn(model, batch):
         batch = as_float32(batch)
-        inputs = batch["inputs"]
+        inputs = conv_layout(batch["inputs"])
         with torch.no_grad():
             map_logits = head.to(inputs.device)(inputs, batch.get("image_embedding")).float()
         log_var = model(VarianceNetwork.build_inputs(inputs, map_logits)).float()
