@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 import torch
 
 from modules.cache.training_index import open_cache
+from modules.core.config import unseen_group_keys
 from modules.core.device import resolve_device
 from modules.core.fileio import file_md5, remove_file
 from modules.core.paths import manifest_path
+from modules.data.domains import checked_unseen_groups
 from modules.evaluation import reports
 from modules.evaluation.methods import (REFINEMENT_VARIANTS, UNREFINED_BASELINE, Predictor, method_names,
                                         needed_artifacts)
@@ -78,14 +80,15 @@ def run_stage(ctx, runs: RunIds) -> None:
     units = list_eval_units(cfg)
     upstream = {"checkpoints": artifact_md5s(cfg, runs, needed_artifacts(cfg)),
                 "split_manifest": file_md5(split_manifest)}
-    fresh = ctx.check_inputs(fingerprint_sections(), upstream)
+    fresh = ctx.check_inputs([*fingerprint_sections(), *unseen_group_keys(cfg)], upstream)
     state_path = folder / STATE_FILE
     if fresh:
         reports.remove_reports(folder)
         remove_file(state_path, folder)
 
     device = resolve_device(cfg.training.device, key="training.device")
-    scoreboard = Scoreboard(cfg.evaluation.ece_bins, device)
+    scoreboard = Scoreboard(cfg.evaluation.ece_bins, device, checked_unseen_groups(cfg),
+                            cfg.evaluation.mask_quality_band)
     previous = None if fresh else load_state_file(state_path)
     if previous is not None:
         scoreboard.load_state(previous)
@@ -128,7 +131,7 @@ def run_stage(ctx, runs: RunIds) -> None:
     if not scoreboard.done:
         raise EvaluationError(f"{folder}: no sample could be evaluated ({counts.failed} failed)")
     written = reports.write_reports(folder, scoreboard, methods, list(REFINEMENT_VARIANTS), UNREFINED_BASELINE,
-                                    ctx.tracker)
+                                    ctx.tracker, reports.BootstrapSettings.from_config(cfg))
     ctx.summary({"samples": len(scoreboard.done), "masks": len(scoreboard.rows), **counts.as_dict(),
                  **written})
     if counts.failed:
