@@ -35,6 +35,7 @@ from modules.scoring.entropy import binary_entropy
 from modules.scoring.mask_quality import (QUALITY_SCORES, mask_scores, quality_metrics, quality_values,
                                           weighted_aurc, weighted_auroc, weighted_spearman)
 from modules.uncertainty.strategies import StrategyOutput
+from tests.helpers.stage_calls import call_stage
 from tests.stage_runner import REPO
 from tests.test_uncertainty import disc_ground_truth, make_sample
 
@@ -86,18 +87,22 @@ def test_no_fit_sees_an_unseen_group(fusion_project):
 
 def test_unseen_groups_are_checked_and_a_change_needs_force(packed_project, tmp_path):
     root = tmp_path / "project"
-    for name in ("manifests", "prompt_sets", "sam_cache", "training_data"):
+    for name in ("manifests", "prompt_sets", "sam_cache"):
         shutil.copytree(packed_project.root / name, root / name)
-    run = lambda *extra: packed_project.run("build_training_indices.py", "--set", f"data.project_root={root}",  # noqa: E731
-                                            *extra, check=False)
+    data = training_data_dir(packed_project.root)
+    for path in [*data.glob("*_index.csv"), data / ".stage.build_training_indices.json"]:
+        (root / data.name).mkdir(exist_ok=True)
+        shutil.copy2(path, root / data.name / path.name)
+    run = lambda *extra: call_stage("build_training_indices", "--config", str(packed_project.config),  # noqa: E731
+                                    "--set", f"data.project_root={root}", *extra)
     unknown = run("--set", "data.unseen_groups=[thin, nosuchgroup]")
     lines = [line for line in unknown.stderr.splitlines() if line.strip()]
-    assert unknown.returncode == 2 and len(lines) == 1, unknown.stderr
+    assert unknown.code == 2 and len(lines) == 1, unknown.stderr
     assert lines[0].startswith("error: data.unseen_groups: 'nosuchgroup' is not a group") and "plain" in lines[0]
     changed = run("--set", "data.unseen_groups=[thin]")
-    assert changed.returncode == 2 and "data.unseen_groups" in changed.stderr and "--force" in changed.stderr
+    assert changed.code == 2 and "data.unseen_groups" in changed.stderr and "--force" in changed.stderr
     forced = run("--set", "data.unseen_groups=[thin]", "--force")
-    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert forced.code == 0, forced.stderr[-2000:]
     assert "medical_gray" in set(load_index(root, "train")["group"])
     assert "thin" not in set(load_index(root, "train")["group"])
     with pytest.raises(ConfigError, match=r"^data\.unseen_groups: need distinct"):
@@ -212,7 +217,7 @@ def _board(unseen=frozenset({"thin"})) -> Scoreboard:
 def test_reports_list_seen_and_unseen_rows_with_intervals(tmp_path):
     board = _board()
     assert ("raw_sam", "entropy", "unseen") in board.accumulators and ("raw_sam", "entropy", "seen") in board.accumulators
-    bootstrap = BootstrapSettings(samples=200, seed=0)
+    bootstrap = BootstrapSettings(samples=100, seed=0)
     summary = reports.summary_frame(board, ["raw_sam"], [], bootstrap)
     assert list(summary["domain"]) == ["cam", "plain", "thin", "seen", "unseen", "overall"]
     assert list(summary["domain_kind"]) == ["seen", "seen", "unseen", "seen", "unseen", "all"]
@@ -224,7 +229,7 @@ def test_reports_list_seen_and_unseen_rows_with_intervals(tmp_path):
     quality = mask_quality_frame(per_mask, ["raw_sam"], board.unseen_groups, DomainResampler(bootstrap))
     assert {"seen", "unseen", "overall"} <= set(quality["domain"])
     assert set(quality["score"]) == set(QUALITY_SCORES) and quality["n_images"].max() == 6
-    text = reports.summary_markdown(summary, summary.iloc[0:0], "", ["raw_sam"], 6, len(per_mask), 10, quality, 200)
+    text = reports.summary_markdown(summary, summary.iloc[0:0], "", ["raw_sam"], 6, len(per_mask), 10, quality, 100)
     assert "thin (unseen, n=2 images)" in text and "unseen (n=2 images)" in text and "overall (n=6 images)" in text
     auroc = summary.set_index("domain").loc["overall"]
     assert f"{auroc.auroc:.3f} [{auroc.auroc_lo:.3f}, {auroc.auroc_hi:.3f}]" in text

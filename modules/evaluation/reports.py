@@ -263,7 +263,8 @@ def best_against_baseline(rows: pd.DataFrame) -> str:
     methods = rows[~rows["baseline"]].dropna(subset=["auroc_bad"])
     baseline = rows[rows["baseline"] & (rows["method"] == "raw_sam")].dropna(subset=["auroc_bad"])
     if methods.empty or baseline.empty:
-        return "Unseen groups: no AUROC of flagging bad masks is defined (no bad or no good masks)."
+        return ("Unseen groups: no comparison with SAM's predicted IoU (raw_sam not evaluated, or no AUROC of "
+                "flagging bad masks defined: no bad or no good masks).")
     best, base = methods.loc[methods["auroc_bad"].idxmax()], baseline.iloc[0]
     if best["auroc_bad_lo"] > base["auroc_bad_hi"]:
         verdict = "above it, beyond the noise (the intervals do not overlap)"
@@ -385,9 +386,11 @@ def write_reports(folder: Path, scoreboard: Scoreboard, methods: list[str], refi
     refinement_md = refinement_markdown(refinement, unrefined)
 
     atomic_write_csv(folder / "per_mask.csv", per_mask)
-    aggregate = summary["domain"].isin(AGGREGATES)
-    atomic_write_csv(folder / "summary_by_domain.csv", summary[~aggregate])
-    atomic_write_csv(folder / "summary_overall.csv", summary[aggregate])
+    # The seen / unseen aggregates are rows of summary_by_domain.csv (after the groups), so
+    # summary_overall.csv keeps one row per (method, map).
+    overall = summary["domain"] == OVERALL
+    atomic_write_csv(folder / "summary_by_domain.csv", summary[~overall])
+    atomic_write_csv(folder / "summary_overall.csv", summary[overall])
     atomic_write_csv(folder / "mask_quality.csv", mask_quality)
     atomic_write_csv(folder / "reliability_bins.csv", reliability)
     atomic_write_csv(folder / "sparsification_curves.csv", sparsification)
@@ -404,8 +407,8 @@ def write_reports(folder: Path, scoreboard: Scoreboard, methods: list[str], refi
     written = [*CSV_FILES, "refinement.md", SUMMARY_MARKDOWN, *(path.name for path in plots)]
     atomic_write_json(folder / DIGEST_FILE, {name: file_md5(folder / name) for name in written})
 
-    tracker.log_table("eval/summary_overall", summary[aggregate])
-    tracker.log_table("eval/summary_by_domain", summary[~aggregate])
+    tracker.log_table("eval/summary_overall", summary[overall])
+    tracker.log_table("eval/summary_by_domain", summary[~overall])
     if not mask_quality.empty:
         tracker.log_table("eval/mask_quality", mask_quality)
     tracker.log_table("eval/per_mask", per_mask)
