@@ -143,13 +143,13 @@ def refinement_frame(summary: pd.DataFrame, baselines: list[str], variants: list
     """Per domain: the unrefined baselines beside the refinement variants (primary-map rows)."""
     primary = summary[summary["is_primary"] & summary["method"].isin([*baselines, *variants])]
     columns = ["domain", "method", "n_masks", "mean_iou", "mean_dice", "mean_boundary_iou_1pct", "ece", "nll",
-               "auroc"]
+               "auroc", *(c for c in ("n_images", "mean_iou_lo", "mean_iou_hi") if c in summary)]
     frame = primary[columns].copy()
     reference = frame[frame["method"] == unrefined].set_index("domain")["mean_iou"]
     frame[f"delta_iou_vs_{unrefined}"] = frame["mean_iou"] - frame["domain"].map(reference)
     order = {method: index for index, method in enumerate([*baselines, *variants])}
     frame["_order"] = frame["method"].map(order)
-    frame["_overall"] = frame["domain"].isin(AGGREGATES)
+    frame["_overall"] = frame["domain"].map({domain: index + 1 for index, domain in enumerate(AGGREGATES)}).fillna(0)
     return frame.sort_values(["_overall", "domain", "_order"]).drop(columns=["_order", "_overall"]).reset_index(drop=True)
 
 
@@ -316,7 +316,7 @@ def refinement_markdown(refinement: pd.DataFrame, unrefined: str) -> str:
         return "Refinement not evaluated (evaluation.refinement is false)."
     methods = list(dict.fromkeys(refinement["method"]))
     iou = refinement.pivot_table(index="method", columns="domain", values="mean_iou", aggfunc="first")
-    domains = sorted(d for d in iou.columns if d != OVERALL) + ([OVERALL] if OVERALL in iou.columns else [])
+    domains = sorted(d for d in iou.columns if d not in AGGREGATES) + [d for d in AGGREGATES if d in iou.columns]
     iou = iou.reindex(index=methods, columns=domains).reset_index()
     overall = refinement[refinement["domain"] == OVERALL].drop(columns=["domain"])
     return "\n".join([
