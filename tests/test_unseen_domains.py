@@ -2,8 +2,9 @@
 mask-level quality scores (``modules/data/domains.py``, ``modules/scoring/bootstrap.py``,
 ``modules/scoring/mask_quality.py``, ``modules/evaluation/intervals.py``).
 
-The protocol test inspects what each stage of the shared ``fusion_project`` fixture trained on (its
-config is the shipped ``config.yaml``'s, which holds out ``medical_gray`` and ``thin``).
+The protocol tests run stage 4 onwards on a copy of the shared ``packed_project`` with the shipped
+``config.yaml``'s held-out groups (``medical_gray`` and ``thin``; the shared fixtures hold out none) and
+inspect what each stage trained on.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from modules.cache.packed_reader import PackedSplitDataset
 from modules.cache.training_index import load_index
 from modules.core.config import ConfigError, load_config
 from modules.core.fileio import file_md5
-from modules.core.paths import checkpoint_run_dir, laplace_run_dir, packed_path, training_data_dir
+from modules.core.paths import checkpoint_run_dir, eval_report_dir, laplace_run_dir, packed_path, training_data_dir
 from modules.data.manifest import load_split_manifest
 from modules.evaluation import reports
 from modules.evaluation.intervals import BootstrapSettings, DomainResampler, mask_quality_frame
@@ -53,10 +54,29 @@ def test_shipped_config_holds_out_two_demo_groups():
     assert set(load_config(REPO / "config.yaml").data.unseen_groups) == UNSEEN
 
 
-def test_no_fit_sees_an_unseen_group(fusion_project):
-    root = fusion_project.root
-    cfg = fusion_project.load_config()
-    assert set(cfg.data.unseen_groups) == UNSEEN
+@pytest.fixture(scope="module")
+def held_out_project(packed_project, tmp_path_factory):
+    """A copy of the packed fixture project run from stage 4 on with the demo's held-out groups: every
+    fit (head, variance network, Laplace, fusion; one epoch each) and a small evaluation."""
+    root = tmp_path_factory.mktemp("held_out") / "project"
+    for name in ("manifests", "prompt_sets", "sam_cache"):
+        shutil.copytree(packed_project.root / name, root / name)
+    common = ["--config", str(packed_project.config), "--set", f"data.project_root={root}",
+              "--set", "data.unseen_groups=[medical_gray, thin]", "--set", "training.num_epochs=1",
+              "--set", "fusion.num_epochs=1", "--set", "fusion.max_train_rows=8",
+              "--set", "evaluation.strategies=[raw_sam, map_head]", "--set", "evaluation.refinement=false",
+              "--set", "evaluation.bootstrap_samples=100", "--set", "evaluation.qualitative_per_domain=0"]
+    for stage, extra in (("build_training_indices", ()), ("pack_to_hdf5", ()),
+                         ("train_head", ("--model", "head")), ("train_head", ("--model", "variance")),
+                         ("fit_laplace", ()), ("train_head", ("--model", "fusion")),
+                         ("evaluate_uncertainty", ("--name", "held_out"))):
+        outcome = call_stage(stage, *common, "--run_id", "v1", *extra)
+        assert outcome.code == 0, (stage, outcome.stderr[-3000:])
+    return root
+
+
+def test_no_fit_sees_an_unseen_group(held_out_project):
+    root = held_out_project
     manifest_groups = {split: set(load_split_manifest(root, split)["group"]) for split in ("train", "val", "test")}
     assert UNSEEN <= manifest_groups["train"]  # the manifests keep them: splits never change
     for split in ("train", "val"):
@@ -77,12 +97,26 @@ def test_no_fit_sees_an_unseen_group(fusion_project):
                  checkpoint_run_dir(root, "head", "v1") / ".stage.json",
                  checkpoint_run_dir(root, "variance", "v1") / ".stage.json",
                  checkpoint_run_dir(root, "fusion", "v1") / ".stage.json",
-                 laplace_run_dir(root, "head", "v1") / ".stage.json"):
+                 laplace_run_dir(root, "head", "v1") / ".stage.json",
+                 eval_report_dir(root, "held_out") / ".stage.json"):
         recorded = _fingerprint(path)
         assert set(recorded["config"]["data.unseen_groups"]) == UNSEEN, path
     for model in ("head", "variance", "fusion"):
         upstream = _fingerprint(checkpoint_run_dir(root, model, "v1") / ".stage.json")["upstream"]
         assert upstream["packed_splits"] == file_md5(packing), model
+
+
+def test_the_stage_reports_seen_and_unseen_side_by_side(held_out_project):
+    folder = eval_report_dir(held_out_project, "held_out")
+    tested = set(load_split_manifest(held_out_project, "test")["group"])
+    by_domain = pd.read_csv(folder / "summary_by_domain.csv")
+    kinds = dict(zip(by_domain["domain"], by_domain["domain_kind"]))
+    assert {group: kinds[group] for group in tested} == {g: "unseen" if g in UNSEEN else "seen" for g in tested}
+    assert {"seen", "unseen"} <= set(by_domain["domain"])
+    assert {"mean_iou_lo", "mean_iou_hi", "auroc_lo", "auroc_hi", "n_images", "n_masks"} <= set(by_domain.columns)
+    quality = pd.read_csv(folder / "mask_quality.csv")
+    assert {"seen", "unseen", "overall"} <= set(quality["domain"]) and "sam_predicted_iou" in set(quality["score"])
+    assert "(unseen, n=" in (folder / "summary.md").read_text()
 
 
 def test_unseen_groups_are_checked_and_a_change_needs_force(packed_project, tmp_path):
