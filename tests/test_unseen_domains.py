@@ -66,11 +66,12 @@ def held_out_project(packed_project, tmp_path_factory):
               "--set", "fusion.num_epochs=1", "--set", "fusion.max_train_rows=8",
               "--set", "evaluation.strategies=[raw_sam, map_head]", "--set", "evaluation.refinement=false",
               "--set", "evaluation.bootstrap_samples=100", "--set", "evaluation.qualitative_per_domain=0"]
+    run = ("--run_id", "v1")
     for stage, extra in (("build_training_indices", ()), ("pack_to_hdf5", ()),
-                         ("train_head", ("--model", "head")), ("train_head", ("--model", "variance")),
-                         ("fit_laplace", ()), ("train_head", ("--model", "fusion")),
-                         ("evaluate_uncertainty", ("--name", "held_out"))):
-        outcome = call_stage(stage, *common, "--run_id", "v1", *extra)
+                         ("train_head", ("--model", "head", *run)), ("train_head", ("--model", "variance", *run)),
+                         ("fit_laplace", run), ("train_head", ("--model", "fusion", *run)),
+                         ("evaluate_uncertainty", ("--name", "held_out", *run))):
+        outcome = call_stage(stage, *common, *extra)
         assert outcome.code == 0, (stage, outcome.stderr[-3000:])
     return root
 
