@@ -53,6 +53,9 @@ def small_demo_config(folder: Path, overrides: dict | None = None) -> Path:
     config["data"].update(images_root=str(folder / "data" / "images"), masks_root=str(folder / "data" / "masks"),
                           project_root=str(folder / "project"))
     config["demo"].update(scenes_per_group=6)
+    # The shared fixtures fit on every group (what the other tests' figures assume); the unseen-domain
+    # protocol runs on its own copy in tests/test_unseen_domains.py.
+    config["data"].update(unseen_groups=[])
     config["prompt_generation"].update(num_promptsets_train=3, num_promptsets_val=2, num_promptsets_test=2,
                                        max_pairs=4)
     config["sam"].update(checkpoint=str(DEMO_CHECKPOINT), device="cpu", num_workers=0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -149,12 +149,14 @@ def cache_locations(cache: sam_cache.SamCache) -> dict[str, CacheLocation]:
 
 @dataclass
 class SplitIndex:
-    """One split's index and the samples left out of it (canonical sample ids)."""
+    """One split's index and the samples left out of it (canonical sample ids); ``held_out``: the
+    samples of the unseen groups (``data.unseen_groups``), never indexed for a fitted split."""
 
     split: str
     frame: pd.DataFrame
     missing_from_cache: list[str]
     stale_in_cache: list[str]
+    held_out: list[str] = field(default_factory=list)
 
     def stats(self) -> dict[str, Any]:
         frame = self.frame
@@ -164,11 +166,14 @@ class SplitIndex:
             "mean_k_pairs": round(float(frame["k_pairs"].mean()), 4) if len(frame) else None,
             "missing_from_cache": len(self.missing_from_cache),
             "stale_in_cache": len(self.stale_in_cache),
+            "held_out_unseen": len(self.held_out),
         }
 
 
-def build_split_index(project_root: Path, split: str, locations: dict[str, CacheLocation]) -> SplitIndex:
-    """The index rows of one split: every prompt set of every sample whose cache entry is valid.
+def build_split_index(project_root: Path, split: str, locations: dict[str, CacheLocation],
+                      excluded_groups: frozenset[str] = frozenset()) -> SplitIndex:
+    """The index rows of one split: every prompt set of every sample whose cache entry is valid and
+    whose group is not in ``excluded_groups`` (the unseen groups, for the fitted splits: ``held_out``).
 
     A sample is left out when stage 3 has no complete entry for it (``missing_from_cache``) or
     when its prompt-set file is not the one the cached logits were computed from
@@ -177,8 +182,12 @@ def build_split_index(project_root: Path, split: str, locations: dict[str, Cache
     rows: list[dict] = []
     missing: list[str] = []
     stale: list[str] = []
+    held_out: list[str] = []
     for sample in load_split_manifest(project_root, split).to_dict("records"):
         safe_id = str(sample["safe_id"])
+        if str(sample["group"]) in excluded_groups:
+            held_out.append(str(sample["sample_id"]))
+            continue
         location = locations.get(safe_id)
         json_path = promptset_path(project_root, split, safe_id)
         if location is None or not json_path.is_file():
@@ -207,4 +216,4 @@ def build_split_index(project_root: Path, split: str, locations: dict[str, Cache
                 "cache_shard_file": location.shard_file,
                 "cache_slot": location.slot,
             })
-    return SplitIndex(split, pd.DataFrame(rows, columns=list(INDEX_COLUMNS)), missing, stale)
+    return SplitIndex(split, pd.DataFrame(rows, columns=list(INDEX_COLUMNS)), missing, stale, held_out)

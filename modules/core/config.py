@@ -40,6 +40,9 @@ class DataConfig:
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     mask_threshold: int = 127
     min_image_side: int = 32
+    # Groups left out of every training and validation split (head, variance network, Laplace,
+    # fusion) and evaluated as unseen domains (``modules/data/domains.py``).
+    unseen_groups: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -197,6 +200,11 @@ class EvaluationConfig:
     ece_bins: int = 15
     qualitative_per_domain: int = 2
     max_samples: int = 0  # 0 = every sample of the split
+    bootstrap_samples: int = 1000  # replicates of the bootstrap over images behind every interval
+    bootstrap_seed: int = 0
+    # Half-width of the band around the predicted mask's boundary whose mean uncertainty rates a
+    # mask (``modules/scoring/mask_quality.py``), as a fraction of the image diagonal.
+    mask_quality_band: float = 0.02
 
 
 @dataclass
@@ -406,6 +414,9 @@ NUMERIC_RANGES: dict[str, str] = {
     "evaluation.ece_bins": "count",
     "evaluation.qualitative_per_domain": "nonneg",
     "evaluation.max_samples": "nonneg",
+    "evaluation.bootstrap_samples": "count",
+    "evaluation.bootstrap_seed": "nonneg",
+    "evaluation.mask_quality_band": "positive",
     "wandb.init_timeout_s": "positive",
 }
 
@@ -471,6 +482,19 @@ def _check_semantics(cfg: PipelineConfig) -> None:
         if not getattr(cfg.laplace, key):
             raise ConfigError(f"laplace.{key}: need a non-empty list of positive values")
     check_component(cfg.sam.model_type, "sam.model_type")  # part of the SAM cache folder name
+    unseen = cfg.data.unseen_groups
+    if len(set(unseen)) != len(unseen) or not all(unseen):
+        raise ConfigError(f"data.unseen_groups: need distinct, non-empty group names, got {unseen}")
+
+
+# --------------------------------------------------------------------------- held-out groups
+
+
+def unseen_group_keys(cfg: PipelineConfig) -> list[str]:
+    """``["data.unseen_groups"]`` when groups are held out, else ``[]``: the key joins the fingerprint of
+    every stage that selects or fits on training data only when set, so projects made before the key
+    existed stay valid while adding, changing or removing held-out groups is a changed input."""
+    return ["data.unseen_groups"] if cfg.data.unseen_groups else []
 
 
 # --------------------------------------------------------------------------- loading

@@ -21,6 +21,9 @@ from modules.core.fileio import (atomic_write_csv, atomic_write_json, atomic_wri
                                  remove_file, remove_tree)
 from modules.core.lineage import evaluation_artifact, evaluation_model_inputs
 from modules.evaluation.html_report import HTML_REPORT, html_report
+from modules.data.domains import SEEN, UNSEEN
+from modules.evaluation.intervals import (AGGREGATES, BootstrapSettings, DomainResampler, domain_kind_of,
+                                          domain_rows, domains_in_order, mask_quality_frame, summary_intervals)
 from modules.evaluation.methods import ORACLE_METHODS
 from modules.evaluation.samples import LabelledSample
 from modules.evaluation.scoreboard import OVERALL, SEGMENTATION_KEYS, Scoreboard, ScoredMethod
@@ -31,7 +34,7 @@ QUALITATIVE_DIR = "qualitative"
 SUMMARY_MARKDOWN = "summary.md"
 DIGEST_FILE = "reports.md5.json"
 CSV_FILES = ("per_mask.csv", "summary_by_domain.csv", "summary_overall.csv", "reliability_bins.csv",
-             "sparsification_curves.csv", "refinement.csv")
+             "sparsification_curves.csv", "refinement.csv", "mask_quality.csv")
 #: summary.md: (column of the summary tables, heading, higher is better?).
 KEY_METRICS = (
     ("mean_iou", "IoU (mean over masks)", True),
@@ -44,6 +47,7 @@ KEY_METRICS = (
 #: The tables the HTML report shows in full (besides summary.md's), with their headings.
 HTML_TABLES = (("summary_overall.csv", "All metrics, every map, all domains together"),
                ("summary_by_domain.csv", "All metrics, every map, per domain"),
+               ("mask_quality.csv", "Which masks to check: mask-level quality scores"),
                ("refinement.csv", "Refinement"))
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -78,27 +82,35 @@ def reports_complete(folder: Path) -> bool:
 # --------------------------------------------------------------------------- tables
 
 
-def summary_frame(scoreboard: Scoreboard, methods: list[str], refinement_methods: list[str]) -> pd.DataFrame:
-    """One row per (method, map, domain): streaming metrics + per-mask means + mask-level Spearman."""
+def summary_frame(scoreboard: Scoreboard, methods: list[str], refinement_methods: list[str],
+                  bootstrap: BootstrapSettings = BootstrapSettings()) -> pd.DataFrame:
+    """One row per (method, map, domain): streaming metrics + per-mask means + mask-level Spearman, the
+    domain's kind (``seen`` / ``unseen`` / ``all``), its image count and the bootstrap intervals
+    (``<column>_lo`` / ``_hi``, ``intervals.INTERVAL_COLUMNS``). Rows go seen groups, unseen groups,
+    then the aggregates (``seen``, ``unseen``, ``overall``)."""
     masks = pd.DataFrame(scoreboard.rows)
+    unseen = scoreboard.unseen_groups
+    resampler = DomainResampler(bootstrap)
     entries = []
     for (method, map_name, domain), accumulator in scoreboard.accumulators.items():
-        selected = masks[masks["method"] == method]
-        if domain != OVERALL:
-            selected = selected[selected["group"] == domain]
+        selected = domain_rows(masks[masks["method"] == method], domain, unseen)
+        is_primary = scoreboard.primary_maps.get(method) == map_name
         entry = {"method": method, "kind": "refinement" if method in refinement_methods else "strategy",
-                 "map": map_name, "is_primary": scoreboard.primary_maps.get(method) == map_name,
-                 "domain": domain, "n_masks": len(selected), "ece_bins": scoreboard.ece_bins,
-                 **accumulator.compute()}
+                 "map": map_name, "is_primary": is_primary, "domain": domain,
+                 "domain_kind": domain_kind_of(domain, unseen), "n_masks": len(selected),
+                 "ece_bins": scoreboard.ece_bins, **accumulator.compute()}
         entry["mask_spearman"] = _mask_spearman(selected[f"mean_{map_name}"], 1.0 - selected["iou"])
         entry.update({f"mean_{key}": float(selected[key].mean()) for key in SEGMENTATION_KEYS})
+        entry.update(summary_intervals(scoreboard, selected, method, map_name, is_primary, resampler))
         entries.append(entry)
     frame = pd.DataFrame(entries)
-    order = {method: index for index, method in enumerate(methods)}
-    frame["_method_order"] = frame["method"].map(order)
-    frame["_domain_order"] = frame["domain"] == OVERALL
-    frame = frame.sort_values(["_domain_order", "domain", "_method_order", "is_primary", "map"],
-                              ascending=[True, True, True, False, True])
+    method_order = {method: index for index, method in enumerate(methods)}
+    domain_order = {domain: index for index, domain in enumerate(domains_in_order(
+        [d for d in frame["domain"].unique() if d not in AGGREGATES], unseen))}
+    frame["_method_order"] = frame["method"].map(method_order)
+    frame["_domain_order"] = frame["domain"].map(domain_order)
+    frame = frame.sort_values(["_domain_order", "_method_order", "is_primary", "map"],
+                              ascending=[True, True, False, True])
     return frame.drop(columns=["_method_order", "_domain_order"]).reset_index(drop=True)
 
 
@@ -138,13 +150,13 @@ def refinement_frame(summary: pd.DataFrame, baselines: list[str], variants: list
     """Per domain: the unrefined baselines beside the refinement variants (primary-map rows)."""
     primary = summary[summary["is_primary"] & summary["method"].isin([*baselines, *variants])]
     columns = ["domain", "method", "n_masks", "mean_iou", "mean_dice", "mean_boundary_iou_1pct", "ece", "nll",
-               "auroc"]
+               "auroc", *(c for c in ("n_images", "mean_iou_lo", "mean_iou_hi") if c in summary)]
     frame = primary[columns].copy()
     reference = frame[frame["method"] == unrefined].set_index("domain")["mean_iou"]
     frame[f"delta_iou_vs_{unrefined}"] = frame["mean_iou"] - frame["domain"].map(reference)
     order = {method: index for index, method in enumerate([*baselines, *variants])}
     frame["_order"] = frame["method"].map(order)
-    frame["_overall"] = frame["domain"] == OVERALL
+    frame["_overall"] = frame["domain"].map({domain: index + 1 for index, domain in enumerate(AGGREGATES)}).fillna(0)
     return frame.sort_values(["_overall", "domain", "_order"]).drop(columns=["_order", "_overall"]).reset_index(drop=True)
 
 
@@ -165,11 +177,21 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
+def _unseen_groups(summary: pd.DataFrame) -> frozenset[str]:
+    if "domain_kind" not in summary:
+        return frozenset()
+    return frozenset(summary.loc[(summary["domain_kind"] == "unseen") & ~summary["domain"].isin(AGGREGATES),
+                                 "domain"])
+
+
 def method_by_domain(summary: pd.DataFrame, column: str, methods: list[str]) -> pd.DataFrame:
-    """``methods`` x (domains, then overall) table of one column over the primary-map rows."""
+    """``methods`` x (seen groups, unseen groups, then the aggregates) table of one column over the
+    primary-map rows."""
     primary = summary[summary["is_primary"]]
     table = primary.pivot_table(index="method", columns="domain", values=column, aggfunc="first", dropna=False)
-    domains = sorted(d for d in table.columns if d != OVERALL) + ([OVERALL] if OVERALL in table.columns else [])
+    unseen = _unseen_groups(summary)
+    domains = [d for d in domains_in_order([d for d in table.columns if d not in AGGREGATES], unseen)
+               if d in table.columns]
     table = table.reindex(index=[m for m in methods if m in table.index], columns=domains)
     return table.reset_index()
 
@@ -214,7 +236,7 @@ def metric_markdown(summary: pd.DataFrame, column: str, methods: list[str], high
             if intervals and text != "n/a" and not pd.isna(low.at[method, domain]):
                 text += f" [{_format(low.at[method, domain])}, {_format(high.at[method, domain])}]"
             shown.at[row, domain] = f"**{text}**" if method in bold.get(domain, ()) else text
-    return markdown_table(shown)
+    return markdown_table(shown.rename(columns=domain_headings(summary, list(table.columns[1:]))))
 
 
 def figure_links(figures: Iterable[str]) -> list[str]:
@@ -222,9 +244,92 @@ def figure_links(figures: Iterable[str]) -> list[str]:
     return [f"- [{name}]({name})" for name in figures]
 
 
+def format_interval(value: float, lo: float, hi: float) -> str:
+    """``0.843 [0.801, 0.880]``; the value alone when the interval is undefined; ``n/a`` for NaN."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def domain_heading(domain: str, kind: str, n_images: int) -> str:
+    """A domain's column heading with its image count: ``thin (unseen, n=4 images)``."""
+    label = f"{kind}, " if kind == "unseen" and domain not in AGGREGATES else ""
+    return f"{domain} ({label}n={n_images} images)"
+
+
+def domain_headings(summary: pd.DataFrame, domains: list[str]) -> dict[str, str]:
+    """Each domain's column heading with its kind and image count (when the summary has them)."""
+    if "n_images" not in summary:
+        return {}
+    primary = summary[summary["is_primary"]]
+    headings = {}
+    for domain in domains:
+        rows = primary[primary["domain"] == domain]
+        n_images = int(rows["n_images"].max()) if len(rows) else 0
+        kind = str(rows["domain_kind"].iloc[0]) if "domain_kind" in rows and len(rows) else ""
+        headings[domain] = domain_heading(domain, kind, n_images)
+    return headings
+
+
+def mask_quality_markdown(mask_quality: pd.DataFrame) -> list[str]:
+    """The summary.md section on which masks to check: per aggregate, every (method, score)'s AUROC of
+    flagging IoU < 0.5, Spearman with IoU and AURC, and the best score on unseen groups against SAM's
+    predicted IoU."""
+    if mask_quality.empty:
+        return []
+    lines = ["## Which masks should a person check (mask-level quality)", "",
+             "Per mask, a quality score from each method's primary map, computed without the ground truth: "
+             "`boundary_band` (mean uncertainty in a band around the predicted boundary), `foreground` (mean "
+             "uncertainty over the predicted mask), `expected_iou` (IoU of the prediction under its own "
+             "probabilities); `sam_predicted_iou` (SAM's own IoU prediction) is the baseline. Each rates the "
+             "method's own masks: AUROC of flagging masks with IoU < 0.5 (higher is better), Spearman with "
+             "the IoU (higher is better), area under the risk-coverage curve with risk 1 - IoU (lower is "
+             "better). 95% bootstrap intervals over images.", ""]
+    aggregates = [d for d in AGGREGATES if d in set(mask_quality["domain"])]
+    for domain in aggregates:
+        rows = mask_quality[mask_quality["domain"] == domain]
+        first = rows.iloc[0]
+        lines += [f"### {domain_heading(domain, str(first['domain_kind']), int(rows['n_images'].max()))}, "
+                  f"{int(rows['n_bad_masks'].max())} of {int(rows['n_masks'].max())} masks per method below IoU 0.5", ""]
+        table = pd.DataFrame([{"method": row.method, "score": row.score,
+                               **{metric: format_interval(getattr(row, metric), getattr(row, f"{metric}_lo"),
+                                                          getattr(row, f"{metric}_hi"))
+                                  for metric in ("auroc_bad", "spearman", "aurc")}}
+                              for row in rows.itertuples(index=False)])
+        lines += [markdown_table(table), ""]
+    unseen = mask_quality[(mask_quality["domain"] == "unseen")]
+    if not unseen.empty:
+        lines += [best_against_baseline(unseen), ""]
+    return lines
+
+
+def best_against_baseline(rows: pd.DataFrame) -> str:
+    """One sentence: the best method score on these rows (by AUROC of flagging IoU < 0.5) against SAM's
+    predicted IoU on raw SAM's masks, and whether the intervals separate them."""
+    methods = rows[~rows["baseline"]].dropna(subset=["auroc_bad"])
+    baseline = rows[rows["baseline"] & (rows["method"] == "raw_sam")].dropna(subset=["auroc_bad"])
+    if methods.empty or baseline.empty:
+        return ("Unseen groups: no comparison with SAM's predicted IoU (raw_sam not evaluated, or no AUROC of "
+                "flagging bad masks defined: no bad or no good masks).")
+    best, base = methods.loc[methods["auroc_bad"].idxmax()], baseline.iloc[0]
+    if best["auroc_bad_lo"] > base["auroc_bad_hi"]:
+        verdict = "above it, beyond the noise (the intervals do not overlap)"
+    elif best["auroc_bad"] > base["auroc_bad"]:
+        verdict = "above it, but within the noise (the intervals overlap)"
+    else:
+        verdict = "not above it"
+    return (f"Unseen groups: the best method score, {best['method']} / {best['score']} (AUROC "
+            f"{format_interval(best['auroc_bad'], best['auroc_bad_lo'], best['auroc_bad_hi'])}), is {verdict} "
+            f"against SAM's predicted IoU on raw SAM's masks "
+            f"({format_interval(base['auroc_bad'], base['auroc_bad_lo'], base['auroc_bad_hi'])}).")
+
+
 def summary_markdown(summary: pd.DataFrame, refinement: pd.DataFrame, refinement_md: str, methods: list[str],
                      n_samples: int, n_masks: int, ece_bins: int, counts: pd.DataFrame | None = None,
-                     figures: Iterable[str] = ()) -> str:
+                     figures: Iterable[str] = (), mask_quality: pd.DataFrame | None = None,
+                     bootstrap_samples: int | None = None) -> str:
     strategies = [m for m in methods if m in set(summary.loc[summary["kind"] == "strategy", "method"])]
     primary = summary[summary["is_primary"] & (summary["domain"] == OVERALL)].set_index("method")["map"]
     lines = ["# Uncertainty evaluation", "",
@@ -239,17 +344,25 @@ def summary_markdown(summary: pd.DataFrame, refinement: pd.DataFrame, refinement
     if oracles:
         lines += ["Oracle ablations (they read the ground truth, which no deployed system has; shown for "
                   f"comparison only): {', '.join(oracles)}.", ""]
+    unseen = _unseen_groups(summary)
+    if unseen:
+        lines += [f"Unseen domains (data.unseen_groups, never trained, validated or tuned on): "
+                  f"{', '.join(sorted(unseen))}; `seen` and `unseen` pool the groups of each kind.", ""]
     lines += ["In each table the best value per domain is in **bold** (oracle ablations excluded)"
-              + ("; `value [lo, hi]`: the value and its interval" if any(c.endswith("_lo") for c in summary.columns)
-                 else "") + ".", ""]
+              + (f"; `value [lo, hi]`: the value and its 95% bootstrap interval over the domain's images "
+                 f"({bootstrap_samples} replicates); n = images of the domain"
+                 if bootstrap_samples and any(c.endswith("_lo") for c in summary.columns) else "") + ".", ""]
     for column, heading, higher_better in KEY_METRICS:
         lines += [f"## {heading} ({'higher' if higher_better else 'lower'} is better)", "",
                   metric_markdown(summary[summary["kind"] == "strategy"], column, strategies, higher_better), ""]
+    if mask_quality is not None:
+        lines += mask_quality_markdown(mask_quality)
     if not refinement.empty:
         lines += ["## Dense embedding fusion refinement", "", refinement_md, ""]
     figures = list(figures)
     lines += ["## Files", "", "Tables: [per_mask.csv](per_mask.csv), [summary_by_domain.csv](summary_by_domain.csv), "
-              "[summary_overall.csv](summary_overall.csv), [refinement.csv](refinement.csv); everything in one "
+              "[summary_overall.csv](summary_overall.csv), [mask_quality.csv](mask_quality.csv), "
+              "[refinement.csv](refinement.csv); everything in one "
               f"page: [{HTML_REPORT}]({HTML_REPORT}).", ""]
     if figures:
         lines += ["Figures:", "", *figure_links(figures), ""]
@@ -261,7 +374,7 @@ def refinement_markdown(refinement: pd.DataFrame, unrefined: str) -> str:
         return "Refinement not evaluated (evaluation.refinement is false)."
     methods = list(dict.fromkeys(refinement["method"]))
     iou = refinement.pivot_table(index="method", columns="domain", values="mean_iou", aggfunc="first")
-    domains = sorted(d for d in iou.columns if d != OVERALL) + ([OVERALL] if OVERALL in iou.columns else [])
+    domains = sorted(d for d in iou.columns if d not in AGGREGATES) + [d for d in AGGREGATES if d in iou.columns]
     iou = iou.reindex(index=methods, columns=domains).reset_index()
     overall = refinement[refinement["domain"] == OVERALL].drop(columns=["domain"])
     return "\n".join([
@@ -342,14 +455,17 @@ def write_curve_plots(folder: Path, curves_by_domain: dict[str, dict[str, dict]]
 
 
 def write_reports(folder: Path, scoreboard: Scoreboard, methods: list[str], refinement_methods: list[str],
-                  unrefined: str, tracker, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+                  unrefined: str, tracker, provenance: dict[str, Any] | None = None,
+                  bootstrap: BootstrapSettings = BootstrapSettings()) -> dict[str, Any]:
     """Write every report file from the scoreboard and log them; returns headline figures.
 
     ``provenance``: what the report came from, shown in the HTML report: ``run ids`` (``RunIds`` as a dict),
     ``inputs`` (``methods.needed_artifacts``: declared to W&B as the run's inputs) and ``config``. The
-    report files are logged as one W&B artifact (``lineage.evaluation_artifact``)."""
+    report files are logged as one W&B artifact (``lineage.evaluation_artifact``). ``bootstrap``: the
+    replicates and seed of every interval."""
     per_mask = pd.DataFrame(scoreboard.rows)
-    summary = summary_frame(scoreboard, methods, refinement_methods)
+    summary = summary_frame(scoreboard, methods, refinement_methods, bootstrap)
+    mask_quality = mask_quality_frame(per_mask, methods, scoreboard.unseen_groups, DomainResampler(bootstrap))
     reliability, sparsification, curves_by_domain = curve_frames(scoreboard)
     evaluated = set(summary["method"])
     baselines = [m for m in (unrefined, "map_head") if m in evaluated]
@@ -358,20 +474,28 @@ def write_reports(folder: Path, scoreboard: Scoreboard, methods: list[str], refi
     refinement_md = refinement_markdown(refinement, unrefined)
 
     atomic_write_csv(folder / "per_mask.csv", per_mask)
-    atomic_write_csv(folder / "summary_by_domain.csv", summary[summary["domain"] != OVERALL])
-    atomic_write_csv(folder / "summary_overall.csv", summary[summary["domain"] == OVERALL])
+    # The seen / unseen aggregates are rows of summary_by_domain.csv (after the groups), so
+    # summary_overall.csv keeps one row per (method, map).
+    overall = summary["domain"] == OVERALL
+    atomic_write_csv(folder / "summary_by_domain.csv", summary[~overall])
+    atomic_write_csv(folder / "summary_overall.csv", summary[overall])
+    atomic_write_csv(folder / "mask_quality.csv", mask_quality)
     atomic_write_csv(folder / "reliability_bins.csv", reliability)
     atomic_write_csv(folder / "sparsification_curves.csv", sparsification)
     atomic_write_csv(folder / "refinement.csv", refinement)
     atomic_write_text(folder / "refinement.md", refinement_md + "\n")
     strategies = [m for m in methods if m not in refinement_methods]
-    plots = write_curve_plots(folder, curves_by_domain, strategies)
+    # The seen / unseen aggregates get no figures of their own (their groups do): figures are the
+    # slowest part of the reports; their curves are in the CSVs.
+    plots = write_curve_plots(folder, {domain: curves for domain, curves in curves_by_domain.items()
+                                       if domain not in (SEEN, UNSEEN)}, strategies)
     panels = sorted((folder / QUALITATIVE_DIR).glob("*/*.png"))
     figures = [path.relative_to(folder).as_posix() for path in [*plots, *panels]]
     atomic_write_text(folder / SUMMARY_MARKDOWN,
                       summary_markdown(summary, refinement, refinement_md, methods, len(scoreboard.done),
                                        len(per_mask), scoreboard.ece_bins, counts=domain_counts(per_mask),
-                                       figures=figures))
+                                       figures=figures, mask_quality=mask_quality,
+                                       bootstrap_samples=bootstrap.samples))
     atomic_write_text(folder / HTML_REPORT, html_report(folder, SUMMARY_MARKDOWN, HTML_TABLES, QUALITATIVE_DIR,
                                                         provenance or {}))
     written = [*CSV_FILES, "refinement.md", SUMMARY_MARKDOWN, HTML_REPORT, *(path.name for path in plots)]
@@ -384,18 +508,21 @@ def write_reports(folder: Path, scoreboard: Scoreboard, methods: list[str], refi
         tracker.use_artifact(name, kind)
     name, kind = evaluation_artifact(file_label(folder.name))
     tracker.log_artifact([folder / file for file in written] + panels, name=name, type=kind, root=folder)
-    tracker.log_table("eval/summary_overall", summary[summary["domain"] == OVERALL])
-    tracker.log_table("eval/summary_by_domain", summary[summary["domain"] != OVERALL])
+    tracker.log_table("eval/summary_overall", summary[overall])
+    tracker.log_table("eval/summary_by_domain", summary[~overall])
+    if not mask_quality.empty:
+        tracker.log_table("eval/mask_quality", mask_quality)
     tracker.log_table("eval/per_mask", per_mask)
     if not refinement.empty:
         tracker.log_table("eval/refinement", refinement)
     for path in [*plots, *panels]:
         tracker.log_image(f"eval/{path.relative_to(folder).with_suffix('').as_posix()}", path)
 
-    overall = summary[(summary["domain"] == OVERALL) & summary["is_primary"]].set_index("method")
     figures: dict[str, Any] = {"report_dir": str(folder)}
-    for method in methods:
-        if method in overall.index:
-            figures[f"{method}/mean_iou"] = round(float(overall.at[method, "mean_iou"]), 4)
-            figures[f"{method}/auroc"] = round(float(overall.at[method, "auroc"]), 4)
+    for domain, suffix in ((OVERALL, ""), *((d, f"_{d}") for d in AGGREGATES if d != OVERALL)):
+        rows = summary[(summary["domain"] == domain) & summary["is_primary"]].set_index("method")
+        for method in methods:
+            if method in rows.index:
+                figures[f"{method}/mean_iou{suffix}"] = round(float(rows.at[method, "mean_iou"]), 4)
+                figures[f"{method}/auroc{suffix}"] = round(float(rows.at[method, "auroc"]), 4)
     return figures

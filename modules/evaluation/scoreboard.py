@@ -1,5 +1,9 @@
 """Scoring at ground-truth resolution: the streaming accumulators per (method, map, domain), the
-per-mask rows, and the resumable state (``state.pt``) that holds both.
+per-mask rows, the per-image statistics behind the bootstrap intervals, and the resumable state
+(``state.pt``) that holds them.
+
+Domains: every group, ``overall``, and with ``data.unseen_groups`` the aggregates ``seen`` and
+``unseen`` (``modules/data/domains.py``), each a domain of its own accumulators.
 """
 
 from __future__ import annotations
@@ -10,13 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from modules.core.fileio import atomic_path
+from modules.data.domains import domain_kind
 from modules.sam.registry import verify_checkpoint_archive
 from modules.evaluation.runs import EvaluationError
 from modules.scoring import metrics
+from modules.scoring.mask_quality import mask_scores
 from modules.evaluation.samples import LabelledSample
 from modules.uncertainty.strategies import EvalSample, StrategyOutput
 
@@ -24,7 +31,7 @@ log = logging.getLogger("pipeline")
 
 STATE_FILE = "state.pt"
 #: Version of the layout of ``state.pt``; a state of another version is refused (rerun with --force).
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 #: The domain name of the rows that pool every domain.
 OVERALL = "overall"
 #: Lower end of the log-spaced bins of entropy-like maps (values below share the first bin).
@@ -63,16 +70,81 @@ class ScoredMethod:
     primary_map: str
 
 
-class Scoreboard:
-    """Streaming accumulators per (method, map, domain) and the per-mask rows of every method."""
+class ImageStatistics:
+    """Per (image, method) sums of the method's primary map over the image's masks, from which the
+    bootstrap over images recomputes the pixel metrics of any set of images: the error-detection
+    histogram (``n_bins x 2`` int64, the accumulators' binning: column 1 counts error pixels) and the
+    calibration bins (``count``, ``prob_sum``, ``positive_sum``, ``ece_bins`` each) and ``nll_sum``.
+    Entries of different images add up, so shards merge by concatenation (``merge``)."""
 
-    def __init__(self, ece_bins: int, device: torch.device) -> None:
+    TENSORS = ("error_histogram", "count", "prob_sum", "positive_sum", "nll_sum")
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+
+    def add(self, safe_id: str, group: str, method: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.entries.append({"safe_id": safe_id, "group": group, "method": method,
+                             **{name: tensors[name].detach().cpu() for name in self.TENSORS}})
+
+    def merge(self, other: "ImageStatistics") -> None:
+        """Add the entries of another shard (its images must not be here already)."""
+        overlap = {e["safe_id"] for e in self.entries} & {e["safe_id"] for e in other.entries}
+        if overlap:
+            raise EvaluationError(f"image statistics: {sorted(overlap)[0]} is in both shards")
+        self.entries.extend(other.entries)
+
+    def stacked(self, method: str, groups: set[str] | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
+        """Image ids and ``n x ...`` arrays of one method's entries (of ``groups`` only, when given)."""
+        chosen = [e for e in self.entries if e["method"] == method and (groups is None or e["group"] in groups)]
+        return ([e["safe_id"] for e in chosen],
+                {name: np.stack([e[name].numpy() for e in chosen]) if chosen else np.zeros((0,))
+                 for name in self.TENSORS})
+
+    def state(self) -> list[dict[str, Any]]:
+        return [{**{k: v for k, v in e.items() if k not in self.TENSORS},
+                 **{name: _pack_tensor(e[name]) for name in self.TENSORS}} for e in self.entries]
+
+    def load_state(self, state: list[dict[str, Any]]) -> None:
+        self.entries = [{**{k: v for k, v in e.items() if k not in self.TENSORS},
+                         **{name: _unpack_tensor(e[name], torch.device("cpu")) for name in self.TENSORS}}
+                        for e in state]
+
+
+def _primary_state(accumulator: metrics.UncertaintyAccumulator) -> dict[str, torch.Tensor]:
+    """Copies of the sums ``ImageStatistics`` keeps (empty before the accumulator's first update)."""
+    calibration = accumulator.calibration.state_dict()
+    detection = accumulator.error_detection.state_dict()
+    if not calibration:
+        return {}
+    return {"error_histogram": detection["_histogram"].clone(), "count": calibration["_count"].clone(),
+            "prob_sum": calibration["_prob_sum"].clone(), "positive_sum": calibration["_positive_sum"].clone(),
+            "nll_sum": calibration["_nll_sum"].clone()}
+
+
+class Scoreboard:
+    """Streaming accumulators per (method, map, domain), the per-mask rows of every method and the
+    per-image statistics of their primary maps. ``unseen_groups``: the held-out groups (their samples
+    also feed the ``unseen`` aggregate, the others ``seen``); ``mask_quality_band``: the boundary band
+    of the per-mask quality scores (``modules/scoring/mask_quality.py``)."""
+
+    def __init__(self, ece_bins: int, device: torch.device, unseen_groups: frozenset[str] = frozenset(),
+                 mask_quality_band: float = 0.02) -> None:
         self.ece_bins = int(ece_bins)
         self.device = device
+        self.unseen_groups = frozenset(unseen_groups)
+        self.mask_quality_band = float(mask_quality_band)
         self.accumulators: dict[tuple[str, str, str], metrics.UncertaintyAccumulator] = {}
         self.primary_maps: dict[str, str] = {}
         self.rows: list[dict[str, Any]] = []
         self.done: list[str] = []
+        self.images = ImageStatistics()
+
+    def domains_of(self, group: str) -> tuple[str, ...]:
+        """The domains a sample of ``group`` is scored in: its group, its seen / unseen aggregate (only
+        when groups are held out) and ``overall``."""
+        if not self.unseen_groups:
+            return (group, OVERALL)
+        return (group, domain_kind(group, self.unseen_groups), OVERALL)
 
     def accumulator(self, method: str, map_name: str, domain: str) -> metrics.UncertaintyAccumulator:
         key = (method, map_name, domain)
@@ -89,18 +161,28 @@ class Scoreboard:
         gt = torch.from_numpy(labelled.ground_truth).to(self.device)
         gt_stack = gt.expand(sample.num_promptsets, *size)
         promptset_ids = [int(s["promptset_id"]) for s in sample.record["promptsets"]]
+        entry = sample.cache_entry
+        sam_predicted_iou = np.asarray(entry.iou_predictions)[np.arange(sample.num_promptsets),
+                                                               np.asarray(entry.branch_index, dtype=np.int64)]
         scored = {}
         for method, output in outputs.items():
             prob = upsample(output.mean_prob, size, self.device).clamp_(0.0, 1.0)
             maps = {name: upsample(values, size, self.device) for name, values in output.maps.items()}
             self.primary_maps[method] = output.primary_map
+            overall_primary = self.accumulator(method, output.primary_map, OVERALL)
+            before = _primary_state(overall_primary)
             for name, values in maps.items():
-                for domain in (sample.group, OVERALL):
+                for domain in self.domains_of(sample.group):
                     self.accumulator(method, name, domain).update(prob, gt_stack, values)
+            after = _primary_state(overall_primary)
+            self.images.add(sample.safe_id, sample.group, method,
+                            {name: value - before[name] if before else value for name, value in after.items()})
+            quality = mask_scores(prob, maps[output.primary_map], self.mask_quality_band)
             for index, promptset_id in enumerate(promptset_ids):
-                self.rows.append(self._mask_row(sample, method, promptset_id, prob[index], gt,
-                                                {name: values[index] for name, values in maps.items()},
-                                                output.primary_map))
+                row = self._mask_row(sample, method, promptset_id, prob[index], gt,
+                                     {name: values[index] for name, values in maps.items()}, output.primary_map)
+                row.update(quality[index], sam_predicted_iou=float(sam_predicted_iou[index]))
+                self.rows.append(row)
             scored[method] = ScoredMethod(prob, maps, output.primary_map)
         self.done.append(sample.safe_id)
         return scored
@@ -110,7 +192,7 @@ class Scoreboard:
         calibration = metrics.calibration_metrics(prob, gt, n_bins=self.ece_bins)
         uncertainty = metrics.uncertainty_metrics(prob, gt, maps[primary_map])
         row = {"sample_id": sample.sample_id, "safe_id": sample.safe_id, "group": sample.group,
-               "promptset_id": promptset_id, "method": method, "primary_map": primary_map,
+               "domain_kind": domain_kind(sample.group, self.unseen_groups), "promptset_id": promptset_id, "method": method, "primary_map": primary_map,
                **metrics.segmentation_metrics(prob, gt),
                "ece": calibration["ece"], "brier": calibration["brier"], "nll": calibration["nll"],
                "ece_bins": self.ece_bins}
@@ -128,6 +210,9 @@ class Scoreboard:
         later must be merged here too (appended like ``rows``, reordered in ``sort_in_unit_order``)."""
         if other.ece_bins != self.ece_bins:
             raise EvaluationError(f"merging scoreboards of ece_bins {self.ece_bins} and {other.ece_bins}")
+        if other.unseen_groups != self.unseen_groups:
+            raise EvaluationError(f"merging scoreboards of unseen groups {sorted(self.unseen_groups)} and "
+                                  f"{sorted(other.unseen_groups)}")
         overlap = set(self.done) & set(other.done)
         if overlap:
             raise EvaluationError(f"merging scoreboards that both scored {sorted(overlap)[:3]}: shards overlap")
@@ -144,6 +229,7 @@ class Scoreboard:
                                       f"in one shard and {map_name} in another")
         self.rows.extend(other.rows)
         self.done.extend(other.done)
+        self.images.merge(other.images)
 
     def sort_in_unit_order(self, unit_order: Sequence[str]) -> None:
         """Put finished samples, rows and accumulators in the order a one-process run over the units
@@ -156,21 +242,27 @@ class Scoreboard:
             raise EvaluationError(f"scored samples {missing[:3]} are not among the evaluation units")
         self.done.sort(key=position.__getitem__)
         self.rows.sort(key=lambda row: position[row["safe_id"]])  # stable: a sample's rows keep their order
+        self.images.entries.sort(key=lambda entry: position[entry["safe_id"]])
         first_of_domain: dict[str, int] = {}
         method_order: dict[str, int] = {}
         map_order: dict[tuple[str, str], int] = {}
         for row in self.rows:
-            first_of_domain.setdefault(row["group"], position[row["safe_id"]])
+            for domain in self.domains_of(row["group"])[:-1]:  # the group and its seen / unseen aggregate
+                first_of_domain.setdefault(domain, position[row["safe_id"]])
             method_order.setdefault(row["method"], len(method_order))
         if self.rows:  # ``overall`` appears with the first sample, right after that sample's own domain
             first_of_domain[OVERALL] = position[self.rows[0]["safe_id"]]
         for method, map_name, _ in self.accumulators:
             map_order.setdefault((method, map_name), len(map_order))
 
+        aggregates = {domain_kind(group, self.unseen_groups) for group in {row["group"] for row in self.rows}} \
+            if self.unseen_groups else set()
+
         def appearance(key: tuple[str, str, str]) -> tuple:
             method, map_name, domain = key
+            domain_rank = 2 if domain == OVERALL else 1 if domain in aggregates else 0  # as domains_of orders them
             return (first_of_domain.get(domain, len(position)), method_order.get(method, len(method_order)),
-                    map_order[(method, map_name)], domain == OVERALL)
+                    map_order[(method, map_name)], domain_rank)
 
         self.accumulators = dict(sorted(self.accumulators.items(), key=lambda item: appearance(item[0])))
         self.primary_maps = dict(sorted(self.primary_maps.items(),
@@ -183,18 +275,23 @@ class Scoreboard:
         return {
             "format": STATE_FORMAT,
             "ece_bins": self.ece_bins,
+            "unseen_groups": sorted(self.unseen_groups),
             "done": list(self.done),
             "rows": list(self.rows),
             "primary_maps": dict(self.primary_maps),
             "accumulators": [{"method": method, "map": map_name, "domain": domain,
                               "state": accumulator_state(accumulator)}
                              for (method, map_name, domain), accumulator in self.accumulators.items()],
+            "images": self.images.state(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT or state.get("ece_bins") != self.ece_bins:
-            raise EvaluationError("state.pt: written by another version or with other ece_bins; rerun with --force")
+        if (state.get("format") != STATE_FORMAT or state.get("ece_bins") != self.ece_bins
+                or set(state.get("unseen_groups", ())) != self.unseen_groups):
+            raise EvaluationError("state.pt: written by another version, with other ece_bins or other "
+                                  "data.unseen_groups; rerun with --force")
         self.done = list(state["done"])
+        self.images.load_state(state["images"])
         self.rows = list(state["rows"])
         self.primary_maps = dict(state["primary_maps"])
         for item in state["accumulators"]:

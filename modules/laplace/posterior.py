@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from laplace.baselaplace import ParametricLaplace
 
+from modules.core.config import unseen_group_keys
 from modules.core.errors import PipelineError, error_line
 from modules.core.fileio import read_json, remove_file
 from modules.sam.base import BackboneError
@@ -353,13 +354,14 @@ def verify_state_file(path: Path) -> None:
 def already_fitted(ctx, checkpoint: Path | str, checkpoint_md5: str, upstream: Mapping[str, Any]) -> bool:
     """True when the stage's output folder holds a complete posterior fitted from the same inputs (skip it).
 
-    The stage fingerprint (the ``laplace`` section and ``upstream``) is checked first, before any
+    The stage fingerprint (the ``laplace`` section, ``data.unseen_groups`` when set, and ``upstream``)
+    is checked first, before any
     skip: changed inputs are a one-line error until ``--force``. A fit that starts over (``--force``,
     or no fingerprint yet) first deletes the previous posterior files, so a refit killed half-way
     never leaves the old posterior looking complete under the new fingerprint.
     """
     folder = ctx.output_dir
-    if ctx.check_inputs(["laplace"], dict(upstream)):
+    if ctx.check_inputs(["laplace", *unseen_group_keys(ctx.cfg)], dict(upstream)):
         for name in ARTIFACTS:
             remove_file(folder / name, folder)
         return False

@@ -26,11 +26,13 @@ from pathlib import Path
 import torch
 
 from modules.cache.training_index import open_cache
+from modules.core.config import unseen_group_keys
 from modules.core.device import resolve_device
 from modules.core.fileio import atomic_write_json, file_md5, read_json, remove_file
 from modules.core.locks import OutputLocked
 from modules.core.paths import FINGERPRINT_FILE, manifest_path
 from modules.core.stage import Shard
+from modules.data.domains import checked_unseen_groups
 from modules.evaluation import reports
 from modules.evaluation.methods import (REFINEMENT_VARIANTS, UNREFINED_BASELINE, Predictor, method_names,
                                         needed_artifacts)
@@ -84,10 +86,16 @@ class QualitativeSelection:
         return selection
 
 
-def fingerprint_sections() -> list[str]:
+def fingerprint_sections(cfg) -> list[str]:
     """Config keys whose change invalidates the reports (device and worker settings do not)."""
     return ["evaluation", "sam.family", "sam.model_type", "sam.prompt_mode", "sam.multimask_policy", "laplace",
-            "fusion", "head", "variance", "training.logit_clip", "training.seed", "data.mask_threshold"]
+            "fusion", "head", "variance", "training.logit_clip", "training.seed", "data.mask_threshold",
+            *unseen_group_keys(cfg)]
+
+
+def new_scoreboard(cfg, device: torch.device) -> Scoreboard:
+    """An empty scoreboard with the run's unseen groups (checked) and mask-quality band."""
+    return Scoreboard(cfg.evaluation.ece_bins, device, checked_unseen_groups(cfg), cfg.evaluation.mask_quality_band)
 
 
 def shard_stem(shard: Shard) -> str:
@@ -122,7 +130,7 @@ def run_one_process(ctx, runs: RunIds) -> None:
     cfg = ctx.cfg
     folder = ctx.output_dir
     units = list_eval_units(cfg)
-    fresh = ctx.check_inputs(fingerprint_sections(), stage_upstream(cfg, runs))
+    fresh = ctx.check_inputs(fingerprint_sections(cfg), stage_upstream(cfg, runs))
     state_path = folder / STATE_FILE
     if fresh:
         reports.remove_reports(folder)
@@ -150,7 +158,7 @@ def run_shard(ctx, runs: RunIds, shard: Shard) -> None:
     units = shard.select(all_units)
     state_path, marker, fingerprint_file = shard_paths(folder, shard)
     ctx.hold_lock(state_path)
-    fresh = ctx.check_inputs(fingerprint_sections(), stage_upstream(cfg, runs), fingerprint_file=fingerprint_file)
+    fresh = ctx.check_inputs(fingerprint_sections(cfg), stage_upstream(cfg, runs), fingerprint_file=fingerprint_file)
     remove_file(marker, folder)  # set again once this shard has gone through all its samples
     if fresh:
         remove_file(state_path, folder)
@@ -164,7 +172,7 @@ def run_shard(ctx, runs: RunIds, shard: Shard) -> None:
     else:
         done, figures = set(scoreboard.done), counts.as_dict()
     if scoreboard is not None or not state_path.is_file():  # (a shard may have no samples at all)
-        save_state(state_path, scoreboard or Scoreboard(cfg.evaluation.ece_bins, torch.device("cpu")))
+        save_state(state_path, scoreboard or new_scoreboard(cfg, torch.device("cpu")))
     failed = [unit.safe_id for unit in units if unit.safe_id not in done]
     atomic_write_json(marker, {"state_md5": file_md5(state_path), "samples": len(units), "failed": failed})
     ctx.summary({"shard": shard.name, "samples": len(units), **figures})
@@ -182,7 +190,7 @@ def evaluate_units(ctx, runs: RunIds, units: list[EvalUnit], all_units: list[Eva
     cfg = ctx.cfg
     folder = ctx.output_dir
     device = resolve_device(cfg.training.device, key="training.device")
-    scoreboard = Scoreboard(cfg.evaluation.ece_bins, device)
+    scoreboard = new_scoreboard(cfg, device)
     previous = None if fresh else load_state_file(state_path)
     if previous is not None:
         scoreboard.load_state(previous)
@@ -227,7 +235,8 @@ def write_stage_reports(ctx, runs: RunIds, scoreboard: Scoreboard, figures: dict
     methods = method_names(ctx.cfg)
     provenance = {"run ids": vars(runs), "inputs": sorted(needed_artifacts(ctx.cfg)), "config": ctx.cfg.to_dict()}
     written = reports.write_reports(ctx.output_dir, scoreboard, methods, list(REFINEMENT_VARIANTS),
-                                    UNREFINED_BASELINE, ctx.tracker, provenance)
+                                    UNREFINED_BASELINE, ctx.tracker, provenance,
+                                    reports.BootstrapSettings.from_config(ctx.cfg))
     ctx.summary({"samples": len(scoreboard.done), "masks": len(scoreboard.rows), **figures, **written})
 
 
@@ -248,7 +257,7 @@ def merge_shards(ctx, runs: RunIds, count: int | None, required: bool) -> bool:
     if count is None:
         raise EvaluationError(f"{folder / SHARDS_DIR}: no finished shards, or shards of several counts; "
                               "pass --num-shards N with --merge")
-    current = ctx.fingerprint(fingerprint_sections(), stage_upstream(cfg, runs))
+    current = ctx.fingerprint(fingerprint_sections(cfg), stage_upstream(cfg, runs))
     missing, stale = [], []
     for index in range(count):
         shard = Shard(index, count)
@@ -282,14 +291,14 @@ def merge_shards(ctx, runs: RunIds, count: int | None, required: bool) -> bool:
         return True
     units = list_eval_units(cfg)
     device = resolve_device(cfg.training.device, key="training.device")
-    merged = Scoreboard(cfg.evaluation.ece_bins, device)
+    merged = new_scoreboard(cfg, device)
     failed = []
     for index in range(count):
         state_path, marker, _ = shard_paths(folder, Shard(index, count))
         state = load_state_file(state_path)
         if state is None:
             raise EvaluationError(f"{folder}: shard {index} of {count}: unreadable state; rerun that shard")
-        part = Scoreboard(cfg.evaluation.ece_bins, device)
+        part = new_scoreboard(cfg, device)
         part.load_state(state)
         merged.merge(part)
         failed += read_json(marker).get("failed", [])

@@ -8,6 +8,7 @@ from typing import Any
 
 from modules.cache.packing import PackPlan, PackSettings, SplitPacker, partial_path, split_is_packed
 from modules.cache.training_index import PackingError, load_index, open_cache
+from modules.core.config import unseen_group_keys
 from modules.core.fileio import remove_file
 from modules.core.paths import index_path, packed_path, training_data_dir
 from modules.core.stage import upstream_fingerprint
@@ -19,8 +20,8 @@ log = logging.getLogger("pipeline")
 def run_stage(ctx) -> None:
     """Stage 4.5 entry point (``pack_to_hdf5.py``): one packed HDF5 file per split.
 
-    Fingerprint: ``training.logit_clip``, ``data.mask_threshold``, ``head.use_image_embedding``
-    and the index CSVs. Units are samples (via ``ctx.run_units``, so the SIGKILL test hook
+    Fingerprint: ``training.logit_clip``, ``data.mask_threshold``, ``head.use_image_embedding``,
+    ``data.unseen_groups`` (when set) and the index CSVs. Units are samples (via ``ctx.run_units``, so the SIGKILL test hook
     applies). A split whose final file matches is skipped; an interrupted one resumes.
     """
     cfg = ctx.cfg
@@ -29,7 +30,8 @@ def run_stage(ctx) -> None:
     for split in SPLITS:
         load_index(ctx.project_root, split)  # each exists and is an index, before anything is touched
     # Each packed file also records its own fingerprint, so only --force discards finished rows.
-    ctx.check_inputs(["training.logit_clip", "data.mask_threshold", "head.use_image_embedding"],
+    ctx.check_inputs(["training.logit_clip", "data.mask_threshold", "head.use_image_embedding",
+                      *unseen_group_keys(cfg)],
                      upstream={"indices": upstream_fingerprint(index_files)},
                      fingerprint_file=f".stage.{ctx.name}.json")
     cache = open_cache(cfg)

@@ -19,7 +19,7 @@ from torch import nn
 from modules.cache.packed_reader import PackedBatches, as_float32, collate_batch, packed_dataset
 from modules.cache.packing import packed_splits_fingerprint
 from modules.cache.training_index import open_cache
-from modules.core.config import PipelineConfig
+from modules.core.config import PipelineConfig, unseen_group_keys
 from modules.core.device import resolve_device
 from modules.core.errors import PipelineError
 from modules.core.fileio import remove_tree
@@ -175,12 +175,15 @@ SOURCE_SETTINGS: dict[str, list[str]] = {
 
 
 def fingerprint_sections(cfg: PipelineConfig, model_kind: str) -> list[str]:
-    """Config sections (or dotted keys) a model's training depends on."""
+    """Config sections (or dotted keys) a model's training depends on (``data.unseen_groups``, when
+    set: the groups its training and validation rows leave out)."""
+    held_out = unseen_group_keys(cfg)
     if model_kind == "variance":
-        return ["head", "training", "variance"]
+        return ["head", "training", "variance", *held_out]
     if model_kind == "fusion":
-        return ["head", "training", "fusion", "sam", *SOURCE_SETTINGS.get(cfg.fusion.uncertainty_source, [])]
-    return ["head", "training"]
+        return ["head", "training", "fusion", "sam", *SOURCE_SETTINGS.get(cfg.fusion.uncertainty_source, []),
+                *held_out]
+    return ["head", "training", *held_out]
 
 
 def training_upstream(cfg: PipelineConfig, model_kind: str, head_run_id: str) -> dict:
