@@ -47,10 +47,11 @@ ENTROPY_UNITS = "nats"
 #: and the Houlsby et al. (2011) approximation of the mutual information, no sampling.
 PREDICTIVES = ("mc", "closed_form")
 
-# Houlsby et al. (2011), eq. 4-5: the binary entropy of Phi(x) in bits is about exp(-x^2 / (pi ln 2)),
+# Houlsby et al. (2011): the binary entropy of Phi(x) in bits is about exp(-x^2 / (pi ln 2)),
 # and its mean over x ~ N(m, s) is C / sqrt(s + C^2) exp(-m^2 / (2 (s + C^2))) with C^2 = pi ln 2 / 2.
 # With sigmoid(z) ~ Phi(z sqrt(pi / 8)) the logit z needs C^2 scaled by 8 / pi: 4 ln 2.
 SIGMOID_ENTROPY_SCALE_SQ = 4.0 * math.log(2.0)
+
 
 class LaplacePosteriorError(PipelineError):
     """Bad configuration, input or artifact for the Laplace posterior; the message names the culprit."""
@@ -260,7 +261,6 @@ class DiagonalLastLayerPosterior(ABC):
             "expected_entropy": expected_entropy.float(),
             "mutual_information": (total_entropy - expected_entropy).clamp_min(0.0).float(),
         }
-
 
     def closed_form_maps(self, inputs: Any) -> dict[str, torch.Tensor]:
         """The maps of ``uncertainty_maps`` without sampling, each ``B x H x W`` float32, nats.
