@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,11 +19,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from laplace import Laplace
 from laplace.curvature import BackPackGGN
 
+from modules.core.config import ConfigError, load_config
+from modules.evaluation.methods import STRATEGY_BUILDERS
 from modules.laplace import head as lh
 from modules.laplace import hypernet as lhn
 from modules.laplace import posterior as lp
 from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
 from modules.training.models import PromptAwareHead
+from modules.uncertainty.strategies import derived_seed
+from tests.test_uncertainty import make_sample
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HIDDEN_CHANNELS = 4
@@ -471,3 +476,122 @@ def test_hypernet_samples_are_seeded_coherent_and_match_moments():
 
     restored = lhn.HypernetPosterior.from_state_dict(posterior.state_dict())
     assert torch.equal(restored.sample_logits(inputs, 3, seed=4), posterior.sample_logits(inputs, 3, seed=4))
+
+
+# --------------------------------------------------------------------------- closed-form predictive
+
+
+def test_probit_probability_on_known_values():
+    mean = torch.tensor([0.0, 2.0, -3.0, 1.5])
+    variance = torch.tensor([5.0, 0.0, 8.0 / math.pi, 3.0 * 8.0 / math.pi])
+    probability = lp.binary_probit_probability(mean, variance)
+    expected = torch.sigmoid(torch.tensor([0.0, 2.0, -3.0 / math.sqrt(2.0), 1.5 / 2.0]))
+    torch.testing.assert_close(probability, expected, rtol=0, atol=1e-7)
+    # ... and it approximates E[sigmoid(z)], z ~ N(mean, variance), to about 0.02
+    draws = mean.double() + variance.double().sqrt() * torch.randn(200_000, 4, generator=torch.Generator().manual_seed(0),
+                                                                    dtype=torch.float64)
+    assert float((torch.sigmoid(draws).mean(0) - probability.double()).abs().max()) < 0.02
+
+
+def _monte_carlo_entropies(mean: torch.Tensor, variance: torch.Tensor, num_samples: int) -> dict[str, torch.Tensor]:
+    """Reference per-pixel Monte Carlo in float64 (each pixel's logit is exactly Gaussian)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = mean.double() + variance.double().sqrt() * torch.randn(num_samples, *mean.shape, generator=generator,
+                                                                    dtype=torch.float64)
+    total = binary_entropy(torch.sigmoid(logits).mean(0))
+    expected = binary_entropy_from_logits(logits).mean(0)
+    return {"total_entropy": total, "expected_entropy": expected, "mutual_information": total - expected}
+
+
+def test_closed_form_entropies_exact_limits_and_agreement_with_monte_carlo():
+    mean = torch.linspace(-8.0, 8.0, 17)
+    # no posterior spread: no epistemic part, total = aleatoric = the entropy of sigmoid(mean)
+    at_map = lp.closed_form_entropies(mean, torch.zeros_like(mean))
+    assert torch.equal(at_map["mutual_information"], torch.zeros_like(mean))
+    torch.testing.assert_close(at_map["total_entropy"], binary_entropy_from_logits(mean), rtol=1e-6, atol=0)
+    torch.testing.assert_close(at_map["expected_entropy"], at_map["total_entropy"], rtol=0, atol=0)
+    # mean 0, tiny variance: BALD = v / 8 nats (second-order expansion), kept at float32 precision
+    tiny = torch.tensor([1e-8, 1e-6, 1e-4])
+    at_zero = lp.closed_form_entropies(torch.zeros(3), tiny)["mutual_information"]
+    torch.testing.assert_close(at_zero, tiny / 8.0, rtol=2e-3, atol=0)
+
+    for variance in (1e-4, 1e-2, 0.1, 1.0):
+        closed = lp.closed_form_entropies(mean, torch.full_like(mean, variance))
+        sampled = _monte_carlo_entropies(mean, torch.full_like(mean, variance), 200_000)
+        for name in ("total_entropy", "expected_entropy"):
+            assert float((closed[name].double() - sampled[name]).abs().max()) < 0.02 * max(1.0, variance), name
+        information = closed["mutual_information"].double()
+        reference = sampled["mutual_information"]
+        assert bool((information >= 0).all())
+        assert float((information - reference).abs().max()) < 0.2 * float(reference.max())
+        central = mean.abs() <= 2.0  # Houlsby's Gaussian tails undershoot BALD at |mean| >> 1
+        assert float(((information - reference) / reference)[central].abs().max()) < 0.35
+        # both peak at mean 0 and fall with |mean|
+        assert int(information.argmax()) == int(reference.argmax()) == 8
+
+
+def test_closed_form_maps_agree_with_large_sample_monte_carlo(fitted):
+    head, _, validation, la = fitted
+    la.prior_precision = 1e-2  # wide posterior: clearly non-zero epistemic part
+    posterior = lh.LastLayerPosterior.from_laplace(head, la)
+    x = torch.stack([sample[0] for sample in validation])
+    closed = posterior.closed_form_maps(x)
+    sampled = posterior.uncertainty_maps(x, 2048, seed=0, samples_per_chunk=512)
+    assert set(closed) == set(sampled)
+    assert all(value.shape == (4, SIZE, SIZE) and value.dtype == torch.float32 for value in closed.values())
+    assert torch.equal(closed["mean_prob"], sampled["mean_prob"])
+    torch.testing.assert_close(closed["total_entropy"], closed["expected_entropy"] + closed["mutual_information"],
+                               rtol=0, atol=1e-6)
+    for name in ("total_entropy", "expected_entropy"):
+        torch.testing.assert_close(closed[name], sampled[name], rtol=0, atol=0.01)
+    information, reference = closed["mutual_information"].double(), sampled["mutual_information"].double()
+    assert float(reference.min()) > 5e-4
+    assert float(((information - reference).abs() / reference).mean()) < 0.05
+    ranks = torch.stack([information.flatten(), reference.flatten()]).argsort(dim=1).argsort(dim=1)
+    assert float(torch.corrcoef(ranks.double())[0, 1]) > 0.95
+    # predictive="closed_form" ignores the sample count and seed; "mc" is uncertainty_maps
+    assert all(torch.equal(closed[name], value)
+               for name, value in posterior.maps(x, "closed_form", 1, seed=123).items())
+    few = posterior.uncertainty_maps(x, 4, seed=0)
+    assert all(torch.equal(few[name], value) for name, value in
+               posterior.maps(x, "mc", 4, generator=torch.Generator().manual_seed(0)).items())
+    with pytest.raises(lp.LaplacePosteriorError, match="laplace.predictive"):
+        posterior.maps(x, "quadrature", 8, seed=0)
+
+
+def test_hypernet_closed_form_maps_agree_with_monte_carlo():
+    """The decoder target's logit variance is a diagonal quadratic form too: the closed form applies."""
+    upscaled, tokens, weight, bias, logits = hypernet_case(seed=5, size=6)
+    diag_weight, diag_bias = lhn.hypernet_ggn_diagonal(upscaled, tokens, logits)
+    posterior = lhn.HypernetPosterior.from_ggn(weight, bias, diag_weight, diag_bias, prior_precision=1.0)
+    inputs = lhn.HypernetInputs(upscaled, tokens)
+    closed = posterior.closed_form_maps(inputs)
+    sampled = posterior.uncertainty_maps(inputs, 4096, seed=1, samples_per_chunk=512)
+    for name in ("total_entropy", "expected_entropy"):
+        torch.testing.assert_close(closed[name], sampled[name], rtol=0, atol=0.03)
+    information, reference = closed["mutual_information"].double(), sampled["mutual_information"].double()
+    assert float((information - reference).abs().max()) < 0.1 * float(reference.max())
+    ranks = torch.stack([information.flatten(), reference.flatten()]).argsort(dim=1).argsort(dim=1)
+    assert float(torch.corrcoef(ranks.double())[0, 1]) > 0.9
+
+
+def test_laplace_predictive_setting_reaches_the_evaluation_maps():
+    head = make_head(seed=3)
+    mean = torch.cat([head.final_conv.weight.detach().flatten(), head.final_conv.bias.detach()])
+    posterior = lh.LastLayerPosterior(head, mean, torch.full_like(mean, 0.05), prior_precision=1.0)
+    sample = make_sample("s1", seed=0, num_sets=2)
+    inputs = lh.HeadInputs(sample.head_inputs)
+    outputs = {}
+    for predictive in lp.PREDICTIVES:
+        cfg = load_config(None, [f"laplace.predictive={predictive}", "laplace.num_samples=8", "laplace.seed=5"])
+        strategy = STRATEGY_BUILDERS["laplace"].build(cfg, SimpleNamespace(posterior=posterior))
+        outputs[predictive] = strategy.predict(sample)
+    closed = posterior.closed_form_maps(inputs)
+    sampled = posterior.uncertainty_maps(inputs, 8, seed=derived_seed(5, sample.sample_key))
+    for predictive, expected in (("closed_form", closed), ("mc", sampled)):
+        output = outputs[predictive]
+        assert torch.equal(output.mean_prob, expected["mean_prob"])
+        assert all(torch.equal(output.maps[name], expected[name]) for name in output.maps)
+    assert not torch.equal(outputs["mc"].maps["mutual_information"], outputs["closed_form"].maps["mutual_information"])
+    with pytest.raises(ConfigError, match="laplace.predictive"):
+        load_config(None, ["laplace.predictive=exact"])

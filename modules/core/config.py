@@ -132,6 +132,9 @@ class LaplaceConfig:
     num_samples: int = 32
     seed: int = 0
     nll_eps: float = 1e-6
+    # How the uncertainty maps come from the per-pixel logit Gaussian: Monte Carlo over num_samples
+    # weight draws, or in closed form (probit + Houlsby et al.'s BALD approximation).
+    predictive: Literal["mc", "closed_form"] = "closed_form"
 
 
 @dataclass

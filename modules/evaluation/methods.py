@@ -83,8 +83,10 @@ def _build_laplace(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
     if cfg.laplace.target == "sam_decoder":
         posterior = load_decoder_posterior(cfg, artifacts.runs.laplace, artifacts.backbone.device)
         return DecoderLaplaceStrategy(artifacts.backbone, posterior, cfg.laplace.num_samples, seed=cfg.laplace.seed,
-                                      prompt_mode=cfg.sam.prompt_mode, multimask_policy=cfg.sam.multimask_policy)
-    return LaplaceStrategy(artifacts.posterior, cfg.laplace.num_samples, seed=cfg.laplace.seed)
+                                      prompt_mode=cfg.sam.prompt_mode, multimask_policy=cfg.sam.multimask_policy,
+                                      predictive=cfg.laplace.predictive)
+    return LaplaceStrategy(artifacts.posterior, cfg.laplace.num_samples, seed=cfg.laplace.seed,
+                           predictive=cfg.laplace.predictive)
 
 
 def _build_variance_network(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
@@ -199,6 +201,7 @@ class Refinement:
                 variance_network=artifacts.variance_network if "variance" in needs else None,
                 num_samples=cfg.laplace.num_samples, seed=cfg.laplace.seed,
                 log_var_range=(cfg.variance.log_var_min, cfg.variance.log_var_max),
+                predictive=cfg.laplace.predictive,
             )
 
     def shared_inputs(self, sample: EvalSample) -> RefinementInputs:

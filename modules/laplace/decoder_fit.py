@@ -188,13 +188,14 @@ def search_temperature_and_prior(
 
 @torch.no_grad()
 def decoder_quality_checks(posterior: DecoderPosterior, validation: Sequence[DecodedRows] | SplitRows,
-                           num_samples: int, seed: int, nll_eps: float) -> dict:
-    """Decoder (MAP) vs Laplace NLL/ECE and the mutual-information margin on the decoder's errors."""
+                           num_samples: int, seed: int, nll_eps: float, predictive: str = "mc") -> dict:
+    """Decoder (MAP) vs Laplace NLL/ECE and the mutual-information margin on the decoder's errors;
+    ``predictive``: ``laplace.predictive``."""
     quality = lp.PosteriorQualityAccumulator(nll_eps)
     for batch_index, decoded in enumerate(validation):
         targets = decoded.targets.to(posterior.device)
         map_prob = torch.sigmoid(decoded.decoder_logits.to(posterior.device))
-        maps = posterior.uncertainty_maps(decoded.inputs, num_samples, seed=seed + batch_index)
+        maps = posterior.maps(decoded.inputs, predictive, num_samples, seed=seed + batch_index)
         quality.update(map_prob, maps, targets)
     return quality.compute()
 

@@ -457,8 +457,10 @@ def load_head_posterior(cfg, run_id: str, device) -> tuple[nn.Module, LastLayerP
 
 @torch.no_grad()
 def head_quality_checks(head: nn.Module, posterior: LastLayerPosterior, val_samples: Sequence[Any],
-                        num_samples: int, seed: int, nll_eps: float, batch_size: int = 8) -> dict:
-    """MAP vs Laplace NLL/ECE and the mutual-information margin on MAP errors (validation split)."""
+                        num_samples: int, seed: int, nll_eps: float, batch_size: int = 8,
+                        predictive: str = "mc") -> dict:
+    """MAP vs Laplace NLL/ECE and the mutual-information margin on MAP errors (validation split);
+    ``predictive``: ``laplace.predictive``."""
     quality = PosteriorQualityAccumulator(nll_eps)
     for batch_index, (inputs, targets) in enumerate(iterate_in_batches(val_samples, batch_size)):
         x = inputs.x if isinstance(inputs, HeadInputs) else inputs
@@ -468,6 +470,6 @@ def head_quality_checks(head: nn.Module, posterior: LastLayerPosterior, val_samp
         embedding = None if embedding is None else embedding.to(device)
         map_prob = torch.sigmoid(head(x, embedding))[:, 0]
         head_inputs = x if embedding is None else HeadInputs(x, embedding)
-        maps = posterior.uncertainty_maps(head_inputs, num_samples, seed=seed + batch_index)
+        maps = posterior.maps(head_inputs, predictive, num_samples, seed=seed + batch_index)
         quality.update(map_prob, maps, targets)
     return quality.compute()

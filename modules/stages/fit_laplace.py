@@ -108,7 +108,8 @@ def run_stage(ctx, run_id: str) -> None:
     plot_prior_grid(list(search.grid), list(search.nll), search.best_prior_precision,
                     folder / lp.GRID_PLOT_FILE, title=f"Laplace prior precision (temperature {temperature:g})")
     posterior = lh.LastLayerPosterior.from_laplace(head, la)
-    checks = lh.head_quality_checks(head, posterior, val_set, settings.num_samples, settings.seed, settings.nll_eps)
+    checks = lh.head_quality_checks(head, posterior, val_set, settings.num_samples, settings.seed, settings.nll_eps,
+                                    predictive=settings.predictive)
     atomic_write_json(folder / lp.QUALITY_FILE, checks)
     ctx.tracker.log_table("prior_precision_nll", grid_table)
     ctx.tracker.log_artifact(folder, name=f"laplace-head-run_{run_id}", type="laplace")
@@ -160,7 +161,7 @@ def run_decoder_stage(ctx, run_id: str) -> None:
                     title=f"SAM decoder Laplace prior precision (temperature {search.temperature:g})")
     with torch.autocast(device_type=backbone.device.type, enabled=False):
         checks = decoder_fit.decoder_quality_checks(posterior, validation, settings.num_samples, settings.seed,
-                                                    settings.nll_eps)
+                                                    settings.nll_eps, predictive=settings.predictive)
     atomic_write_json(folder / lp.QUALITY_FILE, checks)
     ctx.tracker.log_table("prior_precision_nll", search.table)
     ctx.tracker.log_artifact(folder, name=f"laplace-{DECODER_TARGET}-run_{run_id}", type="laplace")

@@ -140,6 +140,7 @@ def fusion_uncertainty_source(cfg: PipelineConfig, run_id: str, device):
         variance_network = load_trained_variance_network(cfg, run_id, device)
     return make_uncertainty_source(name, head=head, posterior=posterior, variance_network=variance_network,
                                    num_samples=cfg.laplace.num_samples, seed=cfg.laplace.seed,
+                                   predictive=cfg.laplace.predictive,
                                    log_var_range=(cfg.variance.log_var_min, cfg.variance.log_var_max))
 
 
@@ -169,7 +170,7 @@ def trained_on_artifacts(cfg: PipelineConfig, model_kind: str) -> set[str]:
 
 #: Config keys outside the trained model's sections that shape each ``fusion.uncertainty_source`` map.
 SOURCE_SETTINGS: dict[str, list[str]] = {
-    "laplace_epistemic": ["laplace.num_samples", "laplace.seed"],
+    "laplace_epistemic": ["laplace.num_samples", "laplace.seed", "laplace.predictive"],
     "variance_network": ["variance.log_var_min", "variance.log_var_max"],
 }
 

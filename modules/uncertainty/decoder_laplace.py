@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from modules.laplace.decoder import DecoderHypernetInputs, DecoderLaplaceError, DecoderPosterior, decode_chosen_outputs
+from modules.laplace.posterior import check_predictive
 from modules.sam.prompting import MULTIMASK_POLICIES
 from modules.uncertainty.strategies import EvalSample, Strategy, StrategyOutput, derived_seed
 
@@ -28,7 +29,8 @@ class DecoderLaplaceStrategy(Strategy):
     Per sample: the prompt decoder re-runs on the cached embedding with the sample's prompt sets
     (``prompt_mode``), the output stage 3 chose is kept (the cache entry's ``branch_index`` under
     ``multimask_policy``), and the posterior of that output's token gives ``mean_prob`` (closed-form
-    probit) and, from ``num_samples`` weight draws seeded by ``(seed, sample key)``, the maps
+    probit) and, from ``num_samples`` weight draws seeded by ``(seed, sample key)`` or in closed form
+    (``predictive``, as ``uncertainty.LaplaceStrategy``), the maps
     ``total_entropy`` (primary, as ``uncertainty.LaplaceStrategy``), ``mutual_information`` (BALD)
     and ``expected_entropy``; each
     ``P x 256 x 256`` FRAME256 float32 on the backbone's device. The posterior must be on that device
@@ -41,7 +43,7 @@ class DecoderLaplaceStrategy(Strategy):
     MAP_NAMES: ClassVar[tuple[str, ...]] = ("mutual_information", "total_entropy", "expected_entropy")
 
     def __init__(self, backbone, posterior: DecoderPosterior, num_samples: int, seed: int = 0,
-                 prompt_mode: str = "points", multimask_policy: str = "best_iou") -> None:
+                 prompt_mode: str = "points", multimask_policy: str = "best_iou", predictive: str = "mc") -> None:
         if not _same_device(posterior.device, torch.device(backbone.device)):
             raise DecoderLaplaceError(f"laplace: the posterior is on {posterior.device}, the SAM backbone on "
                                       f"{backbone.device}; load it with device={backbone.device}")
@@ -51,6 +53,7 @@ class DecoderLaplaceStrategy(Strategy):
         self.posterior = posterior
         self.num_samples = int(num_samples)
         self.seed = int(seed)
+        self.predictive = check_predictive(predictive)
         self.prompt_mode = prompt_mode
         self.multimask_policy = multimask_policy
         self.device = posterior.device
@@ -73,7 +76,7 @@ class DecoderLaplaceStrategy(Strategy):
 
     def predict(self, sample: EvalSample) -> StrategyOutput:
         inputs, _ = self.decode(sample)
-        result = self.posterior.uncertainty_maps(inputs, self.num_samples,
-                                                 seed=derived_seed(self.seed, sample.sample_key))
+        result = self.posterior.maps(inputs, self.predictive, self.num_samples,
+                                     seed=derived_seed(self.seed, sample.sample_key))
         maps = {name: result[name].float() for name in self.MAP_NAMES}
         return StrategyOutput(result["mean_prob"].float(), maps, self.primary_map)

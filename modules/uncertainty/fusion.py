@@ -61,8 +61,10 @@ UncertaintySource = Callable[[torch.Tensor], torch.Tensor]
 
 
 def make_uncertainty_source(name: str, head=None, posterior=None, variance_network=None,
-                            num_samples: int = 16, seed: int = 0, log_var_range=(-5.0, 5.0)) -> UncertaintySource:
-    """A function ``head_inputs B x 3 x 256 x 256 -> uncertainty B x 256 x 256 in [0, 1]``."""
+                            num_samples: int = 16, seed: int = 0, log_var_range=(-5.0, 5.0),
+                            predictive: str = "mc") -> UncertaintySource:
+    """A function ``head_inputs B x 3 x 256 x 256 -> uncertainty B x 256 x 256 in [0, 1]``
+    (``predictive``: ``laplace.predictive`` for ``laplace_epistemic``)."""
 
     def raw_sam_entropy(x):
         return binary_entropy_from_logits(x[:, 0]) / LN2
@@ -71,7 +73,7 @@ def make_uncertainty_source(name: str, head=None, posterior=None, variance_netwo
         return binary_entropy_from_logits(head(x)[:, 0]) / LN2
 
     def laplace_epistemic(x):
-        return posterior.uncertainty_maps(x, num_samples, seed=seed)["mutual_information"].clamp(0, LN2) / LN2
+        return posterior.maps(x, predictive, num_samples, seed=seed)["mutual_information"].clamp(0, LN2) / LN2
 
     def variance_network_map(x):
         log_var = variance_network(VarianceNetwork.build_inputs(x, head(x)))[:, 0]

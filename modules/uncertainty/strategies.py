@@ -26,6 +26,7 @@ from modules.core.device import resolve_device
 from modules.core.errors import PipelineError
 from modules.data.promptset import gaussian_prompt_maps, promptset_tensors, sample_key
 from modules.laplace.head import HeadInputs
+from modules.laplace.posterior import check_predictive
 from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
 from modules.training.models import VarianceNetwork
 from modules.core.config import ConfigError
@@ -377,11 +378,13 @@ class OraclePromptPerturbationStrategy(OracleStrategy):
 
 class LaplaceStrategy(Strategy):
     """A last-layer Laplace posterior of the head (``laplace.posterior.LastLayerPosterior`` or any
-    object with ``uncertainty_maps(inputs, num_samples, seed) -> dict`` of ``mean_prob``,
+    object with ``maps(inputs, predictive, num_samples, seed) -> dict`` of ``mean_prob``,
     ``total_entropy``, ``expected_entropy``, ``mutual_information``, each ``P x 256 x 256``).
 
     ``mean_prob`` is the posterior's closed-form probit predictive; the maps come from
-    ``num_samples`` weight draws seeded per sample. Primary map: ``total_entropy``, the entropy of
+    ``num_samples`` weight draws seeded per sample (``predictive="mc"``) or from the per-pixel logit
+    mean and variance in closed form (``"closed_form"``, ``laplace.predictive``). Primary map:
+    ``total_entropy``, the entropy of
     the predictive mean, as for every sampling strategy (TTA, prompt perturbation); its epistemic
     part ``mutual_information`` (BALD) and aleatoric part ``expected_entropy`` are scored beside it.
     """
@@ -390,10 +393,11 @@ class LaplaceStrategy(Strategy):
     primary_map = "total_entropy"
     MAP_NAMES: ClassVar[tuple[str, ...]] = ("mutual_information", "total_entropy", "expected_entropy")
 
-    def __init__(self, posterior, num_samples: int, seed: int = 0) -> None:
+    def __init__(self, posterior, num_samples: int, seed: int = 0, predictive: str = "mc") -> None:
         self.posterior = posterior
         self.num_samples = int(num_samples)
         self.seed = int(seed)
+        self.predictive = check_predictive(predictive)
         self.device = posterior.device
 
     def predict(self, sample: EvalSample) -> StrategyOutput:
@@ -403,8 +407,8 @@ class LaplaceStrategy(Strategy):
             embed = torch.from_numpy(np.asarray(sample.cache_entry.features[EMBEDDING_FEATURE])).float()
             embedding = embed.unsqueeze(0).expand(sample.num_promptsets, -1, -1, -1).to(self.device)
         inputs = HeadInputs(sample.head_inputs.to(self.device), embedding)
-        result = self.posterior.uncertainty_maps(inputs, self.num_samples,
-                                                 seed=derived_seed(self.seed, sample.sample_key))
+        result = self.posterior.maps(inputs, self.predictive, self.num_samples,
+                                     seed=derived_seed(self.seed, sample.sample_key))
         maps = {name: result[name].float() for name in self.MAP_NAMES}
         return StrategyOutput(result["mean_prob"].float(), maps, self.primary_map)
 
