@@ -168,7 +168,7 @@ def test_label_source_is_validated_and_fingerprinted():
         assert "\n" not in str(error.value)
 
     def fingerprint(cfg):
-        return {name: cfg.section(name) for name in fingerprint_sections()}
+        return {name: cfg.section(name) for name in fingerprint_sections(cfg)}
 
     own_mask = config("evaluation.prompt_perturbation.label_source=own_mask")
     assert fingerprint(own_mask) != fingerprint(default) and fingerprint(config()) == fingerprint(default)

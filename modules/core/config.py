@@ -84,8 +84,8 @@ class HeadConfig:
     hidden_channels: int = 16
     use_image_embedding: bool = False
     # SAM's logit also feeds the last layer (weight 1, the rest 0 at initialisation): an untrained head
-    # is raw SAM, and training learns a correction to it.
-    residual: bool = True
+    # is raw SAM, and training learns a correction to it (README: measured, not yet the default).
+    residual: bool = False
 
 
 @dataclass
