@@ -17,6 +17,7 @@ from modules.core.device import DeviceError, resolve_device
 from modules.core.frames import FRAME256
 from modules.sam.base import MASK_INPUT_PAD_LOGIT, BackboneError, checkpoint_md5
 from modules.sam.registry import build_sam_model, load_backbone, registered_backbones
+from tests.helpers.errors import one_line_error
 
 HW = (120, 160)
 
@@ -107,11 +108,7 @@ def test_checkpoint_md5_is_cached_but_follows_changes(tmp_path):
 
 
 def _one_line_error(call) -> str:
-    with pytest.raises(BackboneError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    return message
+    return one_line_error(call, BackboneError)
 
 
 def test_load_errors_are_one_line_and_name_the_problem(tmp_path, demo_checkpoint):

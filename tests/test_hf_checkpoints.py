@@ -31,6 +31,7 @@ from modules.sam.sam2 import Sam2Backbone
 from modules.sam.sam3 import build_sam3_tracker
 from modules.sam.sam_v1 import SamBackbone
 from tests.conftest import small_demo_config
+from tests.helpers.errors import one_line_error
 from tests.helpers.stage_calls import SMALL, call_stage
 from tests.stage_runner import REPO
 
@@ -136,11 +137,7 @@ def test_every_format_loads_the_same_weights(tiny_registered, hf_sam, hf_sam_fol
 
 
 def _one_line(call) -> str:
-    with pytest.raises(BackboneError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    return message
+    return one_line_error(call, BackboneError)
 
 
 def test_checkpoint_errors_name_the_file_and_both_models(tiny_registered, hf_sam_folder, tmp_path):
