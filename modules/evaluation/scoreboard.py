@@ -169,12 +169,14 @@ class Scoreboard:
             prob = upsample(output.mean_prob, size, self.device).clamp_(0.0, 1.0)
             maps = {name: upsample(values, size, self.device) for name, values in output.maps.items()}
             self.primary_maps[method] = output.primary_map
-            overall_primary = self.accumulator(method, output.primary_map, OVERALL)
-            before = _primary_state(overall_primary)
+            # Accumulators are created in update order (group, aggregate, overall), the order a merge
+            # of shards restores (sort_in_unit_order).
+            overall_key = (method, output.primary_map, OVERALL)
+            before = _primary_state(self.accumulators[overall_key]) if overall_key in self.accumulators else {}
             for name, values in maps.items():
                 for domain in self.domains_of(sample.group):
                     self.accumulator(method, name, domain).update(prob, gt_stack, values)
-            after = _primary_state(overall_primary)
+            after = _primary_state(self.accumulators[overall_key])
             self.images.add(sample.safe_id, sample.group, method,
                             {name: value - before[name] if before else value for name, value in after.items()})
             quality = mask_scores(prob, maps[output.primary_map], self.mask_quality_band)
