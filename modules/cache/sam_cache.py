@@ -88,6 +88,12 @@ class CacheEntry:
     def num_promptsets(self) -> int:
         return int(self.logits.shape[0])
 
+    @property
+    def selected_iou_predictions(self) -> np.ndarray:
+        """``P`` float32: SAM's predicted IoU of the output cached for each prompt set."""
+        rows = np.arange(self.num_promptsets)
+        return np.asarray(self.iou_predictions, dtype=np.float32)[rows, np.asarray(self.branch_index, dtype=np.int64)]
+
 
 def entry_checksum(entry: CacheEntry, feature_names: Iterable[str]) -> int:
     """CRC-32 over the entry's arrays, in a fixed order, exactly as stored (float16 etc.)."""

@@ -215,11 +215,8 @@ class Refinement:
         head_inputs = sample.head_inputs.to(self.head_device)
         uncertainty = {name: source(head_inputs).float().to(device).unsqueeze(1)
                        for name, source in self.sources.items()}
-        entry = sample.cache_entry
-        predicted_iou = np.take_along_axis(np.asarray(entry.iou_predictions, dtype=np.float32),
-                                           np.asarray(entry.branch_index, dtype=np.int64)[:, None], axis=1)[:, 0]
         return RefinementInputs(sample.features(device), sample.original_hw, prompts, sam_logits, uncertainty,
-                                torch.from_numpy(predicted_iou).to(device))
+                                torch.from_numpy(sample.cache_entry.selected_iou_predictions).to(device))
 
     def predict(self, shared: RefinementInputs) -> dict[str, StrategyOutput]:
         """The variants refining SAM's own first pass; with ``fusion.gate: predicted_iou`` a prompt set

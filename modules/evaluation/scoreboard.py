@@ -161,9 +161,7 @@ class Scoreboard:
         gt = torch.from_numpy(labelled.ground_truth).to(self.device)
         gt_stack = gt.expand(sample.num_promptsets, *size)
         promptset_ids = [int(s["promptset_id"]) for s in sample.record["promptsets"]]
-        entry = sample.cache_entry
-        sam_predicted_iou = np.asarray(entry.iou_predictions)[np.arange(sample.num_promptsets),
-                                                               np.asarray(entry.branch_index, dtype=np.int64)]
+        sam_predicted_iou = sample.cache_entry.selected_iou_predictions
         scored = {}
         for method, output in outputs.items():
             prob = upsample(output.mean_prob, size, self.device).clamp_(0.0, 1.0)
