@@ -125,6 +125,47 @@ def build_promptset_record(sample: dict, split: str, mask: np.ndarray, num_sets:
     }
 
 
+def clicked_promptset(points, labels, box, height: int, width: int, promptset_id: int = 0) -> dict:
+    """A prompt set from a person's (or a simulated annotator's) clicks, with the fields of a drawn
+    one: ``points`` ``N x 2`` (x, y) ORIGINAL pixels, ``labels`` ``N`` (1 positive, 0 negative),
+    ``box`` ``(x0, y0, x1, y1)`` ORIGINAL pixels or None (then the whole image, which only the box
+    prompt modes read)."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    labels = [int(v) for v in np.asarray(labels).reshape(-1)]
+    if len(labels) != points.shape[0] or any(v not in (0, 1) for v in labels):
+        raise ValueError(f"clicks: {points.shape[0]} points need as many labels, each 0 or 1 (got {labels})")
+    box = [0, 0, width - 1, height - 1] if box is None else [float(v) for v in box]
+    return {
+        "promptset_id": int(promptset_id),
+        "points": points.tolist(),
+        "labels": labels,
+        "box": box,
+        "points_256": np.round(to_frame256_points(points, height, width), 4).tolist(),
+        "box_256": [round(v, 4) for v in to_frame256_box(box, height, width)],
+    }
+
+
+def clicked_record(sample_id: str, safe_id: str, image_hw: tuple[int, int], promptsets: list[dict],
+                   gaussian_sigma: float, min_point_width: int, split: str = "interactive") -> dict:
+    """A prompt-set record (as stage 2 writes) around ``clicked_promptset`` sets. Its ``point_width``
+    is ``min_point_width`` (the pipeline's canonical width, ``point_width``), or more where a set
+    has more clicks, always leaving one padding point."""
+    widest = max((len(s["labels"]) for s in promptsets), default=0)
+    return {
+        "format_version": FORMAT_VERSION,
+        "sample_id": sample_id,
+        "safe_id": safe_id,
+        "split": split,
+        "image_h": int(image_hw[0]),
+        "image_w": int(image_hw[1]),
+        "frame": FRAME256,
+        "gaussian_sigma": float(gaussian_sigma),
+        "point_width": max(int(min_point_width), widest + 1),
+        "source": {"clicks": True},
+        "promptsets": promptsets,
+    }
+
+
 def dumps_record(record: dict) -> str:
     """Canonical JSON text: the same record always gives the same bytes."""
     return json.dumps(record, sort_keys=True, indent=1) + "\n"

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from modules.cache import sam_cache, shard_writer
+from modules.cache.entries import decoded_entry, record_prompts
 from modules.core.config import PipelineConfig
 from modules.core.errors import error_line
 from modules.core.fileio import cached_file_md5
@@ -34,8 +35,8 @@ from modules.core.progress import Progress
 from modules.core.stage import KillSwitch, Shard, UnitCounts
 from modules.data.imageio import ImageReadError, read_image_rgb
 from modules.data.manifest import SPLITS, load_split_manifest
-from modules.data.promptset import load_promptsets, promptset_tensors
-from modules.sam.prompting import MULTIMASK_POLICIES, Prompts, decode_selected, round_features
+from modules.data.promptset import load_promptsets
+from modules.sam.prompting import MULTIMASK_POLICIES, Prompts, round_features
 from modules.sam.registry import check_registered, configured_checkpoint_md5, load_backbone
 
 log = logging.getLogger("pipeline.precompute")
@@ -130,8 +131,8 @@ class ImageLoader(Dataset):
                           "rerun generate_promptsets.py")
             return item
         try:
-            points, labels, _, boxes = promptset_tensors(record)
-            promptset_ids = np.array([s["promptset_id"] for s in record["promptsets"]], dtype=np.int32)
+            prompts, promptset_ids = record_prompts(record)
+            points, labels, boxes = prompts.point_coords, prompts.point_labels, prompts.boxes
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
             item.error = f"{path}: malformed prompt-set file ({error_line(exc)}); rerun generate_promptsets.py"
             return item
@@ -173,19 +174,9 @@ def compute_entries(backbone, batch: dict, prompt_mode: str, multimask_policy: s
     for index, item in enumerate(items):
         single = {name: value[index : index + 1] for name, value in features.items()}
         prompts = Prompts(*(torch.from_numpy(a) for a in (item.points, item.labels, item.boxes)))
-        selected = decode_selected(backbone, single, item.original_hw, prompts, prompt_mode, multimask_policy)
-        entries.append(sam_cache.CacheEntry(
-            safe_id=item.unit.safe_id,
-            split=item.unit.split,
-            features={name: value[0].cpu().numpy() for name, value in single.items()},
-            logits=selected.logits.to(torch.float16).cpu().numpy(),
-            promptset_ids=item.promptset_ids,
-            branch_index=selected.branch.to(torch.int8).cpu().numpy(),
-            iou_predictions=selected.iou_predictions.float().cpu().numpy(),
-            original_hw=item.original_hw,
-            input_hw=item.input_hw,
-            promptset_md5=item.promptset_md5,
-        ))
+        entries.append(decoded_entry(backbone, single, item.original_hw, item.input_hw, prompts, item.promptset_ids,
+                                     prompt_mode, multimask_policy, item.unit.safe_id, item.unit.split,
+                                     item.promptset_md5))
     return entries
 
 
