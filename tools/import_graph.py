@@ -24,7 +24,7 @@ from pathlib import Path
 
 PACKAGE = "modules"
 #: Subpackages of ``modules``, lowest layer first.
-LAYERS = ("core", "data", "sam", "cache", "scoring", "training", "laplace", "uncertainty", "interactive", "evaluation",
+LAYERS = ("core", "data", "sam", "cache", "scoring", "training", "laplace", "uncertainty", "evaluation", "interactive",
           "stages")
 MAX_LINES = 700
 MAX_DEFERRED = 5
