@@ -3,6 +3,9 @@ import pytest
 import torch
 
 from modules.data.promptset import (
+    clicked_promptset,
+    clicked_record,
+    frame256_to_pixels,
     PromptSpec,
     build_promptset_record,
     dumps_record,
@@ -101,3 +104,26 @@ def test_promptset_tensors_pad_with_minus_one():
         assert (labels[i, : 2 * ps["k"]] >= 0).all() and (labels[i, 2 * ps["k"]:] == -1).all()
     maps = gaussian_prompt_maps(points_256, labels, sigma=8.0)
     assert maps.shape == (5, 2, 256, 256)
+
+
+def test_frame256_points_map_back_to_the_pixels_they_came_from():
+    rng = np.random.default_rng(3)
+    for height, width in [(300, 500), (100, 80), (256, 256), (1024, 777)]:
+        pixels = np.stack([rng.integers(0, width, 500), rng.integers(0, height, 500)], axis=1)
+        assert (frame256_to_pixels(to_frame256_points(pixels, height, width), height, width) == pixels).all()
+    corners = frame256_to_pixels(np.array([[-3.0, -3.0], [300.0, 300.0]]), 40, 60)
+    assert corners.tolist() == [[0, 0], [59, 39]]  # kept inside the image
+
+
+def test_clicked_record_pads_like_a_drawn_record_and_rejects_bad_labels():
+    first = clicked_promptset([[10, 20]], [1], None, 100, 200, promptset_id=0)
+    second = clicked_promptset([[10, 20], [50, 60], [70, 80]], [1, 0, 1], (5, 5, 150, 90), 100, 200, promptset_id=1)
+    record = clicked_record("img", "img", (100, 200), [first, second], gaussian_sigma=8.0, min_point_width=3)
+    assert record["point_width"] == 4  # the widest set (3 clicks) plus one padding point
+    points, labels, points_256, boxes = promptset_tensors(record)
+    assert points.shape == (2, 4, 2) and labels[0].tolist() == [1, -1, -1, -1] and labels[1].tolist() == [1, 0, 1, -1]
+    assert boxes[0].tolist() == [0, 0, 199, 99]  # no box: the whole image
+    assert points_256[1, 1].tolist() == pytest.approx(to_frame256_points(np.array([[50, 60]]), 100, 200)[0], abs=1e-4)
+    assert clicked_record("img", "img", (100, 200), [first], 8.0, min_point_width=9)["point_width"] == 9
+    with pytest.raises(ValueError, match="each 0 or 1"):
+        clicked_promptset([[1, 2]], [2], None, 10, 10)

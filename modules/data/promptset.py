@@ -58,6 +58,14 @@ def to_frame256_points(points: np.ndarray, height: int, width: int) -> np.ndarra
     return (np.asarray(points, dtype=np.float64) + 0.5) * scale - 0.5
 
 
+def frame256_to_pixels(points_256: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``N x 2`` FRAME256 (x, y) -> the ORIGINAL pixels (x, y) ``N x 2`` int64 they fall in (the
+    inverse of ``to_frame256_points``, rounded to the nearest pixel and kept inside the image)."""
+    scale = np.array([width / FRAME256, height / FRAME256])
+    pixels = np.rint((np.asarray(points_256, dtype=np.float64).reshape(-1, 2) + 0.5) * scale - 0.5)
+    return np.clip(pixels, 0, [width - 1, height - 1]).astype(np.int64)
+
+
 def to_frame256_box(box, height: int, width: int) -> list[float]:
     x0, y0, x1, y1 = box
     sx, sy = FRAME256 / width, FRAME256 / height
