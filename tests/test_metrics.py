@@ -439,3 +439,20 @@ def test_cuda_matches_cpu_and_rejects_mixed_devices():
     assert results["cuda_seg"] == pytest.approx(results["cpu_seg"], abs=1e-12)
     with pytest.raises(MetricInputError, match="state is on cuda"):
         accumulator.update(p, y, u)
+
+
+def test_error_to_correct_ratio_is_the_exact_ratio_of_means_and_merges_across_updates():
+    p = torch.tensor([0.9, 0.9, 0.1, 0.1, 0.8, 0.2])
+    y = torch.tensor([True, False, False, True, True, False])  # errors at pixels 1 and 3
+    u = torch.tensor([0.1, 0.6, 0.2, 0.3, 0.05, 0.25])
+    expected = ((0.6 + 0.3) / 2) / ((0.1 + 0.2 + 0.05 + 0.25) / 4)
+    whole = UncertaintyAccumulator((0.0, 1.0), n_bins=10)
+    whole.update(p, y, u)
+    assert whole.compute()["error_to_correct_ratio"] == pytest.approx(expected, rel=1e-6)  # u is float32
+    halves = UncertaintyAccumulator((0.0, 1.0), n_bins=10)
+    halves.update(p[:3], y[:3], u[:3])
+    halves.update(p[3:], y[3:], u[3:])
+    assert halves.compute()["error_to_correct_ratio"] == pytest.approx(expected, rel=1e-6)  # u is float32
+    no_errors = UncertaintyAccumulator((0.0, 1.0), n_bins=10)
+    no_errors.update(p, p > 0.5, u)
+    assert math.isnan(no_errors.compute()["error_to_correct_ratio"])

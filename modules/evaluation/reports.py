@@ -41,6 +41,7 @@ KEY_METRICS = (
     ("ece", "ECE", False),
     ("nll", "NLL (nats / pixel)", False),
     ("auroc", "AUROC of error detection (primary map)", True),
+    ("error_to_correct_ratio", "Mean uncertainty on error pixels / on correct pixels (primary map)", True),
     ("ause", "AUSE (primary map)", False),
     ("mask_spearman", "Spearman(mean uncertainty, 1 - IoU) across masks (primary map)", True),
 )

@@ -31,7 +31,7 @@ log = logging.getLogger("pipeline")
 
 STATE_FILE = "state.pt"
 #: Version of the layout of ``state.pt``; a state of another version is refused (rerun with --force).
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 #: The domain name of the rows that pool every domain.
 OVERALL = "overall"
 #: Lower end of the log-spaced bins of entropy-like maps (values below share the first bin).

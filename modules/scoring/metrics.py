@@ -78,7 +78,9 @@ class _UncertaintyBinning:
 class ErrorDetectionAccumulator(StreamingState):
     """Streaming AUROC / AUPR of error detection and UEO for one uncertainty-map type.
 
-    Keeps two histograms of u (error and correct pixels) over ``n_bins`` bins of ``u_range``.
+    Keeps two histograms of u (error and correct pixels) over ``n_bins`` bins of ``u_range``, and
+    the exact sums of u over each, for ``error_to_correct_ratio``: the mean u on error pixels over
+    the mean u on correct ones (how much higher the map is where the prediction is wrong).
     Pixels in one bin are treated as tied, so AUROC is exact for the binned scores and differs
     from the exact value by at most ``auroc_binning_bound`` = 0.5 * sum_b err_b ok_b / (P N)
     (the share of error/correct pairs that the bins tie; reported by ``compute``). AUPR has no
@@ -96,7 +98,8 @@ class ErrorDetectionAccumulator(StreamingState):
         self._update_checked(u, as_mask(error, u, "error"))
 
     def _state_layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return {"_histogram": ((self.binning.n_bins, 2), torch.int64), "_clamped": ((), torch.int64)}
+        return {"_histogram": ((self.binning.n_bins, 2), torch.int64), "_clamped": ((), torch.int64),
+                "_u_sum": ((2,), torch.float64)}
 
     def _update_checked(self, u: Tensor, error: Tensor) -> None:
         n_bins = self.binning.n_bins
@@ -104,13 +107,16 @@ class ErrorDetectionAccumulator(StreamingState):
         bins, clamped = self.binning.index(u.reshape(-1))
         self._histogram += torch.bincount(2 * bins + error.reshape(-1), minlength=2 * n_bins).view(n_bins, 2)
         self._clamped += clamped
+        self._u_sum += torch.zeros(2, dtype=torch.float64, device=u.device).index_add_(
+            0, error.reshape(-1).long(), u.reshape(-1).double())
 
     def compute(self) -> dict[str, float]:
         """Return auroc, aupr, auroc_binning_bound, ueo, ueo_threshold, error_rate,
-        u_clamped_fraction, n_pixels (NaN / 0 before any update)."""
+        error_to_correct_ratio, u_clamped_fraction, n_pixels (NaN / 0 before any update; the ratio
+        is NaN without error or correct pixels, or when the correct pixels' mean u is 0)."""
         if self._device is None or int(self._histogram.sum()) == 0:
             empty = dict.fromkeys(("auroc", "aupr", "auroc_binning_bound", "ueo", "ueo_threshold",
-                                   "error_rate", "u_clamped_fraction"), math.nan)
+                                   "error_rate", "error_to_correct_ratio", "u_clamped_fraction"), math.nan)
             return empty | {"n_pixels": 0}
         histogram = self._histogram.flip(0).to(torch.float64)  # most uncertain first
         negatives, positives = histogram[:, 0], histogram[:, 1]
@@ -119,6 +125,9 @@ class ErrorDetectionAccumulator(StreamingState):
         auroc, aupr = auroc_aupr_from_groups(positives, negatives)
         ueo, tau = ueo_from_groups(positives, negatives, self.binning.lower_edges(self._device).flip(0))
         tied_pairs = (positives * negatives).sum().item()
+        correct_sum, error_sum = self._u_sum.tolist()
+        mean_correct = correct_sum / n_neg if n_neg else math.nan
+        ratio = (error_sum / n_pos) / mean_correct if n_pos and n_neg and mean_correct > 0 else math.nan
         return {
             "auroc": auroc,
             "aupr": aupr,
@@ -126,6 +135,7 @@ class ErrorDetectionAccumulator(StreamingState):
             "ueo": ueo,
             "ueo_threshold": tau,
             "error_rate": n_pos / n_pixels,
+            "error_to_correct_ratio": ratio,
             "u_clamped_fraction": self._clamped.item() / n_pixels,
             "n_pixels": int(n_pixels),
         }
@@ -319,8 +329,8 @@ class UncertaintyAccumulator:
         """Flat dict of scalars for a CSV row.
 
         Keys: ece, brier, nll, n_pixels, error_rate, mean_uncertainty, auroc, aupr,
-        auroc_binning_bound, ueo, ueo_threshold, pearson, spearman, ause, aurg,
-        u_clamped_fraction.
+        auroc_binning_bound, error_to_correct_ratio, ueo, ueo_threshold, pearson, spearman, ause,
+        aurg, u_clamped_fraction.
         """
         calibration = self.calibration.compute()
         detection = self.error_detection.compute()
@@ -336,6 +346,7 @@ class UncertaintyAccumulator:
             "auroc": detection["auroc"],
             "aupr": detection["aupr"],
             "auroc_binning_bound": detection["auroc_binning_bound"],
+            "error_to_correct_ratio": detection["error_to_correct_ratio"],
             "ueo": detection["ueo"],
             "ueo_threshold": detection["ueo_threshold"],
             "pearson": correlation["pearson"],
