@@ -139,6 +139,32 @@ def test_prior_search_nll_is_finite_for_saturated_probabilities():
     assert max(result.nll) <= -math.log(1e-6) + 1e-3
 
 
+def bowl_search(best_log_temperature: float, best_log_prior: float, calls: list):
+    """``search_at`` of a validation NLL that is a bowl in (log10 temperature, log10 prior precision)."""
+
+    def search_at(temperature, priors):
+        calls.append((temperature, priors))
+        nll = tuple((math.log10(temperature) - best_log_temperature) ** 2 + (math.log10(p) - best_log_prior) ** 2
+                    for p in priors)
+        return lp.PriorSearchResult(tuple(priors), nll, priors[nll.index(min(nll))], 100)
+
+    return search_at
+
+
+def test_grids_widen_until_the_best_pair_is_inside_both():
+    calls = []
+    outcome = lp.search_inside_grids(bowl_search(5.0, -5.0, calls), [1.0, 10.0, 100.0, 1000.0], [1e-3, 1e-2, 0.1])
+    assert outcome.temperature == pytest.approx(1e5) and outcome.search.best_prior_precision == pytest.approx(1e-5)
+    assert outcome.temperature_grid[-1] == pytest.approx(1e6) and outcome.prior_precision_grid[0] == pytest.approx(1e-6)
+    assert not outcome.on_edge
+    assert len(outcome.table) == len(outcome.temperature_grid) * len(outcome.prior_precision_grid)
+    inside = []
+    unchanged = lp.search_inside_grids(bowl_search(1.0, -2.0, inside), [1.0, 10.0, 100.0], [1e-3, 1e-2, 0.1])
+    assert unchanged.temperature_grid == (1.0, 10.0, 100.0) and len(inside) == 3  # one pass per temperature
+    beyond = lp.search_inside_grids(bowl_search(9.0, 0.0, []), [1.0, 10.0], [0.1, 1.0, 10.0], max_widenings=3)
+    assert beyond.on_edge and beyond.temperature == pytest.approx(1e4)  # three decades past 10, then it stops
+
+
 def test_smaller_prior_precision_gives_larger_logit_variance(fitted):
     head, _, validation, la = fitted
     x = torch.stack([validation[0][0]])

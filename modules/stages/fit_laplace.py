@@ -8,7 +8,9 @@ when all of them exist (a fit killed before ``quality.json`` is fitted again) an
 (``.stage.json``: every ``laplace.*`` value and the checkpoint md5) is unchanged; the fingerprint is
 checked before that skip, so a changed setting or checkpoint is a one-line error until ``--force`` refits.
 
-Quality checks on the validation split (printed and logged): NLL and ECE of the Laplace predictive
+Temperature and prior precision: the pair with the lowest validation NLL, the grids widened past an
+end the best value lies on (``posterior.search_inside_grids``; head target). Quality checks on the
+validation split (printed and logged): NLL and ECE of the Laplace predictive
 (probit) against the MAP head, and the mean mutual information on pixels the MAP head gets wrong
 against those it gets right.
 """
@@ -54,26 +56,19 @@ class HeadSamples:
         return sample
 
 
-def tune_temperature_and_prior(la, head, val_samples: HeadSamples, settings, batch_size: int):
-    """Grid-search (temperature, prior precision) on the validation NLL of the probit predictive.
+def tune_temperature_and_prior(la, head, val_samples: HeadSamples, settings, batch_size: int) -> lp.TwoGridSearch:
+    """Search (temperature, prior precision) on the validation NLL of the probit predictive, the grids
+    widened until the best pair is inside both (``posterior.search_inside_grids``); sets it on ``la``."""
 
-    Sets the best pair on ``la`` and returns ``(temperature, prior search at that temperature,
-    table of every pair's NLL)``. Ties go to the first (lowest) temperature.
-    """
-    best = None
-    rows = []
-    for temperature in settings.temperature_grid:
+    def search_at(temperature: float, priors: tuple[float, ...]):
         la.temperature = float(temperature)
-        search = lh.tune_head_prior_precision(la, head, lh.iterate_in_batches(val_samples, batch_size),
-                                              grid=settings.prior_precision_grid, nll_eps=settings.nll_eps)
-        rows += [{"temperature": float(temperature), "prior_precision": p, "val_nll": nll}
-                 for p, nll in zip(search.grid, search.nll)]
-        if best is None or min(search.nll) < min(best[1].nll):
-            best = (float(temperature), search)
-    temperature, search = best
-    la.temperature = temperature
-    la.prior_precision = search.best_prior_precision
-    return temperature, search, pd.DataFrame(rows)
+        return lh.tune_head_prior_precision(la, head, lh.iterate_in_batches(val_samples, batch_size),
+                                            grid=priors, nll_eps=settings.nll_eps)
+
+    outcome = lp.search_inside_grids(search_at, settings.temperature_grid, settings.prior_precision_grid)
+    la.temperature = outcome.temperature
+    la.prior_precision = outcome.search.best_prior_precision
+    return outcome
 
 
 def run_stage(ctx, run_id: str) -> None:
@@ -97,8 +92,8 @@ def run_stage(ctx, run_id: str) -> None:
           f"{len(train_set)} training rows of {checkpoint}")
     with torch.autocast(device_type=device.type, enabled=False):
         la = lh.fit_head_laplace(head, train_set, backend=settings.backend)
-        temperature, search, grid_table = tune_temperature_and_prior(la, head, val_set, settings,
-                                                                     cfg.training.batch_size)
+        tuning = tune_temperature_and_prior(la, head, val_set, settings, cfg.training.batch_size)
+    temperature, search, grid_table = tuning.temperature, tuning.search, pd.DataFrame(tuning.table)
     for step, row in grid_table.iterrows():
         ctx.tracker.log(row.to_dict(), step=int(step))
     meta = lp.PosteriorMeta.for_head(la, settings.backend, search, checkpoint_md5)
@@ -110,6 +105,9 @@ def run_stage(ctx, run_id: str) -> None:
     posterior = lh.LastLayerPosterior.from_laplace(head, la)
     checks = lh.head_quality_checks(head, posterior, val_set, settings.num_samples, settings.seed, settings.nll_eps,
                                     predictive=settings.predictive)
+    checks["searched_temperature_grid"] = list(tuning.temperature_grid)
+    checks["searched_prior_precision_grid"] = list(tuning.prior_precision_grid)
+    checks["best_on_grid_edge"] = tuning.on_edge
     atomic_write_json(folder / lp.QUALITY_FILE, checks)
     ctx.tracker.log_table("prior_precision_nll", grid_table)
     ctx.tracker.log_artifact(folder, name=f"laplace-head-run_{run_id}", type="laplace")
