@@ -3,7 +3,8 @@
 One self-contained file: ``summary.md`` rendered (its tables, with the best values marked), every
 figure of the folder embedded as a base64 data URI (``embedded_image``) (curve plots, then the qualitative panels per
 method and domain), the full summary tables read back from their CSV files (so every column any part
-of the pipeline adds shows up), and the configuration and run ids the report came from.
+of the pipeline adds shows up), and the configuration and run ids the report came from. A stage may
+add sections of its own (``ReportSection``: e.g. the simulated clicks of interactive segmentation).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import base64
 import html
 import io
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -24,6 +26,29 @@ HTML_REPORT = "index.html"
 #: files stay in the folder.
 JPEG_ABOVE_BYTES = 200_000
 JPEG_QUALITY = 90
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """A section a stage adds to the evaluation report. ``title``: its heading; ``markdown``: its body
+    (``reports.write_reports`` puts both into summary.md before the file list, so index.html renders
+    them with the summary); ``figures``: report-relative PNG paths, linked from summary.md and embedded
+    in index.html under the title; ``tables``: ``(CSV name, heading)`` pairs shown in full among
+    index.html's tables; ``files``: every other report-relative file the section wrote (recorded with
+    the report's files: its digest and its W&B artifact)."""
+
+    title: str
+    markdown: str
+    figures: tuple[str, ...] = ()
+    tables: tuple[tuple[str, str], ...] = ()
+    files: tuple[str, ...] = ()
+
+    @property
+    def written(self) -> tuple[str, ...]:
+        """Every report-relative file of the section: figures, tables and the other files."""
+        return tuple(dict.fromkeys([*self.figures, *(name for name, _ in self.tables), *self.files]))
+
+
 _LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
 _CODE = re.compile(r"`([^`]+)`")
@@ -169,17 +194,25 @@ def qualitative_sections(folder: Path, qualitative_dir: str) -> list[str]:
 
 
 def html_report(folder: Path, summary_markdown: str, tables: Iterable[tuple[str, str]], qualitative_dir: str,
-                provenance: dict[str, Any]) -> str:
+                provenance: dict[str, Any], sections: Iterable[ReportSection] = ()) -> str:
     """The page (a string) from the files in ``folder``: ``summary_markdown`` (a file name) rendered,
     the top-level PNGs and the qualitative panels embedded, each ``(csv name, heading)`` of ``tables``
-    in full, and ``provenance`` (e.g. ``{"run ids": ..., "config": ...}``) as YAML."""
+    in full, and ``provenance`` (e.g. ``{"run ids": ..., "config": ...}``) as YAML. ``sections``: each
+    one's figures embedded under its title after the other figures (not among them), its tables after
+    the others; its text is expected in the summary file."""
     folder = Path(folder)
-    curve_figures = sorted(path.name for path in folder.glob("*.png"))
+    sections = list(sections)
+    section_figures = [name for section in sections for name in section.figures]
+    curve_figures = sorted(path.name for path in folder.glob("*.png") if path.name not in section_figures)
     panels = sorted(path.relative_to(folder).as_posix() for path in folder.glob(f"{qualitative_dir}/*/*.png"))
     summary_path = folder / summary_markdown
     summary = summary_path.read_text(encoding="utf-8") if summary_path.is_file() else "# Uncertainty evaluation"
-    parts = [markdown_to_html(summary, [*curve_figures, *panels]), "<h2>Figures</h2>"]
+    parts = [markdown_to_html(summary, [*curve_figures, *panels, *section_figures]), "<h2>Figures</h2>"]
     parts += [embedded_figure(folder, name, name) for name in curve_figures]
+    for section in sections:
+        if section.figures:
+            parts.append(f"<h3>{html.escape(section.title)}</h3>")
+            parts += [embedded_figure(folder, name, name) for name in section.figures]
     if panels:
         parts += ["<h2>Qualitative panels</h2>",
                   "<p>Each panel: the image with the prompt set's clicks (green: positive, red: negative) and box, "
@@ -187,7 +220,7 @@ def html_report(folder: Path, summary_markdown: str, tables: Iterable[tuple[str,
                   "(one colour scale per map kind across the methods of one image) and the errors.</p>"]
         parts += qualitative_sections(folder, qualitative_dir)
     parts.append("<h2>Tables</h2>")
-    for name, heading in tables:
+    for name, heading in [*tables, *(table for section in sections for table in section.tables)]:
         parts.append(f'<details><summary>{html.escape(heading)} (<a href="{html.escape(name, quote=True)}">'
                      f"{html.escape(name)}</a>)</summary>{_csv_table(folder / name)}</details>")
     if provenance:

@@ -20,7 +20,7 @@ import torch
 from modules.core.fileio import (atomic_write_csv, atomic_write_json, atomic_write_text, file_md5, read_json,
                                  remove_file, remove_tree)
 from modules.core.lineage import evaluation_artifact, evaluation_model_inputs
-from modules.evaluation.html_report import HTML_REPORT, html_report
+from modules.evaluation.html_report import HTML_REPORT, ReportSection, html_report
 from modules.data.domains import SEEN, UNSEEN
 from modules.evaluation.intervals import (AGGREGATES, BootstrapSettings, DomainResampler, domain_kind_of,
                                           domain_rows, domains_in_order, mask_quality_frame, summary_intervals)
@@ -330,7 +330,10 @@ def best_against_baseline(rows: pd.DataFrame) -> str:
 def summary_markdown(summary: pd.DataFrame, refinement: pd.DataFrame, refinement_md: str, methods: list[str],
                      n_samples: int, n_masks: int, ece_bins: int, counts: pd.DataFrame | None = None,
                      figures: Iterable[str] = (), mask_quality: pd.DataFrame | None = None,
-                     bootstrap_samples: int | None = None) -> str:
+                     bootstrap_samples: int | None = None, sections: Iterable[ReportSection] = ()) -> str:
+    """The report's summary.md; ``sections``: each one's title (a ``##`` heading) and text go after the
+    evaluation's own sections, its files into the file list."""
+    sections = list(sections)
     strategies = [m for m in methods if m in set(summary.loc[summary["kind"] == "strategy", "method"])]
     primary = summary[summary["is_primary"] & (summary["domain"] == OVERALL)].set_index("method")["map"]
     lines = ["# Uncertainty evaluation", "",
@@ -360,11 +363,17 @@ def summary_markdown(summary: pd.DataFrame, refinement: pd.DataFrame, refinement
         lines += mask_quality_markdown(mask_quality)
     if not refinement.empty:
         lines += ["## Dense embedding fusion refinement", "", refinement_md, ""]
-    figures = list(figures)
+    for section in sections:
+        lines += [f"## {section.title}", "", section.markdown.strip(), ""]
+    figures = [*figures, *(name for section in sections for name in section.figures)]
     lines += ["## Files", "", "Tables: [per_mask.csv](per_mask.csv), [summary_by_domain.csv](summary_by_domain.csv), "
               "[summary_overall.csv](summary_overall.csv), [mask_quality.csv](mask_quality.csv), "
               "[refinement.csv](refinement.csv); everything in one "
               f"page: [{HTML_REPORT}]({HTML_REPORT}).", ""]
+    for section in sections:
+        files = [name for name in section.written if name not in section.figures]
+        if files:
+            lines += [f"{section.title}: " + ", ".join(f"[{name}]({name})" for name in files) + ".", ""]
     if figures:
         lines += ["Figures:", "", *figure_links(figures), ""]
     return "\n".join(lines)
@@ -457,13 +466,17 @@ def write_curve_plots(folder: Path, curves_by_domain: dict[str, dict[str, dict]]
 
 def write_reports(folder: Path, scoreboard: Scoreboard, methods: list[str], refinement_methods: list[str],
                   unrefined: str, tracker, provenance: dict[str, Any] | None = None,
-                  bootstrap: BootstrapSettings = BootstrapSettings()) -> dict[str, Any]:
+                  bootstrap: BootstrapSettings = BootstrapSettings(),
+                  sections: Iterable[ReportSection] = ()) -> dict[str, Any]:
     """Write every report file from the scoreboard and log them; returns headline figures.
 
     ``provenance``: what the report came from, shown in the HTML report: ``run ids`` (``RunIds`` as a dict),
     ``inputs`` (``methods.needed_artifacts``: declared to W&B as the run's inputs) and ``config``. The
     report files are logged as one W&B artifact (``lineage.evaluation_artifact``). ``bootstrap``: the
-    replicates and seed of every interval."""
+    replicates and seed of every interval. ``sections``: what another part of the stage added to the
+    folder (``ReportSection``: e.g. the simulated clicks), shown in summary.md and index.html; its files
+    are recorded in the digest and the artifact with the others (they must exist)."""
+    sections = list(sections)
     per_mask = pd.DataFrame(scoreboard.rows)
     summary = summary_frame(scoreboard, methods, refinement_methods, bootstrap)
     mask_quality = mask_quality_frame(per_mask, methods, scoreboard.unseen_groups, DomainResampler(bootstrap))
@@ -496,10 +509,11 @@ def write_reports(folder: Path, scoreboard: Scoreboard, methods: list[str], refi
                       summary_markdown(summary, refinement, refinement_md, methods, len(scoreboard.done),
                                        len(per_mask), scoreboard.ece_bins, counts=domain_counts(per_mask),
                                        figures=figures, mask_quality=mask_quality,
-                                       bootstrap_samples=bootstrap.samples))
+                                       bootstrap_samples=bootstrap.samples, sections=sections))
     atomic_write_text(folder / HTML_REPORT, html_report(folder, SUMMARY_MARKDOWN, HTML_TABLES, QUALITATIVE_DIR,
-                                                        provenance or {}))
+                                                        provenance or {}, sections=sections))
     written = [*CSV_FILES, "refinement.md", SUMMARY_MARKDOWN, HTML_REPORT, *(path.name for path in plots)]
+    written += [name for section in sections for name in section.written if name not in written]
     atomic_write_json(folder / DIGEST_FILE, {name: file_md5(folder / name) for name in written})
 
     provenance = provenance or {}

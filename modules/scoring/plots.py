@@ -240,6 +240,65 @@ def plot_sparsification(
     _save(sparsification_figure(curves_by_method, title, path), path)
 
 
+def click_curves_figure(curves_by_domain: dict[str, dict], title: str, dashed: Sequence[str] = (),
+                        thresholds: Sequence[float] = (), path: str | os.PathLike = "") -> Figure:
+    """The figure of ``plot_click_curves`` (not saved)."""
+    if not curves_by_domain or not any(panel.get("policies") for panel in curves_by_domain.values()):
+        raise PlotInputError(f"{path}: no click curves to plot")
+    policies = list(dict.fromkeys(p for panel in curves_by_domain.values() for p in panel.get("policies", {})))
+    figure = Figure(figsize=(4.2 * len(curves_by_domain) + 2.4, 4.6), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, len(curves_by_domain), sharey=True, squeeze=False)[0])
+    for axis, (domain, panel) in zip(axes, curves_by_domain.items()):
+        for policy, curve in panel.get("policies", {}).items():
+            try:
+                clicks = np.asarray(curve["clicks"], dtype=float)
+                mean, lo, hi = (np.asarray(curve[key], dtype=float) for key in ("mean", "lo", "hi"))
+            except (KeyError, TypeError) as error:
+                raise PlotInputError(f"{path}: policy '{policy}' of {domain} lacks curve data ({error!r})") from error
+            if not clicks.shape == mean.shape == lo.shape == hi.shape:
+                raise PlotInputError(f"{path}: policy '{policy}' of {domain}: curve lists differ in length")
+            index = policies.index(policy)
+            style = method_style(index)
+            step = max(1, len(clicks) // 7)
+            axis.plot(clicks, mean, linewidth=1.6, linestyle="--" if policy in dashed else "-", label=policy,
+                      markevery=(index % step, step), **style)
+            axis.fill_between(clicks, lo, hi, color=style["color"], alpha=0.12, linewidth=0, zorder=1)
+        for threshold in thresholds:
+            axis.axhline(threshold, color="grey", linewidth=0.8, linestyle=":", zorder=0)
+        axis.set_title(f"{domain} (n={panel.get('n_images', '?')} images)", fontsize=10)
+        axis.set(xlabel="clicks")
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        axis.grid(alpha=0.3)
+    lowest = min((float(np.nanmin(curve["lo"])) for panel in curves_by_domain.values()
+                  for curve in panel.get("policies", {}).values() if np.isfinite(curve["lo"]).any()), default=0.0)
+    axes[0].set_ylim(max(0.0, math.floor(10 * min(lowest, *thresholds, 1.0)) / 10 - 0.05), 1.01)
+    axes[0].set_ylabel("mean IoU (shaded: 95% bootstrap interval)")
+    if thresholds:
+        axes[-1].plot([], [], color="grey", linewidth=0.8, linestyle=":",
+                      label="IoU " + " / ".join(f"{t:g}" for t in thresholds) + " (NoC)")
+    _legend_outside(axes[-1])
+    figure.suptitle(title)
+    return figure
+
+
+def plot_click_curves(curves_by_domain: dict[str, dict], path: str | os.PathLike, title: str,
+                      dashed: Sequence[str] = (), thresholds: Sequence[float] = ()) -> None:
+    """Mean IoU against the number of clicks, one panel per domain, one line per click policy.
+
+    Args:
+        curves_by_domain: domain -> ``{"n_images": int, "policies": {policy: {"clicks", "mean", "lo",
+            "hi"}}}`` (lists of one length: click counts, the mean IoU after them and its interval).
+        path: output PNG file.
+        title: figure title.
+        dashed: policies drawn dashed (the oracle annotator, a reference rather than a contender).
+        thresholds: IoU levels drawn as dotted grey lines (those NoC counts clicks to).
+    Each policy keeps one colour and marker in every panel (markers staggered, so coinciding curves
+    stay distinguishable), its interval shaded in its colour; the panels share the y axis and the
+    legend sits to the right of the last one.
+    """
+    _save(click_curves_figure(curves_by_domain, title, dashed, thresholds, path), path)
+
+
 def uncertainty_unit(map_name: str) -> str:
     """The colour-bar label of an uncertainty map: its name and unit."""
     return f"{map_name} ({UNCERTAINTY_UNITS.get(map_name, 'a.u.')})"
