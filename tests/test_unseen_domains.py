@@ -280,3 +280,9 @@ def test_reports_list_seen_and_unseen_rows_with_intervals(tmp_path):
     with pytest.raises(Exception, match="in both shards"):
         merged.merge(board.images)
     assert len(merged.entries) == 6
+
+
+def test_intervals_that_round_to_zero_carry_no_sign():
+    assert reports.format_interval(-0.0001, -0.0004, 0.2) == "0.000 [0.000, 0.200]"
+    assert reports.format_interval(-0.5, -0.7, -0.0002) == "-0.500 [-0.700, 0.000]"
+    assert reports.format_interval(-0.0003, float("nan"), 1.0) == "0.000"

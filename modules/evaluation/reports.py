@@ -165,8 +165,7 @@ def _format(value: Any) -> str:
     if isinstance(value, (float, np.floating)):
         if math.isnan(value):
             return "n/a"
-        text = f"{value:.4f}"
-        return text[1:] if text == "-0.0000" else text  # a value that rounds to zero has no sign
+        return _unsigned_zero(f"{value:.4f}")
     return str(value)
 
 
@@ -245,13 +244,19 @@ def figure_links(figures: Iterable[str]) -> list[str]:
     return [f"- [{name}]({name})" for name in figures]
 
 
+def _unsigned_zero(text: str) -> str:
+    """A number that rounds to zero without its sign (``-0.000`` reads as a signed result)."""
+    return text[1:] if text.startswith("-") and not text.strip("-0.") else text
+
+
 def format_interval(value: float, lo: float, hi: float) -> str:
-    """``0.843 [0.801, 0.880]``; the value alone when the interval is undefined; ``n/a`` for NaN."""
+    """``0.843 [0.801, 0.880]``; the value alone when the interval is undefined; ``n/a`` for NaN.
+    A figure that rounds to zero carries no sign."""
     if value is None or math.isnan(value):
         return "n/a"
     if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
-        return f"{value:.3f}"
-    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+        return _unsigned_zero(f"{value:.3f}")
+    return f"{_unsigned_zero(f'{value:.3f}')} [{_unsigned_zero(f'{lo:.3f}')}, {_unsigned_zero(f'{hi:.3f}')}]"
 
 
 def domain_heading(domain: str, kind: str, n_images: int) -> str:

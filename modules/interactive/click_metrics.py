@@ -23,7 +23,6 @@ reads a mask.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -330,13 +329,9 @@ def _domain_title(frame: pd.DataFrame, domain: str) -> str:
     return domain_heading(domain, str(rows["domain_kind"].iloc[0]), int(rows["n_images"].max()))
 
 
-_NEGATIVE_ZERO = re.compile(r"-(0\.0+)(?![0-9])")
-
-
 def _cell(row, name: str) -> str:
-    """``value [lo, hi]`` of a table row, a value that rounds to zero shown without a sign."""
-    text = format_interval(getattr(row, name), getattr(row, f"{name}_lo"), getattr(row, f"{name}_hi"))
-    return _NEGATIVE_ZERO.sub(r"\1", text)
+    """``value [lo, hi]`` of a table row."""
+    return format_interval(getattr(row, name), getattr(row, f"{name}_lo"), getattr(row, f"{name}_hi"))
 
 
 def _aggregates(frame: pd.DataFrame) -> list[str]:
