@@ -1,13 +1,14 @@
 """Stage 7 split across processes (``modules/stages/evaluate_uncertainty.py``): shards of a SLURM array
 score their samples, the last one merges (``Scoreboard.merge``), and the reports equal a one-process
-run's. The stage tests run the real script on the ``fusion_project`` fixture (``tests/conftest.py``)."""
+run's; the array and its merge job run through the SLURM launch path (``core/slurm_launch.py``) on
+submitit's LocalExecutor. The stage tests run the real script on the ``fusion_project`` fixture
+(``tests/conftest.py``)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import os
-import subprocess
-import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,13 +16,14 @@ import pytest
 import torch
 
 from modules.core.paths import eval_report_dir
+from modules.core.pipeline_plan import StageCall
+from modules.core.slurm_launch import add_launcher_arguments, launch
 from modules.evaluation.reports import CSV_FILES
 from modules.evaluation.samples import LabelledSample
 from modules.evaluation.scoreboard import Scoreboard
 from modules.scoring.entropy import binary_entropy
 from modules.uncertainty.strategies import StrategyOutput
 from tests.helpers.stage_calls import call_stage
-from tests.stage_runner import REPO
 from tests.test_uncertainty import disc_ground_truth, make_sample
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -64,23 +66,33 @@ def read(folder, name):
     return pd.read_csv(folder / name, keep_default_na=True)
 
 
-def test_two_slurm_array_tasks_merge_to_the_one_process_reports(fusion_project):
-    """The one-process reference and the ``--merge`` calls run in this process (``call_stage``); the
-    two shards are two processes with the variables of a SLURM array's tasks."""
+def launcher_arguments(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_launcher_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_a_two_task_job_array_and_its_merge_job_give_the_one_process_reports(fusion_project, monkeypatch):
+    """The one-process reference and the later ``--merge`` calls run in this process (``call_stage``);
+    the sharded run goes through the SLURM launch path with submitit's LocalExecutor: stage 7 as a job
+    array of two tasks (two processes), then the merge job, as ``run_pipeline.py --launcher submitit``
+    submits them."""
     project = fusion_project
     config = ("--config", str(project.config))
     torch.set_num_threads(1)  # as the shard processes (ONE_THREAD); conftest restores the count
     one = call_stage("evaluate_uncertainty", *config, "--run_id", "v1", "--name", "shard_reference", *CHEAP)
     assert one.code == 0, one.stderr[-3000:]
-    env = {**os.environ, "WANDB_MODE": "offline", **ONE_THREAD, "SLURM_ARRAY_TASK_COUNT": "2"}
-    command = [sys.executable, str(REPO / "evaluate_uncertainty.py"), *config, "--run_id", "v1", "--name",
-               "sharded", *CHEAP]
-    tasks = [subprocess.Popen(command, cwd=REPO, env={**env, "SLURM_ARRAY_TASK_ID": str(task)}, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for task in (0, 1)]
-    outputs = [task.communicate(timeout=600) for task in tasks]
-    for task, (out, err) in zip(tasks, outputs):
-        assert task.returncode == 0, out[-3000:] + err[-3000:]
-    assert sum("merging 2 shards" in out for out, _ in outputs) == 1  # the last one to finish merged
+    for name, value in {"WANDB_MODE": "offline", **ONE_THREAD}.items():
+        monkeypatch.setenv(name, value)
+    stage7 = StageCall("evaluate_uncertainty", "evaluate_uncertainty.py", ("--run_id", "v1", "--name", "sharded"),
+                       sharded=True)
+    jobs = launch([stage7], ["--config", str(project.config), *CHEAP],
+                  launcher_arguments("--submitit-cluster", "local", "--shards", "2", "--slurm-gpus", "0"),
+                  project.root)
+    assert len(jobs) == 3  # two array tasks, then the merge job
+    logs = [Path(job.paths.stdout).read_text() + Path(job.paths.stderr).read_text() for job in jobs]
+    assert sum("merging 2 shards" in text for text in logs[:2]) == 1  # the last task to finish merged
+    assert "shards are merged and the reports written; skipped" in logs[2]
     reference, sharded = (eval_report_dir(project.root, name) for name in ("shard_reference", "sharded"))
     for name in CSV_FILES:
         if (reference / name).stat().st_size > 1:
