@@ -20,14 +20,13 @@ from modules.interactive.predictor import PredictorError, UncertainPredictor, su
 from tests.helpers.stage_calls import call_stage
 
 #: The methods compared bit for bit with the evaluation (the stochastic ones are seeded by the sample id).
-COMPARED = ("raw_sam", "map_head", "laplace", "variance_network")
+COMPARED = ("raw_sam", "map_head", "laplace", "variance_network", "refined")
 
 
 @pytest.fixture(scope="module")
 def cached_sample(fusion_project):
     """A test-split sample as the evaluation loads it, and the evaluation's outputs for it."""
-    cfg = fusion_project.load_config("evaluation.strategies=[raw_sam, map_head, laplace, variance_network]",
-                                     "evaluation.refinement=false")
+    cfg = fusion_project.load_config("evaluation.strategies=[raw_sam, map_head, laplace, variance_network]")
     unit = list_eval_units(cfg)[0]
     labelled = load_sample(cfg, open_cache(cfg), unit)
     artifacts = Artifacts(cfg, RunIds.resolve("v1"), torch.device("cpu"))
