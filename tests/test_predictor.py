@@ -11,12 +11,14 @@ import torch
 from PIL import Image
 
 from modules.cache.training_index import open_cache
+from modules.core.errors import PipelineError
 from modules.data.imageio import read_image_rgb
 from modules.data.promptset import frame256_to_pixels, to_frame256_points
 from modules.evaluation.methods import Predictor
 from modules.evaluation.runs import Artifacts, RunIds
 from modules.evaluation.samples import list_eval_units, load_sample
 from modules.interactive.predictor import PredictorError, UncertainPredictor, suggest_click
+from modules.stages.predict_uncertainty import promptsets_from_arguments
 from tests.helpers.stage_calls import call_stage
 
 #: The methods compared bit for bit with the evaluation (the stochastic ones are seeded by the sample id).
@@ -99,12 +101,12 @@ def test_predictor_refuses_bad_prompts_with_one_line(predictor, cached_sample):
         UncertainPredictor(predictor.cfg, RunIds.resolve("v1", fusion="nope"), methods=["refined"])
 
 
-def test_command_writes_overlay_maps_and_json(fusion_project, cached_sample):
+def test_command_writes_overlay_maps_and_json(fusion_project, cached_sample, tmp_path):
     _, unit, _, _ = cached_sample
     height, width = unit.image_hw
-    image = fusion_project.root / "predict_input.jpg"
+    image = tmp_path / "predict_input.jpg"  # read from anywhere; written only inside the project root
     Image.fromarray(read_image_rgb(unit.image_path)).save(image, quality=95)
-    out = fusion_project.root / "predictions" / "test_command"
+    out = fusion_project.root / "predictions" / "test_predictor"
     result = call_stage("predict_uncertainty", "--config", str(fusion_project.config), "--image", str(image),
                         "--point", f"{width // 2},{height // 2}", "--point", "1,1,0",
                         "--box", f"0,0,{width - 1},{height - 1}", "--out", str(out),
@@ -127,3 +129,22 @@ def test_command_writes_overlay_maps_and_json(fusion_project, cached_sample):
                      "--point", f"{width + 5},3", "--out", str(out))
     assert bad.code == 2
     assert bad.stderr.strip().count("\n") == 0 and "outside the" in bad.stderr, bad.stderr
+
+
+def test_command_prompts_from_flags_and_from_a_file(tmp_path):
+    assert promptsets_from_arguments(["10,20", "3.5,4,0"], "0,0,9,9", None) == [
+        {"points": [[10.0, 20.0], [3.5, 4.0]], "labels": [1, 0], "box": [0.0, 0.0, 9.0, 9.0]}]
+    assert promptsets_from_arguments([], "0,0,9,9", None)[0]["points"] is None
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([{"points": [[1, 2]], "labels": [1]}, {"points": [], "box": [0, 0, 5, 5]}]))
+    sets = promptsets_from_arguments([], None, str(path))
+    assert [s["box"] for s in sets] == [None, [0, 0, 5, 5]] and sets[1]["points"] is None
+    for points, box, match in ((["1"], None, "--point '1'"), (["1,2,3"], None, "label must be"),
+                               ([], "1,2,3", "--box '1,2,3'"), ([], None, "no prompt")):
+        with pytest.raises(PipelineError, match=match):
+            promptsets_from_arguments(points, box, None)
+    with pytest.raises(PipelineError, match="not both"):
+        promptsets_from_arguments(["1,2"], None, str(path))
+    path.write_text("{}")
+    with pytest.raises(PipelineError, match="non-empty JSON list"):
+        promptsets_from_arguments([], None, str(path))

@@ -270,14 +270,19 @@ class UncertainPredictor:
     def promptset(self, points, labels, box, index: int) -> dict:
         """One checked ``clicked_promptset``: points ``N x 2`` (x, y) and the box inside the image."""
         height, width = self.image_hw
-        points = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        labels = np.ones(len(points), dtype=np.int64) if labels is None else np.asarray(labels).reshape(-1)
+        try:
+            points = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
+            labels = np.ones(len(points), dtype=np.int64) if labels is None else np.asarray(labels).reshape(-1)
+            box = None if box is None else np.asarray(box, dtype=np.float64).reshape(4)
+        except (TypeError, ValueError) as exc:
+            raise PredictorError(f"prompt set {index}: points must be N x 2 numbers (x, y), labels N values "
+                                 f"and the box 4 numbers ({exc})") from None
         for x, y in points:
             if not (0 <= x <= width - 1 and 0 <= y <= height - 1):
                 raise PredictorError(f"point ({x:g}, {y:g}) of prompt set {index} is outside the {width} x {height} "
                                      "image (x in 0..W-1, y in 0..H-1)")
         if box is not None:
-            x0, y0, x1, y1 = (float(v) for v in np.asarray(box, dtype=np.float64).reshape(4))
+            x0, y0, x1, y1 = (float(v) for v in box)
             if not (0 <= x0 <= x1 <= width - 1 and 0 <= y0 <= y1 <= height - 1):
                 raise PredictorError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) of prompt set {index} is not "
                                      f"x0 <= x1, y0 <= y1 inside the {width} x {height} image")

@@ -226,9 +226,9 @@ def run_command(ctx, image_path: str, promptsets: list[dict], predictor: Uncerta
     predictor.set_image(image_path)
     log.info("[%s] %s (%d x %d), %d prompt set(s), methods: %s", ctx.name, image_path, predictor.image_hw[1],
              predictor.image_hw[0], len(promptsets), ", ".join(predictor.methods))
+    prediction = predictor.predict_sets(promptsets)
     if ctx.cfg.sam.prompt_mode == "points" and any(s.get("box") is not None for s in promptsets):
         log.warning("[%s] sam.prompt_mode is 'points': SAM does not read the box (it is drawn only)", ctx.name)
-    prediction = predictor.predict_sets(promptsets)
     suggestions = {policy: [suggest_click(prediction, policy, index) for index in range(prediction.num_promptsets)]
                    for policy in available_policies(prediction)}
     suggestions = {policy: [None if c is None else list(c) for c in per_set] for policy, per_set in suggestions.items()}
