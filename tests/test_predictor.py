@@ -90,7 +90,7 @@ def test_suggest_click_is_the_argmax_of_the_map_never_a_clicked_pixel(predictor,
         suggest_click(prediction, "prompt_perturbation")
 
 
-def test_predictor_refuses_bad_prompts_with_one_line(predictor, cached_sample):
+def test_predictor_refuses_bad_prompts_and_runs_with_one_line(fusion_project, predictor, cached_sample):
     _, unit, _, _ = cached_sample
     height, width = unit.image_hw
     with pytest.raises(PredictorError, match=rf"outside the {width} x {height} image"):
@@ -99,6 +99,11 @@ def test_predictor_refuses_bad_prompts_with_one_line(predictor, cached_sample):
         predictor.predict([[0, 0]], [1], mask_input=np.zeros((1, 1, 256, 256), np.float32))
     with pytest.raises(PredictorError, match="fusion"):
         UncertainPredictor(predictor.cfg, RunIds.resolve("v1", fusion="nope"), methods=["refined"])
+    # Runs fitted under another prompt-map sigma would read prompt maps they never saw.
+    other_sigma = fusion_project.load_config("prompt_generation.gaussian_sigma=5")
+    with pytest.raises(PredictorError, match=r"run_v1/config.resolved.yaml: the head run was fitted with "
+                                             r"prompt_generation.gaussian_sigma=8"):
+        UncertainPredictor(other_sigma, RunIds.resolve("v1"), methods=["map_head"])
 
 
 def test_command_writes_overlay_maps_and_json(fusion_project, cached_sample, tmp_path):

@@ -33,6 +33,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import yaml
 
 from modules.cache.entries import decoded_entry, record_prompts
 from modules.cache.sam_cache import CacheEntry
@@ -40,6 +41,7 @@ from modules.core.config import PipelineConfig, load_config
 from modules.core.device import resolve_device
 from modules.core.errors import PipelineError
 from modules.core.frames import FRAME256
+from modules.core.stage import RESOLVED_CONFIG_FILE
 from modules.data.imageio import ImageReadError, read_image_rgb
 from modules.data.promptset import (PromptSpec, clicked_promptset, clicked_record, frame256_to_pixels, point_width,
                                     to_frame256_points)
@@ -77,6 +79,39 @@ def method_needs(cfg: PipelineConfig, method: str) -> tuple[str, ...]:
     if method == REFINED:
         return ("fusion", *SOURCE_NEEDS[cfg.fusion.uncertainty_source])
     return STRATEGY_BUILDERS[method].needs
+
+
+#: Config keys that shape what every fitted part reads (SAM's logits, the prompt maps, the clipped
+#: head input): a run fitted under other values would get inputs it never saw, uncalibrated.
+TRAINING_TIME_KEYS = ("sam.family", "sam.model_type", "sam.prompt_mode", "sam.multimask_policy",
+                      "prompt_generation.gaussian_sigma", "prompt_generation.max_pairs", "training.logit_clip")
+
+
+def _dotted(tree, key: str):
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def check_fitted_under(cfg: PipelineConfig, runs: RunIds, method: str) -> None:
+    """A ``PredictorError`` naming the file and key when a run ``method`` loads was fitted under other
+    ``TRAINING_TIME_KEYS`` values than ``cfg`` has (read from the run's ``config.resolved.yaml``;
+    a run without one is not checked)."""
+    for name in method_needs(cfg, method):
+        if name == "sam_checkpoint":
+            continue
+        path = ARTIFACT_FILES[name](cfg, runs).parent / RESOLVED_CONFIG_FILE
+        try:
+            recorded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        for key in TRAINING_TIME_KEYS:
+            value = _dotted(recorded, key)
+            if value is not None and value != cfg.section(key):
+                raise PredictorError(f"{path}: the {name} run was fitted with {key}={value!r} but this config has "
+                                     f"{cfg.section(key)!r}; predict with the config it was trained with")
 
 
 def missing_artifact(cfg: PipelineConfig, runs: RunIds, method: str) -> Path | None:
@@ -214,6 +249,8 @@ class UncertainPredictor:
                     log.info("[predictor] %s skipped: %s is missing", name, path)
         if MASK_METHOD not in chosen:
             chosen.insert(0, MASK_METHOD)  # SAM's own mask is always there
+        for name in chosen:
+            check_fitted_under(self.cfg, self.runs, name)
         return chosen
 
     def _strategy(self, method: str) -> Strategy:
@@ -319,7 +356,11 @@ class UncertainPredictor:
             raise PredictorError("mask_input: not supported; the head, Laplace, variance network and fusion "
                                  "module were fitted on SAM outputs decoded without a mask prompt, so their "
                                  "uncertainty would not be calibrated: pass every click instead")
-        points = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)
+        try:
+            points = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)
+        except ValueError as exc:
+            raise PredictorError(f"point_coords: not an N x 2 or P x N x 2 array ({exc}); prompt sets with "
+                                 "different point counts go through predict_sets") from None
         batched = (points is not None and points.ndim == 3) or (box is not None and np.asarray(box).ndim == 2)
         if not batched:
             return self.predict_sets([{"points": points, "labels": point_labels, "box": box}], methods)
@@ -370,9 +411,10 @@ class UncertainPredictor:
             if self._refinement is None:
                 self._refinement = Refinement(self.cfg, self.artifacts)
             outputs[REFINED] = self._refinement.predict(self._refinement.shared_inputs(sample))[REFINED]
-        return {name: StrategyOutput(output.mean_prob.cpu(), {k: v.cpu() for k, v in output.maps.items()},
-                                     output.primary_map)
-                for name, output in ((name, outputs[name]) for name in methods)}
+        return {name: StrategyOutput(outputs[name].mean_prob.cpu(),
+                                     {key: value.cpu() for key, value in outputs[name].maps.items()},
+                                     outputs[name].primary_map)
+                for name in methods}
 
     def _at_image_size(self, output: StrategyOutput) -> MethodPrediction:
         size, cpu = self.image_hw, torch.device("cpu")
