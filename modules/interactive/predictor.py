@@ -46,7 +46,7 @@ from modules.data.imageio import ImageReadError, read_image_rgb
 from modules.data.promptset import (PromptSpec, clicked_promptset, clicked_record, frame256_to_pixels, point_width,
                                     to_frame256_points)
 from modules.evaluation.methods import SOURCE_NEEDS, STRATEGY_BUILDERS, Refinement
-from modules.evaluation.runs import ARTIFACT_FILES, Artifacts, RunIds
+from modules.evaluation.runs import ARTIFACT_FILES, Artifacts, RunIds, artifact_md5s
 from modules.evaluation.scoreboard import upsample
 from modules.interactive.click_policies import choose_at_random, choose_by_map
 from modules.sam.base import BackboneError
@@ -251,6 +251,9 @@ class UncertainPredictor:
             chosen.insert(0, MASK_METHOD)  # SAM's own mask is always there
         for name in chosen:
             check_fitted_under(self.cfg, self.runs, name)
+        # A damaged checkpoint or posterior (a zip member failing its CRC) is one line, as in stage 7.
+        artifact_md5s(self.cfg, self.runs, {need for name in chosen for need in method_needs(self.cfg, name)
+                                            if need != "sam_checkpoint"})
         return chosen
 
     def _strategy(self, method: str) -> Strategy:
