@@ -29,6 +29,7 @@ LAPLACE_DIR = "laplace"
 REPORTS_DIR = "reports"
 EVAL_DIR = f"{REPORTS_DIR}/eval"
 DEBUG_PANELS_DIR = f"{REPORTS_DIR}/debug_panels"
+PREDICTIONS_DIR = "predictions"
 
 #: A stage's record of what its outputs were computed from (see ``core.stage``).
 FINGERPRINT_FILE = ".stage.json"
@@ -130,3 +131,8 @@ def eval_report_relpath(name: str) -> str:
 
 def eval_report_dir(project_root: PathLike, name: str) -> Path:
     return Path(project_root) / eval_report_relpath(name)
+
+
+def prediction_relpath(image_stem: str) -> str:
+    """``predict_uncertainty.py``, relative to the project root: ``predictions/<image stem>``."""
+    return f"{PREDICTIONS_DIR}/{check_component(image_stem, 'image name')}"

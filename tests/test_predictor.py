@@ -1,0 +1,155 @@
+"""The one-image predictor (``modules/interactive/predictor.py``) and its command
+(``predict_uncertainty.py``) on the small demo project trained through the fusion stage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modules.cache.training_index import open_cache
+from modules.core.errors import PipelineError
+from modules.data.imageio import read_image_rgb
+from modules.data.promptset import frame256_to_pixels, to_frame256_points
+from modules.evaluation.methods import Predictor
+from modules.evaluation.runs import Artifacts, RunIds
+from modules.evaluation.samples import list_eval_units, load_sample
+from modules.interactive.predictor import PredictorError, UncertainPredictor, suggest_click
+from modules.stages.predict_uncertainty import promptsets_from_arguments
+from tests.helpers.stage_calls import call_stage
+
+#: The methods compared bit for bit with the evaluation (the stochastic ones are seeded by the sample id).
+COMPARED = ("raw_sam", "map_head", "laplace", "variance_network", "refined")
+
+
+@pytest.fixture(scope="module")
+def cached_sample(fusion_project):
+    """A test-split sample as the evaluation loads it, and the evaluation's outputs for it."""
+    cfg = fusion_project.load_config("evaluation.strategies=[raw_sam, map_head, laplace, variance_network]")
+    unit = list_eval_units(cfg)[0]
+    labelled = load_sample(cfg, open_cache(cfg), unit)
+    artifacts = Artifacts(cfg, RunIds.resolve("v1"), torch.device("cpu"))
+    with torch.inference_mode():
+        outputs = Predictor(cfg, artifacts).predict(labelled)
+    return cfg, unit, labelled.inputs, outputs
+
+
+@pytest.fixture(scope="module")
+def predictor(fusion_project, cached_sample):
+    cfg, unit, _, _ = cached_sample
+    predictor = UncertainPredictor(cfg, RunIds.resolve("v1"), methods=list(COMPARED), device="cpu")
+    predictor.set_image(read_image_rgb(unit.image_path), image_id=unit.sample_id)
+    return predictor
+
+
+def test_predictor_equals_the_batch_evaluation_on_a_cached_sample(cached_sample, predictor):
+    cfg, unit, sample, expected = cached_sample
+    sets = [{"points": s["points"], "labels": s["labels"], "box": s["box"]} for s in sample.record["promptsets"]]
+    prediction = predictor.predict_sets(sets)
+    assert np.array_equal(prediction.entry.logits, sample.cache_entry.logits)
+    assert np.array_equal(prediction.predicted_iou, sample.cache_entry.selected_iou_predictions)
+    for method in COMPARED:
+        got, want = prediction.methods[method].frame256, expected[method]
+        assert torch.equal(got.mean_prob, want.mean_prob.cpu()), method
+        assert set(got.maps) == set(want.maps), method
+        for name in want.maps:
+            assert torch.equal(got.maps[name], want.maps[name].cpu()), (method, name)
+        at_image = prediction.methods[method]
+        assert at_image.probability.shape == (len(sets), *unit.image_hw)
+        assert set(at_image.quality) == {"band_uncertainty", "foreground_uncertainty", "expected_iou"}
+    # The same clicks as arrays (one prompt set) give that prompt set's row (up to the float
+    # rounding of a batch of another size).
+    first = sample.record["promptsets"][0]
+    single = predictor.predict(first["points"], first["labels"], box=first["box"])
+    assert single.num_promptsets == 1
+    assert torch.allclose(single.methods["laplace"].frame256.mean_prob[0],
+                          prediction.methods["laplace"].frame256.mean_prob[0], atol=1e-4)
+
+
+def test_suggest_click_is_the_argmax_of_the_map_never_a_clicked_pixel(predictor, cached_sample):
+    _, unit, sample, _ = cached_sample
+    height, width = unit.image_hw
+    first = sample.record["promptsets"][0]
+    prediction = predictor.predict(first["points"], first["labels"])
+    bald = prediction.methods["laplace"].frame256.maps["mutual_information"][0].numpy()
+    cells = np.rint(to_frame256_points(np.asarray(first["points"], float), height, width)).astype(int)
+    allowed = np.ones_like(bald, dtype=bool)
+    allowed[cells[:, 1], cells[:, 0]] = False
+    x, y = suggest_click(prediction, "bald")
+    row, col = np.unravel_index(np.argmax(np.where(allowed, bald, -np.inf)), bald.shape)
+    assert (x, y) == tuple(frame256_to_pixels(np.array([[col, row]]), height, width)[0])
+    assert 0 <= x < width and 0 <= y < height
+    assert (x, y) not in {(int(px), int(py)) for px, py in first["points"]}
+    # Clicking there, the next suggestion is elsewhere.
+    again = suggest_click(prediction, "bald", previous=[*first["points"], [x, y]])
+    assert again != (x, y)
+    with pytest.raises(PredictorError, match="needs the method 'prompt_perturbation'"):
+        suggest_click(prediction, "prompt_perturbation")
+
+
+def test_predictor_refuses_bad_prompts_and_runs_with_one_line(fusion_project, predictor, cached_sample):
+    _, unit, _, _ = cached_sample
+    height, width = unit.image_hw
+    with pytest.raises(PredictorError, match=rf"outside the {width} x {height} image"):
+        predictor.predict([[width, 0]], [1])
+    with pytest.raises(PredictorError, match="mask_input"):
+        predictor.predict([[0, 0]], [1], mask_input=np.zeros((1, 1, 256, 256), np.float32))
+    with pytest.raises(PredictorError, match="fusion"):
+        UncertainPredictor(predictor.cfg, RunIds.resolve("v1", fusion="nope"), methods=["refined"])
+    # Runs fitted under another prompt-map sigma would read prompt maps they never saw.
+    other_sigma = fusion_project.load_config("prompt_generation.gaussian_sigma=5")
+    with pytest.raises(PredictorError, match=r"run_v1/config.resolved.yaml: the head run was fitted with "
+                                             r"prompt_generation.gaussian_sigma=8"):
+        UncertainPredictor(other_sigma, RunIds.resolve("v1"), methods=["map_head"])
+
+
+def test_command_writes_overlay_maps_and_json(fusion_project, cached_sample, tmp_path):
+    _, unit, _, _ = cached_sample
+    height, width = unit.image_hw
+    image = tmp_path / "predict_input.jpg"  # read from anywhere; written only inside the project root
+    Image.fromarray(read_image_rgb(unit.image_path)).save(image, quality=95)
+    out = fusion_project.root / "predictions" / "test_predictor"
+    result = call_stage("predict_uncertainty", "--config", str(fusion_project.config), "--image", str(image),
+                        "--point", f"{width // 2},{height // 2}", "--point", "1,1,0",
+                        "--box", f"0,0,{width - 1},{height - 1}", "--out", str(out),
+                        "--methods", "raw_sam,laplace,variance_network")
+    assert result.code == 0, result.stderr
+    summary = json.loads((out / "prediction.json").read_text())
+    assert summary["image_hw"] == [height, width]
+    assert set(summary["methods"]) == {"raw_sam", "laplace", "variance_network"}
+    assert summary["promptsets"][0]["labels"] == [1, 0]
+    assert len(summary["predicted_iou"]) == 1
+    for name in ("overlay.png", "probability.npy", "probability.png", "laplace_mutual_information.npy",
+                 "laplace_mutual_information.png", "variance_network_log_variance.npy", "raw_sam_entropy.png"):
+        assert (out / name).is_file(), name
+    probability = np.load(out / "probability.npy")
+    assert probability.shape == (1, height, width) and 0 <= probability.min() <= probability.max() <= 1
+    assert Image.open(out / "overlay.png").size[0] > Image.open(out / "overlay.png").size[1]  # 4 panels in a row
+    x, y = summary["suggested_click"]["bald"][0]
+    assert 0 <= x < width and 0 <= y < height
+    bad = call_stage("predict_uncertainty", "--config", str(fusion_project.config), "--image", str(image),
+                     "--point", f"{width + 5},3", "--out", str(out))
+    assert bad.code == 2
+    assert bad.stderr.strip().count("\n") == 0 and "outside the" in bad.stderr, bad.stderr
+
+
+def test_command_prompts_from_flags_and_from_a_file(tmp_path):
+    assert promptsets_from_arguments(["10,20", "3.5,4,0"], "0,0,9,9", None) == [
+        {"points": [[10.0, 20.0], [3.5, 4.0]], "labels": [1, 0], "box": [0.0, 0.0, 9.0, 9.0]}]
+    assert promptsets_from_arguments([], "0,0,9,9", None)[0]["points"] is None
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([{"points": [[1, 2]], "labels": [1]}, {"points": [], "box": [0, 0, 5, 5]}]))
+    sets = promptsets_from_arguments([], None, str(path))
+    assert [s["box"] for s in sets] == [None, [0, 0, 5, 5]] and sets[1]["points"] is None
+    for points, box, match in ((["1"], None, "--point '1'"), (["1,2,3"], None, "label must be"),
+                               ([], "1,2,3", "--box '1,2,3'"), ([], None, "no prompt")):
+        with pytest.raises(PipelineError, match=match):
+            promptsets_from_arguments(points, box, None)
+    with pytest.raises(PipelineError, match="not both"):
+        promptsets_from_arguments(["1,2"], None, str(path))
+    path.write_text("{}")
+    with pytest.raises(PipelineError, match="non-empty JSON list"):
+        promptsets_from_arguments([], None, str(path))
