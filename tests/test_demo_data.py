@@ -101,14 +101,16 @@ def test_different_purposes_render_different_scenes(group):
 
 def test_render_time_budget():
     render_scene("plain", 0)  # warm up imports and caches
-    start = time.perf_counter()
+    # CPU time of this process, not wall time: the suite runs beside other work (xdist workers, a
+    # loaded CI machine), which stretches wall time without making rendering slower.
+    start = time.process_time()
     count = 0
     for group in GROUPS:
         for index in range(3):
             render_scene(group, scene_seed("demo", 1, group, index))
             count += 1
-    mean_ms = (time.perf_counter() - start) / count * 1000.0
-    assert mean_ms < 60.0, f"mean render time {mean_ms:.1f} ms per scene"
+    mean_ms = (time.process_time() - start) / count * 1000.0
+    assert mean_ms < 60.0, f"mean render time {mean_ms:.1f} ms CPU per scene"
 
 
 @pytest.fixture()

@@ -118,7 +118,8 @@ def test_changed_inputs_stop_laplace_fusion_and_variance_until_force(tmp_path):
     old_state = (laplace_dir / "laplace_state.pt").read_bytes()
     refit = project.run("fit_laplace.py", "--run_id", "s", "--set", grid, "--force")
     assert "skipping" not in refit.stdout
-    assert json.loads((laplace_dir / "posterior_meta.json").read_text())["prior_precision_grid"] == [0.5, 5.0]
+    searched = json.loads((laplace_dir / "posterior_meta.json").read_text())["prior_precision_grid"]
+    assert {0.5, 5.0} <= set(searched)  # the configured grid, widened where its best lay on an end
     assert (laplace_dir / "laplace_state.pt").read_bytes() != old_state
     assert "skipping" in project.run("fit_laplace.py", "--run_id", "s", "--set", grid).stdout
 
