@@ -193,6 +193,28 @@ def subset_sample(sample: EvalSample, indices: list[int], logit_clip: float) -> 
     return EvalSample.build(sample.safe_id, sample.group, part, record, logit_clip, sample.image_loader)
 
 
+@dataclass
+class ImageRun:
+    """One image's simulation state: the policies' histories, the last round's outputs (``P x 256 x
+    256`` FRAME256 per strategy) and masks (``P x H x W`` bool), the trace rows so far per policy."""
+
+    sample: EvalSample
+    annotator: Annotator
+    unseen: bool
+    names: list[str]
+    features: dict[str, torch.Tensor]
+    histories: dict[str, ClickHistory]
+    rngs: dict[str, np.random.Generator]
+    box: list[int] | None
+    placed: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    outputs: dict[str, StrategyOutput] = field(default_factory=dict)
+    predicted: np.ndarray | None = None
+    rows: dict[str, list[dict]] = field(default_factory=lambda: {})
+
+    def __post_init__(self) -> None:
+        self.rows = {name: [] for name in self.names}
+
+
 class ClickSimulator:
     """Runs the configured policies (``evaluation.active_prompting``) on one image at a time."""
 
@@ -202,7 +224,7 @@ class ClickSimulator:
         self.policies = checked_policies(cfg)
         self.max_clicks = int(settings.max_clicks)
         self.min_distance = float(settings.min_distance)
-        self.start = settings.start
+        self.start_with = settings.start
         self.mask_method = settings.mask_method
         self.seed = int(settings.seed)
         self.backbone = artifacts.backbone
@@ -216,58 +238,79 @@ class ClickSimulator:
     def simulate(self, labelled: LabelledSample, unseen: bool, annotator: Annotator | None = None) -> pd.DataFrame:
         """The trace (``TRACE_COLUMNS``) of one image: ``len(policies) * max_clicks`` rows, policy by
         policy in config order, clicks ascending. ``annotator``: default the sample's ground truth."""
+        run = self.start(labelled, unseen, annotator)
+        for clicks in range(1, self.max_clicks + 1):
+            if clicks > 1:
+                self.choose(run)
+            self.score(run)
+        return pd.DataFrame([row for name in run.names for row in run.rows[name]], columns=list(TRACE_COLUMNS))
+
+    def start(self, labelled: LabelledSample, unseen: bool, annotator: Annotator | None = None) -> "ImageRun":
+        """One image's run with its first interaction placed (not yet scored)."""
         sample = labelled.inputs
-        truth = labelled.ground_truth
-        annotator = annotator or Annotator(truth)
-        height, width = sample.original_hw
-        features = {name: torch.from_numpy(np.asarray(value)).unsqueeze(0).to(self.backbone.device)
-                    for name, value in sample.cache_entry.features.items()}
+        annotator = annotator or Annotator(labelled.ground_truth)
         names = list(self.policies)
-        histories = {name: ClickHistory() for name in names}
-        box = annotator.box() if self.start == "box" else None
-        placed: dict[str, tuple[int, int, int]] = {}
-        if box is None:
+        run = ImageRun(sample, annotator, bool(unseen), names,
+                       features={name: torch.from_numpy(np.asarray(value)).unsqueeze(0).to(self.backbone.device)
+                                 for name, value in sample.cache_entry.features.items()},
+                       histories={name: ClickHistory() for name in names},
+                       rngs={name: np.random.default_rng(np.random.SeedSequence(
+                           (self.seed, sample_key(sample.sample_id), index))) for index, name in enumerate(names)},
+                       box=annotator.box() if self.start_with == "box" else None)
+        if run.box is None:
             first = annotator.first_click()
             for name in names:
-                histories[name].add(first, first.label)
-                placed[name] = (first.col, first.row, int(first.label))
+                run.histories[name].add(first, first.label)
+                run.placed[name] = (first.col, first.row, int(first.label))
         else:
-            placed = {name: (-1, -1, -1) for name in names}
-        rngs = {name: np.random.default_rng(np.random.SeedSequence((self.seed, sample_key(sample.sample_id), index)))
-                for index, name in enumerate(names)}
-        rows: dict[str, list[dict]] = {name: [] for name in names}
-        for clicks in range(1, self.max_clicks + 1):
-            record = clicked_record(
-                sample.sample_id, sample.safe_id, (height, width),
-                [clicked_promptset([(col, row) for row, col in histories[name].clicks], histories[name].labels, box,
-                                   height, width, promptset_id=index) for index, name in enumerate(names)],
-                float(sample.record["gaussian_sigma"]), int(sample.record["point_width"]), split=sample.record["split"])
-            state = self._decode(sample, features, record)
-            outputs = self._run_strategies(state)
-            prob = upsample(outputs[self.mask_method].mean_prob, (height, width), torch.device("cpu")).clamp_(0.0, 1.0)
-            quality_map = upsample(outputs[self.mask_method].primary, (height, width), torch.device("cpu"))
-            quality = mask_scores(prob, quality_map, self.cfg.evaluation.mask_quality_band)
-            predicted = (prob > PROB_THRESHOLD).numpy()
-            predicted_iou = state.cache_entry.selected_iou_predictions
-            for index, name in enumerate(names):
-                x, y, label = placed[name]
-                rows[name].append({"safe_id": sample.safe_id, "group": sample.group, "unseen": bool(unseen), "policy": name,
-                             "clicks": clicks, "iou": mask_iou(predicted[index], truth),
-                             "quality": float(quality[index]["band_uncertainty"]),
-                             "predicted_iou": float(predicted_iou[index]), "x": x, "y": y, "label": label})
-            if clicks == self.max_clicks:
-                break
-            for index, name in enumerate(names):
-                placed[name] = self._next_click(name, index, histories[name], outputs, predicted[index], annotator,
-                                                rngs[name], (height, width))
-        return pd.DataFrame([row for name in names for row in rows[name]], columns=list(TRACE_COLUMNS))
+            run.placed = {name: (-1, -1, -1) for name in names}
+        return run
 
-    def _decode(self, sample: EvalSample, features: dict[str, torch.Tensor], record: dict) -> EvalSample:
+    def score(self, run: "ImageRun") -> None:
+        """Decode every policy's clicks so far (one decoder call), run the strategies, and append each
+        policy's trace row; keeps the outputs and the masks for ``choose``."""
+        sample = run.sample
+        height, width = sample.original_hw
+        state = self.decode(sample, run.features, self.record(run))
+        run.outputs = self._run_strategies(state)
+        mask_output = run.outputs[self.mask_method]
+        prob = upsample(mask_output.mean_prob, (height, width), torch.device("cpu")).clamp_(0.0, 1.0)
+        quality = mask_scores(prob, upsample(mask_output.primary, (height, width), torch.device("cpu")),
+                              self.cfg.evaluation.mask_quality_band)
+        run.predicted = (prob > PROB_THRESHOLD).numpy()
+        predicted_iou = state.cache_entry.selected_iou_predictions
+        clicks = len(run.rows[run.names[0]]) + 1
+        for index, name in enumerate(run.names):
+            x, y, label = run.placed[name]
+            run.rows[name].append({
+                "safe_id": sample.safe_id, "group": sample.group, "unseen": run.unseen, "policy": name,
+                "clicks": clicks, "iou": mask_iou(run.predicted[index], run.annotator.truth),
+                "quality": float(quality[index]["band_uncertainty"]), "predicted_iou": float(predicted_iou[index]),
+                "x": x, "y": y, "label": label})
+
+    def record(self, run: "ImageRun") -> dict:
+        """The prompt-set record of the policies' interactions so far: prompt set ``p`` = policy ``p``."""
+        sample = run.sample
+        height, width = sample.original_hw
+        return clicked_record(
+            sample.sample_id, sample.safe_id, (height, width),
+            [clicked_promptset([(col, row) for row, col in run.histories[name].clicks], run.histories[name].labels,
+                               run.box, height, width, promptset_id=index) for index, name in enumerate(run.names)],
+            float(sample.record["gaussian_sigma"]), int(sample.record["point_width"]), split=sample.record["split"])
+
+    def choose(self, run: "ImageRun") -> None:
+        """Every policy's next click from the last ``score``: chosen, answered, added."""
+        size = run.sample.original_hw
+        for index, name in enumerate(run.names):
+            run.placed[name] = self._next_click(name, index, run.histories[name], run.outputs, run.predicted[index],
+                                                run.annotator, run.rngs[name], size)
+
+    def decode(self, sample: EvalSample, features: dict[str, torch.Tensor], record: dict) -> EvalSample:
         """One decoder call for every policy's prompt set -> the ``EvalSample`` of those prompt sets."""
         prompts, ids = record_prompts(record)
         entry = sample.cache_entry
         decoded = decoded_entry(self.backbone, features, entry.original_hw, entry.input_hw, prompts, ids,
-                                START_PROMPT_MODES[self.start], self.cfg.sam.multimask_policy, sample.safe_id,
+                                START_PROMPT_MODES[self.start_with], self.cfg.sam.multimask_policy, sample.safe_id,
                                 entry.split)
         return EvalSample.build(sample.safe_id, sample.group, decoded, record, self.cfg.training.logit_clip,
                                 sample.image_loader)
