@@ -149,3 +149,14 @@ def test_fingerprint_covers_the_simulation_settings():
 
     assert fingerprint() != fingerprint("evaluation.active_prompting.max_clicks=5")
     assert fingerprint() != fingerprint("evaluation.active_prompting.policies=[oracle]")
+
+
+def test_a_box_without_clicks_is_a_prompt_set_of_padding_points():
+    """``start: box`` decodes the box before any click: a prompt set with no points at all."""
+    from modules.data.promptset import clicked_promptset, clicked_record, promptset_tensors
+
+    record = clicked_record("s", "s", (40, 60), [clicked_promptset([], [], (5, 6, 30, 20), 40, 60),
+                                                  clicked_promptset([(3, 4)], [1], (5, 6, 30, 20), 40, 60, 1)], 8.0, 3)
+    points, labels, _, boxes = promptset_tensors(record)
+    assert labels.tolist() == [[-1, -1, -1], [1, -1, -1]] and points[1, 0].tolist() == [3.0, 4.0]
+    assert boxes[0].tolist() == [5.0, 6.0, 30.0, 20.0]
