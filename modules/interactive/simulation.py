@@ -209,7 +209,7 @@ class ImageRun:
     placed: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     outputs: dict[str, StrategyOutput] = field(default_factory=dict)
     predicted: np.ndarray | None = None
-    rows: dict[str, list[dict]] = field(default_factory=lambda: {})
+    rows: dict[str, list[dict]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rows = {name: [] for name in self.names}
