@@ -68,6 +68,7 @@ def small_demo_config(folder: Path, overrides: dict | None = None) -> Path:
     config["evaluation"]["tta"].update(transforms=["hflip", "rot90", "brightness"])
     config["evaluation"]["prompt_perturbation"].update(num_samples=3)
     config["evaluation"].update(qualitative_per_domain=1)
+    config["evaluation"]["active_prompting"].update(enabled=False)  # tests/test_click_simulation.py turns it on
     config["wandb"].update(enabled=False)
     # JSON is YAML: the pipeline's own ``--set`` parser reads each value back unchanged.
     apply_overrides(config, [f"{dotted}={json.dumps(value)}" for dotted, value in (overrides or {}).items()])

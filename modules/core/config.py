@@ -192,6 +192,24 @@ class PromptPerturbationConfig:
 
 
 @dataclass
+class ActivePromptingConfig:
+    """The simulated interactive segmentation of stage 7 (``modules/interactive/simulation.py``)."""
+
+    enabled: bool = False
+    # Names of ``interactive.simulation.CLICK_POLICIES``, in report order.
+    policies: list[str] = field(default_factory=lambda: ["oracle", "bald", "entropy", "variance_network",
+                                                         "sam_entropy", "prompt_perturbation", "random"])
+    max_clicks: int = 20
+    # Pixels (ORIGINAL frame) closer than this to an earlier click of the same policy are never clicked.
+    min_distance: float = 0.0
+    start: Literal["point", "box"] = "point"  # the first interaction: the oracle's first click, or the box
+    # The strategy whose mask is corrected and scored (its probability > 0.5), the same for every policy.
+    mask_method: str = "map_head"
+    seed: int = 0
+    max_samples: int = 0  # images simulated (round-robin over the groups); 0 = every evaluated sample
+
+
+@dataclass
 class EvaluationConfig:
     split: Literal["train", "val", "test"] = "test"
     strategies: list[str] = field(default_factory=lambda: ["raw_sam", "map_head", "tta", "prompt_perturbation",
@@ -208,6 +226,7 @@ class EvaluationConfig:
     # Half-width of the band around the predicted mask's boundary whose mean uncertainty rates a
     # mask (``modules/scoring/mask_quality.py``), as a fraction of the image diagonal.
     mask_quality_band: float = 0.02
+    active_prompting: ActivePromptingConfig = field(default_factory=ActivePromptingConfig)
 
 
 @dataclass
@@ -420,6 +439,10 @@ NUMERIC_RANGES: dict[str, str] = {
     "evaluation.bootstrap_samples": "count",
     "evaluation.bootstrap_seed": "nonneg",
     "evaluation.mask_quality_band": "positive",
+    "evaluation.active_prompting.max_clicks": "count",
+    "evaluation.active_prompting.min_distance": "nonneg",
+    "evaluation.active_prompting.seed": "nonneg",
+    "evaluation.active_prompting.max_samples": "nonneg",
     "wandb.init_timeout_s": "positive",
 }
 

@@ -136,3 +136,12 @@ def eval_report_dir(project_root: PathLike, name: str) -> Path:
 def prediction_relpath(image_stem: str) -> str:
     """``predict_uncertainty.py``, relative to the project root: ``predictions/<image stem>``."""
     return f"{PREDICTIONS_DIR}/{check_component(image_stem, 'image name')}"
+
+
+#: Stage 7, in the report folder: the click simulation's outputs (``interactive/simulation.py``).
+ACTIVE_PROMPTING_DIR = "active_prompting"
+
+
+def click_trace_path(report_dir: PathLike, safe_id: str) -> Path:
+    """Stage 7: one image's click trace, ``<report>/active_prompting/units/<safe_id>.csv``."""
+    return Path(report_dir) / ACTIVE_PROMPTING_DIR / "units" / f"{check_component(safe_id, 'safe_id')}.csv"

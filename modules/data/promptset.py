@@ -221,6 +221,8 @@ def promptset_tensors(record: dict) -> tuple[torch.Tensor, torch.Tensor, torch.T
     labels = torch.full((count, width), -1, dtype=torch.int64)
     for i, s in enumerate(sets):
         n = len(s["labels"])
+        if n == 0:  # a box alone (the click simulation's ``start: box``): every point is padding
+            continue
         points[i, :n] = torch.tensor(s["points"], dtype=torch.float32)
         points_256[i, :n] = torch.tensor(s["points_256"], dtype=torch.float32)
         labels[i, :n] = torch.tensor(s["labels"])

@@ -13,6 +13,12 @@ finds every ``.done.json`` of the n shards (the last to finish) merges their sta
 (``Scoreboard.merge``, then rows and accumulators in unit order) and writes the reports, which equal
 a one-process run's; ``--merge`` does the same on its own (after a job array) and names the shards
 still missing.
+
+With ``evaluation.active_prompting.enabled``, after scoring its samples a run (or shard) simulates the
+interactive segmentation on them (``interactive.simulation``): each image's click trace is written
+atomically to ``active_prompting/units/<safe_id>.csv`` (``core.paths.click_trace_path``) and counts
+as done once written; the one-process run (or the merge) concatenates the traces in unit order and
+writes the click reports (``interactive.click_metrics.write_click_reports``) before the others.
 """
 
 from __future__ import annotations
@@ -23,28 +29,35 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from modules.cache.training_index import open_cache
 from modules.core.config import unseen_group_keys
 from modules.core.device import resolve_device
-from modules.core.fileio import atomic_write_json, file_md5, read_json, remove_file
+from modules.core.fileio import atomic_write_csv, atomic_write_json, file_md5, read_json, remove_file, remove_tree
 from modules.core.locks import OutputLocked
-from modules.core.paths import FINGERPRINT_FILE, manifest_path
-from modules.core.stage import Shard
+from modules.core.paths import ACTIVE_PROMPTING_DIR, FINGERPRINT_FILE, click_trace_path, manifest_path
+from modules.core.stage import KillSwitch, Shard, UnitCounts
 from modules.data.domains import checked_unseen_groups
 from modules.evaluation import reports
 from modules.evaluation.methods import (REFINEMENT_VARIANTS, UNREFINED_BASELINE, Predictor, method_names,
                                         needed_artifacts)
-from modules.evaluation.runs import Artifacts, EvaluationError, RunIds, artifact_md5s
+from modules.evaluation.runs import ARTIFACT_FILES, Artifacts, EvaluationError, RunIds, artifact_md5s
 from modules.evaluation.samples import EvalUnit, list_eval_units, load_sample
 from modules.evaluation.scoreboard import STATE_FILE, Scoreboard, load_state_file, save_state
+from modules.interactive.click_metrics import remove_click_reports, write_click_reports
+from modules.interactive.simulation import TRACE_COLUMNS, SimulationError, simulated_units, simulation_artifacts, \
+    trace_runner
 
 log = logging.getLogger("pipeline")
 
 #: Folder (in the report folder) of the shards' states, fingerprints and completion markers.
 SHARDS_DIR = "shards"
 _SHARD_FILE = re.compile(r"shard-(\d{3})-of-(\d{3})\.done\.json")
+
+#: Tests set this to SIGKILL the stage once it has written the click traces of n images.
+KILL_AFTER_CLICK_IMAGES_ENV = "PIPELINE_TEST_KILL_AFTER_CLICK_IMAGES"
 
 #: Checkpoint the state after a sample once the time since the last checkpoint is at least
 #: ``last checkpoint duration / CHECKPOINT_MAX_OVERHEAD``.
@@ -110,7 +123,14 @@ def shard_paths(folder: Path, shard: Shard) -> tuple[Path, Path, str]:
 
 
 def stage_upstream(cfg, runs: RunIds) -> dict:
-    return {"checkpoints": artifact_md5s(cfg, runs, needed_artifacts(cfg)),
+    scored = needed_artifacts(cfg)
+    simulated = simulation_artifacts(cfg)
+    for name in sorted(simulated - scored):
+        path = ARTIFACT_FILES[name](cfg, runs)
+        if not path.exists():
+            raise SimulationError(f"{path}: missing {name} artifact needed by evaluation.active_prompting.policies "
+                                  "/ .mask_method; run its stage first, or leave out the policies that read it")
+    return {"checkpoints": artifact_md5s(cfg, runs, scored | simulated),
             "split_manifest": file_md5(manifest_path(cfg.project_root, cfg.evaluation.split))}
 
 
@@ -135,6 +155,7 @@ def run_one_process(ctx, runs: RunIds) -> None:
     if fresh:
         reports.remove_reports(folder)
         remove_file(state_path, folder)
+        remove_tree(folder / ACTIVE_PROMPTING_DIR, folder)
     merged = not fresh and not state_path.is_file() and _merged_from(folder) is not None
     scoreboard, counts = (None, None) if merged and reports.reports_complete(folder) else \
         evaluate_units(ctx, runs, units, units, state_path, fresh)
@@ -144,10 +165,15 @@ def run_one_process(ctx, runs: RunIds) -> None:
         return
     if not scoreboard.done:
         raise EvaluationError(f"{folder}: no sample could be evaluated ({counts.failed} failed)")
-    write_stage_reports(ctx, runs, scoreboard, counts.as_dict())
+    click_counts = simulate_units(ctx, runs, units, units)
+    click_report = write_click_outputs(ctx, units)
+    write_stage_reports(ctx, runs, scoreboard, {**counts.as_dict(), **click_counts.as_dict("clicks_")}, click_report)
     if counts.failed:
         raise EvaluationError(f"{folder}: {counts.failed} samples failed (listed above); the reports cover the "
                               f"{len(scoreboard.done)} others; fix the inputs and rerun to add them")
+    if click_counts.failed:
+        raise EvaluationError(f"{folder}: the click simulation failed on {click_counts.failed} samples (listed "
+                              "above); fix the inputs and rerun to add them")
 
 
 def run_shard(ctx, runs: RunIds, shard: Shard) -> None:
@@ -163,6 +189,8 @@ def run_shard(ctx, runs: RunIds, shard: Shard) -> None:
     if fresh:
         remove_file(state_path, folder)
         remove_file(folder / reports.DIGEST_FILE, folder)  # the reports are stale until the next merge
+        for unit in units:
+            remove_file(click_trace_path(folder, unit.safe_id), folder)
     log.info("[%s] %s: %d of the %d samples", ctx.name, shard.name, len(units), len(all_units))
     scoreboard, counts = evaluate_units(ctx, runs, units, all_units, state_path, fresh, complete_if_done=True)
     if scoreboard is None:  # nothing left: the state on disk is final (kept byte for byte: merged.json)
@@ -173,7 +201,9 @@ def run_shard(ctx, runs: RunIds, shard: Shard) -> None:
         done, figures = set(scoreboard.done), counts.as_dict()
     if scoreboard is not None or not state_path.is_file():  # (a shard may have no samples at all)
         save_state(state_path, scoreboard or new_scoreboard(cfg, torch.device("cpu")))
-    failed = [unit.safe_id for unit in units if unit.safe_id not in done]
+    click_counts = simulate_units(ctx, runs, units, all_units)
+    click_failed = {name for name, _ in click_counts.failures}
+    failed = [unit.safe_id for unit in units if unit.safe_id not in done or unit.safe_id in click_failed]
     atomic_write_json(marker, {"state_md5": file_md5(state_path), "samples": len(units), "failed": failed})
     ctx.summary({"shard": shard.name, "samples": len(units), **figures})
     merge_shards(ctx, runs, shard.count, required=False)
@@ -231,12 +261,67 @@ def evaluate_units(ctx, runs: RunIds, units: list[EvalUnit], all_units: list[Eva
     return scoreboard, counts
 
 
-def write_stage_reports(ctx, runs: RunIds, scoreboard: Scoreboard, figures: dict) -> None:
+def simulate_units(ctx, runs: RunIds, units: list[EvalUnit], all_units: list[EvalUnit]) -> UnitCounts:
+    """Write the click trace of each of ``units`` that ``evaluation.active_prompting`` simulates
+    (chosen among ``all_units``, so shards simulate what one process would) and that has none yet."""
+    cfg = ctx.cfg
+    folder = ctx.output_dir
+    settings = cfg.evaluation.active_prompting
+    if not settings.enabled:
+        return UnitCounts()
+    chosen = {unit.safe_id for unit in simulated_units(all_units, settings.max_samples)}
+    todo = [unit for unit in units if unit.safe_id in chosen]
+    remaining = [unit for unit in todo if not click_trace_path(folder, unit.safe_id).is_file()]
+    log.info("[%s] click simulation: %d samples (%d done before), policies: %s, up to %d clicks", ctx.name,
+             len(todo), len(todo) - len(remaining), ", ".join(settings.policies), settings.max_clicks)
+    device = resolve_device(cfg.training.device, key="training.device")
+    cache = open_cache(cfg) if remaining else None
+    simulate = trace_runner(cfg, Artifacts(cfg, runs, device), checked_unseen_groups(cfg))
+    kill_switch = KillSwitch.from_env(KILL_AFTER_CLICK_IMAGES_ENV)
+
+    def process(unit: EvalUnit) -> None:
+        trace = simulate(load_sample(cfg, cache, unit))
+        atomic_write_csv(click_trace_path(folder, unit.safe_id), trace)
+        if kill_switch:
+            kill_switch.advance()
+
+    counts = ctx.run_units(todo, lambda unit: click_trace_path(folder, unit.safe_id).is_file(), process,
+                           desc="simulating clicks", unit_name=lambda unit: unit.safe_id, unit_label="samples")
+    for name, reason in counts.failures[:10]:
+        log.info("  click simulation failed: %s: %s", name, reason)
+    return counts
+
+
+def read_click_trace(folder: Path, units: list[EvalUnit]) -> pd.DataFrame:
+    """The click traces of ``units`` written so far, concatenated in unit order (``TRACE_COLUMNS``)."""
+    paths = [click_trace_path(folder, unit.safe_id) for unit in units]
+    frames = [pd.read_csv(path, dtype={"safe_id": str, "group": str}) for path in paths if path.is_file()]
+    if not frames:
+        return pd.DataFrame(columns=list(TRACE_COLUMNS))
+    return pd.concat(frames, ignore_index=True)[list(TRACE_COLUMNS)]
+
+
+def write_click_outputs(ctx, units: list[EvalUnit]):
+    """The click reports from every simulated unit's trace (``None`` when the simulation is off)."""
+    cfg = ctx.cfg
+    settings = cfg.evaluation.active_prompting
+    trace = read_click_trace(ctx.output_dir, simulated_units(units, settings.max_samples)) if settings.enabled \
+        else None
+    if trace is None or trace.empty:
+        remove_click_reports(ctx.output_dir)  # an earlier run's, from other settings
+        return None
+    return write_click_reports(ctx.output_dir, trace, settings.max_clicks,
+                               cfg.evaluation.bootstrap_samples, cfg.evaluation.bootstrap_seed, tracker=ctx.tracker)
+
+
+def write_stage_reports(ctx, runs: RunIds, scoreboard: Scoreboard, figures: dict, click_report=None) -> None:
+    """The evaluation reports, with the click simulation's section (``ClickReport``) when there is one."""
     methods = method_names(ctx.cfg)
     provenance = {"run ids": vars(runs), "inputs": sorted(needed_artifacts(ctx.cfg)), "config": ctx.cfg.to_dict()}
+    sections = [] if click_report is None else [click_report.section()]
     written = reports.write_reports(ctx.output_dir, scoreboard, methods, list(REFINEMENT_VARIANTS),
                                     UNREFINED_BASELINE, ctx.tracker, provenance,
-                                    reports.BootstrapSettings.from_config(ctx.cfg))
+                                    reports.BootstrapSettings.from_config(ctx.cfg), sections=sections)
     ctx.summary({"samples": len(scoreboard.done), "masks": len(scoreboard.rows), **figures, **written})
 
 
@@ -310,7 +395,7 @@ def merge_shards(ctx, runs: RunIds, count: int | None, required: bool) -> bool:
         remove_file(path, folder)
     remove_file(folder / STATE_FILE, folder)  # a one-process run's state, superseded by the merge
     atomic_write_json(fingerprint_path, current)
-    write_stage_reports(ctx, runs, merged, {"shards": count, "failed": len(failed)})
+    write_stage_reports(ctx, runs, merged, {"shards": count, "failed": len(failed)}, write_click_outputs(ctx, units))
     atomic_write_json(folder / SHARDS_DIR / "merged.json", _shard_md5s(folder, count))
     if failed:
         raise EvaluationError(f"{folder}: {len(failed)} samples failed in the shards (e.g. {failed[0]}); the "

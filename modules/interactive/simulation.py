@@ -1,0 +1,374 @@
+"""Simulated interactive segmentation: click policies against a simulated annotator, on cached embeddings.
+
+One image at a time (``ClickSimulator.simulate``): every configured policy starts from the same first
+interaction (the error oracle's first click, at the object's interior point farthest from its
+boundary; or the object's tight box), then up to ``max_clicks`` rounds of
+
+1. one decoder call on the cached encoder features (no encoder pass) for the ``P`` policies' click
+   histories at once, each history one prompt set (``cache.entries.decoded_entry``, the step stage
+   3 caches), giving the very ``CacheEntry`` stage 3 would have cached for those clicks;
+2. the strategies the policies and the predicted mask need (``evaluation.methods.STRATEGY_BUILDERS``:
+   head, Laplace, variance network, prompt perturbation, raw SAM) on that entry, each only on the
+   prompt sets that read it;
+3. per policy: the IoU of its mask (``mask_method``'s probability > 0.5 at the image's resolution),
+   the mask-level uncertainty (``quality``: the mean of ``mask_method``'s primary map in the band
+   around the mask's boundary, ``scoring.mask_quality.mask_scores``), SAM's predicted IoU; then its
+   next click.
+
+Choices are made at the image's resolution (the maps upsampled bilinearly, as the evaluation scores
+them), so clicks, ``min_distance`` and the never-click-twice rule are all in ORIGINAL pixels. An
+uncertainty policy is handed its map alone (``choose_by_map``), never the ground truth; the simulated
+annotator (``Annotator``) answers each of its clicks with the ground-truth label of that pixel. Only
+the ``oracle`` policy reads the ground truth to choose (``choose_by_error_oracle``).
+
+The result is the click trace (``TRACE_COLUMNS``, one row per image, policy and click count) that
+``interactive.click_metrics`` turns into IoU-vs-clicks curves, NoC and the stop signal's AUROC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from modules.cache.entries import decoded_entry, record_prompts
+from modules.cache.sam_cache import CacheEntry
+from modules.core.config import PipelineConfig
+from modules.core.errors import PipelineError
+from modules.data.promptset import clicked_promptset, clicked_record, sample_key, tight_box
+from modules.evaluation.methods import STRATEGY_BUILDERS
+from modules.evaluation.runs import Artifacts
+from modules.evaluation.samples import EvalUnit, LabelledSample
+from modules.evaluation.scoreboard import upsample
+from modules.interactive.click_policies import (ClickChoice, annotator_label, choose_at_random, choose_by_error_oracle,
+                                                choose_by_map)
+from modules.scoring.common import PROB_THRESHOLD
+from modules.scoring.mask_quality import mask_scores
+from modules.uncertainty.strategies import EvalSample, StrategyOutput
+
+SETTINGS_KEY = "evaluation.active_prompting"
+#: The trace's columns (the contract with ``interactive.click_metrics``): ``clicks`` counts the
+#: interactions so far (1 = the first click or box); ``x``, ``y`` (ORIGINAL pixels) and ``label``
+#: (1 / 0) are those of the click just placed, -1 for the box and for a policy that had no pixel left.
+TRACE_COLUMNS = ("safe_id", "group", "unseen", "policy", "clicks", "iou", "quality", "predicted_iou", "x", "y",
+                 "label")
+#: ``start: box`` decodes clicks and box together; ``start: point`` clicks only.
+START_PROMPT_MODES = {"point": "points", "box": "points_and_box"}
+
+
+class SimulationError(PipelineError):
+    """A bad ``evaluation.active_prompting`` setting (the message names the key)."""
+
+
+@dataclass(frozen=True)
+class ClickPolicy:
+    """How a policy chooses: ``map`` (the argmax of ``strategy``'s ``map_name``, never the ground
+    truth), ``random``, or ``oracle`` (the error oracle, which reads the ground truth)."""
+
+    kind: str
+    strategy: str | None = None
+    map_name: str | None = None
+
+
+#: ``evaluation.active_prompting.policies`` name -> policy. BALD is the Laplace posterior's mutual
+#: information and ``entropy`` its total predictive entropy; prompt perturbation clicks where the
+#: jittered prompts disagree most (their mutual information).
+CLICK_POLICIES: dict[str, ClickPolicy] = {
+    "oracle": ClickPolicy("oracle"),
+    "bald": ClickPolicy("map", "laplace", "mutual_information"),
+    "entropy": ClickPolicy("map", "laplace", "total_entropy"),
+    "variance_network": ClickPolicy("map", "variance_network", "log_variance"),
+    "sam_entropy": ClickPolicy("map", "raw_sam", "entropy"),
+    "prompt_perturbation": ClickPolicy("map", "prompt_perturbation", "mutual_information"),
+    "random": ClickPolicy("random"),
+}
+
+
+def checked_policies(cfg: PipelineConfig) -> dict[str, ClickPolicy]:
+    """The configured policies in config order, and a one-line error naming the key for an unknown
+    policy, a duplicate, or an unknown ``mask_method``."""
+    settings = cfg.evaluation.active_prompting
+    names = list(settings.policies)
+    unknown = [name for name in names if name not in CLICK_POLICIES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise SimulationError(f"{SETTINGS_KEY}.policies: need distinct names of {', '.join(CLICK_POLICIES)}, "
+                              f"got {names}")
+    if settings.mask_method not in STRATEGY_BUILDERS:
+        raise SimulationError(f"{SETTINGS_KEY}.mask_method: {settings.mask_method!r} is not one of "
+                              f"{', '.join(STRATEGY_BUILDERS)}")
+    return {name: CLICK_POLICIES[name] for name in names}
+
+
+def needed_strategies(cfg: PipelineConfig) -> list[str]:
+    """The strategies the simulation runs: ``mask_method`` first, then those the policies read."""
+    policies = checked_policies(cfg)
+    names = [cfg.evaluation.active_prompting.mask_method]
+    names += [policy.strategy for policy in policies.values() if policy.strategy is not None]
+    return list(dict.fromkeys(names))
+
+
+def simulation_artifacts(cfg: PipelineConfig) -> set[str]:
+    """Names of ``evaluation.runs.ARTIFACT_FILES`` the simulation loads (none when it is disabled)."""
+    if not cfg.evaluation.active_prompting.enabled:
+        return set()
+    names = {"sam_checkpoint"}
+    for strategy in needed_strategies(cfg):
+        names.update(STRATEGY_BUILDERS[strategy].needs)
+    return names
+
+
+def simulated_units(units: list[EvalUnit], limit: int) -> list[EvalUnit]:
+    """The units the simulation runs on, in unit order: all (``limit`` 0), else ``limit`` of them taken
+    round-robin over the groups (so seen and unseen groups are both simulated)."""
+    if not limit or limit >= len(units):
+        return list(units)
+    queues: dict[str, list[EvalUnit]] = {}
+    for unit in units:
+        queues.setdefault(unit.group, []).append(unit)
+    chosen: set[str] = set()
+    while len(chosen) < limit:
+        for queue in queues.values():
+            if queue and len(chosen) < limit:
+                chosen.add(queue.pop(0).safe_id)
+    return [unit for unit in units if unit.safe_id in chosen]
+
+
+def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """IoU of two ``H x W`` bool masks (1.0 when both are empty, as ``scoring.segmentation``)."""
+    union = int(np.count_nonzero(predicted | truth))
+    return 1.0 if union == 0 else int(np.count_nonzero(predicted & truth)) / union
+
+
+@dataclass
+class Annotator:
+    """The simulated person: the ground truth ``H x W`` bool at ORIGINAL resolution. ``label`` answers
+    a click (the only ground truth an uncertainty policy's run receives), ``first_click`` is the oracle's
+    first click (the object's most interior pixel), ``box`` the object's tight box."""
+
+    truth: np.ndarray
+
+    def label(self, policy: str, choice: ClickChoice) -> int:
+        return annotator_label(self.truth, choice)
+
+    def first_click(self) -> ClickChoice:
+        choice = choose_by_error_oracle(np.zeros_like(self.truth), self.truth, [])
+        if choice is None:  # an empty mask: the oracle clicks the image centre, as background
+            height, width = self.truth.shape
+            return ClickChoice(height // 2, width // 2, 0)
+        return choice
+
+    def box(self) -> list[int] | None:
+        return list(tight_box(self.truth)) if self.truth.any() else None
+
+
+@dataclass
+class ClickHistory:
+    """One policy's interactions: clicks ``(row, col)`` in ORIGINAL pixels and their labels."""
+
+    clicks: list[tuple[int, int]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    stopped: bool = False
+
+    def add(self, choice: ClickChoice, label: int) -> None:
+        if (choice.row, choice.col) in self.clicks:
+            raise AssertionError(f"click ({choice.row}, {choice.col}) placed twice")
+        self.clicks.append((choice.row, choice.col))
+        self.labels.append(int(label))
+
+
+def subset_sample(sample: EvalSample, indices: list[int], logit_clip: float) -> EvalSample:
+    """The ``EvalSample`` of some of ``sample``'s prompt sets (``indices``), for a strategy only some
+    policies read."""
+    if indices == list(range(sample.num_promptsets)):
+        return sample
+    entry = sample.cache_entry
+    rows = np.asarray(indices, dtype=np.int64)
+    part = CacheEntry(entry.safe_id, entry.split, entry.features, entry.logits[rows], entry.promptset_ids[rows],
+                      entry.branch_index[rows], entry.iou_predictions[rows], entry.original_hw, entry.input_hw,
+                      entry.promptset_md5)
+    record = {**sample.record, "promptsets": [sample.record["promptsets"][i] for i in indices]}
+    return EvalSample.build(sample.safe_id, sample.group, part, record, logit_clip, sample.image_loader)
+
+
+@dataclass
+class ImageRun:
+    """One image's simulation state: the policies' histories, the last round's outputs (``P x 256 x
+    256`` FRAME256 per strategy) and masks (``P x H x W`` bool), the trace rows so far per policy."""
+
+    sample: EvalSample
+    annotator: Annotator
+    unseen: bool
+    names: list[str]
+    features: dict[str, torch.Tensor]
+    histories: dict[str, ClickHistory]
+    rngs: dict[str, np.random.Generator]
+    box: list[int] | None
+    placed: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    outputs: dict[str, StrategyOutput] = field(default_factory=dict)
+    predicted: np.ndarray | None = None
+    rows: dict[str, list[dict]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rows = {name: [] for name in self.names}
+
+
+class ClickSimulator:
+    """Runs the configured policies (``evaluation.active_prompting``) on one image at a time."""
+
+    def __init__(self, cfg: PipelineConfig, artifacts: Artifacts) -> None:
+        settings = cfg.evaluation.active_prompting
+        self.cfg = cfg
+        self.policies = checked_policies(cfg)
+        self.max_clicks = int(settings.max_clicks)
+        self.min_distance = float(settings.min_distance)
+        self.start_with = settings.start
+        self.mask_method = settings.mask_method
+        self.seed = int(settings.seed)
+        self.backbone = artifacts.backbone
+        self.strategies = {name: STRATEGY_BUILDERS[name].build(cfg, artifacts) for name in needed_strategies(cfg)}
+        self.readers: dict[str, list[int]] = {name: [] for name in self.strategies}
+        for index, policy in enumerate(self.policies.values()):
+            if policy.strategy is not None:
+                self.readers[policy.strategy].append(index)
+        self.readers[self.mask_method] = list(range(len(self.policies)))
+
+    def simulate(self, labelled: LabelledSample, unseen: bool, annotator: Annotator | None = None) -> pd.DataFrame:
+        """The trace (``TRACE_COLUMNS``) of one image: ``len(policies) * max_clicks`` rows, policy by
+        policy in config order, clicks ascending. ``annotator``: default the sample's ground truth."""
+        run = self.start(labelled, unseen, annotator)
+        for clicks in range(1, self.max_clicks + 1):
+            if clicks > 1:
+                self.choose(run)
+            self.score(run)
+        return pd.DataFrame([row for name in run.names for row in run.rows[name]], columns=list(TRACE_COLUMNS))
+
+    def start(self, labelled: LabelledSample, unseen: bool, annotator: Annotator | None = None) -> "ImageRun":
+        """One image's run with its first interaction placed (not yet scored)."""
+        sample = labelled.inputs
+        annotator = annotator or Annotator(labelled.ground_truth)
+        names = list(self.policies)
+        run = ImageRun(sample, annotator, bool(unseen), names,
+                       features={name: torch.from_numpy(np.asarray(value)).unsqueeze(0).to(self.backbone.device)
+                                 for name, value in sample.cache_entry.features.items()},
+                       histories={name: ClickHistory() for name in names},
+                       rngs={name: np.random.default_rng(np.random.SeedSequence(
+                           (self.seed, sample_key(sample.sample_id), index))) for index, name in enumerate(names)},
+                       box=annotator.box() if self.start_with == "box" else None)
+        if run.box is None:
+            first = annotator.first_click()
+            for name in names:
+                run.histories[name].add(first, first.label)
+                run.placed[name] = (first.col, first.row, int(first.label))
+        else:
+            run.placed = {name: (-1, -1, -1) for name in names}
+        return run
+
+    def score(self, run: "ImageRun") -> None:
+        """Decode every policy's clicks so far (one decoder call), run the strategies, and append each
+        policy's trace row; keeps the outputs and the masks for ``choose``."""
+        sample = run.sample
+        height, width = sample.original_hw
+        state = self.decode(sample, run.features, self.record(run))
+        run.outputs = self._run_strategies(state)
+        mask_output = run.outputs[self.mask_method]
+        prob = upsample(mask_output.mean_prob, (height, width), torch.device("cpu")).clamp_(0.0, 1.0)
+        quality = mask_scores(prob, upsample(mask_output.primary, (height, width), torch.device("cpu")),
+                              self.cfg.evaluation.mask_quality_band)
+        run.predicted = (prob > PROB_THRESHOLD).numpy()
+        predicted_iou = state.cache_entry.selected_iou_predictions
+        clicks = len(run.rows[run.names[0]]) + 1
+        for index, name in enumerate(run.names):
+            x, y, label = run.placed[name]
+            run.rows[name].append({
+                "safe_id": sample.safe_id, "group": sample.group, "unseen": run.unseen, "policy": name,
+                "clicks": clicks, "iou": mask_iou(run.predicted[index], run.annotator.truth),
+                "quality": float(quality[index]["band_uncertainty"]), "predicted_iou": float(predicted_iou[index]),
+                "x": x, "y": y, "label": label})
+
+    def record(self, run: "ImageRun") -> dict:
+        """The prompt-set record of the policies' interactions so far: prompt set ``p`` = policy ``p``."""
+        sample = run.sample
+        height, width = sample.original_hw
+        return clicked_record(
+            sample.sample_id, sample.safe_id, (height, width),
+            [clicked_promptset([(col, row) for row, col in run.histories[name].clicks], run.histories[name].labels,
+                               run.box, height, width, promptset_id=index) for index, name in enumerate(run.names)],
+            float(sample.record["gaussian_sigma"]), int(sample.record["point_width"]), split=sample.record["split"])
+
+    def choose(self, run: "ImageRun") -> None:
+        """Every policy's next click from the last ``score``: chosen, answered, added."""
+        size = run.sample.original_hw
+        for index, name in enumerate(run.names):
+            run.placed[name] = self._next_click(name, index, run.histories[name], run.outputs, run.predicted[index],
+                                                run.annotator, run.rngs[name], size)
+
+    def decode(self, sample: EvalSample, features: dict[str, torch.Tensor], record: dict) -> EvalSample:
+        """One decoder call for every policy's prompt set -> the ``EvalSample`` of those prompt sets."""
+        prompts, ids = record_prompts(record)
+        entry = sample.cache_entry
+        decoded = decoded_entry(self.backbone, features, entry.original_hw, entry.input_hw, prompts, ids,
+                                START_PROMPT_MODES[self.start_with], self.cfg.sam.multimask_policy, sample.safe_id,
+                                entry.split)
+        return EvalSample.build(sample.safe_id, sample.group, decoded, record, self.cfg.training.logit_clip,
+                                sample.image_loader)
+
+    def _run_strategies(self, sample: EvalSample) -> dict[str, StrategyOutput]:
+        """Each strategy on the prompt sets that read it; outputs ``P x 256 x 256`` on CPU, rows of the
+        prompt sets a strategy skipped left NaN (never read)."""
+        outputs = {}
+        with torch.inference_mode():
+            for name, strategy in self.strategies.items():
+                indices = self.readers[name]
+                part = strategy.predict(subset_sample(sample, indices, self.cfg.training.logit_clip))
+                if len(indices) == sample.num_promptsets:
+                    outputs[name] = StrategyOutput(part.mean_prob.float().cpu(),
+                                                   {key: value.float().cpu() for key, value in part.maps.items()},
+                                                   part.primary_map)
+                    continue
+                shape = (sample.num_promptsets, *part.mean_prob.shape[1:])
+                full = {key: torch.full(shape, float("nan")) for key in ("mean_prob", *part.maps)}
+                for key in full:
+                    full[key][indices] = (part.mean_prob if key == "mean_prob" else part.maps[key]).float().cpu()
+                mean_prob = full.pop("mean_prob")
+                outputs[name] = StrategyOutput(mean_prob, full, part.primary_map)
+        return outputs
+
+    def _next_click(self, name: str, index: int, history: ClickHistory, outputs: dict[str, StrategyOutput],
+                    predicted: np.ndarray, annotator: Annotator, rng: np.random.Generator,
+                    size: tuple[int, int]) -> tuple[int, int, int]:
+        """Choose, ask the annotator, add to ``history``; returns ``(x, y, label)`` or -1s when the
+        policy has no pixel left (its history then stays as it is)."""
+        policy = self.policies[name]
+        choice: ClickChoice | None = None
+        if not history.stopped:
+            if policy.kind == "oracle":
+                choice = choose_by_error_oracle(predicted, annotator.truth, history.clicks, self.min_distance)
+            elif policy.kind == "random":
+                choice = choose_at_random(size, history.clicks, rng, self.min_distance)
+            else:
+                score_map = upsample(outputs[policy.strategy].maps[policy.map_name][index:index + 1], size,
+                                     torch.device("cpu"))[0].numpy()
+                choice = choose_by_map(score_map, history.clicks, self.min_distance)
+        if choice is None:
+            history.stopped = True
+            return (-1, -1, -1)
+        label = choice.label if policy.kind == "oracle" else annotator.label(name, choice)
+        history.add(choice, label)
+        return (choice.col, choice.row, int(label))
+
+
+def trace_runner(cfg: PipelineConfig, artifacts: Artifacts, unseen_groups: frozenset[str]
+                 ) -> Callable[[LabelledSample], pd.DataFrame]:
+    """``labelled -> trace`` with one ``ClickSimulator`` built on first use."""
+    simulator: ClickSimulator | None = None
+
+    def run(labelled: LabelledSample) -> pd.DataFrame:
+        nonlocal simulator
+        if simulator is None:
+            simulator = ClickSimulator(cfg, artifacts)
+        return simulator.simulate(labelled, labelled.inputs.group in unseen_groups)
+
+    return run

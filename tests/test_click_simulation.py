@@ -1,0 +1,159 @@
+"""The simulated interactive segmentation of stage 7 (``modules/interactive/simulation.py``).
+
+On the small demo project (``fusion_project``): the uncertainty policies receive the ground truth only
+through the annotator's labels (replayed labels on an inverted ground truth leave their clicks
+unchanged), no policy clicks a pixel twice, and the stage writes every output and resumes after
+SIGKILL to the trace of an uninterrupted run. Synthetic units for the unit selection and the settings.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from modules.cache.training_index import open_cache
+from modules.core.paths import ACTIVE_PROMPTING_DIR, click_trace_path, eval_report_dir
+from modules.evaluation.runs import Artifacts, RunIds
+from modules.evaluation.samples import EvalUnit, LabelledSample, list_eval_units, load_sample
+from modules.interactive.click_policies import ClickChoice
+from modules.interactive.simulation import (CLICK_POLICIES, TRACE_COLUMNS, Annotator, ClickSimulator, SimulationError,
+                                            checked_policies, simulated_units)
+from modules.stages.evaluate_uncertainty import KILL_AFTER_CLICK_IMAGES_ENV, fingerprint_sections
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+#: Cheap stage-7 settings: two images, two scored strategies, three clicks of four policies.
+STAGE_ARGS = ("--set", "evaluation.max_samples=2", "--set", "evaluation.strategies=[raw_sam,map_head]",
+              "--set", "evaluation.refinement=false", "--set", "evaluation.qualitative_per_domain=0",
+              "--set", "evaluation.bootstrap_samples=20",
+              "--set", "evaluation.active_prompting.enabled=true", "--set", "evaluation.active_prompting.max_clicks=3",
+              "--set", "evaluation.active_prompting.policies=[oracle,bald,sam_entropy,random]")
+
+
+def _unit(safe_id: str, group: str) -> EvalUnit:
+    return EvalUnit(safe_id, safe_id, group, "", "", (8, 8))
+
+
+def test_simulated_units_round_robin_over_groups_in_unit_order():
+    units = [_unit("a1", "a"), _unit("a2", "a"), _unit("a3", "a"), _unit("b1", "b"), _unit("c1", "c")]
+    assert [u.safe_id for u in simulated_units(units, 3)] == ["a1", "b1", "c1"]
+    assert [u.safe_id for u in simulated_units(units, 4)] == ["a1", "a2", "b1", "c1"]
+    assert simulated_units(units, 0) == units
+
+
+def test_bad_settings_name_the_key():
+    from modules.core.config import load_config
+
+    for override, key in (("evaluation.active_prompting.policies=[bald,psychic]", "policies"),
+                          ("evaluation.active_prompting.policies=[bald,bald]", "policies"),
+                          ("evaluation.active_prompting.mask_method=sam_oracle", "mask_method")):
+        cfg = load_config(None, [override])
+        with pytest.raises(SimulationError, match=f"evaluation.active_prompting.{key}"):
+            checked_policies(cfg)
+    assert set(checked_policies(load_config(None))) == set(CLICK_POLICIES)
+
+
+@dataclass
+class ReplayAnnotator(Annotator):
+    """Answers with labels recorded from another run (``policy -> labels of clicks 2..``), whatever
+    ``truth`` holds; its first click is the recorded one."""
+
+    first: ClickChoice | None = None
+    replies: dict[str, list[int]] = field(default_factory=dict)
+
+    def first_click(self) -> ClickChoice:
+        return self.first
+
+    def label(self, policy: str, choice: ClickChoice) -> int:
+        return self.replies[policy].pop(0)
+
+
+def test_uncertainty_policies_read_the_ground_truth_only_through_the_annotator(fusion_project):
+    """Rerun with the ground truth inverted but the first run's answers replayed: every policy except
+    the oracle clicks the same pixels (so nothing else of the ground truth reaches it), while the IoUs
+    (scored against the inverted truth) and the oracle's clicks change. No click is placed twice."""
+    torch.set_num_threads(1)
+    cfg = fusion_project.load_config("evaluation.active_prompting.max_clicks=3", "evaluation.max_samples=1")
+    simulator = ClickSimulator(cfg, Artifacts(cfg, RunIds.resolve("v1"), torch.device("cpu")))
+    labelled = load_sample(cfg, open_cache(cfg), list_eval_units(cfg)[0])
+    trace = simulator.simulate(labelled, unseen=False)
+
+    assert list(trace.columns) == list(TRACE_COLUMNS)
+    assert len(trace) == len(CLICK_POLICIES) * 3 and list(trace["policy"].unique()) == list(cfg.evaluation.
+                                                                                             active_prompting.policies)
+    height, width = labelled.inputs.original_hw
+    for policy, rows in trace.groupby("policy"):
+        placed = rows[rows["x"] >= 0]
+        assert list(rows["clicks"]) == [1, 2, 3]
+        assert not placed.duplicated(["x", "y"]).any(), f"{policy} clicked a pixel twice"
+        assert placed["x"].between(0, width - 1).all() and placed["y"].between(0, height - 1).all()
+        assert set(placed["label"]) <= {0, 1}
+        truth_labels = labelled.ground_truth[placed["y"], placed["x"]].astype(int)
+        assert (truth_labels == placed["label"].to_numpy()).all(), f"{policy}: the annotator answered wrongly"
+
+    first = trace.iloc[0]
+    replies = {policy: list(rows["label"].iloc[1:]) for policy, rows in trace.groupby("policy", sort=False)}
+    inverted = LabelledSample(labelled.inputs, ~labelled.ground_truth)
+    replay = ReplayAnnotator(inverted.ground_truth, ClickChoice(int(first["y"]), int(first["x"]), int(first["label"])),
+                             replies)
+    replayed = simulator.simulate(inverted, unseen=False, annotator=replay)
+    click_columns = ["policy", "clicks", "x", "y", "label"]
+    uncertain = trace["policy"] != "oracle"
+    pd.testing.assert_frame_equal(replayed.loc[uncertain, click_columns], trace.loc[uncertain, click_columns])
+    assert not np.allclose(replayed["iou"], trace["iou"])
+    oracle = trace["policy"] == "oracle"
+    assert not replayed.loc[oracle, ["x", "y"]].iloc[1:].equals(trace.loc[oracle, ["x", "y"]].iloc[1:])
+
+
+def test_stage_writes_the_traces_and_resumes_after_sigkill(fusion_project):
+    """Killed after its first image's trace, a rerun simulates only the second; each trace file holds
+    exactly what simulating that image directly gives (the uninterrupted result)."""
+    folder = eval_report_dir(fusion_project.root, "clicks_killed")
+    result = fusion_project.run("evaluate_uncertainty.py", "--name", "clicks_killed", *STAGE_ARGS,
+                                env={**ONE_THREAD, KILL_AFTER_CLICK_IMAGES_ENV: "1"}, check=False)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert len(list((folder / ACTIVE_PROMPTING_DIR / "units").glob("*.csv"))) == 1
+    resumed = fusion_project.run("evaluate_uncertainty.py", "--name", "clicks_killed", *STAGE_ARGS, env=ONE_THREAD)
+    assert "click simulation: 2 samples (1 done before)" in resumed.stdout
+    for name in ("clicks.csv", "noc.csv", "stop_signal.csv", "clicks_iou.png"):  # the report folder's click files
+        assert (folder / name).stat().st_size > 0, name
+    assert "clicks_iou.png" in (folder / "summary.md").read_text()
+
+    torch.set_num_threads(1)
+    cfg = fusion_project.load_config(*(value for value in STAGE_ARGS if value != "--set"))
+    simulator = ClickSimulator(cfg, Artifacts(cfg, RunIds.resolve("v1"), torch.device("cpu")))
+    cache = open_cache(cfg)
+    units = simulated_units(list_eval_units(cfg), 2)
+    assert len(units) == 2
+    for unit in units:
+        direct = simulator.simulate(load_sample(cfg, cache, unit), unseen=False)
+        assert len(direct) == 4 * 3 and direct["iou"].between(0, 1).all() and direct["predicted_iou"].notna().all()
+        assert click_trace_path(folder, unit.safe_id).read_text() == direct.to_csv(index=False)
+
+
+def test_fingerprint_covers_the_simulation_settings():
+    """A changed ``evaluation.active_prompting`` value is a changed stage-7 input (its trace files are
+    never reused for other settings)."""
+    from modules.core.config import load_config
+
+    def fingerprint(*overrides):
+        cfg = load_config(None, list(overrides))
+        return {key: cfg.section(key) for key in fingerprint_sections(cfg)}
+
+    assert fingerprint() != fingerprint("evaluation.active_prompting.max_clicks=5")
+    assert fingerprint() != fingerprint("evaluation.active_prompting.policies=[oracle]")
+
+
+def test_a_box_without_clicks_is_a_prompt_set_of_padding_points():
+    """``start: box`` decodes the box before any click: a prompt set with no points at all."""
+    from modules.data.promptset import clicked_promptset, clicked_record, promptset_tensors
+
+    record = clicked_record("s", "s", (40, 60), [clicked_promptset([], [], (5, 6, 30, 20), 40, 60),
+                                                  clicked_promptset([(3, 4)], [1], (5, 6, 30, 20), 40, 60, 1)], 8.0, 3)
+    points, labels, _, boxes = promptset_tensors(record)
+    assert labels.tolist() == [[-1, -1, -1], [1, -1, -1]] and points[1, 0].tolist() == [3.0, 4.0]
+    assert boxes[0].tolist() == [5.0, 6.0, 30.0, 20.0]
