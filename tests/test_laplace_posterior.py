@@ -161,8 +161,11 @@ def test_grids_widen_until_the_best_pair_is_inside_both():
     inside = []
     unchanged = lp.search_inside_grids(bowl_search(1.0, -2.0, inside), [1.0, 10.0, 100.0], [1e-3, 1e-2, 0.1])
     assert unchanged.temperature_grid == (1.0, 10.0, 100.0) and len(inside) == 3  # one pass per temperature
+    assert unchanged.prior_precision_grid[0] == pytest.approx(1e-6) and unchanged.prior_precision_grid[-1] == 100.0
     beyond = lp.search_inside_grids(bowl_search(9.0, 0.0, []), [1.0, 10.0], [0.1, 1.0, 10.0], max_widenings=3)
     assert beyond.on_edge and beyond.temperature == pytest.approx(1e4)  # three decades past 10, then it stops
+    too_strong = lp.search_inside_grids(bowl_search(1.0, 8.0, []), [1.0, 10.0, 100.0], [0.1, 1.0, 10.0])
+    assert too_strong.on_edge and too_strong.search.best_prior_precision == pytest.approx(1e4)
 
 
 def test_smaller_prior_precision_gives_larger_logit_variance(fitted):

@@ -363,7 +363,7 @@ def search_prior_precision(
     return PriorSearchResult(values, tuple(nll.tolist()), values[best], num_pixels)
 
 
-#: Each grid may grow by this many decades past its configured ends while its best value lies on an end.
+#: The searched Laplace grids reach this many decades past the configured ends (``search_inside_grids``).
 MAX_GRID_WIDENINGS = 3
 GRID_WIDENING_FACTOR = 10.0
 
@@ -394,46 +394,43 @@ def _widened(grid: tuple[float, ...], index: int) -> tuple[float, ...] | None:
 def search_inside_grids(search_at: Callable[[float, tuple[float, ...]], PriorSearchResult],
                         temperature_grid: Sequence[float], prior_precision_grid: Sequence[float],
                         max_widenings: int = MAX_GRID_WIDENINGS) -> TwoGridSearch:
-    """Minimise validation NLL over temperature x prior precision, widening a grid past the end its
-    best value lies on (one decade at a time, at most ``max_widenings`` per end), so that the chosen
-    pair is strictly inside both searched ranges whenever the NLL has an interior minimum there.
+    """Minimise validation NLL over temperature x prior precision with both ranges wide enough that
+    the chosen pair lies strictly inside them whenever the NLL has a minimum within ``max_widenings``
+    decades past the configured ends.
 
-    ``search_at(temperature, prior grid)`` scores a prior grid at one temperature (one pass over the
-    validation data). Ties go to the lowest temperature and the lowest prior precision.
+    ``search_at(temperature, prior grid)`` scores a whole prior grid at one temperature in one pass
+    over the validation data, so the prior grid gets its extra decades at both ends from the start
+    (more values cost little within a pass), while the temperature grid grows one decade at a time
+    past the end its best value lies on (each temperature costs a pass). Ties go to the lowest
+    temperature and the lowest prior precision.
     """
-    temperatures = positive_grid(temperature_grid, "laplace.temperature_grid")
-    priors = positive_grid(prior_precision_grid, "laplace.prior_precision_grid")
-    temperatures, priors = tuple(sorted(set(temperatures))), tuple(sorted(set(priors)))
+    temperatures = tuple(sorted(set(positive_grid(temperature_grid, "laplace.temperature_grid"))))
+    configured = sorted(set(positive_grid(prior_precision_grid, "laplace.prior_precision_grid")))
+    priors = tuple([configured[0] / GRID_WIDENING_FACTOR ** step for step in range(max_widenings, 0, -1)]
+                   + configured + [configured[-1] * GRID_WIDENING_FACTOR ** step
+                                   for step in range(1, max_widenings + 1)])
     searches: dict[float, PriorSearchResult] = {}
-    widenings = {"temperature_low": 0, "temperature_high": 0, "prior_low": 0, "prior_high": 0}
+    widenings = {"low": 0, "high": 0}
     while True:
         for temperature in temperatures:
-            if temperature not in searches or searches[temperature].grid != priors:
+            if temperature not in searches:
                 searches[temperature] = search_at(temperature, priors)
         best_temperature = min(temperatures, key=lambda t: (min(searches[t].nll), t))
-        search = searches[best_temperature]
-        wider_temperatures = _widened(temperatures, temperatures.index(best_temperature))
-        wider_priors = _widened(priors, priors.index(search.best_prior_precision))
-        grew = False
-        for wider, current, name in ((wider_temperatures, temperatures, "temperature"), (wider_priors, priors, "prior")):
-            if wider is None:
-                continue
-            end = f"{name}_low" if wider[0] < current[0] else f"{name}_high"
-            if widenings[end] < max_widenings:
-                widenings[end] += 1
-                grew = True
-                if name == "temperature":
-                    temperatures = wider
-                else:
-                    priors = wider
-        if not grew:
+        wider = _widened(temperatures, temperatures.index(best_temperature))
+        if wider is None:
             break
+        end = "low" if wider[0] < temperatures[0] else "high"
+        if widenings[end] == max_widenings:
+            break
+        widenings[end] += 1
+        temperatures = wider
+    search = searches[best_temperature]
     table = [{"temperature": t, "prior_precision": p, "val_nll": nll}
              for t in temperatures for p, nll in zip(searches[t].grid, searches[t].nll)]
-    on_edge = wider_temperatures is not None or wider_priors is not None
+    on_edge = wider is not None or _widened(priors, priors.index(search.best_prior_precision)) is not None
     if on_edge:
         log.warning("the best Laplace (temperature %g, prior precision %g) lies on an end of the searched grids "
-                    "%s x %s even after widening; the validation NLL may keep falling past it",
+                    "%s x %s; the validation NLL may keep falling past it",
                     best_temperature, search.best_prior_precision, list(temperatures), list(priors))
     return TwoGridSearch(best_temperature, search, table, temperatures, priors, on_edge)
 
