@@ -17,6 +17,7 @@ from modules.core.fileio import remove_file, remove_tree
 from modules.core.paths import PathError, check_component, check_name, ensure_inside
 from modules.data.manifest import make_safe_ids
 from modules.evaluation.reports import QUALITATIVE_DIR, remove_reports
+from tests.helpers.stage_calls import call_stage
 from tests.stage_runner import run_stage, write_config
 
 GOOD_NAMES = ["v1", "V", "0", "run-2024.01_a", "ablation.fusion", "x" * paths.NAME_MAX_CHARS]
@@ -215,8 +216,11 @@ def empty_project(tmp_path):
     return config, base / "project", tmp_path
 
 
-def assert_refused(result, flag_or_key: str) -> None:
-    assert result.returncode == 2, result.stdout + result.stderr
+def refused(script: str, config: Path, *args: str, flag_or_key: str) -> None:
+    """Run ``script`` in this process (``call_stage``: the refusals happen before any model work, so
+    a process start per case would only cost time) and check its one-line refusal."""
+    result = call_stage(Path(script).stem, "--config", str(config), *args)
+    assert result.code == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {flag_or_key}"), result.stderr
 
@@ -225,8 +229,7 @@ def assert_refused(result, flag_or_key: str) -> None:
 def test_scripts_refuse_ids_that_leave_the_project_root(empty_project, script, args, flag):
     config, root, top = empty_project
     before = snapshot(top)
-    result = run_stage(script, config, *args, check=False, env={"PYTHONWARNINGS": "ignore"}, timeout=120)
-    assert_refused(result, flag)
+    refused(script, config, *args, flag_or_key=flag)
     assert snapshot(top) == before  # nothing created (but the library cache) and nothing deleted
     assert (top / "outside" / "sentinel.txt").read_text() == "must survive"
     assert not root.exists() or [p.name for p in root.iterdir()] == [".cache"]
@@ -237,18 +240,14 @@ def test_force_does_not_follow_a_symlinked_checkpoint_folder_out_of_the_root(emp
     (root / "checkpoints").mkdir(parents=True)
     (root / "checkpoints" / "head").symlink_to(top / "outside", target_is_directory=True)
     before = snapshot(top)
-    result = run_stage("train_head.py", config, "--run_id", "v1", "--force", check=False,
-                       env={"PYTHONWARNINGS": "ignore"}, timeout=120)
-    assert_refused(result, "output folder")
+    refused("train_head.py", config, "--run_id", "v1", "--force", flag_or_key="output folder")
     assert snapshot(top) == before
     assert (top / "outside" / "sentinel.txt").read_text() == "must survive"
 
 
 def test_a_config_model_type_that_is_a_path_is_refused(empty_project):
     config, root, top = empty_project
-    result = run_stage("train_head.py", config, "--set", "sam.model_type=../../x", check=False,
-                       env={"PYTHONWARNINGS": "ignore"}, timeout=120)
-    assert_refused(result, "sam.model_type")
+    refused("train_head.py", config, "--set", "sam.model_type=../../x", flag_or_key="sam.model_type")
     assert not root.exists()
 
 
