@@ -154,3 +154,8 @@ def test_laplace_quality_on_the_validation_split(trained_project):
     assert quality["laplace_nll"] <= quality["map_nll"] * (1 + 1e-6)
     assert quality["mi_on_map_errors"] > quality["mi_on_map_correct"]
     assert np.isfinite(quality["laplace_ece"]) and quality["ece_bins"] == 15
+    # laplace.grid_widening 0: the configured grids, and whether the best pair lay on an end of them
+    assert quality["searched_temperature_grid"] == [1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0]
+    meta = json.loads((trained_project.root / "laplace" / "head" / "run_v1" / "posterior_meta.json").read_text())
+    on_an_end = meta["temperature"] in (1.0, 1e5) or meta["prior_precision"] in (1e-4, 10.0)
+    assert quality["best_on_grid_edge"] is on_an_end, meta

@@ -129,6 +129,10 @@ class LaplaceConfig:
     # Likelihood temperatures tried with every prior precision (the GGN is divided by T): a mask's
     # pixels are not independent, and T = 1 counts each as a full observation.
     temperature_grid: list[float] = field(default_factory=lambda: [1.0, 1e1, 1e2, 1e3, 1e4, 1e5])
+    # Decades searched past the ends of both grids (head target; posterior.search_inside_grids). 0: the
+    # grids as given. Validation NLL alone can prefer a posterior with no variance at all (the MAP),
+    # which wider grids then reach; quality.json says whether the best lay on an end either way.
+    grid_widening: int = 0
     num_samples: int = 32
     seed: int = 0
     nll_eps: float = 1e-6
@@ -413,6 +417,7 @@ NUMERIC_RANGES: dict[str, str] = {
     "variance.log_var_max": "finite",
     "laplace.prior_precision_grid": "positive",
     "laplace.temperature_grid": "positive",
+    "laplace.grid_widening": "nonneg",
     "laplace.num_samples": "count",
     "laplace.seed": "nonneg",
     "laplace.nll_eps": "positive",

@@ -430,7 +430,7 @@ def search_inside_grids(search_at: Callable[[float, tuple[float, ...]], PriorSea
     on_edge = wider is not None or _widened(priors, priors.index(search.best_prior_precision)) is not None
     if on_edge:
         log.warning("the best Laplace (temperature %g, prior precision %g) lies on an end of the searched grids "
-                    "%s x %s; the validation NLL may keep falling past it",
+                    "%s x %s; the validation NLL may keep falling past it (laplace.grid_widening searches further)",
                     best_temperature, search.best_prior_precision, list(temperatures), list(priors))
     return TwoGridSearch(best_temperature, search, table, temperatures, priors, on_edge)
 

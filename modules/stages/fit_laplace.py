@@ -8,8 +8,8 @@ when all of them exist (a fit killed before ``quality.json`` is fitted again) an
 (``.stage.json``: every ``laplace.*`` value and the checkpoint md5) is unchanged; the fingerprint is
 checked before that skip, so a changed setting or checkpoint is a one-line error until ``--force`` refits.
 
-Temperature and prior precision: the pair with the lowest validation NLL, the grids widened past an
-end the best value lies on (``posterior.search_inside_grids``; head target). Quality checks on the
+Temperature and prior precision: the pair with the lowest validation NLL, on the grids widened by
+``laplace.grid_widening`` decades (``posterior.search_inside_grids``; head target). Quality checks on the
 validation split (printed and logged): NLL and ECE of the Laplace predictive
 (probit) against the MAP head, and the mean mutual information on pixels the MAP head gets wrong
 against those it gets right.
@@ -65,7 +65,8 @@ def tune_temperature_and_prior(la, head, val_samples: HeadSamples, settings, bat
         return lh.tune_head_prior_precision(la, head, lh.iterate_in_batches(val_samples, batch_size),
                                             grid=priors, nll_eps=settings.nll_eps)
 
-    outcome = lp.search_inside_grids(search_at, settings.temperature_grid, settings.prior_precision_grid)
+    outcome = lp.search_inside_grids(search_at, settings.temperature_grid, settings.prior_precision_grid,
+                                     max_widenings=settings.grid_widening)
     la.temperature = outcome.temperature
     la.prior_precision = outcome.search.best_prior_precision
     return outcome
