@@ -24,7 +24,6 @@ import argparse
 import copy
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,15 +37,7 @@ from modules.evaluation.runs import Artifacts, RunIds  # noqa: E402
 from modules.evaluation.samples import list_eval_units, load_sample  # noqa: E402
 from modules.interactive.simulation import ClickSimulator  # noqa: E402
 from modules.uncertainty.strategies import MapHeadStrategy  # noqa: E402
-
-
-def best_of(repeats: int, run) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
+from benchmarks.timing import best_of  # noqa: E402
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from modules.evaluation.samples import LabelledSample  # noqa: E402
 from modules.evaluation.scoreboard import OVERALL, Scoreboard, upsample  # noqa: E402
 from modules.scoring.entropy import binary_entropy  # noqa: E402
 from modules.uncertainty.strategies import EvalSample, StrategyOutput  # noqa: E402
+from benchmarks.timing import best_of  # noqa: E402
 
 GROUPS = ("plain", "camouflage", "shadow", "transparent", "medical_gray", "thin")
 UNSEEN = frozenset({"medical_gray", "thin"})
@@ -92,15 +92,6 @@ def baseline_scoring(board: Scoreboard, labelled: LabelledSample, outputs: dict)
             board.rows.append(board._mask_row(sample, method, index, prob[index], gt,
                                               {name: values[index] for name, values in maps.items()},
                                               output.primary_map))
-
-
-def best_of(repeats: int, run) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def main() -> None:
