@@ -88,6 +88,8 @@ def test_suggest_click_is_the_argmax_of_the_map_never_a_clicked_pixel(predictor,
     assert again != (x, y)
     with pytest.raises(PredictorError, match="needs the method 'prompt_perturbation'"):
         suggest_click(prediction, "prompt_perturbation")
+    with pytest.raises(PredictorError, match="unknown 'oracle'"):  # it reads the ground truth, never at hand
+        suggest_click(prediction, "oracle")
 
 
 def test_predictor_refuses_bad_prompts_and_runs_with_one_line(fusion_project, predictor, cached_sample):

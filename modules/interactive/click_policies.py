@@ -35,6 +35,36 @@ class ClickChoice:
     label: int | None = None
 
 
+@dataclass(frozen=True)
+class ClickPolicy:
+    """How a policy chooses: ``map`` (the argmax of ``strategy``'s ``map_name``; it never sees the
+    ground truth), ``random``, or ``oracle`` (the error oracle, which reads the ground truth)."""
+
+    kind: str
+    strategy: str | None = None
+    map_name: str | None = None
+
+    @property
+    def reads_ground_truth(self) -> bool:
+        return self.kind == "oracle"
+
+
+#: Policy name -> policy, for the click simulation (``evaluation.active_prompting.policies``) and the
+#: predictor's ``suggest_click``. ``bald``: the Laplace posterior's mutual information (its epistemic
+#: part); ``entropy``: its total predictive entropy; ``prompt_perturbation``: where the jittered
+#: prompts disagree most (their mutual information).
+CLICK_POLICIES: dict[str, ClickPolicy] = {
+    "oracle": ClickPolicy("oracle"),
+    "bald": ClickPolicy("map", "laplace", "mutual_information"),
+    "entropy": ClickPolicy("map", "laplace", "total_entropy"),
+    "variance_network": ClickPolicy("map", "variance_network", "log_variance"),
+    "head_entropy": ClickPolicy("map", "map_head", "entropy"),
+    "sam_entropy": ClickPolicy("map", "raw_sam", "entropy"),
+    "prompt_perturbation": ClickPolicy("map", "prompt_perturbation", "mutual_information"),
+    "random": ClickPolicy("random"),
+}
+
+
 def blocked_pixels(shape: tuple[int, int], clicks: list[tuple[int, int]], min_distance: float = 0.0) -> np.ndarray:
     """``H x W`` bool: the clicked pixels and, with ``min_distance > 0``, every pixel at a Euclidean
     distance below ``min_distance`` from one of them."""

@@ -48,7 +48,7 @@ from modules.data.promptset import (PromptSpec, clicked_promptset, clicked_recor
 from modules.evaluation.methods import SOURCE_NEEDS, STRATEGY_BUILDERS, Refinement
 from modules.evaluation.runs import ARTIFACT_FILES, Artifacts, RunIds, artifact_md5s
 from modules.evaluation.scoreboard import upsample
-from modules.interactive.click_policies import choose_at_random, choose_by_map
+from modules.interactive.click_policies import CLICK_POLICIES, choose_at_random, choose_by_map
 from modules.sam.base import BackboneError
 from modules.sam.prompting import round_features
 from modules.scoring.mask_quality import mask_scores
@@ -431,40 +431,24 @@ class UncertainPredictor:
 # --------------------------------------------------------------------------- the next click
 
 
-@dataclass(frozen=True)
-class ClickPolicy:
-    """A map-argmax click policy: the ``map_name`` map of ``method`` (None: uniformly at random)."""
-
-    method: str | None
-    map_name: str | None
-
-
-#: Policy name -> the map whose argmax is the next click. ``bald``: the Laplace mutual information
-#: (epistemic part); ``entropy``: the Laplace total entropy; ``variance``: the variance network's
-#: log-variance; ``head_entropy``: the MAP head's entropy; ``sam_entropy``: SAM's own entropy;
-#: ``prompt_perturbation``: the disagreement (mutual information) of the jittered prompts.
-CLICK_POLICIES: dict[str, ClickPolicy] = {
-    "bald": ClickPolicy("laplace", "mutual_information"),
-    "entropy": ClickPolicy("laplace", "total_entropy"),
-    "variance": ClickPolicy("variance_network", "log_variance"),
-    "head_entropy": ClickPolicy("map_head", "entropy"),
-    "sam_entropy": ClickPolicy("raw_sam", "entropy"),
-    "prompt_perturbation": ClickPolicy("prompt_perturbation", "mutual_information"),
-    "random": ClickPolicy(None, None),
-}
-
-
 def policy_map(prediction: Prediction, policy: str, index: int = 0) -> np.ndarray:
     """The FRAME256 map ``256 x 256`` a policy takes the argmax of, for prompt set ``index``."""
-    if policy not in CLICK_POLICIES:
-        raise PredictorError(f"click policy: unknown {policy!r} (known: {', '.join(CLICK_POLICIES)})")
-    chosen = CLICK_POLICIES[policy]
-    if chosen.method is None:
+    chosen = suggestable_policy(policy)
+    if chosen.kind != "map":
         raise PredictorError(f"click policy {policy!r} reads no map")
-    if chosen.method not in prediction.methods:
-        raise PredictorError(f"click policy {policy!r} needs the method {chosen.method!r}, which this prediction "
+    if chosen.strategy not in prediction.methods:
+        raise PredictorError(f"click policy {policy!r} needs the method {chosen.strategy!r}, which this prediction "
                              f"lacks (it has {', '.join(prediction.methods)})")
-    return prediction.methods[chosen.method].frame256.maps[chosen.map_name][index].numpy()
+    return prediction.methods[chosen.strategy].frame256.maps[chosen.map_name][index].numpy()
+
+
+def suggestable_policy(policy: str):
+    """The ``CLICK_POLICIES`` entry of ``policy``; the oracle needs the ground truth, which a
+    prediction never has, so it is not one."""
+    suggestable = [name for name, entry in CLICK_POLICIES.items() if not entry.reads_ground_truth]
+    if policy not in suggestable:
+        raise PredictorError(f"click policy: unknown {policy!r} (known: {', '.join(suggestable)})")
+    return CLICK_POLICIES[policy]
 
 
 def suggest_click(prediction: Prediction, policy: str = "bald", index: int = 0,
@@ -485,9 +469,7 @@ def suggest_click(prediction: Prediction, policy: str = "bald", index: int = 0,
     taken = {(int(round(x)), int(round(y))) for x, y in previous_px}
     cells_256 = np.clip(np.rint(to_frame256_points(previous_px, height, width)), 0, FRAME256 - 1).astype(int)
     blocked = [(int(row), int(col)) for col, row in cells_256]
-    if policy not in CLICK_POLICIES:
-        raise PredictorError(f"click policy: unknown {policy!r} (known: {', '.join(CLICK_POLICIES)})")
-    score_map = None if CLICK_POLICIES[policy].method is None else policy_map(prediction, policy, index)
+    score_map = policy_map(prediction, policy, index) if suggestable_policy(policy).kind == "map" else None
     rng = np.random.default_rng(seed)
     while True:
         if score_map is None:

@@ -43,8 +43,8 @@ from modules.evaluation.methods import STRATEGY_BUILDERS
 from modules.evaluation.runs import Artifacts
 from modules.evaluation.samples import EvalUnit, LabelledSample
 from modules.evaluation.scoreboard import upsample
-from modules.interactive.click_policies import (ClickChoice, annotator_label, choose_at_random, choose_by_error_oracle,
-                                                choose_by_map)
+from modules.interactive.click_policies import (CLICK_POLICIES, ClickChoice, ClickPolicy, annotator_label,
+                                                choose_at_random, choose_by_error_oracle, choose_by_map)
 from modules.scoring.common import PROB_THRESHOLD
 from modules.scoring.mask_quality import mask_scores
 from modules.uncertainty.strategies import EvalSample, StrategyOutput
@@ -61,30 +61,6 @@ START_PROMPT_MODES = {"point": "points", "box": "points_and_box"}
 
 class SimulationError(PipelineError):
     """A bad ``evaluation.active_prompting`` setting (the message names the key)."""
-
-
-@dataclass(frozen=True)
-class ClickPolicy:
-    """How a policy chooses: ``map`` (the argmax of ``strategy``'s ``map_name``, never the ground
-    truth), ``random``, or ``oracle`` (the error oracle, which reads the ground truth)."""
-
-    kind: str
-    strategy: str | None = None
-    map_name: str | None = None
-
-
-#: ``evaluation.active_prompting.policies`` name -> policy. BALD is the Laplace posterior's mutual
-#: information and ``entropy`` its total predictive entropy; prompt perturbation clicks where the
-#: jittered prompts disagree most (their mutual information).
-CLICK_POLICIES: dict[str, ClickPolicy] = {
-    "oracle": ClickPolicy("oracle"),
-    "bald": ClickPolicy("map", "laplace", "mutual_information"),
-    "entropy": ClickPolicy("map", "laplace", "total_entropy"),
-    "variance_network": ClickPolicy("map", "variance_network", "log_variance"),
-    "sam_entropy": ClickPolicy("map", "raw_sam", "entropy"),
-    "prompt_perturbation": ClickPolicy("map", "prompt_perturbation", "mutual_information"),
-    "random": ClickPolicy("random"),
-}
 
 
 def checked_policies(cfg: PipelineConfig) -> dict[str, ClickPolicy]:

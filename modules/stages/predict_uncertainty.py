@@ -29,7 +29,8 @@ from PIL import Image
 
 from modules.core.errors import PipelineError
 from modules.core.fileio import atomic_path, atomic_write_json
-from modules.interactive.predictor import (CLICK_POLICIES, MASK_METHOD, Prediction, PredictorError,
+from modules.interactive.click_policies import CLICK_POLICIES
+from modules.interactive.predictor import (MASK_METHOD, Prediction, PredictorError,
                                            UncertainPredictor, suggest_click)
 
 log = logging.getLogger("pipeline")
@@ -178,8 +179,8 @@ def write_overlay(path: Path, image: np.ndarray, prediction: Prediction, index: 
         expected_iou = output.quality["expected_iou"][index]
         axis.set_title(f"{method}: {output.primary_map}\nexpected IoU {expected_iou:.3f}", fontsize=8)
     for policy, per_set in suggestions.items():
-        if per_set[index] is not None and CLICK_POLICIES[policy].method in methods:
-            axis = axes[1 + methods.index(CLICK_POLICIES[policy].method)]
+        if per_set[index] is not None and CLICK_POLICIES[policy].strategy in methods:
+            axis = axes[1 + methods.index(CLICK_POLICIES[policy].strategy)]
             x, y = per_set[index]
             axis.scatter([x], [y], c="white", s=90, marker="*", edgecolors="black")
             axis.annotate(policy, (x, y), xytext=(4, 4), textcoords="offset points", color="white", fontsize=7)
@@ -195,7 +196,7 @@ def write_overlay(path: Path, image: np.ndarray, prediction: Prediction, index: 
 def available_policies(prediction: Prediction) -> list[str]:
     """The click policies whose map the prediction holds (and ``random``)."""
     return [name for name, policy in CLICK_POLICIES.items()
-            if policy.method is None or policy.method in prediction.methods]
+            if policy.kind == "random" or (policy.kind == "map" and policy.strategy in prediction.methods)]
 
 
 def summary(image_path: str, prediction: Prediction, suggestions: dict[str, list]) -> dict:
