@@ -112,10 +112,13 @@ def fusion_project(trained_project) -> PipelineProject:
 PIPELINE_FIXTURES = {"packed_project", "trained_project", "fusion_project"}
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Group the tests for ``pytest -n N --dist loadgroup`` (tools/run_tests.sh): one group per
     file, except that all files using the pipeline fixtures form one group ``pipeline``, so each
-    session fixture is built once, on one worker. That group is the longest, so it goes first."""
+    session fixture is built once, on one worker. That group is the longest, so it goes first.
+    ``tryfirst``: pytest-xdist's worker reads the ``xdist_group`` marks in this same hook, and a
+    mark added after it has read them is ignored."""
     pipeline_files = {item.path for item in items if PIPELINE_FIXTURES & set(item.fixturenames)}
     for item in items:
         item.add_marker(pytest.mark.xdist_group("pipeline" if item.path in pipeline_files else item.path.name))

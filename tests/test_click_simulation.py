@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from modules.cache.training_index import open_cache
+from modules.core.config import load_config
 from modules.core.paths import ACTIVE_PROMPTING_DIR, click_trace_path, eval_report_dir
 from modules.evaluation.runs import Artifacts, RunIds
 from modules.evaluation.samples import EvalUnit, LabelledSample, list_eval_units, load_sample
@@ -46,15 +47,15 @@ def test_simulated_units_round_robin_over_groups_in_unit_order():
 
 
 def test_bad_settings_name_the_key():
-    from modules.core.config import load_config
-
     for override, key in (("evaluation.active_prompting.policies=[bald,psychic]", "policies"),
                           ("evaluation.active_prompting.policies=[bald,bald]", "policies"),
                           ("evaluation.active_prompting.mask_method=sam_oracle", "mask_method")):
         cfg = load_config(None, [override])
         with pytest.raises(SimulationError, match=f"evaluation.active_prompting.{key}"):
             checked_policies(cfg)
-    assert set(checked_policies(load_config(None))) == set(CLICK_POLICIES)
+    defaults = load_config(None)
+    assert list(checked_policies(defaults)) == defaults.evaluation.active_prompting.policies
+    assert set(CLICK_POLICIES) - set(checked_policies(defaults)) == {"head_entropy"}  # the one left out by default
 
 
 @dataclass
