@@ -21,8 +21,8 @@ from modules.core.config import load_config
 from modules.core.paths import ACTIVE_PROMPTING_DIR, click_trace_path, eval_report_dir
 from modules.evaluation.runs import Artifacts, RunIds
 from modules.evaluation.samples import EvalUnit, LabelledSample, list_eval_units, load_sample
-from modules.interactive.click_policies import ClickChoice
-from modules.interactive.simulation import (CLICK_POLICIES, TRACE_COLUMNS, Annotator, ClickSimulator, SimulationError,
+from modules.interactive.click_policies import CLICK_POLICIES, ClickChoice
+from modules.interactive.simulation import (TRACE_COLUMNS, Annotator, ClickSimulator, SimulationError,
                                             checked_policies, simulated_units)
 from modules.stages.evaluate_uncertainty import KILL_AFTER_CLICK_IMAGES_ENV, fingerprint_sections
 
@@ -84,8 +84,8 @@ def test_uncertainty_policies_read_the_ground_truth_only_through_the_annotator(f
     trace = simulator.simulate(labelled, unseen=False)
 
     assert list(trace.columns) == list(TRACE_COLUMNS)
-    assert len(trace) == len(CLICK_POLICIES) * 3 and list(trace["policy"].unique()) == list(cfg.evaluation.
-                                                                                             active_prompting.policies)
+    policies = list(cfg.evaluation.active_prompting.policies)
+    assert len(trace) == len(policies) * 3 and list(trace["policy"].unique()) == policies
     height, width = labelled.inputs.original_hw
     for policy, rows in trace.groupby("policy"):
         placed = rows[rows["x"] >= 0]
