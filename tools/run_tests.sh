@@ -13,8 +13,9 @@ SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install --quiet -r requirements.txt
 export WANDB_MODE=offline WANDB_SILENT=true MPLBACKEND=Agg
 set +e
 # One xdist worker per CPU (at most 4); tests/conftest.py groups the tests so that each shared
-# fixture is built on one worker only.
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadgroup "$@"
+# fixture is built on one worker only, and orders the groups so the long ones start first (kept in
+# that order by --no-loadscope-reorder; xdist would otherwise order them by their number of tests).
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadgroup --no-loadscope-reorder "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
