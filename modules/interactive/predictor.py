@@ -48,7 +48,7 @@ from modules.data.promptset import (PromptSpec, clicked_promptset, clicked_recor
 from modules.evaluation.methods import SOURCE_NEEDS, STRATEGY_BUILDERS, Refinement
 from modules.evaluation.runs import ARTIFACT_FILES, Artifacts, RunIds, artifact_md5s
 from modules.evaluation.scoreboard import upsample
-from modules.interactive.click_policies import CLICK_POLICIES, choose_at_random, choose_by_map
+from modules.interactive.click_policies import CLICK_POLICIES, ClickPolicy, choose_at_random, choose_by_map
 from modules.sam.base import BackboneError
 from modules.sam.prompting import round_features
 from modules.scoring.mask_quality import mask_scores
@@ -442,7 +442,7 @@ def policy_map(prediction: Prediction, policy: str, index: int = 0) -> np.ndarra
     return prediction.methods[chosen.strategy].frame256.maps[chosen.map_name][index].numpy()
 
 
-def suggestable_policy(policy: str):
+def suggestable_policy(policy: str) -> ClickPolicy:
     """The ``CLICK_POLICIES`` entry of ``policy``; the oracle needs the ground truth, which a
     prediction never has, so it is not one."""
     suggestable = [name for name, entry in CLICK_POLICIES.items() if not entry.reads_ground_truth]
