@@ -193,27 +193,30 @@ def bench_naive(backbone, project_root: Path, rows, sigma: float, out: Path) -> 
     return time.perf_counter() - start
 
 
-def cached_logits(cfg, rows) -> dict[str, np.ndarray]:
-    """The cached logits of every row (``P x ... x 256 x 256`` float32), by safe id."""
+def cached_logits(cfg, rows) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The cached logits (``P x 256 x 256`` float32) and selected outputs (``P``) of every row, by safe id."""
     cache = SamCache(cfg.project_root)
     try:
-        return {row["safe_id"]: cache.entry(row["safe_id"], verify=True).logits.astype(np.float32) for row in rows}
+        entries = {row["safe_id"]: cache.entry(row["safe_id"], verify=True) for row in rows}
+        return {key: (entry.logits.astype(np.float32), np.asarray(entry.branch_index)) for key, entry in entries.items()}
     finally:
         cache.close()
 
 
-def logit_agreement(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> dict:
-    """Max |logit difference| and the IoU of the masks ``logit > 0`` per cached mask (two empty
-    masks agree: IoU 1) between two caches of the same rows."""
-    worst, ious = 0.0, []
-    for key, ref in reference.items():
-        worst = max(worst, float(np.abs(ref - other[key]).max()))
-        a, b = ref > 0, other[key] > 0
-        inter = (a & b).reshape(-1, a.shape[-2] * a.shape[-1]).sum(axis=1)
-        union = (a | b).reshape(-1, a.shape[-2] * a.shape[-1]).sum(axis=1)
+def logit_agreement(reference: dict, other: dict) -> dict:
+    """Between two caches of the same rows (``cached_logits``): the max |logit difference|, the IoU
+    of the masks ``logit > 0`` per cached mask (two empty masks agree: IoU 1), and the fraction of
+    prompt sets whose selected output (``sam.multimask_policy``) is the same."""
+    worst, ious, same_branch = 0.0, [], []
+    for key, (ref, ref_branch) in reference.items():
+        logits, branch = other[key]
+        worst = max(worst, float(np.abs(ref - logits).max()))
+        a, b = (ref > 0).reshape(len(ref), -1), (logits > 0).reshape(len(logits), -1)
+        inter, union = (a & b).sum(axis=1), (a | b).sum(axis=1)
         ious.extend(np.where(union > 0, inter / np.maximum(union, 1), 1.0).tolist())
+        same_branch.extend((ref_branch == branch).tolist())
     return {"max_logit_diff": worst, "mean_mask_iou": float(np.mean(ious)), "min_mask_iou": float(np.min(ious)),
-            "masks": len(ious)}
+            "same_output": float(np.mean(same_branch)), "masks": len(ious)}
 
 
 def timed_encode(backbone, images) -> float:
@@ -356,7 +359,7 @@ def main() -> None:
     for impl, agreement in agreements.items():
         print(f"cached logits, {impl} vs {first['impl']}: max |logit difference| {agreement['max_logit_diff']:.4f}, "
               f"mask IoU (logit > 0) mean {agreement['mean_mask_iou']:.4f}, min {agreement['min_mask_iou']:.4f} "
-              f"over {agreement['masks']} masks")
+              f"over {agreement['masks']} masks; same selected output for {100 * agreement['same_output']:.1f}%")
     encoder_gflop, decoder_gflop = first["encoder_gflop_per_image"], first["decoder_gflop_per_image"]
     print(f"FLOP per image: encoder {encoder_gflop:.1f} GFLOP, decoder on {p} prompt sets {decoder_gflop:.1f} GFLOP; "
           f"b/a at equal FLOP rates cannot exceed {encoder_gflop / (encoder_gflop + decoder_gflop):.3f}")

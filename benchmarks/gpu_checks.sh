@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issue #24 (fast frozen encoders) and of issue #21 point 3 (stage 3's
-# b/a on a GPU), in one go, sized for one 10-minute device call (about 9 minutes on one H200).
+# b/a on a GPU), in one go, sized for one 10-minute device call (estimated 6-9 minutes on one H200,
+# not yet run there; each model has its own time limit, 280 s and 250 s).
 #
 #   bash benchmarks/gpu_checks.sh --prepare   # here, once: the wheels the GPU image lacks -> .whl/
 #   bash benchmarks/gpu_checks.sh             # on the GPU machine, with .whl carried along
