@@ -11,6 +11,15 @@ Usage: python benchmarks/bench_precompute.py --family sam --model-type demo_tiny
        --promptsets 10 --device cpu [--checkpoint PATH] (random weights when no checkpoint)
        [--verify 2] [--no-naive] [--profile]. Before the figures are printed, the cache that (b)
        wrote is checked on --verify images against synchronous encoder and decoder passes.
+
+Encoder paths (``sam.encoder_impl``, modules/sam/fast_encoder.py): ``--encoder-impl reference,fast``
+measures (a) and (b) once per path on the same loaded model (the path is switched in place), and
+prints per path the encoder img/s, the FLOP per image, the model FLOP utilisation against
+``--peak-tflops`` (default: the GPU's dense bf16 peak from ``PEAK_BF16_TFLOPS``; none on a CPU),
+the compile time (``--compile-encoder``; paid once, before the clock starts) and b/a; then the
+speed-up against the first path and the agreement of the cached logits between the first path and
+each other (max |logit difference|, IoU of the thresholded masks). (c) runs with the first path.
+``--json PATH`` also writes these figures.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from modules.sam.fast_encoder import ENCODER_IMPLS, EncoderSettings  # noqa: E402
 from modules.sam.registry import build_sam_model, load_backbone  # noqa: E402
 from modules.core.config import load_config  # noqa: E402
 from modules.data.imageio import read_image_rgb  # noqa: E402
@@ -73,6 +83,20 @@ def make_project(folder: Path, args, checkpoint: Path) -> Path:
         subprocess.run([sys.executable, str(REPO / script), "--config", str(path)], check=True,
                        capture_output=True, cwd=REPO)
     return path
+
+
+#: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against
+#: ``torch.cuda.get_device_name()``. NVIDIA's data sheets print the "with sparsity" figure, twice
+#: these: H200 SXM 1,979 -> 989.4 (H200 data sheet, same tensor cores as the H100 SXM), A100 624 -> 312.
+PEAK_BF16_TFLOPS = {"H200": 989.4, "A100": 312.0}
+
+
+def default_peak_tflops(device: torch.device) -> float | None:
+    """The dense bf16 peak of this CUDA device from ``PEAK_BF16_TFLOPS``; None on a CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
 def synchronize(device) -> None:
@@ -169,6 +193,82 @@ def bench_naive(backbone, project_root: Path, rows, sigma: float, out: Path) -> 
     return time.perf_counter() - start
 
 
+def cached_logits(cfg, rows) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The cached logits (``P x 256 x 256`` float32) and selected outputs (``P``) of every row, by safe id."""
+    cache = SamCache(cfg.project_root)
+    try:
+        entries = {row["safe_id"]: cache.entry(row["safe_id"], verify=True) for row in rows}
+        return {key: (entry.logits.astype(np.float32), np.asarray(entry.branch_index)) for key, entry in entries.items()}
+    finally:
+        cache.close()
+
+
+def logit_agreement(reference: dict, other: dict) -> dict:
+    """Between two caches of the same rows (``cached_logits``): the max |logit difference|, the IoU
+    of the masks ``logit > 0`` per cached mask (two empty masks agree: IoU 1), and the fraction of
+    prompt sets whose selected output (``sam.multimask_policy``) is the same."""
+    worst, ious, same_branch = 0.0, [], []
+    for key, (ref, ref_branch) in reference.items():
+        logits, branch = other[key]
+        worst = max(worst, float(np.abs(ref - logits).max()))
+        a, b = (ref > 0).reshape(len(ref), -1), (logits > 0).reshape(len(logits), -1)
+        inter, union = (a & b).sum(axis=1), (a | b).sum(axis=1)
+        ious.extend(np.where(union > 0, inter / np.maximum(union, 1), 1.0).tolist())
+        same_branch.extend((ref_branch == branch).tolist())
+    return {"max_logit_diff": worst, "mean_mask_iou": float(np.mean(ious)), "min_mask_iou": float(np.min(ious)),
+            "same_output": float(np.mean(same_branch)), "masks": len(ious)}
+
+
+def timed_encode(backbone, images) -> float:
+    synchronize(backbone.device)
+    start = time.perf_counter()
+    backbone.encode(images)
+    synchronize(backbone.device)
+    return time.perf_counter() - start
+
+
+def measure_path(backbone, impl: str, args, cfg, rows, first: bool) -> dict:
+    """(a), (b), FLOP, compile time and the cached logits of one encoder path (``impl``)."""
+    resolved = backbone.configure_encoder(EncoderSettings(impl, args.compile_encoder, args.batch_size))
+    # Warm-up at the timed batch size, so that (a) pays neither CUDA's first-call setup nor compilation.
+    warm_pixels = backbone.preprocess(read_image_rgb(rows[0]["image_path"]))
+    warm = torch.stack([warm_pixels] * min(args.batch_size, len(rows))).to(backbone.device)
+    first_call_s = timed_encode(backbone, warm)
+    steady_s = timed_encode(backbone, warm)
+    with backbone.encoder_runner.eager():  # the dispatch-mode FLOP counter runs the eager encoder
+        encoder_gflop, decoder_gflop = flop_ceiling(backbone, rows[0], args.promptsets)
+    encoder_s = bench_encoder(backbone, rows, args.batch_size)
+    start = time.perf_counter()
+    result = run_precompute(cfg, backbone, Shard(), force=not first)
+    stage_s = time.perf_counter() - start
+    assert result.counts.done == len(rows), result.counts
+    n = len(rows)
+    peak = args.peak_tflops if args.peak_tflops is not None else default_peak_tflops(backbone.device)
+    encoder_tflops = encoder_gflop * n / encoder_s / 1e3
+    return {
+        "impl": impl, "resolved": resolved.describe(), "encoder_s": encoder_s, "stage_s": stage_s,
+        "encoder_images_per_s": n / encoder_s, "stage_images_per_s": n / stage_s, "b_over_a": encoder_s / stage_s,
+        "encoder_gflop_per_image": encoder_gflop, "decoder_gflop_per_image": decoder_gflop,
+        "encoder_tflops": encoder_tflops, "peak_tflops": peak, "mfu": encoder_tflops / peak if peak else None,
+        "first_call_s": first_call_s, "compile_s": max(first_call_s - steady_s, 0.0) if resolved.compiled else None,
+        "cache_bytes": result.shard_path.stat().st_size,
+        "verify": verify_cache(backbone, cfg, rows, min(args.verify, n)),
+    }
+
+
+def print_path(path: dict, n: int, p: int) -> None:
+    print(f"--- encoder path {path['impl']} ({path['resolved']})")
+    for name, seconds in (("(a) encoder only", path["encoder_s"]), ("(b) this stage", path["stage_s"])):
+        print(f"{name:18s} {seconds:8.2f} s  {n / seconds:8.3f} images/s  {n * p / seconds:8.2f} prompt sets/s")
+    print(path["verify"])
+    print(f"b/a (fraction of the encoder ceiling): {path['b_over_a']:.3f}")
+    mfu = (f", {100 * path['mfu']:.1f}% of a {path['peak_tflops']:.1f} TFLOP/s peak (MFU)" if path["mfu"] is not None
+           else " (no peak known for this device: --peak-tflops)")
+    print(f"encoder: {path['encoder_tflops']:.3f} TFLOP/s{mfu}")
+    compile_s = "not compiled" if path["compile_s"] is None else f"compile {path['compile_s']:.1f} s"
+    print(f"first encoder call {path['first_call_s']:.2f} s ({compile_s}; not in (a) or (b))", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="sam")
@@ -186,8 +286,22 @@ def main() -> None:
     parser.add_argument("--no-naive", action="store_true", help="skip (c), e.g. for a long steady-state run")
     parser.add_argument("--profile", action="store_true",
                         help="also print where (b) spends its time (cProfile, top 25 by cumulative time)")
+    parser.add_argument("--encoder-impl", default="auto",
+                        help="comma-separated sam.encoder_impl values to measure in turn, e.g. reference,fast")
+    parser.add_argument("--compile-encoder", default="auto", choices=["auto", "true", "false"],
+                        help="sam.compile_encoder for every path")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak for the FLOP utilisation (default: PEAK_BF16_TFLOPS on a known GPU)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
+    args.compile_encoder = {"true": True, "false": False}.get(args.compile_encoder, args.compile_encoder)
+    impls = [name.strip() for name in args.encoder_impl.split(",") if name.strip()]
+    unknown = [name for name in impls if name != "auto" and name not in ENCODER_IMPLS]
+    if unknown or not impls:
+        parser.error(f"--encoder-impl: {unknown or 'none given'}; expected auto or {sorted(ENCODER_IMPLS)}")
 
+    n, p = args.images, args.promptsets
+    paths, agreements = [], {}
     with tempfile.TemporaryDirectory(prefix="bench_precompute_") as tmp:
         folder = Path(tmp)
         checkpoint = Path(args.checkpoint) if args.checkpoint else folder / "random.pt"
@@ -196,20 +310,24 @@ def main() -> None:
             torch.save(build_sam_model(args.family, args.model_type).state_dict(), checkpoint)
         config = make_project(folder, args, checkpoint)
         cfg = load_config(config)
-        backbone = load_backbone(args.family, args.model_type, checkpoint, args.device)
+        backbone = load_backbone(args.family, args.model_type, checkpoint, args.device,
+                                 encoder=EncoderSettings(impls[0], args.compile_encoder, args.batch_size))
         rows = load_split_manifest(cfg.project_root, "train").to_dict("records")
-        # Warm-up at the timed batch size, so that (a) does not pay for CUDA's first-call setup.
-        warm_pixels = backbone.preprocess(read_image_rgb(rows[0]["image_path"]))
-        backbone.encode(torch.stack([warm_pixels] * min(args.batch_size, len(rows))).to(backbone.device))
-
-        encoder_gflop, decoder_gflop = flop_ceiling(backbone, rows[0], args.promptsets)
-        encoder_s = bench_encoder(backbone, rows, args.batch_size)
-        start = time.perf_counter()
-        result = run_precompute(cfg, backbone, Shard())
-        stage_s = time.perf_counter() - start
-        assert result.counts.done == len(rows), result.counts
-        cache_bytes = result.shard_path.stat().st_size
-        verified = verify_cache(backbone, cfg, rows, min(args.verify, len(rows)))
+        n = len(rows)
+        print(f"model {args.family}/{args.model_type}, device {args.device}, {n} images "
+              f"{args.height}x{args.width}, {p} prompt sets each, encoder batch {args.batch_size}, "
+              f"{args.workers} workers, torch threads {torch.get_num_threads()}", flush=True)
+        reference_logits = None
+        for index, impl in enumerate(impls):
+            path = measure_path(backbone, impl, args, cfg, rows, first=index == 0)
+            logits = cached_logits(cfg, rows)
+            if reference_logits is None:
+                reference_logits = logits
+            else:
+                agreements[impl] = logit_agreement(reference_logits, logits)
+            paths.append(path)
+            print_path(path, n, p)
+        backbone.configure_encoder(EncoderSettings(impls[0], args.compile_encoder, args.batch_size))
         naive_s = naive_bytes = None
         if not args.no_naive:
             naive_s = bench_naive(backbone, cfg.project_root, rows, cfg.prompt_generation.gaussian_sigma,
@@ -224,21 +342,36 @@ def main() -> None:
             print("(b) profiled (force rerun), top 25 by cumulative time:")
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
 
-    n, p = len(rows), args.promptsets
-    print(f"model {args.family}/{args.model_type}, device {args.device}, {n} images "
-          f"{args.height}x{args.width}, {p} prompt sets each, encoder batch {args.batch_size}, "
-          f"{args.workers} workers, torch threads {torch.get_num_threads()}")
-    for name, seconds in (("(a) encoder only", encoder_s), ("(b) this stage", stage_s), ("(c) naive loop", naive_s)):
-        if seconds is not None:
-            print(f"{name:18s} {seconds:8.2f} s  {n / seconds:8.3f} images/s  {n * p / seconds:8.2f} prompt sets/s")
-    print(verified)
-    print(f"b/a (fraction of the encoder ceiling): {encoder_s / stage_s:.3f}")
+    first = paths[0]
+    print("--- summary")
     if naive_s is not None:
-        print(f"b/c (speed-up over the naive loop):    {naive_s / stage_s:.3f}")
+        print(f"{'(c) naive loop':18s} {naive_s:8.2f} s  {n / naive_s:8.3f} images/s  {n * p / naive_s:8.2f} prompt sets/s"
+              f"  (encoder path {first['impl']})")
+        print(f"b/c (speed-up over the naive loop):    {naive_s / first['stage_s']:.3f}")
+    print(f"{'path':24s} {'(a) img/s':>10s} {'(b) img/s':>10s} {'b/a':>6s} {'GFLOP/img':>10s} {'MFU':>6s} "
+          f"{'compile s':>9s} {'(a) vs ' + first['impl']:>14s}")
+    for path in paths:
+        mfu = "-" if path["mfu"] is None else f"{100 * path['mfu']:.1f}%"
+        compile_s = "-" if path["compile_s"] is None else f"{path['compile_s']:.1f}"
+        print(f"{path['resolved']:24s} {path['encoder_images_per_s']:10.3f} {path['stage_images_per_s']:10.3f} "
+              f"{path['b_over_a']:6.3f} {path['encoder_gflop_per_image']:10.1f} {mfu:>6s} {compile_s:>9s} "
+              f"{first['encoder_s'] / path['encoder_s']:14.3f}")
+    for impl, agreement in agreements.items():
+        print(f"cached logits, {impl} vs {first['impl']}: max |logit difference| {agreement['max_logit_diff']:.4f}, "
+              f"mask IoU (logit > 0) mean {agreement['mean_mask_iou']:.4f}, min {agreement['min_mask_iou']:.4f} "
+              f"over {agreement['masks']} masks; same selected output for {100 * agreement['same_output']:.1f}%")
+    encoder_gflop, decoder_gflop = first["encoder_gflop_per_image"], first["decoder_gflop_per_image"]
     print(f"FLOP per image: encoder {encoder_gflop:.1f} GFLOP, decoder on {p} prompt sets {decoder_gflop:.1f} GFLOP; "
           f"b/a at equal FLOP rates cannot exceed {encoder_gflop / (encoder_gflop + decoder_gflop):.3f}")
+    cache_bytes = first["cache_bytes"]
     print(f"cache: {cache_bytes / n / 2**20:.2f} MiB per image, {cache_bytes / (n * p) / 2**10:.1f} KiB per prompt set"
           + (f" (naive files: {naive_bytes / (n * p) / 2**10:.1f} KiB per prompt set)" if naive_bytes else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "model": f"{args.family}/{args.model_type}", "device": args.device, "images": n, "promptsets": p,
+            "batch_size": args.batch_size, "workers": args.workers, "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else None,
+            "paths": paths, "logit_agreement": agreements, "naive_s": naive_s}, indent=1))
 
 
 if __name__ == "__main__":

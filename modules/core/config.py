@@ -76,6 +76,10 @@ class SamConfig:
     multimask_policy: Literal["single", "best_iou"] = "best_iou"
     encoder_batch_size: int = 4
     num_workers: int = 2
+    # How the frozen image encoder runs (modules/sam/fast_encoder.py); auto: fast on CUDA, else reference.
+    encoder_impl: Literal["auto", "reference", "fast"] = "auto"
+    # torch.compile of the encode step at static batch encoder_batch_size; auto: with the fast impl on CUDA.
+    compile_encoder: Union[Literal["auto"], bool] = "auto"
 
 
 @dataclass

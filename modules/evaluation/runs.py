@@ -18,7 +18,7 @@ from modules.core.paths import checkpoint_run_dir, laplace_run_dir
 from modules.laplace.head import load_head_posterior
 from modules.laplace.posterior import STATE_FILE as LAPLACE_STATE_FILE
 from modules.sam.base import BackboneError
-from modules.sam.registry import configured_checkpoint_md5, load_backbone, verify_checkpoint_archive
+from modules.sam.registry import configured_checkpoint_md5, load_configured_backbone, verify_checkpoint_archive
 from modules.training.checkpoints import load_trained_fusion, load_trained_head, load_trained_variance_network
 from modules.training.run_state import BEST_FILE
 
@@ -92,7 +92,7 @@ class Artifacts:
     def backbone(self):
         sam = self.cfg.sam
         try:
-            return load_backbone(sam.family, sam.model_type, sam.checkpoint, sam.device)
+            return load_configured_backbone(sam)
         except BackboneError as exc:
             raise EvaluationError(str(exc)) from None
 

@@ -11,7 +11,8 @@ Frames (all coordinates are pixels, x = column, y = row, origin at the top-left 
   every ``mask_input`` is in FRAME256, whatever the family.
 
 On CUDA the encoder and decoder run under bf16 autocast with TF32 enabled; on CPU in float32.
-Outputs are always float32.
+Outputs are always float32. How the encoder runs (reference or fast impl, compiled or not) is set by
+``Backbone.configure_encoder`` (``fast_encoder``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from modules.core.device import inference_autocast
 from modules.core.errors import PipelineError
 from modules.core.fileio import cached_file_md5
 from modules.core.frames import FRAME256
+from modules.sam.fast_encoder import (ENCODER_IMPLS, EncoderRunner, EncoderSettings, ModuleSwap, ResolvedEncoder,
+                                      set_conv_memory_format)
 from modules.sam.prompting import Prompts
 
 if TYPE_CHECKING:
@@ -259,10 +262,15 @@ class Backbone(abc.ABC):
         preprocessor: a small picklable callable doing ``preprocess`` (ship it to DataLoader
             workers instead of the backbone).
         model: the underlying ``nn.Module`` (frozen, eval mode).
+        encoder_settings: how ``encode`` runs (``ResolvedEncoder``; see ``configure_encoder``).
     """
 
     family: ClassVar[str]
     feature_names: ClassVar[tuple[str, ...]]
+    #: The attribute of ``model`` holding the image encoder (channels-last and the swaps apply to it).
+    image_encoder_attr: ClassVar[str] = "image_encoder"
+    #: Module classes the fast impl swaps for their scaled-dot-product-attention twins.
+    attention_swaps: ClassVar[tuple[ModuleSwap, ...]] = ()
 
     def __init__(self, model: nn.Module, model_type: str, checkpoint_path: Path, device: torch.device,
                  preprocessor: SplitPreprocessor) -> None:
@@ -273,10 +281,12 @@ class Backbone(abc.ABC):
         self.device = device
         self.preprocessor = preprocessor
         self.image_size = preprocessor.image_size
+        self.configure_encoder(EncoderSettings())
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(family={self.family!r}, model_type={self.model_type!r}, "
-                f"checkpoint={str(self.checkpoint_path)!r}, device={str(self.device)!r})")
+                f"checkpoint={str(self.checkpoint_path)!r}, device={str(self.device)!r}, "
+                f"encoder={self.encoder_settings.describe()!r})")
 
     # -- what a family implements ----------------------------------------------------------------
 
@@ -286,8 +296,9 @@ class Backbone(abc.ABC):
         """``name -> (C, h, w)`` of ``encode``'s outputs, from the architecture (no probe encode)."""
 
     @abc.abstractmethod
-    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``B x 3 x S x S`` preprocessed images -> ``name -> B x C x h x w`` float32 features."""
+    def _encode_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The family's encode step on checked images: ``B x 3 x S x S`` -> ``name -> B x C x h x w``
+        float32 (called by ``encode`` inside inference mode and autocast; may be compiled)."""
 
     @abc.abstractmethod
     def to_frame256(self, low_res: torch.Tensor, original_hw) -> torch.Tensor:
@@ -322,6 +333,29 @@ class Backbone(abc.ABC):
 
 
     # -- shared --------------------------------------------------------------------------------
+
+    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``B x 3 x S x S`` preprocessed images -> ``name -> B x C x h x w`` float32 features
+        (``feature_names``), by the configured encoder path (``configure_encoder``)."""
+        images = self._check_images(images)
+        with torch.inference_mode(), inference_autocast(self.device):
+            return self.encoder_runner(images)
+
+    def configure_encoder(self, settings: EncoderSettings) -> ResolvedEncoder:
+        """Run ``encode`` the way ``settings`` ask on this device, switching the loaded encoder in
+        place (``fast_encoder``: attention swaps, channels-last, ``torch.compile``); the weights are
+        untouched, so it can be switched back. Returns the resolved settings (also kept as
+        ``encoder_settings``)."""
+        resolved = settings.resolve(self.device)
+        impl = ENCODER_IMPLS[resolved.impl]
+        encoder = getattr(self.model, self.image_encoder_attr)
+        for swap in self.attention_swaps:
+            swap.apply(encoder, fast=impl.sdpa_attention)
+        set_conv_memory_format(encoder, impl.channels_last)
+        self.encoder_settings = resolved
+        self.encoder_runner = EncoderRunner(self._encode_batch, impl.channels_last, resolved.static_batch,
+                                            resolved.compiled)
+        return resolved
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """``H x W x 3`` uint8 RGB -> ``3 x S x S`` float32 encoder input (CPU, pure)."""

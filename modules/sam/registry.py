@@ -17,12 +17,14 @@ import torch
 from segment_anything import sam_model_registry
 from torch import nn
 
+from modules.core.config import SamConfig
 from modules.core.device import enable_tf32, resolve_device
 from modules.core.errors import PipelineError
 from modules.sam.base import Backbone, BackboneError, checkpoint_md5
 from modules.sam.checkpoint_files import (OFFICIAL_RELEASES, CheckpointFiles, locate_checkpoint, read_state_dict,
                                           verify_checkpoint_archive)
 from modules.sam.demo_tiny import build_demo_tiny
+from modules.sam.fast_encoder import EncoderSettings
 from modules.sam.hf_weights import (SAM2_VIDEO_ONLY_PREFIXES, FoundModel, hf_family, hf_to_official, identify_model,
                                     is_hf_state_dict)
 from modules.sam.sam2 import Sam2Backbone
@@ -63,7 +65,7 @@ BACKBONE_REGISTRY: dict[tuple[str, str], tuple[Callable[[], nn.Module], type[Bac
 
 
 __all__ = ["BACKBONE_REGISTRY", "build_sam_model", "check_registered", "configured_checkpoint_md5",
-           "load_backbone", "registered_backbones", "verify_checkpoint_archive"]
+           "load_backbone", "load_configured_backbone", "registered_backbones", "verify_checkpoint_archive"]
 
 
 def registered_backbones() -> list[tuple[str, str]]:
@@ -143,7 +145,7 @@ def _fill_video_only_weights(model: nn.Module, state_dict: dict[str, torch.Tenso
 
 
 def load_backbone(family: str, model_type: str, checkpoint: str | os.PathLike,
-                  device: str | torch.device = "auto") -> Backbone:
+                  device: str | torch.device = "auto", encoder: EncoderSettings | None = None) -> Backbone:
     """Build ``(family, model_type)`` with random init and load ``checkpoint`` strictly.
 
     ``checkpoint`` may be a ``torch.save`` file (read with ``weights_only=True``: a raw state
@@ -152,7 +154,9 @@ def load_backbone(family: str, model_type: str, checkpoint: str | os.PathLike,
     ``hf_weights``). Hugging Face key names are mapped onto the official modules; the model the
     weights hold is identified from their shapes and must be ``(family, model_type)``. float16
     tensors are cast by ``load_state_dict``. The model is frozen (eval mode,
-    ``requires_grad=False``) and moved to ``device``.
+    ``requires_grad=False``) and moved to ``device``. ``encoder``: how ``encode`` runs
+    (``sam.encoder_impl``, ``sam.compile_encoder``; default ``auto``: the fast impl, compiled, on
+    CUDA, the reference impl elsewhere; see ``fast_encoder``).
 
     Raises:
         DeviceError: ``sam.device`` asks for CUDA and none is available (one line naming the key).
@@ -160,8 +164,11 @@ def load_backbone(family: str, model_type: str, checkpoint: str | os.PathLike,
             registered, or not the model the checkpoint holds: both named) or ``sam.checkpoint``
             (missing, unreadable or damaged file, a hub id instead of a folder, or keys or shapes
             that do not match the model type).
+        EncoderSettingsError: ``encoder`` holds an unknown impl or compile value (one line naming the key).
     """
     device = resolve_device(device, key="sam.device")
+    encoder = EncoderSettings() if encoder is None else encoder
+    encoder.resolve(device)  # a bad setting fails before the checkpoint is read
     check_registered(family, model_type)
     try:
         files = locate_checkpoint(checkpoint)
@@ -182,7 +189,17 @@ def load_backbone(family: str, model_type: str, checkpoint: str | os.PathLike,
         enable_tf32()
     model.to(device)
     _, backbone_class = BACKBONE_REGISTRY[(family, model_type)]
-    return backbone_class(model, model_type, path, device)
+    backbone = backbone_class(model, model_type, path, device)
+    backbone.configure_encoder(encoder)
+    return backbone
+
+
+def load_configured_backbone(sam: SamConfig, device: str | torch.device | None = None) -> Backbone:
+    """``load_backbone`` with the ``sam`` section's model, checkpoint and encoder settings, on
+    ``device`` (default ``sam.device``)."""
+    encoder = EncoderSettings(sam.encoder_impl, sam.compile_encoder, sam.encoder_batch_size)
+    return load_backbone(sam.family, sam.model_type, sam.checkpoint, sam.device if device is None else device,
+                         encoder=encoder)
 
 
 def configured_checkpoint_md5(checkpoint: str | os.PathLike) -> str:

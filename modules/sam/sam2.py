@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modules.core.device import inference_autocast
 from modules.core.frames import FRAME256
 from modules.sam.base import (MASK_INPUT_PAD_LOGIT, Backbone, BackboneError, SamDecoderPass, checked_hw,
                               hypernetwork_outputs)
@@ -100,19 +99,18 @@ class Sam2Backbone(Backbone):
 
     # -- encoder -------------------------------------------------------------------------------
 
-    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _encode_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``B x 3 x S x S`` -> ``image_embed`` B x 256 x 64 x 64, ``high_res_feat0`` B x 32 x
         256 x 256, ``high_res_feat1`` B x 64 x 128 x 128 (float32), as ``set_image_batch``
         prepares them (the decoder's ``conv_s0`` / ``conv_s1`` applied, ``no_mem_embed`` added to
-        the lowest-resolution map)."""
-        images = self._check_images(images)
+        the lowest-resolution map). Hiera already uses scaled-dot-product attention: the fast impl
+        swaps nothing here."""
         batch = images.shape[0]
-        with torch.inference_mode(), inference_autocast(self.device):
-            backbone_out = self.model.forward_image(images)
-            _, vision_feats, _, feat_sizes = self.model._prepare_backbone_features(backbone_out)
-            if self.model.directly_add_no_mem_embed:
-                vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
-            maps = [feat.permute(1, 2, 0).reshape(batch, -1, *size) for feat, size in zip(vision_feats, feat_sizes)]
+        backbone_out = self.model.forward_image(images)
+        _, vision_feats, _, feat_sizes = self.model._prepare_backbone_features(backbone_out)
+        if self.model.directly_add_no_mem_embed:
+            vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
+        maps = [feat.permute(1, 2, 0).reshape(batch, -1, *size) for feat, size in zip(vision_feats, feat_sizes)]
         return {"image_embed": maps[-1].float(), "high_res_feat0": maps[0].float(), "high_res_feat1": maps[1].float()}
 
     # -- frames --------------------------------------------------------------------------------

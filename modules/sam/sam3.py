@@ -22,7 +22,6 @@ from sam2.modeling.sam.prompt_encoder import PromptEncoder
 from sam2.modeling.sam.transformer import TwoWayTransformer
 from torch import nn
 
-from modules.core.device import inference_autocast
 from modules.core.frames import FRAME256
 from modules.sam.base import MASK_INPUT_PAD_LOGIT, bilinear_matrix, checked_hw
 from modules.sam.sam2 import Sam2Backbone
@@ -76,6 +75,7 @@ class Sam3Backbone(Sam2Backbone):
     """SAM 3's point / box tracker (``sam3`` / ``tracker``): SAM 2's decoder path on SAM 3's features."""
 
     family = "sam3"
+    image_encoder_attr = "vision_encoder"
     pixel_mean, pixel_std = SAM3_PIXEL_MEAN, SAM3_PIXEL_STD
     low_res_is_frame256 = False
 
@@ -86,16 +86,15 @@ class Sam3Backbone(Sam2Backbone):
 
     # -- encoder -------------------------------------------------------------------------------
 
-    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _encode_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``B x 3 x S x S`` -> ``image_embed`` B x 256 x 72 x 72, ``high_res_feat0`` B x 32 x 288 x
         288, ``high_res_feat1`` B x 64 x 144 x 144 (float32), as ``Sam3TrackerModel.get_image_embeddings``
-        prepares them (``conv_s0`` / ``conv_s1`` applied, ``no_mem_embed`` added to the last map)."""
-        images = self._check_images(images)
-        with torch.inference_mode(), inference_autocast(self.device):
-            maps = list(self.model.vision_encoder(images, return_dict=True).fpn_hidden_states)
-            decoder = self.model.sam_mask_decoder
-            maps[0], maps[1] = decoder.conv_s0(maps[0]), decoder.conv_s1(maps[1])
-            maps[-1] = maps[-1] + self.model.no_mem_embed.view(1, -1, 1, 1)
+        prepares them (``conv_s0`` / ``conv_s1`` applied, ``no_mem_embed`` added to the last map).
+        ``transformers``' ViT already uses scaled-dot-product attention: the fast impl swaps nothing."""
+        maps = list(self.model.vision_encoder(images, return_dict=True).fpn_hidden_states)
+        decoder = self.model.sam_mask_decoder
+        maps[0], maps[1] = decoder.conv_s0(maps[0]), decoder.conv_s1(maps[1])
+        maps[-1] = maps[-1] + self.model.no_mem_embed.view(1, -1, 1, 1)
         return {"image_embed": maps[2].float(), "high_res_feat0": maps[0].float(), "high_res_feat1": maps[1].float()}
 
     # -- frames --------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.core.device import inference_autocast
 from modules.core.frames import FRAME256
 from modules.sam.base import MASK_INPUT_PAD_LOGIT, Backbone, SamDecoderPass, bilinear_matrix, hypernetwork_outputs
+from modules.sam.fast_encoder import SAM_V1_SDPA_ATTENTION
 from modules.sam.preprocessing import SamPreprocessor
 from modules.sam.prompting import Prompts
 
@@ -82,6 +82,7 @@ class SamBackbone(Backbone):
 
     family = "sam"
     feature_names = ("image_embed",)
+    attention_swaps = (SAM_V1_SDPA_ATTENTION,)
 
     def __init__(self, model: nn.Module, model_type: str, checkpoint_path: Path, device: torch.device) -> None:
         preprocessor = SamPreprocessor(
@@ -107,12 +108,9 @@ class SamBackbone(Backbone):
 
     # -- encoder -------------------------------------------------------------------------------
 
-    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _encode_batch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``B x 3 x S x S`` preprocessed images -> ``{"image_embed": B x 256 x 64 x 64}`` float32."""
-        images = self._check_images(images)
-        with torch.inference_mode(), inference_autocast(self.device):
-            embeddings = self.model.image_encoder(images)
-        return {"image_embed": embeddings.float()}
+        return {"image_embed": self.model.image_encoder(images).float()}
 
     # -- frames --------------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from modules.data.imageio import ImageReadError, read_image_rgb
 from modules.data.manifest import SPLITS, load_split_manifest
 from modules.data.promptset import load_promptsets
 from modules.sam.prompting import MULTIMASK_POLICIES, Prompts, round_features
-from modules.sam.registry import check_registered, configured_checkpoint_md5, load_backbone
+from modules.sam.registry import check_registered, configured_checkpoint_md5, load_configured_backbone
 
 log = logging.getLogger("pipeline.precompute")
 
@@ -46,7 +46,9 @@ log = logging.getLogger("pipeline.precompute")
 KILL_AFTER_IMAGES_ENV = "PIPELINE_TEST_KILL_AFTER_IMAGES"
 
 #: The config keys the cached arrays depend on (the stage fingerprint). Checkpoint identity is
-#: in the cache folder name (md5); device, batch size and worker count only change speed.
+#: in the cache folder name (md5); device, batch size, worker count and the encoder path
+#: (``sam.encoder_impl``, ``sam.compile_encoder``: the same function, equal to float tolerance)
+#: only change speed.
 FINGERPRINT_KEYS = ("sam.family", "sam.model_type", "sam.prompt_mode", "sam.multimask_policy")
 
 
@@ -371,7 +373,7 @@ def run_stage(ctx, shard: Shard) -> None:
     ctx.hold_lock(ctx.output_dir / backbone_folder / sam_cache.shard_file_name(shard.index, shard.count))
     ctx.check_inputs(FINGERPRINT_KEYS, upstream={"checkpoint_md5": checkpoint_md5},
                      fingerprint_file=f"{backbone_folder}/{FINGERPRINT_FILE}")
-    backbone = load_backbone(sam.family, sam.model_type, sam.checkpoint, sam.device)
+    backbone = load_configured_backbone(sam)
     log.info("[%s] %r, %s", ctx.name, backbone, shard.name)
     result = run_precompute(ctx.cfg, backbone, shard, force=ctx.force, tracker=ctx.tracker)
     counts = result.counts

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Every GPU measurement of issue #24 (fast frozen encoders) and of issue #21 point 3 (stage 3's
+# b/a on a GPU), in one go, sized for one 10-minute device call (estimated 6-9 minutes on one H200,
+# not yet run there; each model has its own time limit, 280 s and 250 s).
+#
+#   bash benchmarks/gpu_checks.sh --prepare   # here, once: the wheels the GPU image lacks -> .whl/
+#   bash benchmarks/gpu_checks.sh             # on the GPU machine, with .whl carried along
+#   PYTHON=.venv/bin/python bash benchmarks/gpu_checks.sh --smoke   # any CPU: same entries, tiny settings
+#
+# For sam/vit_h and sam2/hiera_l (random weights saved to a file and loaded through the real
+# loader, bf16 autocast), benchmarks/bench_precompute.py measures the reference and the fast encoder
+# path in one process: encoder img/s, FLOP per image, model FLOP utilisation against the GPU's dense
+# bf16 peak, compile time, stage 3's (b) img/s and b/a, and the agreement of the two paths' cached
+# logits (max |logit difference|, IoU of the thresholded masks; goal >= 0.99). Each model's log and
+# JSON go to $OUT (default runs/gpu_checks), with env.txt (GPU, driver, versions).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+MODE=${1:-gpu}
+OUT=${OUT:-runs/gpu_checks}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+WHEELS="segment-anything==1.0 hydra-core==1.3.8 omegaconf==2.3.1 iopath==0.1.10 antlr4-python3-runtime==4.9.3 sam2==1.1.0"
+
+case "$MODE" in
+  --prepare)
+    # Pure-Python wheels only (sam2 without its optional CUDA extension, as requirements.txt installs it).
+    mkdir -p .whl
+    for spec in $WHEELS; do
+      SAM2_BUILD_CUDA=0 "$PY" -m pip wheel --no-deps --no-build-isolation -q -w .whl "$spec" || exit 1
+    done
+    ls -l .whl
+    exit 0 ;;
+  --smoke)
+    DEVICE=cpu
+    SAM_V1=(--family sam --model-type demo_tiny)
+    SAM_2=(--family sam2 --model-type hiera_t)
+    SIZES=(--images 2 --promptsets 2 --batch-size 2 --workers 0 --height 96 --width 128 --verify 1
+           --compile-encoder false)
+    LIMIT_V1=900; LIMIT_2=900 ;;
+  gpu)
+    DEVICE=cuda
+    SAM_V1=(--family sam --model-type vit_h)
+    SAM_2=(--family sam2 --model-type hiera_l)
+    SIZES=(--images 128 --promptsets 10 --batch-size 8 --workers 8)
+    LIMIT_V1=280; LIMIT_2=250 ;;
+  *)
+    echo "usage: $0 [--prepare | --smoke]" >&2
+    exit 2 ;;
+esac
+
+mkdir -p "$OUT"
+if ! "$PY" -c "import segment_anything, sam2" 2>/dev/null; then
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "segment_anything / sam2 missing and no .whl/ folder: run '$0 --prepare' where pip works, carry .whl" >&2
+    exit 1
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+{
+  date -u
+  git log --oneline -1 2>/dev/null
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
+  "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  nproc
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+status=0
+measure() {  # name, time limit (s), model arguments...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit} s)"
+  timeout -k 10 "$limit" "$PY" benchmarks/bench_precompute.py "$@" --device "$DEVICE" "${SIZES[@]}" --no-naive \
+    --encoder-impl reference,fast --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || { echo "=== $name failed or timed out (exit $rc)"; status=1; }
+}
+
+measure sam_v1 "$LIMIT_V1" "${SAM_V1[@]}"
+measure sam2 "$LIMIT_2" "${SAM_2[@]}"
+exit $status
