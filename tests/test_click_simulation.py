@@ -110,9 +110,30 @@ def test_uncertainty_policies_read_the_ground_truth_only_through_the_annotator(f
     assert not replayed.loc[oracle, ["x", "y"]].iloc[1:].equals(trace.loc[oracle, ["x", "y"]].iloc[1:])
 
 
+def test_a_batch_of_images_gives_each_image_its_own_trace_bit_for_bit(fusion_project):
+    """``simulate_batch`` over four images (the strategies' passes stacked over their 20 map-head rows,
+    past the row count where a stacked 1 x 1 convolution rounds differently on one CPU thread) writes
+    the very traces of ``simulate`` image by image."""
+    torch.set_num_threads(1)
+    cfg = fusion_project.load_config("evaluation.active_prompting.max_clicks=2",
+                                     "evaluation.active_prompting.policies=[oracle,bald,variance_network,sam_entropy,"
+                                     "random]")
+    simulator = ClickSimulator(cfg, Artifacts(cfg, RunIds.resolve("v1"), torch.device("cpu")))
+    cache = open_cache(cfg)
+    batch = [load_sample(cfg, cache, unit) for unit in list_eval_units(cfg)[:4]]
+    assert len(batch) == 4
+    together = simulator.simulate_batch(batch, [False, True, False, False])
+    for index, (labelled, trace) in enumerate(zip(batch, together)):
+        alone = simulator.simulate(labelled, unseen=index == 1)
+        assert trace.to_csv(index=False) == alone.to_csv(index=False), labelled.inputs.safe_id
+    assert together[0]["safe_id"].nunique() == 1 and together[0]["safe_id"].iloc[0] != together[1]["safe_id"].iloc[0]
+    assert together[1]["unseen"].all() and not together[0]["unseen"].any()
+
+
 def test_stage_writes_the_traces_and_resumes_after_sigkill(fusion_project):
-    """Killed after its first image's trace, a rerun simulates only the second; each trace file holds
-    exactly what simulating that image directly gives (the uninterrupted result)."""
+    """Killed after its first image's trace (both images simulated in one batch, ``batch_images``
+    default 4), a rerun simulates only the second; each trace file holds exactly what simulating that
+    image directly gives (the uninterrupted result)."""
     folder = eval_report_dir(fusion_project.root, "clicks_killed")
     result = fusion_project.run("evaluate_uncertainty.py", "--name", "clicks_killed", *STAGE_ARGS,
                                 env={**ONE_THREAD, KILL_AFTER_CLICK_IMAGES_ENV: "1"}, check=False)
