@@ -25,6 +25,7 @@ concatenates the traces in unit order and writes the click reports
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -311,12 +312,17 @@ def simulate_units(ctx, runs: RunIds, units: list[EvalUnit], all_units: list[Eva
             if kill_switch:
                 kill_switch.advance()
 
+    position = {unit.safe_id: index for index, unit in enumerate(todo)}
+
     def process(unit: EvalUnit) -> None:
         if unit.safe_id not in attempted:  # start a batch: this unit and the next ones still to simulate
-            following = todo[todo.index(unit) + 1:]
-            batch = [unit] + [other for other in following
-                              if other.safe_id not in attempted and (ctx.force or not written(other))]
-            simulate_batch(batch[:settings.batch_images])
+            batch = [unit]
+            for other in itertools.islice(todo, position[unit.safe_id] + 1, None):
+                if len(batch) == settings.batch_images:
+                    break
+                if other.safe_id not in attempted and (ctx.force or not written(other)):
+                    batch.append(other)
+            simulate_batch(batch)
         error = attempted[unit.safe_id]
         if error is not None:
             raise error
