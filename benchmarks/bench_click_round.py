@@ -5,17 +5,21 @@ On a project with trained runs (head, Laplace, variance network: e.g. the demo a
 already past its first click:
 
 - baseline: per image, one decoder call for the P prompt sets on the cached features
-  (``cache.entries.decoded_entry``), the head's inputs (``EvalSample.build``) and one forward of the
-  MAP head (``MapHeadStrategy``): what scoring those P prompt sets costs at the least;
-- click round: per image, every policy chooses, the annotator answers, then the decoder call, the
-  strategies the policies read and the scoring of the round (``ClickSimulator.choose`` + ``score``).
+  (``cache.entries.decoded_entry``) and the head's inputs (``EvalSample.build``), then the MAP head
+  (``MapHeadStrategy.predict_batch``) over ``--batch`` images at a time: what scoring those P prompt
+  sets costs at the least;
+- click round: every policy of every image chooses, the annotator answers, then per image the
+  decoder call, and the strategies the policies read and the scoring of the round over ``--batch``
+  images at a time (``ClickSimulator.choose`` + ``score_batch``, as the simulation with
+  ``evaluation.active_prompting.batch_images = --batch``);
+- the same round image by image (``--batch 1``), for the gain of batching.
 
 Each figure is the best of ``--repeats`` passes over the B images (every pass starts from the same
 state: the round is timed on copies); the ratio is round / baseline, both measured here, in this run.
 ``--policies`` varies the set (prompt perturbation alone costs K decoder calls).
 
-Usage: python benchmarks/bench_click_round.py --config PROJECT_CONFIG [--run_id v1] [--images 4]
-       [--policies oracle,bald,...] [--repeats 3] [--threads 2]
+Usage: python benchmarks/bench_click_round.py --config PROJECT_CONFIG [--run_id v1] [--images 4] [--batch 4]
+       [--policies oracle,bald,...] [--repeats 3] [--threads 2] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -44,13 +48,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--run_id", default="v1")
-    parser.add_argument("--images", type=int, default=4, help="B")
+    parser.add_argument("--images", type=int, default=4, help="images in all")
+    parser.add_argument("--batch", type=int, default=1, help="B: images simulated together")
     parser.add_argument("--policies", default=None, help="comma-separated (default: the config's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     args = parser.parse_args()
+    if args.batch < 1:
+        parser.error("--batch must be at least 1")
     torch.set_num_threads(args.threads)
-    overrides = ["evaluation.active_prompting.enabled=true", "training.device=cpu", "sam.device=cpu"]
+    overrides = [*args.set, "evaluation.active_prompting.enabled=true", "training.device=cpu", "sam.device=cpu"]
     if args.policies:
         overrides.append(f"evaluation.active_prompting.policies=[{args.policies}]")
     cfg = load_config(args.config, overrides)
@@ -65,31 +73,42 @@ def main() -> None:
         simulator.score(run)
         runs.append(run)
     policies = len(simulator.policies)
+    batches = [runs[start:start + args.batch] for start in range(0, len(runs), args.batch)]
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} threads; B = {len(samples)} images, P = {policies} policies "
+          f"{args.threads} threads; {len(samples)} images, B = {args.batch} together, P = {policies} policies "
           f"({', '.join(simulator.policies)}), strategies: {', '.join(simulator.strategies)}")
 
     records = [simulator.record(run) for run in runs]
 
+    decode_records = dict(zip(map(id, runs), records))
+
     def baseline() -> None:
         with torch.inference_mode():
-            for run, record in zip(runs, records):
-                head.predict(simulator.decode(run.sample, run.features, record))
+            for batch in batches:
+                head.predict_batch([simulator.decode(run.sample, run.features, decode_records[id(run)])
+                                    for run in batch])
 
-    def click_round() -> None:
-        for run in [copy.deepcopy(run) for run in runs]:
-            simulator.choose(run)
-            simulator.score(run)
+    def click_round(size: int) -> None:
+        fresh = [copy.deepcopy(run) for run in runs]
+        for start in range(0, len(fresh), size):
+            batch = fresh[start:start + size]
+            for run in batch:
+                simulator.choose(run)
+            simulator.score_batch(batch)
 
     baseline()  # warm-up
-    click_round()
+    click_round(args.batch)
     base = best_of(args.repeats, baseline)
     copies = best_of(args.repeats, lambda: [copy.deepcopy(run) for run in runs])
-    round_time = best_of(args.repeats, click_round) - copies
-    print(f"decoder + head pass over B images: {base * 1000:.0f} ms ({base / len(runs) * 1000:.0f} ms per image)")
-    print(f"one click round over B images:     {round_time * 1000:.0f} ms ({round_time / len(runs) * 1000:.0f} ms "
-          f"per image; state copies {copies * 1000:.0f} ms subtracted)")
+    round_time = best_of(args.repeats, lambda: click_round(args.batch)) - copies
+    alone = best_of(args.repeats, lambda: click_round(1)) - copies if args.batch > 1 else round_time
+    print(f"decoder + head pass over the images: {base * 1000:.0f} ms ({base / len(runs) * 1000:.0f} ms per image)")
+    print(f"one click round, B = {args.batch}:          {round_time * 1000:.0f} ms ({round_time / len(runs) * 1000:.0f} "
+          f"ms per image; state copies {copies * 1000:.0f} ms subtracted)")
     print(f"ratio round / (decoder + head): {round_time / base:.2f}x (goal <= 2x)")
+    if args.batch > 1:
+        print(f"one click round image by image: {alone * 1000:.0f} ms; batched / image by image: "
+              f"{round_time / alone:.2f}x")
 
 
 if __name__ == "__main__":

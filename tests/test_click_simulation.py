@@ -19,6 +19,7 @@ import torch
 from modules.cache.training_index import open_cache
 from modules.core.config import load_config
 from modules.core.paths import ACTIVE_PROMPTING_DIR, click_trace_path, eval_report_dir
+from modules.evaluation.methods import STRATEGY_BUILDERS
 from modules.evaluation.runs import Artifacts, RunIds
 from modules.evaluation.samples import EvalUnit, LabelledSample, list_eval_units, load_sample
 from modules.interactive.click_policies import CLICK_POLICIES, ClickChoice
@@ -110,9 +111,35 @@ def test_uncertainty_policies_read_the_ground_truth_only_through_the_annotator(f
     assert not replayed.loc[oracle, ["x", "y"]].iloc[1:].equals(trace.loc[oracle, ["x", "y"]].iloc[1:])
 
 
+def test_strategies_on_a_batch_of_images_equal_one_image_at_a_time(fusion_project):
+    """``Strategy.predict_batch`` (the simulation's pass over a batch of images) gives each image what
+    ``predict`` gives it alone, bit for bit, over 24 rows: past the 16 where a stacked 1 x 1
+    convolution rounds differently on one CPU thread. The stage test below checks a simulated batch's
+    traces (its killed run simulated both images in one batch)."""
+    torch.set_num_threads(1)
+    cfg = fusion_project.load_config()
+    artifacts = Artifacts(cfg, RunIds.resolve("v1"), torch.device("cpu"))
+    cache = open_cache(cfg)
+    samples = [load_sample(cfg, cache, unit).inputs for unit in list_eval_units(cfg)] * 2
+    assert sum(sample.num_promptsets for sample in samples) >= 24
+    assert cfg.laplace.predictive == "closed_form"  # the Laplace's stacked path (mc runs image by image)
+    for name in ("raw_sam", "map_head", "laplace", "variance_network"):
+        strategy = STRATEGY_BUILDERS[name].build(cfg, artifacts)
+        with torch.inference_mode():
+            together = strategy.predict_batch(samples)
+            assert len(together) == len(samples)
+            for sample, output in zip(samples, together):
+                alone = strategy.predict(sample)
+                assert torch.equal(output.mean_prob, alone.mean_prob), (name, sample.safe_id)
+                assert output.maps.keys() == alone.maps.keys() and output.primary_map == alone.primary_map
+                for key, values in alone.maps.items():
+                    assert torch.equal(output.maps[key], values), (name, key, sample.safe_id)
+
+
 def test_stage_writes_the_traces_and_resumes_after_sigkill(fusion_project):
-    """Killed after its first image's trace, a rerun simulates only the second; each trace file holds
-    exactly what simulating that image directly gives (the uninterrupted result)."""
+    """Killed after its first image's trace (both images simulated in one batch, ``batch_images``
+    default 4), a rerun simulates only the second; each trace file holds exactly what simulating that
+    image directly gives (the uninterrupted result)."""
     folder = eval_report_dir(fusion_project.root, "clicks_killed")
     result = fusion_project.run("evaluate_uncertainty.py", "--name", "clicks_killed", *STAGE_ARGS,
                                 env={**ONE_THREAD, KILL_AFTER_CLICK_IMAGES_ENV: "1"}, check=False)

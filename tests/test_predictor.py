@@ -92,13 +92,47 @@ def test_suggest_click_is_the_argmax_of_the_map_never_a_clicked_pixel(predictor,
         suggest_click(prediction, "oracle")
 
 
+def test_mask_input_is_decoded_by_sam_and_refused_by_the_fitted_methods(predictor, cached_sample):
+    """An earlier prediction's low-res logits go back in as the mask prompt: SAM's output changes (the
+    mask takes the prompt encoder's own mask path), only raw SAM runs, and a fitted method named with
+    a mask says why it cannot run."""
+    _, unit, sample, _ = cached_sample
+    first = sample.record["promptsets"][0]
+    plain = predictor.predict(first["points"], first["labels"], methods=["raw_sam"])
+    low_res = plain.low_res_logits
+    assert low_res.shape == (1, 256, 256) and low_res.dtype == np.float32
+    assert np.array_equal(low_res, plain.entry.logits.astype(np.float32))
+    inverted = predictor.predict(first["points"], first["labels"], mask_input=-low_res[0])
+    assert list(inverted.methods) == ["raw_sam"]  # the default methods, less the fitted ones
+    assert inverted.probability.shape == (1, *unit.image_hw)
+    assert not np.allclose(inverted.low_res_logits, low_res, atol=1e-2)
+    again = predictor.predict(first["points"], first["labels"], mask_input=low_res[None])  # P x 1 x 256 x 256
+    assert not np.array_equal(again.low_res_logits, inverted.low_res_logits)
+    # The dense embedding replacing the no-mask one is the prompt encoder's own for that mask.
+    backbone, hw = predictor.backbone, unit.image_hw
+    points = torch.as_tensor(np.asarray(first["points"], np.float32))[None]
+    labels = torch.as_tensor(np.asarray(first["labels"]))[None]
+    masks = torch.from_numpy(-low_res)[:, None]
+    native = backbone.decode(predictor._features, hw, points, labels, mask_input=masks)
+    overridden = backbone.decode(predictor._features, hw, points, labels,
+                                 dense_embedding_override=backbone.mask_embedding(masks, hw))
+    assert torch.equal(native[0], overridden[0])
+    for method in ("map_head", "laplace", "variance_network", "refined"):
+        with pytest.raises(PredictorError, match=rf"mask_input: the method '{method}' cannot run with a mask "
+                                                 r"prompt: its fitted part was trained on SAM outputs decoded "
+                                                 r"without a mask prompt"):
+            predictor.predict(first["points"], first["labels"], mask_input=low_res, methods=["raw_sam", method])
+
+
 def test_predictor_refuses_bad_prompts_and_runs_with_one_line(fusion_project, predictor, cached_sample):
     _, unit, _, _ = cached_sample
     height, width = unit.image_hw
     with pytest.raises(PredictorError, match=rf"outside the {width} x {height} image"):
         predictor.predict([[width, 0]], [1])
-    with pytest.raises(PredictorError, match="mask_input"):
-        predictor.predict([[0, 0]], [1], mask_input=np.zeros((1, 1, 256, 256), np.float32))
+    with pytest.raises(PredictorError, match=r"mask_input: need 256 x 256 or P x 256 x 256 .* P = 1 .* \(2, 256, 256\)"):
+        predictor.predict([[0, 0]], [1], mask_input=np.zeros((2, 256, 256), np.float32))
+    with pytest.raises(PredictorError, match=r"mask_input: need .* got shape \(64, 64\)"):
+        predictor.predict([[0, 0]], [1], mask_input=np.zeros((64, 64), np.float32))
     with pytest.raises(PredictorError, match="fusion"):
         UncertainPredictor(predictor.cfg, RunIds.resolve("v1", fusion="nope"), methods=["refined"])
     # Runs fitted under another prompt-map sigma would read prompt maps they never saw.

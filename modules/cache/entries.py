@@ -28,17 +28,25 @@ def record_prompts(record: dict) -> tuple[Prompts, np.ndarray]:
 
 def decoded_entry(backbone, features: Mapping[str, torch.Tensor], original_hw: tuple[int, int],
                   input_hw: tuple[int, int], prompts: Prompts, promptset_ids: np.ndarray, prompt_mode: str,
-                  multimask_policy: str, safe_id: str, split: str, promptset_md5: str = "") -> CacheEntry:
+                  multimask_policy: str, safe_id: str, split: str, promptset_md5: str = "",
+                  mask_input: torch.Tensor | None = None) -> CacheEntry:
     """Decode the ``P`` prompt sets of one image in one call and keep what stage 3 caches.
 
     Args:
         features: float16-rounded encoder features (``sam.prompting.round_features``),
             name -> ``1 x C x h x w`` on the backbone's device.
         prompts: ``Prompts`` in ORIGINAL pixels; ``promptset_ids``: ``P``.
+        mask_input: ``P x 1 x 256 x 256`` low-res logits in FRAME256 (an earlier prediction's), decoded
+            with the prompts: the prompt encoder's dense embedding of that mask
+            (``Backbone.mask_embedding``) replaces its no-mask embedding, as SAM does with a mask
+            prompt. Stage 3 never caches one; None: no mask prompt.
     Returns:
         the ``CacheEntry`` (features ``C x h x w`` float16, logits ``P x 256 x 256`` float16 FRAME256).
     """
-    selected = decode_selected(backbone, features, original_hw, prompts, prompt_mode, multimask_policy)
+    mask_prompt = {} if mask_input is None else {
+        "dense_embedding_override": backbone.mask_embedding(mask_input, original_hw)}
+    selected = decode_selected(backbone, features, original_hw, prompts, prompt_mode, multimask_policy,
+                               **mask_prompt)
     return CacheEntry(
         safe_id=safe_id,
         split=split,

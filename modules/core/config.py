@@ -215,6 +215,9 @@ class ActivePromptingConfig:
     mask_method: str = "map_head"
     seed: int = 0
     max_samples: int = 0  # images simulated (round-robin over the groups); 0 = every evaluated sample
+    # Images simulated together, one click round for all of them at a time (the strategies run once
+    # over their rows); the traces are those of one image at a time, bit for bit. 1 = image by image.
+    batch_images: int = 4
 
 
 @dataclass
@@ -452,6 +455,7 @@ NUMERIC_RANGES: dict[str, str] = {
     "evaluation.active_prompting.min_distance": "nonneg",
     "evaluation.active_prompting.seed": "nonneg",
     "evaluation.active_prompting.max_samples": "nonneg",
+    "evaluation.active_prompting.batch_images": "count",
     "wandb.init_timeout_s": "positive",
 }
 

@@ -18,6 +18,11 @@ Usage::
     prediction.probability          # P x H x W: SAM's mask probability
     prediction.maps["laplace"]      # {"mutual_information": P x H x W, "total_entropy": ..., ...}
     x, y = suggest_click(prediction, "bald")   # where the next click helps most (ORIGINAL pixels)
+    again = predictor.predict([[120, 80], [40, 30], [x, y]], [1, 0, 1],
+                              mask_input=prediction.low_res_logits[0])   # SAM's mask prompt: raw_sam only
+
+``mask_input`` (``predict``): FRAME256 low-res logits, the shape SAM's predictor takes; SAM decodes with
+it, and only ``MASK_INPUT_METHODS`` run (``MASK_INPUT_REFUSALS`` says why the others cannot).
 
 No method reads a ground truth: there is none here. The oracle ablations of the evaluation are not
 offered.
@@ -68,6 +73,17 @@ PREDICTOR_METHODS = (*DEFAULT_METHODS, *ON_REQUEST_METHODS)
 MASK_METHOD = "raw_sam"
 #: The record's split name for prompt sets a person gave.
 INTERACTIVE_SPLIT = "interactive"
+#: The methods a ``mask_input`` call runs: SAM's own entropy needs no fitted part. The head, Laplace,
+#: variance network and fusion module were fitted on SAM outputs decoded without a mask prompt, and
+#: prompt perturbation and TTA decode their own prompts or images without it.
+MASK_INPUT_METHODS = ("raw_sam",)
+#: Why a method is refused with a ``mask_input``, by method.
+MASK_INPUT_REFUSALS = {
+    **{name: "its fitted part was trained on SAM outputs decoded without a mask prompt, so its uncertainty "
+             "would not be calibrated" for name in ("map_head", "laplace", "variance_network", REFINED)},
+    **{name: "its extra decoder passes do not take the mask prompt, so its map would describe another "
+             "prediction" for name in ON_REQUEST_METHODS},
+}
 
 
 class PredictorError(PipelineError):
@@ -181,6 +197,12 @@ class Prediction:
     @property
     def num_promptsets(self) -> int:
         return len(self.record["promptsets"])
+
+    @property
+    def low_res_logits(self) -> np.ndarray:
+        """``P x 256 x 256`` float32: SAM's logits of the output it kept, FRAME256 (float16-rounded, as
+        stage 3 caches them); pass one row back as the next call's ``mask_input``."""
+        return np.asarray(self.entry.logits, dtype=np.float32)
 
     def clicks(self, index: int) -> np.ndarray:
         """``N x 2`` (x, y) ORIGINAL pixels of prompt set ``index``'s points."""
@@ -351,14 +373,15 @@ class UncertainPredictor:
             point_coords: ``N x 2`` (x, y) ORIGINAL pixels (one prompt set) or ``P x N x 2``.
             point_labels: ``N`` or ``P x N`` (1 positive, 0 negative); default all positive.
             box: ``4`` (x0, y0, x1, y1) inclusive ORIGINAL pixels, or ``P x 4``; None: no box.
-            mask_input: refused: the fitted parts were trained on SAM outputs decoded without a mask
-                prompt, so their calibration would not hold; give the earlier clicks instead.
+            mask_input: ``256 x 256`` (one prompt set) or ``P x 256 x 256`` low-res logits, as SAM's
+                ``SamPredictor.predict`` takes them (``1 x 256 x 256`` there), but in FRAME256, the
+                project's frame (``sam.base``: the image stretched to 256 x 256, whatever the family):
+                an earlier ``Prediction.low_res_logits`` row is one. SAM v1's own low-res logits (its
+                padded frame) go through ``backbone.to_frame256`` first. Only ``MASK_INPUT_METHODS``
+                run with one: naming another method is a ``PredictorError`` saying why
+                (``MASK_INPUT_REFUSALS``); by default the others are left out.
             methods: a subset of the predictor's methods (default all of them).
         """
-        if mask_input is not None:
-            raise PredictorError("mask_input: not supported; the head, Laplace, variance network and fusion "
-                                 "module were fitted on SAM outputs decoded without a mask prompt, so their "
-                                 "uncertainty would not be calibrated: pass every click instead")
         try:
             points = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)
         except ValueError as exc:
@@ -366,39 +389,45 @@ class UncertainPredictor:
                                  "different point counts go through predict_sets") from None
         batched = (points is not None and points.ndim == 3) or (box is not None and np.asarray(box).ndim == 2)
         if not batched:
-            return self.predict_sets([{"points": points, "labels": point_labels, "box": box}], methods)
+            return self.predict_sets([{"points": points, "labels": point_labels, "box": box}], methods, mask_input)
         count = len(points) if points is not None else len(box)
         sets = []
         for index in range(count):
             sets.append({"points": None if points is None else points[index],
                          "labels": None if point_labels is None else np.asarray(point_labels)[index],
                          "box": None if box is None else np.asarray(box)[index]})
-        return self.predict_sets(sets, methods)
+        return self.predict_sets(sets, methods, mask_input)
 
-    def predict_sets(self, promptsets: Sequence[dict], methods: Sequence[str] | None = None) -> Prediction:
+    def predict_sets(self, promptsets: Sequence[dict], methods: Sequence[str] | None = None,
+                     mask_input=None) -> Prediction:
         """``predict`` for a list of prompt sets, each ``{"points": N x 2, "labels": N, "box": 4 or
         None}`` (their point counts may differ): one decoder call for all of them."""
         if not promptsets:
             raise PredictorError("prompts: no prompt set given")
         record = self.record([self.promptset(s.get("points"), s.get("labels"), s.get("box"), index)
                               for index, s in enumerate(promptsets)])
-        return self.predict_record(record, methods)
+        return self.predict_record(record, methods, mask_input)
 
-    def predict_record(self, record: dict, methods: Sequence[str] | None = None) -> Prediction:
-        """The prediction for a prompt-set record of this image (``clicked_record``, or stage 2's)."""
+    def predict_record(self, record: dict, methods: Sequence[str] | None = None, mask_input=None) -> Prediction:
+        """The prediction for a prompt-set record of this image (``clicked_record``, or stage 2's);
+        ``mask_input`` as in ``predict``."""
         chosen = self.methods if methods is None else list(methods)
         unknown = [name for name in chosen if name not in self.methods]
         if unknown:
             raise PredictorError(f"methods: {unknown} not loaded by this predictor (it runs {self.methods})")
         if self._features is None:
             raise PredictorError("predictor: call set_image before predict")
+        masks = None
+        if mask_input is not None:
+            masks = checked_mask_input(mask_input, len(record["promptsets"]))
+            chosen = mask_input_methods(chosen, explicit=methods is not None)
         image = self.image
         cfg = self.cfg
         with torch.inference_mode():
             prompts, promptset_ids = record_prompts(record)
             entry = decoded_entry(self.backbone, self._features, self.image_hw, self._input_hw, prompts, promptset_ids,
                                   cfg.sam.prompt_mode, cfg.sam.multimask_policy, str(record["safe_id"]),
-                                  str(record["split"]))
+                                  str(record["split"]), mask_input=masks)
             sample = EvalSample.build(str(record["safe_id"]), INTERACTIVE_SPLIT, entry, record, cfg.training.logit_clip,
                                       image_loader=lambda: image)
             outputs = self.frame256_outputs(sample, chosen)
@@ -426,6 +455,39 @@ class UncertainPredictor:
         rows = mask_scores(probability, maps[output.primary_map], self.cfg.evaluation.mask_quality_band)
         quality = {column: np.array([row[column] for row in rows], dtype=np.float64) for column in rows[0]}
         return MethodPrediction(probability, maps, output.primary_map, quality, output)
+
+
+def checked_mask_input(mask_input, num_promptsets: int) -> torch.Tensor:
+    """``mask_input`` (``256 x 256``, ``P x 256 x 256`` or ``P x 1 x 256 x 256`` finite logits, FRAME256)
+    as the decoder's ``P x 1 x 256 x 256`` float32; a ``PredictorError`` naming ``mask_input`` otherwise."""
+    try:
+        masks = torch.as_tensor(np.asarray(mask_input, dtype=np.float32))
+    except (TypeError, ValueError) as exc:
+        raise PredictorError(f"mask_input: not an array of logits ({exc})") from None
+    if masks.ndim == 2:
+        masks = masks.unsqueeze(0)
+    if masks.ndim == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    expected = (num_promptsets, FRAME256, FRAME256)
+    if tuple(masks.shape) != expected:
+        raise PredictorError(f"mask_input: need {FRAME256} x {FRAME256} or P x {FRAME256} x {FRAME256} low-res "
+                             f"logits (FRAME256) for the P = {num_promptsets} prompt sets, got shape "
+                             f"{tuple(np.shape(mask_input))}")
+    if not bool(torch.isfinite(masks).all()):
+        raise PredictorError("mask_input: holds NaN or infinite logits")
+    return masks.unsqueeze(1)
+
+
+def mask_input_methods(methods: Sequence[str], explicit: bool) -> list[str]:
+    """The methods a ``mask_input`` call runs: ``methods`` that are ``MASK_INPUT_METHODS``. A method
+    named by the caller (``explicit``) that is not one is a ``PredictorError`` saying why."""
+    refused = [name for name in methods if name not in MASK_INPUT_METHODS]
+    if refused and explicit:
+        name = refused[0]
+        raise PredictorError(f"mask_input: the method {name!r} cannot run with a mask prompt: "
+                             f"{MASK_INPUT_REFUSALS[name]} (with mask_input only {', '.join(MASK_INPUT_METHODS)} "
+                             "runs; or pass every click instead of the mask)")
+    return [name for name in methods if name in MASK_INPUT_METHODS]
 
 
 # --------------------------------------------------------------------------- the next click

@@ -1,15 +1,22 @@
 """Simulated interactive segmentation: click policies against a simulated annotator, on cached embeddings.
 
-One image at a time (``ClickSimulator.simulate``): every configured policy starts from the same first
-interaction (the error oracle's first click, at the object's interior point farthest from its
-boundary; or the object's tight box), then up to ``max_clicks`` rounds of
+A batch of ``B`` images at a time (``ClickSimulator.simulate_batch``, ``B`` =
+``evaluation.active_prompting.batch_images``; ``simulate`` is the batch of one): in every image every
+configured policy starts from the same first interaction (the error oracle's first click, at the
+object's interior point farthest from its boundary; or the object's tight box), then up to
+``max_clicks`` rounds of: every policy of every image chooses its next click, then
 
-1. one decoder call on the cached encoder features (no encoder pass) for the ``P`` policies' click
-   histories at once, each history one prompt set (``cache.entries.decoded_entry``, the step stage
-   3 caches), giving the very ``CacheEntry`` stage 3 would have cached for those clicks;
+1. per image, one decoder call on its cached encoder features (no encoder pass) for the ``P``
+   policies' click histories at once, each history one prompt set (``cache.entries.decoded_entry``,
+   the step stage 3 caches), giving the very ``CacheEntry`` stage 3 would have cached for those
+   clicks. SAM's mask decoder takes one image's embedding per call (it repeats it over the prompt
+   sets), so the decoder runs image by image;
 2. the strategies the policies and the predicted mask need (``evaluation.methods.STRATEGY_BUILDERS``:
-   head, Laplace, variance network, prompt perturbation, raw SAM) on that entry, each only on the
-   prompt sets that read it;
+   head, Laplace, variance network, prompt perturbation, raw SAM) on those entries, each only on the
+   prompt sets that read it, through ``Strategy.predict_batch``: one pass over the ``B`` images'
+   rows where the strategy's work does not depend on the image (raw SAM, the head's convolutions,
+   the closed-form Laplace), image by image otherwise; bit for bit what ``B = 1`` gives
+   (``tests/test_click_simulation.py``);
 3. per policy: the IoU of its mask (``mask_method``'s probability > 0.5 at the image's resolution),
    the mask-level uncertainty (``quality``: the mean of ``mask_method``'s primary map in the band
    around the mask's boundary, ``scoring.mask_quality.mask_scores``), SAM's predicted IoU; then its
@@ -192,7 +199,7 @@ class ImageRun:
 
 
 class ClickSimulator:
-    """Runs the configured policies (``evaluation.active_prompting``) on one image at a time."""
+    """Runs the configured policies (``evaluation.active_prompting``) on a batch of images at a time."""
 
     def __init__(self, cfg: PipelineConfig, artifacts: Artifacts) -> None:
         settings = cfg.evaluation.active_prompting
@@ -214,12 +221,21 @@ class ClickSimulator:
     def simulate(self, labelled: LabelledSample, unseen: bool, annotator: Annotator | None = None) -> pd.DataFrame:
         """The trace (``TRACE_COLUMNS``) of one image: ``len(policies) * max_clicks`` rows, policy by
         policy in config order, clicks ascending. ``annotator``: default the sample's ground truth."""
-        run = self.start(labelled, unseen, annotator)
+        return self.simulate_batch([labelled], [unseen], None if annotator is None else [annotator])[0]
+
+    def simulate_batch(self, batch: list[LabelledSample], unseen: list[bool],
+                       annotators: list[Annotator] | None = None) -> list[pd.DataFrame]:
+        """The traces of ``B`` images simulated together (one round for all of them at a time), each
+        equal to ``simulate`` of that image alone."""
+        runs = [self.start(labelled, flag, None if annotators is None else annotators[index])
+                for index, (labelled, flag) in enumerate(zip(batch, unseen))]
         for clicks in range(1, self.max_clicks + 1):
             if clicks > 1:
-                self.choose(run)
-            self.score(run)
-        return pd.DataFrame([row for name in run.names for row in run.rows[name]], columns=list(TRACE_COLUMNS))
+                for run in runs:
+                    self.choose(run)
+            self.score_batch(runs)
+        return [pd.DataFrame([row for name in run.names for row in run.rows[name]], columns=list(TRACE_COLUMNS))
+                for run in runs]
 
     def start(self, labelled: LabelledSample, unseen: bool, annotator: Annotator | None = None) -> "ImageRun":
         """One image's run with its first interaction placed (not yet scored)."""
@@ -243,12 +259,22 @@ class ClickSimulator:
         return run
 
     def score(self, run: "ImageRun") -> None:
-        """Decode every policy's clicks so far (one decoder call), run the strategies, and append each
-        policy's trace row; keeps the outputs and the masks for ``choose``."""
+        """``score_batch`` of one image."""
+        self.score_batch([run])
+
+    def score_batch(self, runs: list["ImageRun"]) -> None:
+        """Decode every policy's clicks so far (one decoder call per image), run the strategies on all
+        the images at once, and append each policy's trace row; keeps the outputs and the masks for
+        ``choose``."""
+        states = [self.decode(run.sample, run.features, self.record(run)) for run in runs]
+        for run, state, outputs in zip(runs, states, self._run_strategies(states)):
+            run.outputs = outputs
+            self._append_rows(run, state)
+
+    def _append_rows(self, run: "ImageRun", state: EvalSample) -> None:
+        """Each policy's trace row for the round just scored (``run.outputs``), and its mask."""
         sample = run.sample
         height, width = sample.original_hw
-        state = self.decode(sample, run.features, self.record(run))
-        run.outputs = self._run_strategies(state)
         mask_output = run.outputs[self.mask_method]
         prob = upsample(mask_output.mean_prob, (height, width), torch.device("cpu")).clamp_(0.0, 1.0)
         quality = mask_scores(prob, upsample(mask_output.primary, (height, width), torch.device("cpu")),
@@ -291,26 +317,32 @@ class ClickSimulator:
         return EvalSample.build(sample.safe_id, sample.group, decoded, record, self.cfg.training.logit_clip,
                                 sample.image_loader)
 
-    def _run_strategies(self, sample: EvalSample) -> dict[str, StrategyOutput]:
-        """Each strategy on the prompt sets that read it; outputs ``P x 256 x 256`` on CPU, rows of the
-        prompt sets a strategy skipped left NaN (never read)."""
-        outputs = {}
+    def _run_strategies(self, samples: list[EvalSample]) -> list[dict[str, StrategyOutput]]:
+        """Per image, each strategy on the prompt sets that read it (``Strategy.predict_batch`` over the
+        images); outputs ``P x 256 x 256`` on CPU, rows of the prompt sets a strategy skipped left NaN
+        (never read)."""
+        outputs: list[dict[str, StrategyOutput]] = [{} for _ in samples]
         with torch.inference_mode():
             for name, strategy in self.strategies.items():
                 indices = self.readers[name]
-                part = strategy.predict(subset_sample(sample, indices, self.cfg.training.logit_clip))
-                if len(indices) == sample.num_promptsets:
-                    outputs[name] = StrategyOutput(part.mean_prob.float().cpu(),
-                                                   {key: value.float().cpu() for key, value in part.maps.items()},
-                                                   part.primary_map)
-                    continue
-                shape = (sample.num_promptsets, *part.mean_prob.shape[1:])
-                full = {key: torch.full(shape, float("nan")) for key in ("mean_prob", *part.maps)}
-                for key in full:
-                    full[key][indices] = (part.mean_prob if key == "mean_prob" else part.maps[key]).float().cpu()
-                mean_prob = full.pop("mean_prob")
-                outputs[name] = StrategyOutput(mean_prob, full, part.primary_map)
+                parts = strategy.predict_batch([subset_sample(sample, indices, self.cfg.training.logit_clip)
+                                                for sample in samples])
+                for sample, part, image_outputs in zip(samples, parts, outputs):
+                    image_outputs[name] = self._full_rows(part, indices, sample.num_promptsets)
         return outputs
+
+    @staticmethod
+    def _full_rows(part: StrategyOutput, indices: list[int], num_promptsets: int) -> StrategyOutput:
+        """``part`` (the rows ``indices``) on CPU as ``num_promptsets`` rows, the others NaN."""
+        if len(indices) == num_promptsets:
+            return StrategyOutput(part.mean_prob.float().cpu(),
+                                  {key: value.float().cpu() for key, value in part.maps.items()}, part.primary_map)
+        shape = (num_promptsets, *part.mean_prob.shape[1:])
+        full = {key: torch.full(shape, float("nan")) for key in ("mean_prob", *part.maps)}
+        for key in full:
+            full[key][indices] = (part.mean_prob if key == "mean_prob" else part.maps[key]).float().cpu()
+        mean_prob = full.pop("mean_prob")
+        return StrategyOutput(mean_prob, full, part.primary_map)
 
     def _next_click(self, name: str, index: int, history: ClickHistory, outputs: dict[str, StrategyOutput],
                     predicted: np.ndarray, annotator: Annotator, rng: np.random.Generator,
@@ -337,14 +369,14 @@ class ClickSimulator:
 
 
 def trace_runner(cfg: PipelineConfig, artifacts: Artifacts, unseen_groups: frozenset[str]
-                 ) -> Callable[[LabelledSample], pd.DataFrame]:
-    """``labelled -> trace`` with one ``ClickSimulator`` built on first use."""
+                 ) -> Callable[[list[LabelledSample]], list[pd.DataFrame]]:
+    """``batch of labelled samples -> their traces`` with one ``ClickSimulator`` built on first use."""
     simulator: ClickSimulator | None = None
 
-    def run(labelled: LabelledSample) -> pd.DataFrame:
+    def run(batch: list[LabelledSample]) -> list[pd.DataFrame]:
         nonlocal simulator
         if simulator is None:
             simulator = ClickSimulator(cfg, artifacts)
-        return simulator.simulate(labelled, labelled.inputs.group in unseen_groups)
+        return simulator.simulate_batch(batch, [labelled.inputs.group in unseen_groups for labelled in batch])
 
     return run

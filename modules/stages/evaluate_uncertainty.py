@@ -17,12 +17,15 @@ still missing.
 With ``evaluation.active_prompting.enabled``, after scoring its samples a run (or shard) simulates the
 interactive segmentation on them (``interactive.simulation``): each image's click trace is written
 atomically to ``active_prompting/units/<safe_id>.csv`` (``core.paths.click_trace_path``) and counts
-as done once written; the one-process run (or the merge) concatenates the traces in unit order and
-writes the click reports (``interactive.click_metrics.write_click_reports``) before the others.
+as done once written (``evaluation.active_prompting.batch_images`` unfinished images are simulated
+together, each trace written as soon as its batch finishes); the one-process run (or the merge)
+concatenates the traces in unit order and writes the click reports
+(``interactive.click_metrics.write_click_reports``) before the others.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -38,7 +41,7 @@ from modules.core.device import resolve_device
 from modules.core.fileio import atomic_write_csv, atomic_write_json, file_md5, read_json, remove_file, remove_tree
 from modules.core.locks import OutputLocked
 from modules.core.paths import ACTIVE_PROMPTING_DIR, FINGERPRINT_FILE, click_trace_path, manifest_path
-from modules.core.stage import KillSwitch, Shard, UnitCounts
+from modules.core.stage import KillSwitch, Shard, UnitCounts, UnitError
 from modules.data.domains import checked_unseen_groups
 from modules.evaluation import reports
 from modules.evaluation.methods import (REFINEMENT_VARIANTS, UNREFINED_BASELINE, Predictor, method_names,
@@ -279,14 +282,53 @@ def simulate_units(ctx, runs: RunIds, units: list[EvalUnit], all_units: list[Eva
     simulate = trace_runner(cfg, Artifacts(cfg, runs, device), checked_unseen_groups(cfg))
     kill_switch = KillSwitch.from_env(KILL_AFTER_CLICK_IMAGES_ENV)
 
-    def process(unit: EvalUnit) -> None:
-        trace = simulate(load_sample(cfg, cache, unit))
-        atomic_write_csv(click_trace_path(folder, unit.safe_id), trace)
-        if kill_switch:
-            kill_switch.advance()
+    # Units simulated in this run: None once the trace is written, else the unit's error.
+    attempted: dict[str, UnitError | None] = {}
 
-    counts = ctx.run_units(todo, lambda unit: click_trace_path(folder, unit.safe_id).is_file(), process,
-                           desc="simulating clicks", unit_name=lambda unit: unit.safe_id, unit_label="samples")
+    def written(unit: EvalUnit) -> bool:
+        return unit.safe_id not in attempted and click_trace_path(folder, unit.safe_id).is_file()
+
+    def simulate_batch(batch: list[EvalUnit]) -> None:
+        """Simulate ``batch`` together; each trace is written as soon as the batch finishes (a failing
+        batch is retried image by image, so one bad image fails alone)."""
+        loaded = []
+        for unit in batch:
+            try:
+                loaded.append((unit, load_sample(cfg, cache, unit)))
+            except UnitError as exc:
+                attempted[unit.safe_id] = exc
+        try:
+            traces = simulate([labelled for _, labelled in loaded]) if loaded else []
+        except UnitError as exc:
+            if len(loaded) == 1:
+                attempted[loaded[0][0].safe_id] = exc
+                return
+            for unit, _ in loaded:
+                simulate_batch([unit])
+            return
+        for (unit, _), trace in zip(loaded, traces):
+            atomic_write_csv(click_trace_path(folder, unit.safe_id), trace)
+            attempted[unit.safe_id] = None
+            if kill_switch:
+                kill_switch.advance()
+
+    position = {unit.safe_id: index for index, unit in enumerate(todo)}
+
+    def process(unit: EvalUnit) -> None:
+        if unit.safe_id not in attempted:  # start a batch: this unit and the next ones still to simulate
+            batch = [unit]
+            for other in itertools.islice(todo, position[unit.safe_id] + 1, None):
+                if len(batch) == settings.batch_images:
+                    break
+                if other.safe_id not in attempted and (ctx.force or not written(other)):
+                    batch.append(other)
+            simulate_batch(batch)
+        error = attempted[unit.safe_id]
+        if error is not None:
+            raise error
+
+    counts = ctx.run_units(todo, written, process, desc="simulating clicks", unit_name=lambda unit: unit.safe_id,
+                           unit_label="samples")
     for name, reason in counts.failures[:10]:
         log.info("  click simulation failed: %s: %s", name, reason)
     return counts

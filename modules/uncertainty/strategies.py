@@ -214,6 +214,39 @@ def _head_logits(head: nn.Module, sample: EvalSample) -> torch.Tensor:
     return logits[:, 0].float()
 
 
+def _stacked_head_logits(head: nn.Module, samples: Sequence[EvalSample]) -> list[torch.Tensor]:
+    """``_head_logits`` of several samples, bit for bit, with the layers before the head's
+    ``final_conv`` run once on all their ``sum(P_i)`` rows stacked (3 x 3 convolutions: each row's
+    result does not depend on the batch) and ``final_conv`` per sample (a 1 x 1 convolution whose
+    CPU kernel changes its float rounding with the batch size). Returns ``P_i x 256 x 256`` each.
+    A head without ``features`` / ``final_conv`` runs sample by sample."""
+    if not (hasattr(head, "features") and hasattr(head, "final_conv")) or len(samples) < 2:
+        return [_head_logits(head, sample) for sample in samples]
+    device = _module_device(head)
+    x = torch.cat([sample.head_inputs for sample in samples]).to(device)
+    embedding = None
+    if getattr(head, "use_image_embedding", False):
+        embedding = torch.cat([
+            torch.from_numpy(np.asarray(sample.cache_entry.features[EMBEDDING_FEATURE])).float().unsqueeze(0)
+            .expand(sample.num_promptsets, -1, -1, -1) for sample in samples]).to(device)
+    with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=False):
+        features = head.features(x) if embedding is None else head.features(x, embedding)
+        return [head.final_conv(rows)[:, 0].float() for rows in torch.split(features, _row_counts(samples))]
+
+
+def _row_counts(samples: Sequence[EvalSample]) -> list[int]:
+    return [sample.num_promptsets for sample in samples]
+
+
+def _split_output(output: StrategyOutput, samples: Sequence[EvalSample]) -> list[StrategyOutput]:
+    """A ``StrategyOutput`` of the samples' rows stacked -> one per sample (``P_i x 256 x 256``)."""
+    counts = _row_counts(samples)
+    probs = torch.split(output.mean_prob, counts)
+    maps = {name: torch.split(values, counts) for name, values in output.maps.items()}
+    return [StrategyOutput(probs[i], {name: parts[i] for name, parts in maps.items()}, output.primary_map)
+            for i in range(len(samples))]
+
+
 # --------------------------------------------------------------------------- strategies
 
 
@@ -227,6 +260,12 @@ class Strategy(ABC):
     @abstractmethod
     def predict(self, sample: EvalSample) -> StrategyOutput:
         """All prompt sets of ``sample`` at once."""
+
+    def predict_batch(self, samples: Sequence[EvalSample]) -> list[StrategyOutput]:
+        """``[predict(sample) for sample in samples]``, bit for bit; a strategy whose work does not
+        depend on which image a row belongs to runs those rows of all samples in one pass (the
+        click simulation's rounds over several images). Default: sample by sample."""
+        return [self.predict(sample) for sample in samples]
 
 
 class OracleStrategy(ABC):
@@ -256,6 +295,16 @@ class RawSamStrategy(Strategy):
         logits = torch.from_numpy(np.asarray(sample.cache_entry.logits)).float().to(self.device)
         return StrategyOutput(torch.sigmoid(logits), {"entropy": binary_entropy_from_logits(logits)}, self.primary_map)
 
+    def predict_batch(self, samples: Sequence[EvalSample]) -> list[StrategyOutput]:
+        """Every sample's rows stacked (the maps are per pixel)."""
+        if len(samples) < 2:
+            return super().predict_batch(samples)
+        logits = torch.from_numpy(np.concatenate([np.asarray(s.cache_entry.logits) for s in samples])).float()
+        logits = logits.to(self.device)
+        stacked = StrategyOutput(torch.sigmoid(logits), {"entropy": binary_entropy_from_logits(logits)},
+                                 self.primary_map)
+        return _split_output(stacked, samples)
+
 
 class MapHeadStrategy(Strategy):
     """The MAP prompt-aware head (``training.models``); uncertainty = binary entropy of its probability."""
@@ -268,7 +317,13 @@ class MapHeadStrategy(Strategy):
         self.device = _module_device(head)
 
     def predict(self, sample: EvalSample) -> StrategyOutput:
-        logits = _head_logits(self.head, sample)
+        return self._output(_head_logits(self.head, sample))
+
+    def predict_batch(self, samples: Sequence[EvalSample]) -> list[StrategyOutput]:
+        """The head's layers before ``final_conv`` on every sample's rows at once (``_stacked_head_logits``)."""
+        return [self._output(logits) for logits in _stacked_head_logits(self.head, samples)]
+
+    def _output(self, logits: torch.Tensor) -> StrategyOutput:
         return StrategyOutput(torch.sigmoid(logits), {"entropy": binary_entropy_from_logits(logits)}, self.primary_map)
 
 
@@ -401,14 +456,32 @@ class LaplaceStrategy(Strategy):
         self.device = posterior.device
 
     def predict(self, sample: EvalSample) -> StrategyOutput:
+        result = self.posterior.maps(self._inputs([sample]), self.predictive, self.num_samples,
+                                     seed=derived_seed(self.seed, sample.sample_key))
+        return self._output(result)
+
+    def predict_batch(self, samples: Sequence[EvalSample]) -> list[StrategyOutput]:
+        """``closed_form``: every sample's rows in one pass (the head's features and the per-pixel
+        moments do not depend on the batch). ``mc`` draws weights per sample (seeded by its key), so
+        it runs sample by sample."""
+        if self.predictive != "closed_form" or len(samples) < 2:
+            return super().predict_batch(samples)
+        result = self.posterior.maps(self._inputs(samples), self.predictive, self.num_samples)
+        return _split_output(self._output(result), samples)
+
+    def _inputs(self, samples: Sequence[EvalSample]) -> HeadInputs:
+        """The samples' head inputs stacked (``sum(P_i) x 3 x 256 x 256``), each row with its image's
+        embedding when the head reads one."""
         head = getattr(self.posterior, "head", None)
         embedding = None
         if head is not None and getattr(head, "use_image_embedding", False):
-            embed = torch.from_numpy(np.asarray(sample.cache_entry.features[EMBEDDING_FEATURE])).float()
-            embedding = embed.unsqueeze(0).expand(sample.num_promptsets, -1, -1, -1).to(self.device)
-        inputs = HeadInputs(sample.head_inputs.to(self.device), embedding)
-        result = self.posterior.maps(inputs, self.predictive, self.num_samples,
-                                     seed=derived_seed(self.seed, sample.sample_key))
+            embedding = torch.cat([
+                torch.from_numpy(np.asarray(sample.cache_entry.features[EMBEDDING_FEATURE])).float().unsqueeze(0)
+                .expand(sample.num_promptsets, -1, -1, -1) for sample in samples]).to(self.device)
+        x = samples[0].head_inputs if len(samples) == 1 else torch.cat([sample.head_inputs for sample in samples])
+        return HeadInputs(x.to(self.device), embedding)
+
+    def _output(self, result: dict[str, torch.Tensor]) -> StrategyOutput:
         maps = {name: result[name].float() for name in self.MAP_NAMES}
         return StrategyOutput(result["mean_prob"].float(), maps, self.primary_map)
 
@@ -438,7 +511,15 @@ class VarianceNetworkStrategy(Strategy):
         self.seed = int(seed)
 
     def predict(self, sample: EvalSample) -> StrategyOutput:
-        logits = _head_logits(self.head, sample)
+        return self._output(sample, _head_logits(self.head, sample))
+
+    def predict_batch(self, samples: Sequence[EvalSample]) -> list[StrategyOutput]:
+        """The head's part stacked (``_stacked_head_logits``); the variance network, whose last layer
+        is a 1 x 1 convolution too, and the per-sample noise run sample by sample."""
+        return [self._output(sample, logits)
+                for sample, logits in zip(samples, _stacked_head_logits(self.head, samples))]
+
+    def _output(self, sample: EvalSample, logits: torch.Tensor) -> StrategyOutput:
         inputs = VarianceNetwork.build_inputs(sample.head_inputs.to(self.device), logits.unsqueeze(1))
         with torch.inference_mode(), torch.autocast(device_type=self.device.type, enabled=False):
             log_variance = self.variance_net(inputs)[:, 0].float()
