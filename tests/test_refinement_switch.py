@@ -28,16 +28,19 @@ parts = test_no_ground_truth.parts  # the module fixture, shared
 
 
 def scores(groups, sam, refined, sam_predicted, refined_predicted) -> ValidationScores:
-    return ValidationScores(np.array(groups), *(np.asarray(v, dtype=np.float64)
-                                                for v in (sam, refined, sam_predicted, refined_predicted)))
+    """One image per row."""
+    return ValidationScores(np.array(groups), np.array([f"image{i}" for i in range(len(groups))]),
+                            *(np.asarray(v, dtype=np.float64) for v in (sam, refined, sam_predicted, refined_predicted)))
 
 
 #: Refinement predicted better everywhere but worse in fact: the plain gate would lower IoU.
 WORSE = scores(["a", "a", "b", "b"], [0.8, 0.7, 0.9, 0.6], [0.5, 0.6, 0.8, 0.5],
                [0.70, 0.70, 0.80, 0.60], [0.80, 0.75, 0.85, 0.70])
-#: Better on both rows of group a; in group b the one row with a small predicted gain gets worse.
-MIXED = scores(["a", "a", "b", "b"], [0.5, 0.6, 0.9, 0.7], [0.8, 0.7, 0.6, 0.7],
-               [0.60, 0.60, 0.80, 0.80], [0.90, 0.80, 0.82, 0.75])
+#: Better on every image of group a (predicted gains 0.3 / 0.2); in group b the images with a small
+#: predicted gain (0.02) get worse.
+MIXED = scores(["a"] * 4 + ["b"] * 4, [0.5, 0.6, 0.5, 0.6, 0.9, 0.7, 0.9, 0.7],
+               [0.8, 0.7, 0.8, 0.7, 0.6, 0.7, 0.6, 0.7], [0.6] * 4 + [0.8] * 4,
+               [0.9, 0.8, 0.9, 0.8, 0.82, 0.75, 0.82, 0.75])
 
 
 def test_a_refinement_worse_on_validation_is_switched_off():
@@ -51,14 +54,17 @@ def test_a_refinement_worse_on_validation_is_switched_off():
 
 def test_the_margin_is_the_best_one_that_leaves_no_group_worse():
     record = choose_refinement_switch(MIXED)
-    margin_0 = record["mean_iou"]["refined_gate_margin_0"]
-    assert margin_0["overall"] > record["mean_iou"]["raw_sam"]["overall"]  # the plain gate gains overall ...
-    assert margin_0["b"] < record["mean_iou"]["raw_sam"]["b"]  # ... but lowers group b
-    # gains: 0.30, 0.20 (group a), 0.02 (b, worse), -0.05; margin 0.02 keeps exactly group a's rows
-    assert record["enabled"] is True and record["margin"] == pytest.approx(0.02)
+    raw, margin_0 = record["mean_iou"]["raw_sam"], record["mean_iou"]["refined_gate_margin_0"]
+    assert margin_0["overall"] > raw["overall"] and margin_0["b"] < raw["b"]  # the plain gate lowers group b
+    assert record["enabled"] is True and record["margin"] == pytest.approx(0.02)  # keeps exactly group a's rows
     assert record["mean_iou"]["refined_chosen"] == pytest.approx({"a": 0.75, "b": 0.8, "overall": 0.775})
     chosen = next(c for c in record["candidates"] if c["margin"] == record["margin"])
-    assert chosen["refined_rows"] == 2
+    assert chosen["refined_rows"] == 4 and chosen["gain_interval"][0] > 0
+    # A gain that rests on too few images does not hold at the lower end of its interval: off.
+    few = scores(["a"] * 3, [0.5, 0.8, 0.8], [0.9, 0.8, 0.8], [0.5] * 3, [0.6, 0.4, 0.4])
+    record = choose_refinement_switch(few)
+    assert record["mean_iou"]["refined_gate_margin_0"]["overall"] > record["mean_iou"]["raw_sam"]["overall"]
+    assert record["enabled"] is False and record["candidates"][0]["gain_interval"][0] == 0
 
 
 def test_the_switch_is_written_once_per_checkpoint(tmp_path):

@@ -172,15 +172,17 @@ class FusionDataset(torch.utils.data.Dataset):
         }
 
 
-    def row_groups_and_sam_iou(self, index: int) -> tuple[list[str], torch.Tensor]:
-        """Item ``index``'s rows: their data-set group (R str) and SAM's predicted IoU ``R`` of the
-        cached first pass (the decoder's estimate, no ground truth)."""
+    def row_groups_and_sam_iou(self, index: int) -> tuple[list[str], str, torch.Tensor]:
+        """Item ``index``'s rows: their data-set group (R str), the image's ``safe_id`` and SAM's
+        predicted IoU ``R`` of the cached first pass (the decoder's estimate, no ground truth)."""
         rows = self.groups[index]
         groups = [str(group) for group in self.packed.index["group"].iloc[rows]]
-        entry = self.cache.entry(self.packed.sample_safe_ids[self.packed.row_sample[rows[0]]])
+        safe_id = self.packed.sample_safe_ids[self.packed.row_sample[rows[0]]]
+        entry = self.cache.entry(safe_id)
         position = {int(pid): i for i, pid in enumerate(np.asarray(entry.promptset_ids))}
         selected = entry.selected_iou_predictions
-        return groups, torch.tensor([float(selected[position[int(self.packed.promptset_ids[row])]]) for row in rows])
+        return groups, safe_id, torch.tensor([float(selected[position[int(self.packed.promptset_ids[row])]])
+                                              for row in rows])
 
 
 def collate_images(items: list[dict]) -> dict:
@@ -222,6 +224,17 @@ def refinement_step(backbone, prompt_mode: str, multimask_policy: str, uncertain
 
 #: The validated switch ``train_head.py --model fusion`` writes beside the fusion checkpoint.
 SWITCH_FILE = "refinement_switch.json"
+#: The switch's seeded bootstrap over validation images: a gain must hold at the lower end of its
+#: 95% interval, not only on average (the validation split of the demo holds a few images per group).
+SWITCH_BOOTSTRAP_SAMPLES = 1000
+SWITCH_BOOTSTRAP_SEED = 0
+#: How ``choose_refinement_switch`` decides (recorded in the switch; a changed rule recomputes it).
+SWITCH_RULE = {
+    "rule": "refined mask kept where its predicted IoU beats SAM's first pass's by more than margin; margin chosen "
+            "on validation so that no group's mean IoU falls below raw SAM's and the overall gain's bootstrap 95% "
+            "interval over images lies above 0; none qualifies: refinement off (SAM's first pass)",
+    "bootstrap": {"samples": SWITCH_BOOTSTRAP_SAMPLES, "seed": SWITCH_BOOTSTRAP_SEED, "over": "images"},
+}
 
 
 def gate_by_predicted_iou(refined_logits: torch.Tensor, refined_iou: torch.Tensor, first_pass_logits: torch.Tensor,
@@ -263,10 +276,12 @@ class RefinementSwitch:
 
 @dataclass(frozen=True)
 class ValidationScores:
-    """Per validation row (R): its ``groups``, the FRAME256 IoU of SAM's first pass (``sam_iou``) and of
-    the ungated refined mask (``refined_iou``), and both masks' predicted IoUs (the gate's inputs)."""
+    """Per validation row (R): its ``groups`` and ``images`` (safe ids), the FRAME256 IoU of SAM's first
+    pass (``sam_iou``) and of the ungated refined mask (``refined_iou``), and both masks' predicted
+    IoUs (the gate's inputs)."""
 
     groups: np.ndarray
+    images: np.ndarray
     sam_iou: np.ndarray
     refined_iou: np.ndarray
     sam_predicted_iou: np.ndarray
@@ -282,6 +297,17 @@ class ValidationScores:
         means = {str(group): float(iou[self.groups == group].mean()) for group in np.unique(self.groups)}
         return means | {"overall": float(iou.mean())}
 
+    def gain_interval(self, iou: np.ndarray, samples: int = SWITCH_BOOTSTRAP_SAMPLES,
+                      seed: int = SWITCH_BOOTSTRAP_SEED) -> tuple[float, float]:
+        """95% interval of the mean gain ``iou - sam_iou`` (R) over rows, images resampled (seeded)."""
+        images, row_image = np.unique(self.images, return_inverse=True)
+        gain_sum = np.bincount(row_image, weights=iou - self.sam_iou, minlength=len(images))
+        row_count = np.bincount(row_image, minlength=len(images)).astype(np.float64)
+        draws = np.random.default_rng(seed).integers(0, len(images), (samples, len(images)))
+        means = gain_sum[draws].sum(axis=1) / row_count[draws].sum(axis=1)
+        low, high = np.quantile(means, [0.025, 0.975])
+        return float(low), float(high)
+
 
 def score_validation(backbone, fusion: UncertaintyFusion, dataset: FusionDataset, prompt_mode: str,
                      multimask_policy: str, uncertainty_source: UncertaintySource) -> ValidationScores:
@@ -289,11 +315,11 @@ def score_validation(backbone, fusion: UncertaintyFusion, dataset: FusionDataset
     the ground truth only scores the masks."""
     device = backbone.device
     fusion = fusion.to(device).eval()
-    groups, sam_iou, refined_iou, sam_predicted, refined_predicted = [], [], [], [], []
+    groups, images, sam_iou, refined_iou, sam_predicted, refined_predicted = [], [], [], [], [], []
     with torch.inference_mode():
         for index in range(len(dataset)):
             item = dataset[index]
-            row_groups, sam_predicted_iou = dataset.row_groups_and_sam_iou(index)
+            row_groups, safe_id, sam_predicted_iou = dataset.row_groups_and_sam_iou(index)
             first_pass = item["inputs"][:, 0:1].to(device)
             uncertainty = uncertainty_source(item["inputs"].to(device))[:, None]
             prompts = PROMPT_MODES[prompt_mode](item["point_coords"].to(device), item["point_labels"].to(device),
@@ -304,11 +330,12 @@ def score_validation(backbone, fusion: UncertaintyFusion, dataset: FusionDataset
                                        multimask_policy=multimask_policy)
             target = item["target"].to(device)
             groups += row_groups
+            images += [safe_id] * len(row_groups)
             sam_iou.append(hard_iou(first_pass, target).cpu())
             refined_iou.append(hard_iou(logits.float(), target).cpu())
             sam_predicted.append(sam_predicted_iou)
             refined_predicted.append(predicted[:, 0].float().cpu())
-    return ValidationScores(np.array(groups), *(torch.cat(values).double().numpy() for values in
+    return ValidationScores(np.array(groups), np.array(images), *(torch.cat(values).double().numpy() for values in
                                                 (sam_iou, refined_iou, sam_predicted, refined_predicted)))
 
 
@@ -317,25 +344,25 @@ def choose_refinement_switch(scores: ValidationScores) -> dict:
 
     Candidate margins: 0 (the plain predicted-IoU gate) and every row's positive predicted-IoU gain
     (refined minus SAM's). A margin qualifies when no group's mean IoU falls below raw SAM's and the
-    overall mean rises above it; the best overall mean wins (ties: the larger, stricter margin). No
-    qualifying margin switches the refinement off.
+    overall gain over raw SAM holds at the lower end of its bootstrap interval over images
+    (``ValidationScores.gain_interval`` > 0); the best overall mean wins (ties: the larger, stricter
+    margin). No qualifying margin switches the refinement off.
     """
     gain = scores.refined_predicted_iou - scores.sam_predicted_iou
     raw = scores.means(scores.sam_iou)
     candidates = []
     for margin in sorted({0.0, *gain[gain > 0].tolist()}):
-        gated = scores.means(scores.gated_iou(margin))
-        qualifies = gated["overall"] > raw["overall"] and all(gated[g] >= raw[g] for g in raw)
+        gated_iou = scores.gated_iou(margin)
+        gated = scores.means(gated_iou)
+        low, high = scores.gain_interval(gated_iou)
+        qualifies = low > 0 and all(gated[g] >= raw[g] for g in raw)
         candidates.append({"margin": margin, "qualifies": qualifies, "mean_iou": gated,
-                           "refined_rows": int((gain > margin).sum())})
+                           "gain_interval": [low, high], "refined_rows": int((gain > margin).sum())})
     qualifying = [c for c in candidates if c["qualifies"]]
     chosen = max(qualifying, key=lambda c: (c["mean_iou"]["overall"], c["margin"])) if qualifying else None
     return {
         "enabled": chosen is not None,
         "margin": None if chosen is None else chosen["margin"],
-        "rule": "refined mask kept where its predicted IoU beats SAM's first pass's by more than margin; margin "
-                "chosen on validation so that no group's mean IoU falls below raw SAM's and the overall mean rises; "
-                "none qualifies: refinement off (SAM's first pass)",
         "rows": int(len(scores.groups)),
         "rows_per_group": {str(g): int((scores.groups == g).sum()) for g in np.unique(scores.groups)},
         "mean_iou": {"raw_sam": raw, "refined_ungated": scores.means(scores.refined_iou),
@@ -351,7 +378,7 @@ def validate_refinement_switch(folder: Path, checkpoint: Path, score: Callable[[
     it is already there for this ``checkpoint`` (its md5) and ``provenance``; returns the record.
     ``score`` runs the validation (``score_validation``) only when needed."""
     path = Path(folder) / SWITCH_FILE
-    stamp = {"checkpoint_md5": file_md5(checkpoint), **provenance}
+    stamp = {"checkpoint_md5": file_md5(checkpoint), **SWITCH_RULE, **provenance}
     if path.is_file():
         try:
             record = read_json(path)
