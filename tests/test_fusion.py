@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,11 @@ import torch
 from scipy import ndimage
 
 from modules.data import demo_scenes
-from modules.evaluation.methods import gate_by_predicted_iou
 from modules.core.frames import FRAME256
 from modules.sam.registry import load_backbone
 from modules.sam.prompting import Prompts
-from modules.uncertainty.fusion import (UncertaintyFusion, collate_images, image_row_groups, make_uncertainty_source, refine,
-                                        refinement_step)
+from modules.uncertainty.fusion import (UncertaintyFusion, collate_images, gate_by_predicted_iou, image_row_groups,
+                                        make_uncertainty_source, refine, refinement_step)
 from modules.training.losses import FocalDiceIouLoss
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "demo_backbone" / "demo_tiny.pt"
@@ -101,6 +101,10 @@ def test_gate_keeps_the_first_pass_unless_the_refined_mask_is_predicted_better(s
             assert torch.equal(gated[p], expected)
     assert torch.equal(gate_by_predicted_iou(refined, refined_iou, first, refined_iou - 1e-3), refined)
     assert torch.equal(gate_by_predicted_iou(refined, refined_iou, first, refined_iou), first)  # a tie keeps SAM
+    # A margin: the refined mask must beat the first pass's predicted IoU by more; inf keeps every first pass.
+    assert torch.equal(gate_by_predicted_iou(refined, refined_iou, first, refined_iou - 1e-3, margin=1e-2), first)
+    assert torch.equal(gate_by_predicted_iou(refined, refined_iou, first, refined_iou - 2e-2, margin=1e-2), refined)
+    assert torch.equal(gate_by_predicted_iou(refined, refined_iou, first, refined_iou - 10, margin=math.inf), first)
 
 
 def test_batched_refinement_step_equals_one_pass_per_row(scene):

@@ -28,6 +28,7 @@ from modules.sam.registry import load_backbone
 from modules.stages.evaluate_uncertainty import fingerprint_sections
 from modules.training.models import UncertaintyFusion, VarianceNetwork
 from modules.scoring.entropy import binary_entropy
+from modules.uncertainty.fusion import RefinementSwitch
 from modules.uncertainty.prompt_perturbation import LABEL_SOURCES
 from modules.uncertainty.strategies import (ORACLE_STRATEGIES, PromptPerturbationStrategy, StrategyOutput,
                                             UncertaintyError)
@@ -83,7 +84,7 @@ def parts(tmp_path_factory):
         for token, (weight, bias) in final_layer_means(final_layers).items()})
     artifacts = SimpleNamespace(backbone=backbone, head=head, posterior=head_posterior, head_posterior=head_posterior,
                                 variance_network=variance_network, fusion=fusion, device=torch.device("cpu"),
-                                runs=SimpleNamespace(laplace="v1"))
+                                runs=SimpleNamespace(laplace="v1"), fusion_switch=RefinementSwitch(True, 0.0))
     return sample, artifacts, decoder_posterior
 
 

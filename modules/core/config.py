@@ -157,8 +157,10 @@ class FusionConfig:
     # also the output the oracle mask helps most (demo: 0.75 vs 0.69 IoU).
     multimask_policy: Literal["single", "best_iou"] = "single"
     # At evaluation, a prompt set keeps SAM's first pass unless the refined mask's predicted IoU (the
-    # decoder's own estimate, no ground truth) beats SAM's for its first pass; none: always refined.
-    gate: Literal["predicted_iou", "none"] = "predicted_iou"
+    # decoder's own estimate, no ground truth) beats SAM's for its first pass. validated: by more than
+    # the margin the fusion run chose on the validation split, or never where the refinement did not
+    # beat raw SAM there (its refinement_switch.json); predicted_iou: margin 0; none: always refined.
+    gate: Literal["validated", "predicted_iou", "none"] = "validated"
     focal_weight: float = 20.0
     num_epochs: int = 8
     # Low on purpose: the fuse conv starts as the identity on 256 channels, and Adam at 1e-3 moves

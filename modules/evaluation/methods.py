@@ -8,6 +8,7 @@ Only the oracle ablations (``ORACLE_METHODS``, each named so) read the ground tr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -28,7 +29,7 @@ from modules.uncertainty.strategies import (EvalSample, LaplaceStrategy, MapHead
                                             PromptPerturbationStrategy, RawSamStrategy, Strategy, StrategyOutput,
                                             TTAStrategy, VarianceNetworkStrategy)
 from modules.uncertainty.decoder_laplace import DecoderLaplaceStrategy
-from modules.uncertainty.fusion import make_uncertainty_source, refine
+from modules.uncertainty.fusion import SWITCH_FILE, gate_by_predicted_iou, make_uncertainty_source, refine
 from modules.uncertainty.tta import build_transforms
 
 #: Logit given to ground-truth foreground (+) and background (-) when the mask is the oracle prompt.
@@ -166,12 +167,43 @@ class RefinementInputs:
     sam_predicted_iou: torch.Tensor  # P: SAM's predicted IoU of its cached first-pass output
 
 
-def gate_by_predicted_iou(refined_logits: torch.Tensor, refined_iou: torch.Tensor, first_pass_logits: torch.Tensor,
-                          first_pass_iou: torch.Tensor) -> torch.Tensor:
-    """Per prompt set, the refined logits ``P x H x W`` where their predicted IoU ``P`` is higher than the
-    first pass's, else the first pass's logits ``P x H x W`` (a tie keeps the first pass)."""
-    keep_refined = (refined_iou > first_pass_iou)[:, None, None]
-    return torch.where(keep_refined, refined_logits, first_pass_logits)
+def _no_gate(cfg: PipelineConfig, artifacts: Artifacts) -> float | None:
+    return None
+
+
+def _plain_gate(cfg: PipelineConfig, artifacts: Artifacts) -> float | None:
+    return 0.0
+
+
+def _validated_gate(cfg: PipelineConfig, artifacts: Artifacts) -> float | None:
+    return artifacts.fusion_switch.gate_margin
+
+
+#: ``fusion.gate`` -> the margin a refined mask's predicted IoU must beat SAM's first pass's by
+#: (``fusion.gate_by_predicted_iou``; None: no gate, inf: refinement off).
+GATE_MARGINS: dict[str, Callable[[PipelineConfig, Artifacts], float | None]] = {
+    "validated": _validated_gate,
+    "predicted_iou": _plain_gate,
+    "none": _no_gate,
+}
+
+
+def refinement_gate_note(cfg: PipelineConfig, artifacts: Artifacts) -> str:
+    """One line for ``refinement.md``: which gate the non-oracle refinement variants went through."""
+    gate = cfg.fusion.gate
+    if gate == "none":
+        return "Gate: none (`fusion.gate: none`): every refined mask is kept."
+    if gate == "predicted_iou":
+        return ("Gate: `fusion.gate: predicted_iou`: a refined mask is kept where its predicted IoU beats SAM's "
+                "first pass's.")
+    switch = artifacts.fusion_switch
+    if not switch.enabled:
+        return ("Gate: `fusion.gate: validated`: the refinement is switched off (it did not beat raw SAM on the "
+                f"validation split; `{SWITCH_FILE}` of the fusion run), so `refined` and `refined_constant` are "
+                "SAM's first pass.")
+    return (f"Gate: `fusion.gate: validated`: a refined mask is kept where its predicted IoU beats SAM's first "
+            f"pass's by more than {switch.margin:.4f} (margin chosen on the validation split; `{SWITCH_FILE}` of "
+            "the fusion run).")
 
 
 class Refinement:
@@ -186,7 +218,7 @@ class Refinement:
         self.fusion = artifacts.fusion.to(self.backbone.device)
         self.select_prompts = PROMPT_MODES[cfg.sam.prompt_mode]
         self.multimask_policy = cfg.fusion.multimask_policy
-        self.gate = cfg.fusion.gate
+        self.gate_margin = GATE_MARGINS[cfg.fusion.gate](cfg, artifacts)
         self.head_device = artifacts.device
         needed = {variant.source for variant in REFINEMENT_VARIANTS.values()}
         configured = cfg.fusion.uncertainty_source
@@ -219,16 +251,22 @@ class Refinement:
                                 torch.from_numpy(sample.cache_entry.selected_iou_predictions).to(device))
 
     def predict(self, shared: RefinementInputs) -> dict[str, StrategyOutput]:
-        """The variants refining SAM's own first pass; with ``fusion.gate: predicted_iou`` a prompt set
-        keeps SAM's first pass unless the refined mask's predicted IoU is higher (no ground truth)."""
+        """The variants refining SAM's own first pass, through the gate of ``fusion.gate``: a prompt set
+        keeps SAM's first pass unless the refined mask's predicted IoU beats it by more than the gate's
+        margin (no ground truth); with the refinement switched off (margin inf) every variant is SAM's
+        first pass, exactly, and no refinement pass runs."""
         outputs = {}
+        first_pass = shared.sam_logits[:, 0].float()
         for method, variant in REFINEMENT_VARIANTS.items():
             if variant.oracle:
                 continue
+            if self.gate_margin == math.inf:
+                outputs[method] = self._output(first_pass)
+                continue
             logits, predicted_iou = self._refine_logits(shared, shared.sam_logits, variant.source)
-            if self.gate == "predicted_iou":
-                logits = gate_by_predicted_iou(logits, predicted_iou, shared.sam_logits[:, 0].float(),
-                                               shared.sam_predicted_iou)
+            if self.gate_margin is not None:
+                logits = gate_by_predicted_iou(logits, predicted_iou, first_pass, shared.sam_predicted_iou,
+                                               self.gate_margin)
             outputs[method] = self._output(logits)
         return outputs
 
@@ -265,6 +303,8 @@ def needed_artifacts(cfg: PipelineConfig) -> set[str]:
         names.update(ALL_BUILDERS[strategy].needs)
     if cfg.evaluation.refinement:
         names.update(("fusion", *SOURCE_NEEDS[cfg.fusion.uncertainty_source]))
+        if cfg.fusion.gate == "validated":
+            names.add("fusion_switch")
     return names
 
 

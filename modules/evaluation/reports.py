@@ -384,7 +384,7 @@ def summary_markdown(summary: pd.DataFrame, refinement: pd.DataFrame, refinement
     return "\n".join(lines)
 
 
-def refinement_markdown(refinement: pd.DataFrame, unrefined: str) -> str:
+def refinement_markdown(refinement: pd.DataFrame, unrefined: str, note: str = "") -> str:
     if refinement.empty:
         return "Refinement not evaluated (evaluation.refinement is false)."
     methods = list(dict.fromkeys(refinement["method"]))
@@ -395,7 +395,7 @@ def refinement_markdown(refinement: pd.DataFrame, unrefined: str) -> str:
     return "\n".join([
         "Mean IoU per domain. `refined`: fusion with the configured uncertainty source on SAM's first pass; "
         "`refined_constant`: the same with a constant uncertainty map (ablation); `refined_oracle_mask`: the "
-        "ground-truth mask as the mask prompt (oracle ablation).", "",
+        "ground-truth mask as the mask prompt (oracle ablation).", *([note] if note else []), "",
         markdown_table(iou), "", f"Overall (deltas against `{unrefined}`):", "", markdown_table(overall)])
 
 
@@ -472,7 +472,7 @@ def write_curve_plots(folder: Path, curves_by_domain: dict[str, dict[str, dict]]
 def write_reports(folder: Path, scoreboard: Scoreboard, methods: list[str], refinement_methods: list[str],
                   unrefined: str, tracker, provenance: dict[str, Any] | None = None,
                   bootstrap: BootstrapSettings = BootstrapSettings(),
-                  sections: Iterable[ReportSection] = ()) -> dict[str, Any]:
+                  sections: Iterable[ReportSection] = (), refinement_note: str = "") -> dict[str, Any]:
     """Write every report file from the scoreboard and log them; returns headline figures.
 
     ``provenance``: what the report came from, shown in the HTML report: ``run ids`` (``RunIds`` as a dict),
@@ -480,7 +480,8 @@ def write_reports(folder: Path, scoreboard: Scoreboard, methods: list[str], refi
     report files are logged as one W&B artifact (``lineage.evaluation_artifact``). ``bootstrap``: the
     replicates and seed of every interval. ``sections``: what another part of the stage added to the
     folder (``ReportSection``: e.g. the simulated clicks), shown in summary.md and index.html; its files
-    are recorded in the digest and the artifact with the others (they must exist)."""
+    are recorded in the digest and the artifact with the others (they must exist). ``refinement_note``:
+    a line for refinement.md (which refinement gate was applied)."""
     sections = list(sections)
     per_mask = pd.DataFrame(scoreboard.rows)
     summary = summary_frame(scoreboard, methods, refinement_methods, bootstrap)
@@ -490,7 +491,7 @@ def write_reports(folder: Path, scoreboard: Scoreboard, methods: list[str], refi
     baselines = [m for m in (unrefined, "map_head") if m in evaluated]
     variants = [m for m in refinement_methods if m in evaluated]
     refinement = refinement_frame(summary, baselines, variants, unrefined) if variants else pd.DataFrame()
-    refinement_md = refinement_markdown(refinement, unrefined)
+    refinement_md = refinement_markdown(refinement, unrefined, refinement_note)
 
     atomic_write_csv(folder / "per_mask.csv", per_mask)
     # The seen / unseen aggregates are rows of summary_by_domain.csv (after the groups), so

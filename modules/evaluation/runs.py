@@ -21,6 +21,7 @@ from modules.sam.base import BackboneError
 from modules.sam.registry import configured_checkpoint_md5, load_configured_backbone, verify_checkpoint_archive
 from modules.training.checkpoints import load_trained_fusion, load_trained_head, load_trained_variance_network
 from modules.training.run_state import BEST_FILE
+from modules.uncertainty.fusion import SWITCH_FILE, RefinementSwitch
 
 
 class EvaluationError(PipelineError):
@@ -64,6 +65,10 @@ def _fusion_path(cfg: PipelineConfig, runs: RunIds) -> Path:
     return checkpoint_run_dir(cfg.project_root, "fusion", runs.fusion) / BEST_FILE
 
 
+def _fusion_switch_path(cfg: PipelineConfig, runs: RunIds) -> Path:
+    return checkpoint_run_dir(cfg.project_root, "fusion", runs.fusion) / SWITCH_FILE
+
+
 #: Artifact name -> the file it is loaded from (its md5 goes into the stage fingerprint).
 ARTIFACT_FILES: dict[str, Callable[[PipelineConfig, RunIds], Path]] = {
     "sam_checkpoint": lambda cfg, runs: Path(cfg.sam.checkpoint),
@@ -72,6 +77,7 @@ ARTIFACT_FILES: dict[str, Callable[[PipelineConfig, RunIds], Path]] = {
     "laplace": _laplace_path,
     "head_laplace": _head_laplace_path,
     "fusion": _fusion_path,
+    "fusion_switch": _fusion_switch_path,
 }
 
 
@@ -122,6 +128,14 @@ class Artifacts:
     @cached_property
     def fusion(self):
         return load_trained_fusion(self.cfg, self.runs.fusion, self.device)
+
+    @cached_property
+    def fusion_switch(self) -> RefinementSwitch:
+        """The fusion run's validated refinement switch (``fusion.gate: validated``)."""
+        try:
+            return RefinementSwitch.load(checkpoint_run_dir(self.cfg.project_root, "fusion", self.runs.fusion))
+        except PipelineError as error:
+            raise EvaluationError(str(error)) from None
 
 
 def artifact_md5s(cfg: PipelineConfig, runs: RunIds, names: set[str]) -> dict[str, str]:

@@ -45,7 +45,7 @@ from modules.core.stage import KillSwitch, Shard, UnitCounts, UnitError
 from modules.data.domains import checked_unseen_groups
 from modules.evaluation import reports
 from modules.evaluation.methods import (REFINEMENT_VARIANTS, UNREFINED_BASELINE, Predictor, method_names,
-                                        needed_artifacts)
+                                        needed_artifacts, refinement_gate_note)
 from modules.evaluation.runs import ARTIFACT_FILES, Artifacts, EvaluationError, RunIds, artifact_md5s
 from modules.evaluation.samples import EvalUnit, list_eval_units, load_sample
 from modules.evaluation.scoreboard import STATE_FILE, Scoreboard, load_state_file, save_state
@@ -361,9 +361,11 @@ def write_stage_reports(ctx, runs: RunIds, scoreboard: Scoreboard, figures: dict
     methods = method_names(ctx.cfg)
     provenance = {"run ids": vars(runs), "inputs": sorted(needed_artifacts(ctx.cfg)), "config": ctx.cfg.to_dict()}
     sections = [] if click_report is None else [click_report.section()]
+    note = refinement_gate_note(ctx.cfg, Artifacts(ctx.cfg, runs, "cpu")) if ctx.cfg.evaluation.refinement else ""
     written = reports.write_reports(ctx.output_dir, scoreboard, methods, list(REFINEMENT_VARIANTS),
                                     UNREFINED_BASELINE, ctx.tracker, provenance,
-                                    reports.BootstrapSettings.from_config(ctx.cfg), sections=sections)
+                                    reports.BootstrapSettings.from_config(ctx.cfg), sections=sections,
+                                    refinement_note=note)
     ctx.summary({"samples": len(scoreboard.done), "masks": len(scoreboard.rows), **figures, **written})
 
 

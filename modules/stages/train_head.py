@@ -11,6 +11,7 @@ scaler and scheduler states, ``epoch_state.json``, ``config.resolved.yaml``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -32,8 +33,10 @@ from modules.training.checkpoints import (build_fusion, build_head, build_varian
                                           load_trained_variance_network)
 from modules.training.losses import BceDiceLoss, FocalDiceIouLoss, build_variance_loss, hard_iou
 from modules.training.models import VarianceNetwork
+from modules.training.run_state import BEST_FILE, load_checkpoint_file
 from modules.training.trainer import Trainer, TrainerConfig, batch_iou_metrics, move_to_device, sanity_check
-from modules.uncertainty.fusion import FusionDataset, collate_images, make_uncertainty_source, refinement_step
+from modules.uncertainty.fusion import (FusionDataset, collate_images, make_uncertainty_source, refinement_step,
+                                        score_validation, validate_refinement_switch)
 
 SANITY_LOSS_FRACTION = 0.6  # --sanity_check passes when one batch's loss falls below this fraction
 
@@ -57,6 +60,8 @@ class TrainingTask:
     batch_size: int | None = None
     lr: float | None = None
     validate_initial: bool = False  # see TrainerConfig
+    # Run after training (also on a resumed finished run) with the run folder; returns summary items.
+    after_fit: Callable[[Path], dict] | None = None
 
 
 def packed_datasets(cfg: PipelineConfig):
@@ -147,14 +152,28 @@ def fusion_uncertainty_source(cfg: PipelineConfig, run_id: str, device):
 def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
     backbone = load_backbone(cfg.sam.family, cfg.sam.model_type, cfg.sam.checkpoint, device)
     cache = open_cache(cfg)
+    train_packed, val_packed = packed_datasets(cfg)
     train, val = (FusionDataset(packed, cache, cfg.project_root, cfg.fusion.max_train_rows, cfg.training.seed)
-                  for packed in packed_datasets(cfg))
-    step_fn = refinement_step(backbone, cfg.sam.prompt_mode, cfg.fusion.multimask_policy,
-                              fusion_uncertainty_source(cfg, head_run_id, device),
+                  for packed in (train_packed, val_packed))
+    source = fusion_uncertainty_source(cfg, head_run_id, device)
+    step_fn = refinement_step(backbone, cfg.sam.prompt_mode, cfg.fusion.multimask_policy, source,
                               FocalDiceIouLoss(focal_weight=cfg.fusion.focal_weight))
+
+    def validate_switch(folder: Path) -> dict:
+        """The validated refinement switch on every validation row, from the best checkpoint."""
+        def score():
+            fusion = build_fusion(cfg)
+            fusion.load_state_dict(load_checkpoint_file(folder / BEST_FILE))
+            return score_validation(backbone, fusion, FusionDataset(val_packed, cache, cfg.project_root),
+                                    cfg.sam.prompt_mode, cfg.fusion.multimask_policy, source)
+        record = validate_refinement_switch(folder, folder / BEST_FILE, score,
+                                            {"uncertainty_source": cfg.fusion.uncertainty_source})
+        return {"refinement_switch_enabled": record["enabled"], "refinement_switch_margin": record["margin"]}
+
     # One image (all its kept prompt sets, one decoder call) per step.
     return TrainingTask(build_fusion(cfg), step_fn, batch_iou_metrics, train, val, collate_fn=collate_images,
-                        num_epochs=cfg.fusion.num_epochs, lr=cfg.fusion.lr, validate_initial=True, batch_size=1)
+                        num_epochs=cfg.fusion.num_epochs, lr=cfg.fusion.lr, validate_initial=True, batch_size=1,
+                        after_fit=validate_switch)
 
 
 def trained_on_artifacts(cfg: PipelineConfig, model_kind: str) -> set[str]:
@@ -271,4 +290,5 @@ def run_stage(ctx, model_kind: str, run_id: str, resume: bool, run_sanity_check:
     ctx.summary({"run_dir": str(folder), "epochs_completed": result.epochs_completed,
                  f"best_{task.selection_metric}": result.best_metric, "best_epoch": result.best_epoch,
                  "stopped_early": result.stopped_early,
-                 **{k: v for k, v in last.items() if k.startswith("val_")}})
+                 **{k: v for k, v in last.items() if k.startswith("val_")},
+                 **(task.after_fit(folder) if task.after_fit else {})})

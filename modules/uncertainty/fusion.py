@@ -6,19 +6,29 @@ frozen mask decoder (``refine``). Only the fusion module trains, on cached image
 fuse conv starts as the identity on the mask embedding, so an untrained module reproduces SAM's
 plain mask-prompt refinement. Uncertainty sources (``UNCERTAINTY_SOURCES``) map head inputs to
 ``B x 256 x 256`` maps in [0, 1] (FRAME256).
+
+A refined mask replaces SAM's first pass only through the gate (``gate_by_predicted_iou``: the
+decoder's own predicted IoUs, no ground truth). After training, ``validate_refinement_switch``
+scores raw SAM against the gated refinement on the validation split and picks the gate's margin, or
+switches the refinement off (``RefinementSwitch``, ``SWITCH_FILE`` beside the checkpoint).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from modules.core.errors import PipelineError
+from modules.core.fileio import atomic_write_json, file_md5, read_json
 from modules.data.promptset import load_promptsets, promptset_tensors
 from modules.sam.prompting import PROMPT_MODES, Prompts, decode_selected
 from modules.scoring.entropy import binary_entropy_from_logits
+from modules.training.losses import hard_iou
 from modules.training.models import UncertaintyFusion, VarianceNetwork
 
 LN2 = math.log(2.0)
@@ -162,6 +172,19 @@ class FusionDataset(torch.utils.data.Dataset):
         }
 
 
+    def row_groups_and_sam_iou(self, index: int) -> tuple[list[str], str, torch.Tensor]:
+        """Item ``index``'s rows: their data-set group (R str), the image's ``safe_id`` and SAM's
+        predicted IoU ``R`` of the cached first pass (the decoder's estimate, no ground truth)."""
+        rows = self.groups[index]
+        groups = [str(group) for group in self.packed.index["group"].iloc[rows]]
+        safe_id = self.packed.sample_safe_ids[self.packed.row_sample[rows[0]]]
+        entry = self.cache.entry(safe_id)
+        position = {int(pid): i for i, pid in enumerate(np.asarray(entry.promptset_ids))}
+        selected = entry.selected_iou_predictions
+        return groups, safe_id, torch.tensor([float(selected[position[int(self.packed.promptset_ids[row])]])
+                                              for row in rows])
+
+
 def collate_images(items: list[dict]) -> dict:
     """``FusionDataset`` items -> ``{"inputs": R x 3 x 256 x 256, "target": R x 1 x 256 x 256}`` (the
     rows of every item, in order) plus ``"images"``: per item its features, prompts, ``original_hw``
@@ -194,3 +217,175 @@ def refinement_step(backbone, prompt_mode: str, multimask_policy: str, uncertain
         return loss, (logits.detach(), batch["target"])
 
     return step_fn
+
+
+# --------------------------------------------------------------------------- gate and validated switch
+
+
+#: The validated switch ``train_head.py --model fusion`` writes beside the fusion checkpoint.
+SWITCH_FILE = "refinement_switch.json"
+#: The switch's seeded bootstrap over validation images: a gain must hold at the lower end of its
+#: 95% interval, not only on average (the validation split of the demo holds a few images per group).
+SWITCH_BOOTSTRAP_SAMPLES = 1000
+SWITCH_BOOTSTRAP_SEED = 0
+#: How ``choose_refinement_switch`` decides (recorded in the switch; a changed rule recomputes it).
+SWITCH_RULE = {
+    "rule": "refined mask kept where its predicted IoU beats SAM's first pass's by more than margin; margin chosen "
+            "on validation so that no group's mean IoU falls below raw SAM's and the overall gain's bootstrap 95% "
+            "interval over images lies above 0; none qualifies: refinement off (SAM's first pass)",
+    "bootstrap": {"samples": SWITCH_BOOTSTRAP_SAMPLES, "seed": SWITCH_BOOTSTRAP_SEED, "over": "images"},
+}
+
+
+def gate_by_predicted_iou(refined_logits: torch.Tensor, refined_iou: torch.Tensor, first_pass_logits: torch.Tensor,
+                          first_pass_iou: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Per prompt set, the refined logits ``P x H x W`` where their predicted IoU ``P`` beats the first
+    pass's by more than ``margin``, else the first pass's logits ``P x H x W`` (a tie keeps the first
+    pass; ``margin = inf`` keeps every first pass)."""
+    keep_refined = (refined_iou > first_pass_iou + margin)[:, None, None]
+    return torch.where(keep_refined, refined_logits, first_pass_logits)
+
+
+@dataclass(frozen=True)
+class RefinementSwitch:
+    """What ``fusion.gate: validated`` applies: the predicted-IoU gate with ``margin`` when ``enabled``,
+    else no refinement at all (SAM's first pass, exactly). One switch for every image: the group of a
+    user's image is unknown at inference, so no per-group switch is applied."""
+
+    enabled: bool
+    margin: float
+
+    @property
+    def gate_margin(self) -> float:
+        return self.margin if self.enabled else math.inf
+
+    @classmethod
+    def load(cls, folder: Path) -> "RefinementSwitch":
+        """The switch recorded in ``folder`` (a fusion run); a missing or damaged file is one line."""
+        path = Path(folder) / SWITCH_FILE
+        try:
+            record = read_json(path)
+            return cls(bool(record["enabled"]), float(record["margin"]) if record["enabled"] else math.inf)
+        except FileNotFoundError:
+            raise PipelineError(f"{path}: no validated refinement switch (fusion.gate: validated); rerun "
+                                "train_head.py --model fusion with --resume for this run to write it") from None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise PipelineError(f"{path}: unreadable refinement switch ({type(error).__name__}); rerun "
+                                "train_head.py --model fusion with --resume for this run to rewrite it") from None
+
+
+@dataclass(frozen=True)
+class ValidationScores:
+    """Per validation row (R): its ``groups`` and ``images`` (safe ids), the FRAME256 IoU of SAM's first
+    pass (``sam_iou``) and of the ungated refined mask (``refined_iou``), and both masks' predicted
+    IoUs (the gate's inputs)."""
+
+    groups: np.ndarray
+    images: np.ndarray
+    sam_iou: np.ndarray
+    refined_iou: np.ndarray
+    sam_predicted_iou: np.ndarray
+    refined_predicted_iou: np.ndarray
+
+    def gated_iou(self, margin: float) -> np.ndarray:
+        """``R``: each row's IoU after the gate with ``margin``."""
+        keep_refined = self.refined_predicted_iou > self.sam_predicted_iou + margin
+        return np.where(keep_refined, self.refined_iou, self.sam_iou)
+
+    def means(self, iou: np.ndarray) -> dict[str, float]:
+        """Mean of ``iou`` (R) per group and ``overall`` (over rows)."""
+        means = {str(group): float(iou[self.groups == group].mean()) for group in np.unique(self.groups)}
+        return means | {"overall": float(iou.mean())}
+
+    def gain_interval(self, iou: np.ndarray, samples: int = SWITCH_BOOTSTRAP_SAMPLES,
+                      seed: int = SWITCH_BOOTSTRAP_SEED) -> tuple[float, float]:
+        """95% interval of the mean gain ``iou - sam_iou`` (R) over rows, images resampled (seeded)."""
+        images, row_image = np.unique(self.images, return_inverse=True)
+        gain_sum = np.bincount(row_image, weights=iou - self.sam_iou, minlength=len(images))
+        row_count = np.bincount(row_image, minlength=len(images)).astype(np.float64)
+        draws = np.random.default_rng(seed).integers(0, len(images), (samples, len(images)))
+        means = gain_sum[draws].sum(axis=1) / row_count[draws].sum(axis=1)
+        low, high = np.quantile(means, [0.025, 0.975])
+        return float(low), float(high)
+
+
+def score_validation(backbone, fusion: UncertaintyFusion, dataset: FusionDataset, prompt_mode: str,
+                     multimask_policy: str, uncertainty_source: UncertaintySource) -> ValidationScores:
+    """Raw SAM and the ungated refinement on every row of ``dataset`` (one decoder call per image);
+    the ground truth only scores the masks."""
+    device = backbone.device
+    fusion = fusion.to(device).eval()
+    groups, images, sam_iou, refined_iou, sam_predicted, refined_predicted = [], [], [], [], [], []
+    with torch.inference_mode():
+        for index in range(len(dataset)):
+            item = dataset[index]
+            row_groups, safe_id, sam_predicted_iou = dataset.row_groups_and_sam_iou(index)
+            first_pass = item["inputs"][:, 0:1].to(device)
+            uncertainty = uncertainty_source(item["inputs"].to(device))[:, None]
+            prompts = PROMPT_MODES[prompt_mode](item["point_coords"].to(device), item["point_labels"].to(device),
+                                                item["box"].to(device))
+            features = {name: value.to(device) for name, value in item["features"].items()}
+            hw = tuple(int(v) for v in item["original_hw"])
+            logits, predicted = refine(backbone, fusion, features, hw, prompts, first_pass, uncertainty,
+                                       multimask_policy=multimask_policy)
+            target = item["target"].to(device)
+            groups += row_groups
+            images += [safe_id] * len(row_groups)
+            sam_iou.append(hard_iou(first_pass, target).cpu())
+            refined_iou.append(hard_iou(logits.float(), target).cpu())
+            sam_predicted.append(sam_predicted_iou)
+            refined_predicted.append(predicted[:, 0].float().cpu())
+    return ValidationScores(np.array(groups), np.array(images), *(torch.cat(values).double().numpy() for values in
+                                                (sam_iou, refined_iou, sam_predicted, refined_predicted)))
+
+
+def choose_refinement_switch(scores: ValidationScores) -> dict:
+    """The gate's margin chosen on validation, as the json record ``SWITCH_FILE`` holds.
+
+    Candidate margins: 0 (the plain predicted-IoU gate) and every row's positive predicted-IoU gain
+    (refined minus SAM's). A margin qualifies when no group's mean IoU falls below raw SAM's and the
+    overall gain over raw SAM holds at the lower end of its bootstrap interval over images
+    (``ValidationScores.gain_interval`` > 0); the best overall mean wins (ties: the larger, stricter
+    margin). No qualifying margin switches the refinement off.
+    """
+    gain = scores.refined_predicted_iou - scores.sam_predicted_iou
+    raw = scores.means(scores.sam_iou)
+    candidates = []
+    for margin in sorted({0.0, *gain[gain > 0].tolist()}):
+        gated_iou = scores.gated_iou(margin)
+        gated = scores.means(gated_iou)
+        low, high = scores.gain_interval(gated_iou)
+        qualifies = low > 0 and all(gated[g] >= raw[g] for g in raw)
+        candidates.append({"margin": margin, "qualifies": qualifies, "mean_iou": gated,
+                           "gain_interval": [low, high], "refined_rows": int((gain > margin).sum())})
+    qualifying = [c for c in candidates if c["qualifies"]]
+    chosen = max(qualifying, key=lambda c: (c["mean_iou"]["overall"], c["margin"])) if qualifying else None
+    return {
+        "enabled": chosen is not None,
+        "margin": None if chosen is None else chosen["margin"],
+        "rows": int(len(scores.groups)),
+        "rows_per_group": {str(g): int((scores.groups == g).sum()) for g in np.unique(scores.groups)},
+        "mean_iou": {"raw_sam": raw, "refined_ungated": scores.means(scores.refined_iou),
+                     "refined_gate_margin_0": candidates[0]["mean_iou"],
+                     "refined_chosen": raw if chosen is None else chosen["mean_iou"]},
+        "candidates": candidates,
+    }
+
+
+def validate_refinement_switch(folder: Path, checkpoint: Path, score: Callable[[], ValidationScores],
+                               provenance: dict) -> dict:
+    """Write the validated switch of the fusion run in ``folder`` (``SWITCH_FILE``, atomically) unless
+    it is already there for this ``checkpoint`` (its md5) and ``provenance``; returns the record.
+    ``score`` runs the validation (``score_validation``) only when needed."""
+    path = Path(folder) / SWITCH_FILE
+    stamp = {"checkpoint_md5": file_md5(checkpoint), **SWITCH_RULE, **provenance}
+    if path.is_file():
+        try:
+            record = read_json(path)
+        except (OSError, ValueError):
+            record = {}
+        if isinstance(record, dict) and all(record.get(key) == value for key, value in stamp.items()):
+            return record
+    record = {**choose_refinement_switch(score()), **stamp}
+    atomic_write_json(path, record)
+    return record
