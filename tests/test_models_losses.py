@@ -21,7 +21,7 @@ from modules.training.losses import (
     hard_iou,
 )
 from modules.training.checkpoints import build_fusion, build_head, build_variance_network, load_trained_head
-from modules.training.run_state import BEST_FILE, _save_tensors
+from modules.training.run_state import BEST_FILE, save_tensors
 from modules.training.models import FINAL_LAYER_NAME, PromptAwareHead, UncertaintyFusion, VarianceNetwork, soft_clamp
 
 
@@ -316,7 +316,7 @@ def test_checkpoint_of_another_head_design_is_one_line_naming_it(tmp_path):
     seed_head = build_head(load_config(tmp_path / "config.yaml"))
     run_dir = checkpoint_run_dir(tmp_path, "head", "v1")
     run_dir.mkdir(parents=True)
-    _save_tensors(seed_head.state_dict(), run_dir / BEST_FILE)
+    save_tensors(seed_head.state_dict(), run_dir / BEST_FILE)
     cfg = load_config(tmp_path / "config.yaml", ["head.residual=true", f"data.project_root={tmp_path}"])
     with pytest.raises(PipelineError) as raised:
         load_trained_head(cfg, "v1")

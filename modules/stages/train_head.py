@@ -10,6 +10,7 @@ scaler and scheduler states, ``epoch_state.json``, ``config.resolved.yaml``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,13 +24,14 @@ from modules.core.config import PipelineConfig, unseen_group_keys
 from modules.core.device import resolve_device
 from modules.core.errors import PipelineError
 from modules.core.fileio import remove_tree
-from modules.core.stage import KillSwitch
+from modules.core.stage import KillSwitch, env_int
 from modules.evaluation.methods import SOURCE_NEEDS
 from modules.evaluation.runs import RunIds, artifact_md5s
 from modules.laplace.head import load_head_posterior
 from modules.sam.registry import load_backbone
 from modules.training.checkpoints import (build_fusion, build_head, build_variance_network, load_trained_head,
                                           load_trained_variance_network)
+from modules.training.guard import apply_guard
 from modules.training.losses import BceDiceLoss, FocalDiceIouLoss, build_variance_loss, hard_iou
 from modules.training.models import VarianceNetwork
 from modules.training.trainer import Trainer, TrainerConfig, batch_iou_metrics, move_to_device, sanity_check
@@ -268,7 +270,13 @@ def run_stage(ctx, model_kind: str, run_id: str, resume: bool, run_sanity_check:
                       artifact_name=f"{model_kind}-run_{run_id}", checkpoint_hook=kill_hook_from_env())
     result = trainer.fit(resume=resume)
     last = result.history[-1] if result.history else {}
+    guard = {}
+    if model_kind == "head" and result.best_epoch is not None and env_int(os.environ, "RANK", default=0) == 0:
+        report = apply_guard(folder, build_head(cfg), task.val_dataset.packed, cfg.head.guard, device,
+                             cfg.training.batch_size)
+        guard = {"guard_kept": report["kept"], "guard_val_iou_head": report["overall"]["head_iou"],
+                 "guard_val_iou_raw_sam": report["overall"]["raw_sam_iou"]}
     ctx.summary({"run_dir": str(folder), "epochs_completed": result.epochs_completed,
                  f"best_{task.selection_metric}": result.best_metric, "best_epoch": result.best_epoch,
                  "stopped_early": result.stopped_early,
-                 **{k: v for k, v in last.items() if k.startswith("val_")}})
+                 **{k: v for k, v in last.items() if k.startswith("val_")}, **guard})
