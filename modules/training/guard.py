@@ -119,10 +119,12 @@ def apply_guard(run_dir: Path, head: PromptAwareHead, val: PackedSplitDataset, r
     head.load_state_dict(trained)
     scores = score_on_validation(head, val, device, batch_size)
     keep = GUARD_RULES[rule](scores)
+    figures = (f"validation IoU {scores.overall.head_iou:.4f} vs raw SAM {scores.overall.raw_sam_iou:.4f} over "
+               f"{scores.overall.rows} rows; per group head - raw SAM: "
+               + ", ".join(f"{name} {score.gain:+.4f}" for name, score in scores.groups.items()))
     if not keep and not head.residual:
-        log.warning("head guard: the trained head does not beat raw SAM on validation (IoU %.4f vs %.4f), but a "
-                    "head without head.residual cannot become raw SAM: kept as trained",
-                    scores.overall.head_iou, scores.overall.raw_sam_iou)
+        log.warning("head guard (%s): the trained head does not pass (%s), but a head without head.residual cannot "
+                    "become raw SAM: kept as trained", rule, figures)
     fallback = not keep and head.residual
     save_tensors(head.identity_state(trained) if fallback else trained, run_dir / BEST_FILE)
     report = {
@@ -137,10 +139,8 @@ def apply_guard(run_dir: Path, head: PromptAwareHead, val: PackedSplitDataset, r
     }
     atomic_write_json(guard_path, report)
     if fallback:
-        log.info("head guard (%s): the trained head does not beat raw SAM on validation (IoU %.4f vs %.4f, %d rows): "
-                 "best.pt is now raw SAM (the identity head); the trained weights stay in %s", rule,
-                 scores.overall.head_iou, scores.overall.raw_sam_iou, scores.overall.rows, TRAINED_BEST_FILE)
-    else:
-        log.info("head guard (%s): trained head kept (validation IoU %.4f vs raw SAM %.4f, %d rows)", rule,
-                 scores.overall.head_iou, scores.overall.raw_sam_iou, scores.overall.rows)
+        log.info("head guard (%s): the trained head does not pass (%s): best.pt is now raw SAM (the identity head); "
+                 "the trained weights stay in %s", rule, figures, TRAINED_BEST_FILE)
+    elif keep:
+        log.info("head guard (%s): trained head kept (%s)", rule, figures)
     return report
