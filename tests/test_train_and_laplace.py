@@ -118,7 +118,8 @@ def test_ddp_two_cpu_processes_one_epoch(trained_project, tmp_path):
     assert state["epoch"] == 1
     folder = trained_project.root / "checkpoints" / "head" / "run_ddp"
     assert sorted(p.name for p in folder.glob("*.pt")) == sorted(
-        ["best.pt", "last.pt", "optimizer_last.pt", "scaler_last.pt", "scheduler_last.pt"])
+        ["best.pt", "last.pt", "optimizer_last.pt", "scaler_last.pt", "scheduler_last.pt", "trained_best.pt"])
+    assert json.loads((folder / "head_guard.json").read_text())["overall"]["rows"] > 0  # the guard ran once, on rank 0
 
 
 def test_laplace_artifacts_skip_and_checkpoint_mismatch(trained_project):
