@@ -21,7 +21,7 @@ from modules.training.losses import (
     hard_iou,
 )
 from modules.training.checkpoints import build_fusion, build_head, build_variance_network, load_trained_head
-from modules.training.run_state import BEST_FILE, _save_tensors
+from modules.training.run_state import BEST_FILE, save_tensors
 from modules.training.models import FINAL_LAYER_NAME, PromptAwareHead, UncertaintyFusion, VarianceNetwork, soft_clamp
 
 
@@ -95,11 +95,11 @@ def test_residual_head_learns_a_correction_to_sam():
     assert head.conv1.weight.grad is not None and head.conv1.weight.grad.abs().sum() > 0
 
 
-def test_config_builds_the_seed_head_by_default_and_the_residual_head_on_request(tmp_path):
+def test_config_builds_the_residual_head_by_default_and_the_seed_head_on_request(tmp_path):
     (tmp_path / "config.yaml").write_text("head: {hidden_channels: 4}\n")
-    plain = build_head(load_config(tmp_path / "config.yaml"))
-    assert plain.final_conv.in_channels == 4 and not plain.residual
-    assert build_head(load_config(tmp_path / "config.yaml", ["head.residual=true"])).final_conv.in_channels == 5
+    residual = build_head(load_config(tmp_path / "config.yaml"))
+    assert residual.final_conv.in_channels == 5 and residual.residual
+    assert build_head(load_config(tmp_path / "config.yaml", ["head.residual=false"])).final_conv.in_channels == 4
 
 
 def test_head_rejects_wrong_channel_count():
@@ -136,7 +136,7 @@ def test_models_are_built_from_their_config_sections(tmp_path):
                       "fusion: {hidden_channels: 12}\n")
     cfg = load_config(config)
     head, variance, fusion = build_head(cfg), build_variance_network(cfg), build_fusion(cfg)
-    assert isinstance(head, PromptAwareHead) and head.final_conv.in_channels == 8
+    assert isinstance(head, PromptAwareHead) and head.final_conv.in_channels == 8 + 1  # + SAM's logit (residual)
     assert isinstance(variance, VarianceNetwork) and variance.conv1.in_channels == cfg.head.channels_in + 1
     assert variance.conv1.out_channels == 6
     assert isinstance(fusion, UncertaintyFusion) and fusion.uncertainty_downscaling[3].out_channels == 12
@@ -313,10 +313,10 @@ def test_focal_dice_iou_loss_rejects_unknown_iou_loss():
 
 def test_checkpoint_of_another_head_design_is_one_line_naming_it(tmp_path):
     (tmp_path / "config.yaml").write_text("head: {hidden_channels: 4}\n")
-    seed_head = build_head(load_config(tmp_path / "config.yaml"))
+    seed_head = build_head(load_config(tmp_path / "config.yaml", ["head.residual=false"]))
     run_dir = checkpoint_run_dir(tmp_path, "head", "v1")
     run_dir.mkdir(parents=True)
-    _save_tensors(seed_head.state_dict(), run_dir / BEST_FILE)
+    save_tensors(seed_head.state_dict(), run_dir / BEST_FILE)
     cfg = load_config(tmp_path / "config.yaml", ["head.residual=true", f"data.project_root={tmp_path}"])
     with pytest.raises(PipelineError) as raised:
         load_trained_head(cfg, "v1")

@@ -88,8 +88,11 @@ class HeadConfig:
     hidden_channels: int = 16
     use_image_embedding: bool = False
     # SAM's logit also feeds the last layer (weight 1, the rest 0 at initialisation): an untrained head
-    # is raw SAM, and training learns a correction to it (README: measured, not yet the default).
-    residual: bool = False
+    # is raw SAM, and training learns a correction to it (README, head: both designs measured).
+    residual: bool = True
+    # After training: keep the head only if it beats raw SAM on validation (training.guard.GUARD_RULES:
+    # overall, every_group, off); else best.pt becomes raw SAM (residual heads only).
+    guard: Literal["overall", "every_group", "off"] = "every_group"
 
 
 @dataclass

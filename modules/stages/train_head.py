@@ -10,6 +10,7 @@ scaler and scheduler states, ``epoch_state.json``, ``config.resolved.yaml``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,13 +25,14 @@ from modules.core.config import PipelineConfig, unseen_group_keys
 from modules.core.device import resolve_device
 from modules.core.errors import PipelineError
 from modules.core.fileio import remove_tree
-from modules.core.stage import KillSwitch
+from modules.core.stage import KillSwitch, env_int
 from modules.evaluation.methods import SOURCE_NEEDS
 from modules.evaluation.runs import RunIds, artifact_md5s
 from modules.laplace.head import load_head_posterior
 from modules.sam.registry import load_backbone
 from modules.training.checkpoints import (build_fusion, build_head, build_variance_network, load_trained_head,
                                           load_trained_variance_network)
+from modules.training.guard import apply_guard
 from modules.training.losses import BceDiceLoss, FocalDiceIouLoss, build_variance_loss, hard_iou
 from modules.training.models import VarianceNetwork
 from modules.training.run_state import BEST_FILE, load_checkpoint_file
@@ -92,7 +94,16 @@ def head_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None
         return loss_fn(logits.float(), batch["target"]), (logits.detach().float(), batch["target"])
 
     train, val = packed_batch_datasets(cfg)
-    return TrainingTask(model, step_fn, batch_iou_metrics, train, val, collate_fn=collate_batch)
+
+    def guard(folder: Path) -> dict:
+        """The validation guard (``head.guard``) on the best checkpoint; rank 0 only under DDP."""
+        if not (folder / BEST_FILE).is_file() or env_int(os.environ, "RANK", default=0) != 0:
+            return {}
+        report = apply_guard(folder, build_head(cfg), val.packed, cfg.head.guard, device, cfg.training.batch_size)
+        return {"guard_kept": report["kept"], "guard_val_iou_head": report["overall"]["head_iou"],
+                "guard_val_iou_raw_sam": report["overall"]["raw_sam_iou"]}
+
+    return TrainingTask(model, step_fn, batch_iou_metrics, train, val, collate_fn=collate_batch, after_fit=guard)
 
 
 def variance_margin(log_var: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:

@@ -64,9 +64,25 @@ class PromptAwareHead(nn.Module):
         self.final_conv = nn.Conv2d(hidden_channels + int(residual), 1, kernel_size=1)
         if residual:
             with torch.no_grad():
-                self.final_conv.weight.zero_()
-                self.final_conv.weight[0, hidden_channels] = 1.0
+                self.final_conv.weight.copy_(self._identity_weight())
                 self.final_conv.bias.zero_()
+
+    def _identity_weight(self) -> torch.Tensor:
+        """``final_conv``'s ``1 x (hidden + 1) x 1 x 1`` weight of raw SAM: 1 on the SAM logit, 0 elsewhere."""
+        weight = torch.zeros_like(self.final_conv.weight)
+        weight[0, self.hidden_channels] = 1.0
+        return weight
+
+    def identity_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` (a state dict of this head) with ``final_conv`` set to raw SAM (``a = 1, w = 0,
+        b = 0``): the head then outputs the clipped SAM logit exactly, whatever its hidden layers
+        hold (kept, so a last-layer Laplace posterior still sees the trained features)."""
+        if not self.residual:
+            raise ValueError("head: only a residual head (head.residual) can be made raw SAM")
+        identity = dict(state)
+        identity[f"{FINAL_LAYER_NAME}.weight"] = self._identity_weight().to(state[f"{FINAL_LAYER_NAME}.weight"])
+        identity[f"{FINAL_LAYER_NAME}.bias"] = torch.zeros_like(state[f"{FINAL_LAYER_NAME}.bias"])
+        return identity
 
     def features(self, x: torch.Tensor, image_embedding: torch.Tensor | None = None) -> torch.Tensor:
         """Everything before ``final_conv``: ``B x channels_in x H x W`` -> ``B x F x H x W``, with

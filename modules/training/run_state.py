@@ -95,7 +95,7 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------- checkpoint files
 
 
-def _save_tensors(obj: Any, path: Path) -> None:
+def save_tensors(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -181,7 +181,7 @@ def commit_epoch(run_dir: Path, state: dict[str, Any], files: list[tuple[str, An
     remove_tree(pending, run_dir)
     pending.mkdir(parents=True)
     for name, obj in files:
-        _save_tensors(obj, pending / name)
+        save_tensors(obj, pending / name)
         hook(f"staged:{name}", epoch)
     atomic_write_json(run_dir / STATE_FILE, state)
     hook("committed", epoch)
