@@ -184,6 +184,18 @@ def test_raw_sam_and_map_head():
     torch.testing.assert_close(output.mean_prob, expected)
 
 
+def test_batched_head_with_image_embedding_equals_one_sample_at_a_time():
+    # Each row must get its own image's embedding when the samples' rows are stacked.
+    samples = [make_sample("s1", seed=0, num_sets=3), make_sample("s2", seed=1, num_sets=2)]
+    head = seeded_head(use_image_embedding=True)
+    batched = MapHeadStrategy(head).predict_batch(samples)
+    for sample, output in zip(samples, batched):
+        alone = MapHeadStrategy(head).predict(sample)
+        assert output.mean_prob.shape == alone.mean_prob.shape
+        assert torch.equal(output.mean_prob, alone.mean_prob)
+    assert not torch.equal(batched[0].mean_prob[:2], batched[1].mean_prob)
+
+
 def test_variance_network_strategy():
     sample, other = make_sample("s1", seed=0), make_sample("s2", seed=1)
     head = seeded_head()

@@ -201,14 +201,19 @@ def _module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def _row_embeddings(samples: Sequence[EvalSample], device: torch.device) -> torch.Tensor:
+    """Each sample's cached image embedding repeated for its rows: ``sum(P_i) x C x h x w`` float32."""
+    embeddings = [torch.from_numpy(np.asarray(sample.cache_entry.features[EMBEDDING_FEATURE])).float().to(device)
+                  for sample in samples]
+    return torch.cat([embedding.unsqueeze(0).expand(sample.head_inputs.shape[0], -1, -1, -1)
+                      for sample, embedding in zip(samples, embeddings)])
+
+
 def _head_logits(head: nn.Module, sample: EvalSample) -> torch.Tensor:
     """The MAP head's logits ``P x 256 x 256`` float32 on the head's device, autocast off."""
     device = _module_device(head)
     x = sample.head_inputs.to(device)
-    embedding = None
-    if getattr(head, "use_image_embedding", False):
-        embed = torch.from_numpy(np.asarray(sample.cache_entry.features[EMBEDDING_FEATURE])).float().to(device)
-        embedding = embed.unsqueeze(0).expand(x.shape[0], -1, -1, -1)
+    embedding = _row_embeddings([sample], device) if getattr(head, "use_image_embedding", False) else None
     with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=False):
         logits = head(x) if embedding is None else head(x, embedding)
     return logits[:, 0].float()
@@ -224,11 +229,7 @@ def _stacked_head_logits(head: nn.Module, samples: Sequence[EvalSample]) -> list
         return [_head_logits(head, sample) for sample in samples]
     device = _module_device(head)
     x = torch.cat([sample.head_inputs for sample in samples]).to(device)
-    embedding = None
-    if getattr(head, "use_image_embedding", False):
-        embedding = torch.cat([
-            torch.from_numpy(np.asarray(sample.cache_entry.features[EMBEDDING_FEATURE])).float().unsqueeze(0)
-            .expand(sample.num_promptsets, -1, -1, -1) for sample in samples]).to(device)
+    embedding = _row_embeddings(samples, device) if getattr(head, "use_image_embedding", False) else None
     with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=False):
         features = head.features(x) if embedding is None else head.features(x, embedding)
         return [head.final_conv(rows)[:, 0].float() for rows in torch.split(features, _row_counts(samples))]
@@ -473,11 +474,8 @@ class LaplaceStrategy(Strategy):
         """The samples' head inputs stacked (``sum(P_i) x 3 x 256 x 256``), each row with its image's
         embedding when the head reads one."""
         head = getattr(self.posterior, "head", None)
-        embedding = None
-        if head is not None and getattr(head, "use_image_embedding", False):
-            embedding = torch.cat([
-                torch.from_numpy(np.asarray(sample.cache_entry.features[EMBEDDING_FEATURE])).float().unsqueeze(0)
-                .expand(sample.num_promptsets, -1, -1, -1) for sample in samples]).to(self.device)
+        reads_embedding = head is not None and getattr(head, "use_image_embedding", False)
+        embedding = _row_embeddings(samples, self.device) if reads_embedding else None
         x = samples[0].head_inputs if len(samples) == 1 else torch.cat([sample.head_inputs for sample in samples])
         return HeadInputs(x.to(self.device), embedding)
 
