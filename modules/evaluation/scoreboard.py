@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modules.core.fileio import atomic_path
+from modules.training.run_state import save_tensors
 from modules.data.domains import domain_kind
 from modules.sam.registry import verify_checkpoint_archive
 from modules.evaluation.runs import EvaluationError
@@ -378,8 +378,7 @@ def merge_accumulator_states(first: dict[str, dict[str, torch.Tensor]],
 
 
 def save_state(path: Path, scoreboard: Scoreboard) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(scoreboard.state(), tmp)
+    save_tensors(scoreboard.state(), path)
 
 
 def load_state_file(path: Path) -> dict[str, Any] | None:

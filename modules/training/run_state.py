@@ -96,8 +96,12 @@ def seed_everything(seed: int) -> None:
 
 
 def save_tensors(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` ``obj`` to ``path`` atomically. Through a file object, so the archive's inner
+    folder is torch's fixed ``archive`` rather than the temp file's random name: the same tensors
+    give the same bytes (and md5) however many times, or after however many interruptions, they
+    are written."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def verify_checkpoint_file(path: Path) -> None:
