@@ -111,7 +111,8 @@ def run_stage(ctx, run_id: str) -> None:
     lh.save_posterior(folder, la, meta, cfg.section("laplace"))
     atomic_write_csv(folder / lp.GRID_TABLE_FILE, grid_table)
     plot_prior_grid(list(search.grid), list(search.nll), search.best_prior_precision,
-                    folder / lp.GRID_PLOT_FILE, title=f"Laplace prior precision (temperature {temperature:g})")
+                    folder / lp.GRID_PLOT_FILE,
+                    title=f"Laplace prior precision by {tuning.prior_selection} (temperature {temperature:g})")
     posterior = lh.LastLayerPosterior.from_laplace(head, la)
     checks = lh.head_quality_checks(head, posterior, val_set, settings.num_samples, settings.seed, settings.nll_eps,
                                     predictive=settings.predictive)
