@@ -202,11 +202,14 @@ def ridge_search(curvature: float, best_precision: float):
     return search_at
 
 
-def test_marglik_prior_lies_inside_the_grid_where_validation_nll_runs_to_its_end():
+def test_marglik_prior_lies_inside_the_grid_where_validation_nll_runs_to_its_end(caplog):
     weights, curvature = torch.tensor([0.0, 1.0, 0.0, 0.0]), 1e6
     temperatures, priors = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6], [1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e3]
-    by_nll = lp.search_inside_grids(ridge_search(curvature, 100.0), temperatures, priors, max_widenings=0)
+    with caplog.at_level("WARNING", logger="pipeline.laplace"):
+        by_nll = lp.search_inside_grids(ridge_search(curvature, 100.0), temperatures, priors, max_widenings=0)
     assert by_nll.search.best_prior_precision == 1e-3 and not by_nll.prior_precision_interior and by_nll.on_edge
+    assert "prior precision (temperature" in caplog.text and "lies on an end" in caplog.text
+    caplog.clear()
     assert by_nll.prior_selection == "val_nll"
 
     def evidence_at(temperature, grid):
@@ -218,6 +221,7 @@ def test_marglik_prior_lies_inside_the_grid_where_validation_nll_runs_to_its_end
     assert by_evidence.search.best_prior_precision in (1.0, 10.0) and by_evidence.temperature == 1e4
     assert by_evidence.temperature_interior and by_evidence.prior_precision_interior and not by_evidence.on_edge
     assert by_evidence.prior_selection == "marglik" and "log_evidence" in by_evidence.table[0]
+    assert "lies on an end" not in caplog.text
     with pytest.raises(lp.LaplacePosteriorError, match="laplace.prior_selection"):
         lp.check_prior_selection("evidence")
 
