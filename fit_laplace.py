@@ -1,4 +1,4 @@
-"""Stage 6: fit a diagonal last-layer Laplace posterior on the trained head, prior tuned on validation NLL.
+"""Stage 6: fit a last-layer diagonal Laplace on the trained head; prior by evidence, temperature by val NLL.
 
     python fit_laplace.py --config config.yaml --run_id v1          # head of checkpoints/head/run_v1
     python fit_laplace.py --config config.yaml --run_id v1 --force  # refit

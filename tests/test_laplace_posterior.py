@@ -168,6 +168,64 @@ def test_grids_widen_until_the_best_pair_is_inside_both():
     assert too_strong.on_edge and too_strong.search.best_prior_precision == pytest.approx(1e4)
 
 
+def test_prior_log_evidence_is_laplace_torchs_marglik_of_the_bernoulli_row(fitted):
+    head, _, _, la = fitted
+    channels = head.final_conv.in_channels
+    row0 = torch.cat([torch.arange(channels), torch.tensor([2 * channels])])
+    priors, temperature = (0.01, 1.0, 30.0, 1e3), 50.0
+    ours = lh.head_prior_log_evidence(la, head, temperature, priors)
+    # laplace-torch scores both rows of the 2-logit layer; row 0 (all zeros) adds only its log-determinant
+    row0_terms = lp.prior_log_evidence(torch.zeros(channels + 1), la.H[row0], priors, temperature)
+    shared = (la.temperature, la.prior_precision.clone())  # the module fixture's: restored below
+    la.temperature = temperature
+    theirs = [float(la.log_marginal_likelihood(prior_precision=torch.tensor(p)) - la.log_likelihood) for p in priors]
+    la.temperature, la.prior_precision = shared
+    assert [a + b for a, b in zip(ours, row0_terms)] == pytest.approx(theirs, rel=1e-5)
+    # the maximiser of a fine grid solves MacKay's fixed point lambda |theta|^2 = sum h / (h + lambda)
+    fine = tuple(10 ** (k / 200) for k in range(-600, 801))
+    evidence = lh.head_prior_log_evidence(la, head, temperature, fine)
+    best = fine[evidence.index(max(evidence))]
+    row1 = lh.bernoulli_row(head, la)
+    curvature = la.H[row1].double() / temperature
+    effective = float((curvature / (curvature + best)).sum())
+    assert best * float(la.mean[row1].double().square().sum()) == pytest.approx(effective, rel=0.03)
+
+
+def ridge_search(curvature: float, best_precision: float):
+    """``search_at`` of a validation NLL that depends on the posterior precision ``curvature / T + prior``
+    only (the ridge of the identity head): best where that precision is ``best_precision``."""
+
+    def search_at(temperature, priors):
+        nll = tuple((math.log10(curvature / temperature + p) - math.log10(best_precision)) ** 2 for p in priors)
+        return lp.PriorSearchResult(tuple(priors), nll, priors[nll.index(min(nll))], 100)
+
+    return search_at
+
+
+def test_marglik_prior_lies_inside_the_grid_where_validation_nll_runs_to_its_end(caplog):
+    weights, curvature = torch.tensor([0.0, 1.0, 0.0, 0.0]), 1e6
+    temperatures, priors = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6], [1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e3]
+    with caplog.at_level("WARNING", logger="pipeline.laplace"):
+        by_nll = lp.search_inside_grids(ridge_search(curvature, 100.0), temperatures, priors, max_widenings=0)
+    assert by_nll.search.best_prior_precision == 1e-3 and not by_nll.prior_precision_interior and by_nll.on_edge
+    assert "prior precision (temperature" in caplog.text and "lies on an end" in caplog.text
+    caplog.clear()
+    assert by_nll.prior_selection == "val_nll"
+
+    def evidence_at(temperature, grid):
+        return lp.prior_log_evidence(weights, torch.full((4,), curvature), grid, temperature)
+
+    by_evidence = lp.search_inside_grids(ridge_search(curvature, 100.0), temperatures, priors, max_widenings=0,
+                                         evidence_at=evidence_at)
+    # MacKay: lambda |theta|^2 ~ 4 effective weights, so 1 or 10 on a decade grid; then T ~ 1e6 / 100
+    assert by_evidence.search.best_prior_precision in (1.0, 10.0) and by_evidence.temperature == 1e4
+    assert by_evidence.temperature_interior and by_evidence.prior_precision_interior and not by_evidence.on_edge
+    assert by_evidence.prior_selection == "marglik" and "log_evidence" in by_evidence.table[0]
+    assert "lies on an end" not in caplog.text
+    with pytest.raises(lp.LaplacePosteriorError, match="laplace.prior_selection"):
+        lp.check_prior_selection("evidence")
+
+
 def test_smaller_prior_precision_gives_larger_logit_variance(fitted):
     head, _, validation, la = fitted
     x = torch.stack([validation[0][0]])

@@ -157,8 +157,12 @@ def test_laplace_quality_on_the_validation_split(trained_project):
     assert quality["laplace_nll"] <= quality["map_nll"] * (1 + 1e-6)
     assert quality["mi_on_map_errors"] > quality["mi_on_map_correct"]
     assert np.isfinite(quality["laplace_ece"]) and quality["ece_bins"] == 15
-    # laplace.grid_widening 0: the configured grids, and whether the best pair lay on an end of them
-    assert quality["searched_temperature_grid"] == [1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0]
+    # laplace.grid_widening 0: the configured grids, and whether each chosen value lay strictly inside its grid
+    assert quality["searched_temperature_grid"] == [10.0 ** k for k in range(8)]
+    assert quality["searched_prior_precision_grid"] == [10.0 ** k for k in range(-4, 5)]
     meta = json.loads((trained_project.root / "laplace" / "head" / "run_v1" / "posterior_meta.json").read_text())
-    on_an_end = meta["temperature"] in (1.0, 1e5) or meta["prior_precision"] in (1e-4, 10.0)
-    assert quality["best_on_grid_edge"] is on_an_end, meta
+    assert (quality["temperature"], quality["prior_precision"]) == (meta["temperature"], meta["prior_precision"])
+    assert quality["prior_selection"] == "marglik"
+    assert quality["temperature_interior"] is (meta["temperature"] not in (1.0, 1e7)), meta
+    assert quality["prior_precision_interior"] is (meta["prior_precision"] not in (1e-4, 1e4)), meta
+    assert quality["best_on_grid_edge"] is not (quality["temperature_interior"] and quality["prior_precision_interior"])

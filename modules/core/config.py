@@ -130,15 +130,18 @@ class LaplaceConfig:
     target_layer: str = "final_conv"
     approx: Literal["diagonal"] = "diagonal"  # the Hessian structure; only the diagonal is implemented
     backend: str = "backpack"
+    # Head target: what picks the prior precision at each temperature (posterior.PRIOR_SELECTIONS):
+    # the Laplace marginal likelihood (marglik) or the validation NLL (val_nll, which trades the prior
+    # off against the temperature along a ridge and lands on a grid end; see the README).
+    prior_selection: Literal["marglik", "val_nll"] = "marglik"
     prior_precision_grid: list[float] = field(
-        default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]
+        default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e2, 1e3, 1e4]
     )
-    # Likelihood temperatures tried with every prior precision (the GGN is divided by T): a mask's
+    # Likelihood temperatures tried (the GGN is divided by T; chosen on the validation NLL): a mask's
     # pixels are not independent, and T = 1 counts each as a full observation.
-    temperature_grid: list[float] = field(default_factory=lambda: [1.0, 1e1, 1e2, 1e3, 1e4, 1e5])
+    temperature_grid: list[float] = field(default_factory=lambda: [1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7])
     # Decades searched past the ends of both grids (head target; posterior.search_inside_grids). 0: the
-    # grids as given. Validation NLL alone can prefer a posterior with no variance at all (the MAP),
-    # which wider grids then reach; quality.json says whether the best lay on an end either way.
+    # grids as given; quality.json says whether each chosen value lay strictly inside its grid either way.
     grid_widening: int = 0
     num_samples: int = 32
     seed: int = 0

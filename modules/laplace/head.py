@@ -30,7 +30,7 @@ from modules.core.progress import TrackedIterable
 from modules.laplace.posterior import (CONFIG_FILE, DEFAULT_NLL_EPS, DEFAULT_PRIOR_PRECISION_GRID, META_FILE,
                                        STATE_FILE, DiagonalLastLayerPosterior, LaplacePosteriorError,
                                        PosteriorMeta, PosteriorQualityAccumulator, PriorSearchResult,
-                                       binary_targets, read_posterior_meta, search_prior_precision,
+                                       binary_targets, prior_log_evidence, read_posterior_meta, search_prior_precision,
                                        verify_state_file)
 from modules.training.checkpoints import load_trained_head
 from modules.training.models import FINAL_LAYER_NAME
@@ -274,6 +274,25 @@ def fit_head_laplace(
 # --------------------------------------------------------------------------- the posterior
 
 
+def bernoulli_row(head: nn.Module, la: ParametricLaplace) -> torch.Tensor:
+    """Indices ``C + 1`` of row 1 (weights ``[C:2C]``, bias ``[2C+1]``) among laplace-torch's ``2C + 2``
+    parameters: the head's Bernoulli logit (``two_class_last_layer``), on ``la.mean``'s device."""
+    channels = check_head(head).in_channels
+    if la.mean.numel() != 2 * channels + 2:
+        raise LaplacePosteriorError(
+            f"laplace posterior: {la.mean.numel()} parameters do not fit a head with {channels} channels"
+        )
+    return torch.cat([torch.arange(channels, 2 * channels), torch.tensor([2 * channels + 1])]).to(la.mean.device)
+
+
+def head_prior_log_evidence(la: ParametricLaplace, head: nn.Module, temperature: float,
+                            prior_precisions: Sequence[float]) -> tuple[float, ...]:
+    """``prior_log_evidence`` of the head's Bernoulli logit (row 1 of the fitted ``la``) at ``temperature``."""
+    row1 = bernoulli_row(head, la)
+    return prior_log_evidence(la.mean[row1], la.H[row1], prior_precisions, temperature)
+
+
+
 class LastLayerPosterior(DiagonalLastLayerPosterior):
     """Bernoulli last-layer posterior of the head: ``z = w . phi + b`` with ``w ~ N(mean, diag(var))``.
 
@@ -305,14 +324,7 @@ class LastLayerPosterior(DiagonalLastLayerPosterior):
     @classmethod
     def from_laplace(cls, head: nn.Module, la: ParametricLaplace) -> "LastLayerPosterior":
         """Row 1 (weights ``[C:2C]``, bias ``[2C+1]``) of a fitted laplace-torch 2-logit posterior."""
-        channels = check_head(head).in_channels
-        if la.mean.numel() != 2 * channels + 2:
-            raise LaplacePosteriorError(
-                f"laplace posterior: {la.mean.numel()} parameters do not fit a head with {channels} channels"
-            )
-        row1 = torch.cat([torch.arange(channels, 2 * channels), torch.tensor([2 * channels + 1])]).to(
-            la.mean.device
-        )
+        row1 = bernoulli_row(head, la)
         prior = la.prior_precision
         if prior.numel() != 1:
             raise LaplacePosteriorError("laplace posterior: only a scalar prior precision is supported")

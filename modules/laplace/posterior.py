@@ -13,7 +13,7 @@ import json
 import logging
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -367,19 +367,62 @@ def search_prior_precision(
 MAX_GRID_WIDENINGS = 3
 GRID_WIDENING_FACTOR = 10.0
 
+#: ``laplace.prior_selection``: what picks the prior precision at each temperature. ``marglik``: the
+#: Laplace marginal likelihood (``prior_log_evidence``), no validation data; ``val_nll``: the validation
+#: NLL of the probit predictive (the ridge described in ``search_inside_grids``).
+PRIOR_SELECTIONS = ("marglik", "val_nll")
+
+
+def check_prior_selection(selection: str) -> str:
+    """``selection`` if it is one of ``PRIOR_SELECTIONS``, else a one-line error naming ``laplace.prior_selection``."""
+    if selection not in PRIOR_SELECTIONS:
+        raise LaplacePosteriorError(
+            f"laplace.prior_selection: {selection!r} is not one of {', '.join(PRIOR_SELECTIONS)}")
+    return selection
+
+
+def prior_log_evidence(weight_mean: torch.Tensor, hessian_diagonal: torch.Tensor,
+                       prior_precisions: Sequence[float], temperature: float) -> tuple[float, ...]:
+    """The terms of the Laplace log marginal likelihood that depend on the prior precision, one per value.
+
+    ``weight_mean`` and ``hessian_diagonal``: ``W`` (the MAP weights and the GGN diagonal of the
+    Bernoulli logit's layer, bias included). For an isotropic prior ``N(0, 1/lambda)`` and the
+    posterior precision ``h = H / T + lambda``:
+    ``-lambda |theta|^2 / 2 + W/2 log lambda - 1/2 sum log(h)`` (laplace-torch's ``log_marginal_likelihood``
+    less its log-likelihood, which does not depend on lambda). Its maximiser satisfies MacKay's
+    ``lambda |theta|^2 = sum_i h_i' / (h_i' + lambda)`` with ``h' = H / T``: at most ``W / |theta|^2``.
+    laplace-torch's own method would score the head's 2-logit layer, whose all-zero row 0 counts
+    every log-determinant twice; this is the evidence of the one Bernoulli logit. Float64.
+    """
+    mean = weight_mean.detach().double().cpu()
+    curvature = hessian_diagonal.detach().double().cpu() / float(temperature)
+    squared_norm = float(mean.square().sum())
+    values = []
+    for prior in positive_grid(prior_precisions, "laplace.prior_precision_grid"):
+        values.append(-0.5 * prior * squared_norm + 0.5 * mean.numel() * math.log(prior)
+                      - 0.5 * float(torch.log(curvature + prior).sum()))
+    return tuple(values)
+
 
 @dataclass(frozen=True)
 class TwoGridSearch:
-    """The outcome of ``search_inside_grids``: the best temperature, the prior search at it, every
-    (temperature, prior precision, val NLL) tried, the grids as widened, and whether the best pair
-    still lies on an end of a grid (``on_edge``: more widening was not allowed)."""
+    """The outcome of ``search_inside_grids``: the best temperature, the prior search at it (its
+    ``best_prior_precision`` is the chosen prior), every (temperature, prior precision, val NLL[,
+    log evidence]) tried, the grids as widened, and whether each chosen value lies strictly inside
+    its searched grid (``on_edge``: either does not; more widening was not allowed)."""
 
     temperature: float
     search: PriorSearchResult
     table: list[dict]
     temperature_grid: tuple[float, ...]
     prior_precision_grid: tuple[float, ...]
-    on_edge: bool
+    temperature_interior: bool
+    prior_precision_interior: bool
+    prior_selection: str = "val_nll"
+
+    @property
+    def on_edge(self) -> bool:
+        return not (self.temperature_interior and self.prior_precision_interior)
 
 
 def _widened(grid: tuple[float, ...], index: int) -> tuple[float, ...] | None:
@@ -393,16 +436,25 @@ def _widened(grid: tuple[float, ...], index: int) -> tuple[float, ...] | None:
 
 def search_inside_grids(search_at: Callable[[float, tuple[float, ...]], PriorSearchResult],
                         temperature_grid: Sequence[float], prior_precision_grid: Sequence[float],
-                        max_widenings: int = MAX_GRID_WIDENINGS) -> TwoGridSearch:
-    """Minimise validation NLL over temperature x prior precision with both ranges wide enough that
-    the chosen pair lies strictly inside them whenever the NLL has a minimum within ``max_widenings``
-    decades past the configured ends.
+                        max_widenings: int = MAX_GRID_WIDENINGS,
+                        evidence_at: Callable[[float, tuple[float, ...]], Sequence[float]] | None = None
+                        ) -> TwoGridSearch:
+    """Choose the temperature (validation NLL) and the prior precision (validation NLL, or the marginal
+    likelihood when ``evidence_at`` is given), with both ranges widened until the chosen pair lies
+    strictly inside them, or ``max_widenings`` decades past the configured ends.
 
     ``search_at(temperature, prior grid)`` scores a whole prior grid at one temperature in one pass
     over the validation data, so the prior grid gets its extra decades at both ends from the start
     (more values cost little within a pass), while the temperature grid grows one decade at a time
-    past the end its best value lies on (each temperature costs a pass). Ties go to the lowest
-    temperature and the lowest prior precision.
+    past the end its best value lies on (each temperature costs a pass). ``evidence_at(temperature,
+    prior grid)``: the log evidence of each prior (``prior_log_evidence``); at each temperature the
+    prior is its maximiser, and the temperature minimises the validation NLL at that prior.
+
+    Why the evidence: the probit predictive depends on the posterior variances ``1 / (H_i / T +
+    lambda)`` only, so by validation NLL alone the two trade off along a ridge: wherever ``H / T``
+    dominates, lambda changes the NLL by rounding noise (the first, smallest, prior wins), and when
+    the MAP logits are overconfident the NLL keeps falling as T grows until the posterior is the
+    prior alone. Ties go to the lowest temperature and the lowest prior precision.
     """
     temperatures = tuple(sorted(set(positive_grid(temperature_grid, "laplace.temperature_grid"))))
     configured = sorted(set(positive_grid(prior_precision_grid, "laplace.prior_precision_grid")))
@@ -410,12 +462,20 @@ def search_inside_grids(search_at: Callable[[float, tuple[float, ...]], PriorSea
                    + configured + [configured[-1] * GRID_WIDENING_FACTOR ** step
                                    for step in range(1, max_widenings + 1)])
     searches: dict[float, PriorSearchResult] = {}
+    evidences: dict[float, tuple[float, ...]] = {}
+    chosen: dict[float, int] = {}  # the chosen prior's index at each temperature
     widenings = {"low": 0, "high": 0}
     while True:
         for temperature in temperatures:
             if temperature not in searches:
                 searches[temperature] = search_at(temperature, priors)
-        best_temperature = min(temperatures, key=lambda t: (min(searches[t].nll), t))
+                if evidence_at is None:
+                    nll = searches[temperature].nll
+                    chosen[temperature] = nll.index(min(nll))
+                else:
+                    evidences[temperature] = tuple(float(value) for value in evidence_at(temperature, priors))
+                    chosen[temperature] = evidences[temperature].index(max(evidences[temperature]))
+        best_temperature = min(temperatures, key=lambda t: (searches[t].nll[chosen[t]], t))
         wider = _widened(temperatures, temperatures.index(best_temperature))
         if wider is None:
             break
@@ -424,15 +484,22 @@ def search_inside_grids(search_at: Callable[[float, tuple[float, ...]], PriorSea
             break
         widenings[end] += 1
         temperatures = wider
-    search = searches[best_temperature]
-    table = [{"temperature": t, "prior_precision": p, "val_nll": nll}
-             for t in temperatures for p, nll in zip(searches[t].grid, searches[t].nll)]
-    on_edge = wider is not None or _widened(priors, priors.index(search.best_prior_precision)) is not None
-    if on_edge:
-        log.warning("the best Laplace (temperature %g, prior precision %g) lies on an end of the searched grids "
-                    "%s x %s; the validation NLL may keep falling past it (laplace.grid_widening searches further)",
-                    best_temperature, search.best_prior_precision, list(temperatures), list(priors))
-    return TwoGridSearch(best_temperature, search, table, temperatures, priors, on_edge)
+    search = replace(searches[best_temperature], best_prior_precision=priors[chosen[best_temperature]])
+    table = [{"temperature": t, "prior_precision": p, "val_nll": nll,
+              **({} if evidence_at is None else {"log_evidence": evidences[t][index]})}
+             for t in temperatures for index, (p, nll) in enumerate(zip(searches[t].grid, searches[t].nll))]
+    temperature_interior = wider is None
+    prior_interior = _widened(priors, chosen[best_temperature]) is None
+    selection = "val_nll" if evidence_at is None else "marglik"
+    if not (temperature_interior and prior_interior):
+        ends = [name for name, inside in (("temperature", temperature_interior),
+                                          ("prior precision", prior_interior)) if not inside]
+        log.warning("the chosen Laplace %s (temperature %g, prior precision %g by %s) lies on an end of the "
+                    "searched grids %s x %s; the criterion may keep improving past it (laplace.grid_widening "
+                    "searches further)", " and ".join(ends), best_temperature, search.best_prior_precision,
+                    selection, list(temperatures), list(priors))
+    return TwoGridSearch(best_temperature, search, table, temperatures, priors, temperature_interior,
+                         prior_interior, selection)
 
 
 # --------------------------------------------------------------------------- artifacts

@@ -8,8 +8,11 @@ when all of them exist (a fit killed before ``quality.json`` is fitted again) an
 (``.stage.json``: every ``laplace.*`` value and the checkpoint md5) is unchanged; the fingerprint is
 checked before that skip, so a changed setting or checkpoint is a one-line error until ``--force`` refits.
 
-Temperature and prior precision: the pair with the lowest validation NLL, on the grids widened by
-``laplace.grid_widening`` decades (``posterior.search_inside_grids``; head target). Quality checks on the
+Temperature and prior precision (head target): the temperature with the lowest validation NLL, the
+prior precision at each temperature by ``laplace.prior_selection`` (the Laplace marginal likelihood, or
+the validation NLL), on the grids widened by ``laplace.grid_widening`` decades
+(``posterior.search_inside_grids``); ``quality.json`` records both and whether each lies strictly
+inside its searched grid (a warning is logged when not). Quality checks on the
 validation split (printed and logged): NLL and ECE of the Laplace predictive
 (probit) against the MAP head, and the mean mutual information on pixels the MAP head gets wrong
 against those it gets right.
@@ -57,16 +60,22 @@ class HeadSamples:
 
 
 def tune_temperature_and_prior(la, head, val_samples: HeadSamples, settings, batch_size: int) -> lp.TwoGridSearch:
-    """Search (temperature, prior precision) on the validation NLL of the probit predictive, the grids
-    widened until the best pair is inside both (``posterior.search_inside_grids``); sets it on ``la``."""
+    """Choose the temperature on the validation NLL of the probit predictive and the prior precision by
+    ``laplace.prior_selection`` (the marginal likelihood, or the validation NLL), the grids widened until
+    both lie inside (``posterior.search_inside_grids``); sets them on ``la``."""
 
     def search_at(temperature: float, priors: tuple[float, ...]):
         la.temperature = float(temperature)
         return lh.tune_head_prior_precision(la, head, lh.iterate_in_batches(val_samples, batch_size),
                                             grid=priors, nll_eps=settings.nll_eps)
 
+    def evidence_at(temperature: float, priors: tuple[float, ...]):
+        return lh.head_prior_log_evidence(la, head, temperature, priors)
+
+    by_evidence = lp.check_prior_selection(settings.prior_selection) == "marglik"
     outcome = lp.search_inside_grids(search_at, settings.temperature_grid, settings.prior_precision_grid,
-                                     max_widenings=settings.grid_widening)
+                                     max_widenings=settings.grid_widening,
+                                     evidence_at=evidence_at if by_evidence else None)
     la.temperature = outcome.temperature
     la.prior_precision = outcome.search.best_prior_precision
     return outcome
@@ -102,18 +111,22 @@ def run_stage(ctx, run_id: str) -> None:
     lh.save_posterior(folder, la, meta, cfg.section("laplace"))
     atomic_write_csv(folder / lp.GRID_TABLE_FILE, grid_table)
     plot_prior_grid(list(search.grid), list(search.nll), search.best_prior_precision,
-                    folder / lp.GRID_PLOT_FILE, title=f"Laplace prior precision (temperature {temperature:g})")
+                    folder / lp.GRID_PLOT_FILE,
+                    title=f"Laplace prior precision by {tuning.prior_selection} (temperature {temperature:g})")
     posterior = lh.LastLayerPosterior.from_laplace(head, la)
     checks = lh.head_quality_checks(head, posterior, val_set, settings.num_samples, settings.seed, settings.nll_eps,
                                     predictive=settings.predictive)
     checks["searched_temperature_grid"] = list(tuning.temperature_grid)
     checks["searched_prior_precision_grid"] = list(tuning.prior_precision_grid)
+    checks["prior_selection"] = tuning.prior_selection
+    checks["temperature"], checks["prior_precision"] = temperature, search.best_prior_precision
+    checks["temperature_interior"] = tuning.temperature_interior
+    checks["prior_precision_interior"] = tuning.prior_precision_interior
     checks["best_on_grid_edge"] = tuning.on_edge
     atomic_write_json(folder / lp.QUALITY_FILE, checks)
     ctx.tracker.log_table("prior_precision_nll", grid_table)
     ctx.tracker.log_artifact(folder, name=f"laplace-head-run_{run_id}", type="laplace")
-    ctx.summary({"prior_precision": search.best_prior_precision, "temperature": temperature,
-                 "n_data_pixels": int(la.n_data), **checks})
+    ctx.summary({"n_data_pixels": int(la.n_data), **checks})
 
 
 def run_decoder_stage(ctx, run_id: str) -> None:
