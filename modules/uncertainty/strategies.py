@@ -520,6 +520,17 @@ def variance_readout(loss: str) -> VarianceReadout:
     return VARIANCE_READOUTS[loss]
 
 
+def read_variance(readout: VarianceReadout, logits: torch.Tensor,
+                  log_variance: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The predictive probability and the maps (``log_variance``, ``entropy``) of a head's ``logits``
+    and a variance network's ``log_variance`` (both ``B x ...``, float32), in closed form: under
+    logit noise the probit predictive ``sigmoid(z / sqrt(1 + pi exp(s) / 8))``, else the head's
+    probability; ``entropy`` is that probability's."""
+    if readout.logit_noise:
+        logits = logits / torch.sqrt(1.0 + math.pi * torch.exp(log_variance) / 8.0)
+    return torch.sigmoid(logits), {"log_variance": log_variance, "entropy": binary_entropy_from_logits(logits)}
+
+
 class VarianceNetworkStrategy(Strategy):
     """The MAP head plus a ``VarianceNetwork`` predicting a log-variance ``s`` per pixel, read as the
     network's training loss says (``VARIANCE_READOUTS``).
@@ -564,17 +575,13 @@ class VarianceNetworkStrategy(Strategy):
         inputs = VarianceNetwork.build_inputs(sample.head_inputs.to(self.device), logits.unsqueeze(1))
         with torch.inference_mode(), torch.autocast(device_type=self.device.type, enabled=False):
             log_variance = self.variance_net(inputs)[:, 0].float()
-        if not self.readout.logit_noise:
-            mean_prob, entropy = torch.sigmoid(logits), binary_entropy_from_logits(logits)
-        elif self.mc_samples == 0:
-            probit_logits = logits / torch.sqrt(1.0 + math.pi * torch.exp(log_variance) / 8.0)
-            mean_prob, entropy = torch.sigmoid(probit_logits), binary_entropy_from_logits(probit_logits)
-        else:
-            generator = torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, sample.sample_key))
-            noise = torch.randn((self.mc_samples, *logits.shape), generator=generator, device=self.device)
-            mean_prob = torch.sigmoid(logits + torch.exp(0.5 * log_variance) * noise).mean(dim=0)
-            entropy = binary_entropy(mean_prob)
-        return StrategyOutput(mean_prob, {"log_variance": log_variance, "entropy": entropy}, self.primary_map)
+        if not self.readout.logit_noise or self.mc_samples == 0:
+            return StrategyOutput(*read_variance(self.readout, logits, log_variance), self.primary_map)
+        generator = torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, sample.sample_key))
+        noise = torch.randn((self.mc_samples, *logits.shape), generator=generator, device=self.device)
+        mean_prob = torch.sigmoid(logits + torch.exp(0.5 * log_variance) * noise).mean(dim=0)
+        return StrategyOutput(mean_prob, {"log_variance": log_variance, "entropy": binary_entropy(mean_prob)},
+                              self.primary_map)
 
 
 #: Strategy name (as in the config) -> class.
