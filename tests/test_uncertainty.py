@@ -203,7 +203,7 @@ def test_variance_network_strategy():
     assert log_var.std() > 0.05
 
     # Logit-noise network (the mc_logit_noise loss): the closed-form predictive and its entropy.
-    plain = VarianceNetworkStrategy(head, variance_net).predict(sample)
+    plain = VarianceNetworkStrategy(head, variance_net, loss="mc_logit_noise").predict(sample)
     assert plain.primary_map == "entropy" and set(plain.maps) == {"log_variance", "entropy"}
     torch.testing.assert_close(plain.maps["log_variance"], log_var)
     torch.testing.assert_close(plain.mean_prob, binary_probit_probability(map_logits[:, 0], log_var.exp()))
@@ -219,7 +219,7 @@ def test_variance_network_strategy():
         VarianceNetworkStrategy(head, variance_net, loss="laplace")
     assert set(VARIANCE_READOUTS) == set(LOSSES)
 
-    strategy = VarianceNetworkStrategy(head, variance_net, mc_samples=64, seed=3)
+    strategy = VarianceNetworkStrategy(head, variance_net, mc_samples=64, seed=3, loss="mc_logit_noise")
     noisy = strategy.predict(sample)
     # Logit noise pulls probabilities towards 1/2 and raises the entropy (the head's own is lower).
     confident = (residual.mean_prob - 0.5).abs() > 0.4
@@ -231,7 +231,8 @@ def test_variance_network_strategy():
     # Seeded per sample: the order samples are processed in does not matter.
     strategy.predict(other)
     assert torch.equal(strategy.predict(sample).mean_prob, noisy.mean_prob)
-    assert not torch.equal(VarianceNetworkStrategy(head, variance_net, 64, seed=4).predict(sample).mean_prob,
+    assert not torch.equal(VarianceNetworkStrategy(head, variance_net, 64, seed=4, loss="mc_logit_noise")
+                           .predict(sample).mean_prob,
                            noisy.mean_prob)
 
 
@@ -244,7 +245,7 @@ def test_an_untrained_variance_network_ranks_pixels_as_the_head_entropy():
         head.final_conv.weight.mul_(5.0)
         map_logits = head(sample.head_inputs)[:, 0]
     untrained = VarianceNetwork(channels_in=4, hidden_channels=8, initial_log_var=1.0).eval()
-    output = VarianceNetworkStrategy(head, untrained).predict(sample)
+    output = VarianceNetworkStrategy(head, untrained, loss="mc_logit_noise").predict(sample)
     assert torch.equal(output.maps["log_variance"], torch.full_like(map_logits, output.maps["log_variance"][0, 0, 0]))
     # The head's entropy decreases with |logit|; so must the readout (up to float32 rounding near ln 2).
     order = torch.argsort(map_logits.abs().flatten())

@@ -30,7 +30,7 @@ from modules.laplace.head import HeadInputs
 from modules.laplace.posterior import check_predictive
 from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
 from modules.training.models import VarianceNetwork
-from modules.core.config import ConfigError
+from modules.core.config import ConfigError, VarianceConfig
 from modules.uncertainty.prompt_perturbation import (LABEL_SOURCES, MAGNITUDES_KEY, PerturbationMagnitudes,
                                                      prompt_perturbation_predict)
 from modules.uncertainty.tta import ImageTransform, tta_predict
@@ -548,7 +548,7 @@ class VarianceNetworkStrategy(Strategy):
     primary_map = "entropy"
 
     def __init__(self, head: nn.Module, variance_net: nn.Module, mc_samples: int = 0, seed: int = 0,
-                 loss: str = "mc_logit_noise") -> None:
+                 loss: str = VarianceConfig.loss) -> None:
         self.head = head.eval()
         self.variance_net = variance_net.eval()
         self.device = _module_device(head)
