@@ -20,7 +20,8 @@ from modules.training.losses import (
     build_variance_loss,
     hard_iou,
 )
-from modules.training.checkpoints import build_fusion, build_head, build_variance_network, load_trained_head
+from modules.training.checkpoints import (build_fusion, build_head, build_variance_network, load_trained_head,
+                                          load_trained_variance_network)
 from modules.training.run_state import BEST_FILE, save_tensors
 from modules.training.models import FINAL_LAYER_NAME, PromptAwareHead, UncertaintyFusion, VarianceNetwork, soft_clamp
 
@@ -271,6 +272,23 @@ def test_variance_network_learns_through_mc_loss():
     loss = McLogitNoiseLoss(num_samples=4, seed=0)(map_logits, log_var, torch.ones(2, 1, 8, 8))
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.final_conv.parameters())
+
+
+def test_a_variance_run_loads_only_under_the_loss_it_was_trained_with(tmp_path):
+    cfg = load_config(None, [f"data.project_root={tmp_path}"])
+    run_dir = checkpoint_run_dir(tmp_path, "variance", "v1")
+    run_dir.mkdir(parents=True)
+    save_tensors(build_variance_network(cfg).state_dict(), run_dir / BEST_FILE)
+    assert isinstance(load_trained_variance_network(cfg, "v1"), VarianceNetwork)  # no recorded config: not checked
+    (run_dir / "config.resolved.yaml").write_text(f"variance:\n  loss: {cfg.variance.loss}\n")
+    assert isinstance(load_trained_variance_network(cfg, "v1"), VarianceNetwork)
+    other = next(name for name in LOSSES if name != cfg.variance.loss)
+    (run_dir / "config.resolved.yaml").write_text(f"variance:\n  loss: {other}\n")
+    with pytest.raises(PipelineError, match=f"config.resolved.yaml: .*variance.loss={other} but this config"):
+        load_trained_variance_network(cfg, "v1")
+    assert isinstance(load_trained_variance_network(load_config(None, [f"data.project_root={tmp_path}",
+                                                                       f"variance.loss={other}"]), "v1"),
+                      VarianceNetwork)
 
 
 # --------------------------------------------------------------------------- focal + dice + IoU

@@ -22,12 +22,15 @@ from modules.uncertainty.strategies import (
     StrategyOutput,
     TTAStrategy,
     UncertaintyError,
+    VARIANCE_READOUTS,
     VarianceNetworkStrategy,
     binary_entropy,
     binary_entropy_from_logits,
     head_inputs,
     sample_statistics,
 )
+from modules.core.config import ConfigError
+from modules.training.losses import LOSSES
 from tests.helpers.precompute_fixtures import save_random_checkpoint
 
 LN2 = math.log(2.0)
@@ -197,6 +200,8 @@ def test_batched_head_with_image_embedding_equals_one_sample_at_a_time():
 
 
 def test_variance_network_strategy():
+    from modules.laplace.posterior import binary_probit_probability
+
     sample, other = make_sample("s1", seed=0), make_sample("s2", seed=1)
     head = seeded_head()
     with torch.no_grad():
@@ -206,26 +211,59 @@ def test_variance_network_strategy():
     with torch.no_grad():
         variance_net.final_conv.weight.normal_(0.0, 0.3)  # a spatially varying variance
         map_logits = head(sample.head_inputs)
-    plain = VarianceNetworkStrategy(head, variance_net).predict(sample)
-    assert plain.primary_map == "log_variance" and set(plain.maps) == {"log_variance", "entropy"}
-    torch.testing.assert_close(plain.mean_prob, torch.sigmoid(map_logits)[:, 0])
-    with torch.no_grad():
-        expected = variance_net(VarianceNetwork.build_inputs(sample.head_inputs, map_logits))[:, 0]
-    torch.testing.assert_close(plain.primary, expected)
-    assert plain.primary.std() > 0.05
+        log_var = variance_net(VarianceNetwork.build_inputs(sample.head_inputs, map_logits))[:, 0]
+    assert log_var.std() > 0.05
 
-    strategy = VarianceNetworkStrategy(head, variance_net, mc_samples=64, seed=3)
+    # Logit-noise network (the mc_logit_noise loss): the closed-form predictive and its entropy.
+    plain = VarianceNetworkStrategy(head, variance_net, loss="mc_logit_noise").predict(sample)
+    assert plain.primary_map == "entropy" and set(plain.maps) == {"log_variance", "entropy"}
+    torch.testing.assert_close(plain.maps["log_variance"], log_var)
+    torch.testing.assert_close(plain.mean_prob, binary_probit_probability(map_logits[:, 0], log_var.exp()))
+    torch.testing.assert_close(plain.primary, binary_entropy(plain.mean_prob), atol=1e-5, rtol=1e-4)
+    assert torch.equal(plain.mean_prob > 0.5, map_logits[:, 0] > 0)  # the head's mask is kept
+
+    # Residual-NLL network: the head's probability, and the log-variance is the error score.
+    residual = VarianceNetworkStrategy(head, variance_net, loss="gaussian_residual_nll").predict(sample)
+    assert residual.primary_map == "log_variance"
+    torch.testing.assert_close(residual.primary, log_var)
+    torch.testing.assert_close(residual.mean_prob, torch.sigmoid(map_logits)[:, 0])
+    with pytest.raises(ConfigError, match="variance.loss"):
+        VarianceNetworkStrategy(head, variance_net, loss="laplace")
+    assert set(VARIANCE_READOUTS) == set(LOSSES)
+
+    strategy = VarianceNetworkStrategy(head, variance_net, mc_samples=64, seed=3, loss="mc_logit_noise")
     noisy = strategy.predict(sample)
-    # Logit noise pulls probabilities towards 1/2 and raises the entropy.
-    confident = (plain.mean_prob - 0.5).abs() > 0.4
+    # Logit noise pulls probabilities towards 1/2 and raises the entropy (the head's own is lower).
+    confident = (residual.mean_prob - 0.5).abs() > 0.4
     assert confident.float().mean() > 0.1
-    assert ((noisy.mean_prob - 0.5).abs() < (plain.mean_prob - 0.5).abs())[confident].float().mean() > 0.95
-    assert noisy.maps["entropy"].mean() > plain.maps["entropy"].mean()
+    assert ((noisy.mean_prob - 0.5).abs() < (residual.mean_prob - 0.5).abs())[confident].float().mean() > 0.95
+    assert noisy.maps["entropy"].mean() > residual.maps["entropy"].mean()
+    # The Monte-Carlo predictive agrees with the closed form to MC and probit-approximation error.
+    assert (noisy.mean_prob - plain.mean_prob).abs().mean() < 0.03
     # Seeded per sample: the order samples are processed in does not matter.
     strategy.predict(other)
     assert torch.equal(strategy.predict(sample).mean_prob, noisy.mean_prob)
-    assert not torch.equal(VarianceNetworkStrategy(head, variance_net, 64, seed=4).predict(sample).mean_prob,
+    assert not torch.equal(VarianceNetworkStrategy(head, variance_net, 64, seed=4, loss="mc_logit_noise")
+                           .predict(sample).mean_prob,
                            noisy.mean_prob)
+
+
+def test_an_untrained_variance_network_ranks_pixels_as_the_head_entropy():
+    """Untrained (constant log-variance), the logit-noise readout is a strictly increasing function of
+    the head's own entropy, so it detects errors exactly as well; training can only reorder pixels."""
+    sample = make_sample("s1", seed=0)
+    head = seeded_head()
+    with torch.no_grad():
+        head.final_conv.weight.mul_(5.0)
+        map_logits = head(sample.head_inputs)[:, 0]
+    untrained = VarianceNetwork(channels_in=4, hidden_channels=8, initial_log_var=1.0).eval()
+    output = VarianceNetworkStrategy(head, untrained, loss="mc_logit_noise").predict(sample)
+    assert torch.equal(output.maps["log_variance"], torch.full_like(map_logits, output.maps["log_variance"][0, 0, 0]))
+    # The head's entropy decreases with |logit|; so must the readout (up to float32 rounding near ln 2).
+    order = torch.argsort(map_logits.abs().flatten())
+    assert map_logits.abs().flatten().unique().numel() > 1000
+    assert (output.primary.flatten().double()[order].diff() <= 1e-6).all()
+    assert (output.primary > binary_entropy_from_logits(map_logits)).float().mean() > 0.99  # noise adds uncertainty
 
 
 def test_laplace_strategy_with_the_real_posterior():

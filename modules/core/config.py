@@ -116,7 +116,7 @@ class TrainingConfig:
 @dataclass
 class VarianceConfig:
     hidden_channels: int = 16
-    loss: Literal["mc_logit_noise", "gaussian_residual_nll"] = "mc_logit_noise"
+    loss: Literal["mc_logit_noise", "gaussian_residual_nll"] = "gaussian_residual_nll"
     mc_samples: int = 16
     log_var_min: float = -5.0
     log_var_max: float = 5.0

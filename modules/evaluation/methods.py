@@ -92,7 +92,8 @@ def _build_laplace(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
 
 def _build_variance_network(cfg: PipelineConfig, artifacts: Artifacts) -> Strategy:
     return VarianceNetworkStrategy(artifacts.head, artifacts.variance_network,
-                                   mc_samples=cfg.evaluation.variance_mc_samples, seed=cfg.training.seed)
+                                   mc_samples=cfg.evaluation.variance_mc_samples, seed=cfg.training.seed,
+                                   loss=cfg.variance.loss)
 
 
 #: ``evaluation.strategies`` name -> builder. The backbone-based strategies also need the SAM

@@ -39,6 +39,7 @@ from modules.training.run_state import BEST_FILE, load_checkpoint_file
 from modules.training.trainer import Trainer, TrainerConfig, batch_iou_metrics, move_to_device, sanity_check
 from modules.uncertainty.fusion import (FusionDataset, collate_images, make_uncertainty_source, refinement_step,
                                         score_validation, validate_refinement_switch)
+from modules.uncertainty.strategies import read_variance, variance_readout
 
 SANITY_LOSS_FRACTION = 0.6  # --sanity_check passes when one batch's loss falls below this fraction
 
@@ -107,8 +108,10 @@ def head_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None
 
 
 def variance_margin(log_var: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
-    """Per sample: mean log-variance on pixels the MAP head gets wrong minus on those it gets right
-    (0 where a sample has no pixel of one kind). ``log_var``, ``wrong``: ``B x 1 x H x W``."""
+    """Per sample: mean log-variance (or any uncertainty map) on pixels the MAP head gets wrong minus
+    on those it gets right (0 where a sample has no pixel of one kind). ``log_var``, ``wrong``:
+    ``B x 1 x H x W``. ``primary_margin`` is that of the map the evaluation ranks
+    (``uncertainty.strategies.VARIANCE_READOUTS``)."""
     wrong = wrong.float()
     right = 1.0 - wrong
     dims = (1, 2, 3)
@@ -133,11 +136,15 @@ def variance_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | 
         loss = loss_fn(map_logits, log_var, batch["target"])
         return loss, (map_logits, batch["target"], log_var.detach())
 
+    readout = variance_readout(cfg.variance.loss)
+
     def metric_fn(outputs):
         map_logits, target, log_var = outputs
         wrong = (map_logits > 0) != (target > 0.5)
         iou = hard_iou(map_logits, target)
-        return {"iou": iou, "log_var_margin": variance_margin(log_var, wrong)}
+        _, maps = read_variance(readout, map_logits, log_var)
+        return {"iou": iou, "log_var_margin": variance_margin(log_var, wrong),
+                "primary_margin": variance_margin(maps[readout.primary_map], wrong)}
 
     train, val = packed_batch_datasets(cfg)
     return TrainingTask(model, step_fn, metric_fn, train, val, selection_metric="val_loss", selection_mode="min",

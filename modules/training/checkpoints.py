@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 from torch import nn
 
 from modules.core.config import PipelineConfig
 from modules.core.errors import PipelineError
 from modules.core.paths import checkpoint_run_dir
+from modules.core.stage import RESOLVED_CONFIG_FILE
 from modules.training.models import PromptAwareHead, UncertaintyFusion, VarianceNetwork
 from modules.training.run_state import BEST_FILE, STATE_FILE, load_checkpoint_file
 
@@ -62,7 +64,21 @@ def load_trained_head(cfg: PipelineConfig, run_id: str, device: torch.device | s
 
 
 def load_trained_variance_network(cfg: PipelineConfig, run_id: str, device="cpu") -> VarianceNetwork:
-    return load_trained(cfg, "variance", build_variance_network, run_id, device)[0]
+    """The variance network of ``checkpoints/variance/run_<run_id>``, frozen. Its output means what
+    its training loss made it mean (``uncertainty.strategies.VARIANCE_READOUTS``), so a run whose
+    ``config.resolved.yaml`` records another ``variance.loss`` than ``cfg`` is a one-line error
+    (a run without that file is not checked)."""
+    network, path = load_trained(cfg, "variance", build_variance_network, run_id, device)
+    try:
+        recorded = yaml.safe_load((path.parent / RESOLVED_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return network
+    loss = (recorded.get("variance") or {}).get("loss") if isinstance(recorded, dict) else None
+    if loss is not None and loss != cfg.variance.loss:
+        raise PipelineError(f"{path.parent / RESOLVED_CONFIG_FILE}: the variance network was trained with "
+                            f"variance.loss={loss} but this config has variance.loss={cfg.variance.loss}; set it "
+                            f"back (--set variance.loss={loss}) or retrain (train_head.py --model variance --force)")
+    return network
 
 
 def load_trained_fusion(cfg: PipelineConfig, run_id: str, device="cpu") -> UncertaintyFusion:

@@ -12,6 +12,7 @@ separate argument); its name says ``oracle`` and ``ORACLE_STRATEGIES`` lists it 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Sequence
@@ -29,7 +30,7 @@ from modules.laplace.head import HeadInputs
 from modules.laplace.posterior import check_predictive
 from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
 from modules.training.models import VarianceNetwork
-from modules.core.config import ConfigError
+from modules.core.config import ConfigError, VarianceConfig
 from modules.uncertainty.prompt_perturbation import (LABEL_SOURCES, MAGNITUDES_KEY, PerturbationMagnitudes,
                                                      prompt_perturbation_predict)
 from modules.uncertainty.tta import ImageTransform, tta_predict
@@ -484,19 +485,68 @@ class LaplaceStrategy(Strategy):
         return StrategyOutput(result["mean_prob"].float(), maps, self.primary_map)
 
 
-class VarianceNetworkStrategy(Strategy):
-    """The MAP head plus a ``VarianceNetwork`` predicting the log-variance ``s`` of the head's logit.
+@dataclass(frozen=True)
+class VarianceReadout:
+    """What a variance network's log-variance ``s`` means under the loss it was trained with
+    (``variance.loss``), and so how the strategy reads it.
 
-    ``mc_samples == 0`` (default): ``mean_prob`` is the MAP head's probability. ``mc_samples = T > 0``:
-    ``mean_prob = mean_t sigmoid(logit + exp(s / 2) * eps_t)`` with ``eps_t ~ N(0, 1)`` per pixel, the
-    predictive of the Kendall & Gal logit-noise model the network is trained with (``mc_logit_noise``),
-    seeded per sample. Maps: ``log_variance`` (primary; ``s`` itself) and ``entropy`` of ``mean_prob``.
+    ``logit_noise``: ``s`` is the log-variance of Gaussian noise on the head's logit (Kendall & Gal),
+    so the predictive is ``E[sigmoid(z + sigma * eps)]``; otherwise the head's probability stays the
+    prediction. ``primary_map``: the map that stands for the strategy in the evaluation.
+    """
+
+    logit_noise: bool
+    primary_map: str
+
+
+#: ``variance.loss`` -> how the trained network's output is read (keys: ``training.losses.LOSSES``).
+#: Under the logit-noise model the log-variance alone does not rank errors: the loss is flat in
+#: ``s`` where ``|z|`` is large (noise cannot flip a confident logit), so ``s`` may grow there
+#: freely; the predictive's entropy weighs ``s`` against ``|z|``, and with a constant ``s`` ranks
+#: pixels exactly as the head's own entropy. UncertSAM's residual NLL makes ``s`` the log of the
+#: expected squared probability error, itself an error score.
+VARIANCE_READOUTS: dict[str, VarianceReadout] = {
+    "mc_logit_noise": VarianceReadout(logit_noise=True, primary_map="entropy"),
+    "gaussian_residual_nll": VarianceReadout(logit_noise=False, primary_map="log_variance"),
+}
+
+
+def variance_readout(loss: str) -> VarianceReadout:
+    """``VARIANCE_READOUTS[loss]``; an unknown name is a one-line ``ConfigError`` naming ``variance.loss``."""
+    if loss not in VARIANCE_READOUTS:
+        raise ConfigError(f"variance.loss: {loss!r} is not one of {', '.join(VARIANCE_READOUTS)}")
+    return VARIANCE_READOUTS[loss]
+
+
+def read_variance(readout: VarianceReadout, logits: torch.Tensor,
+                  log_variance: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The predictive probability and the maps (``log_variance``, ``entropy``) of a head's ``logits``
+    and a variance network's ``log_variance`` (both ``B x ...``, float32), in closed form: under
+    logit noise the probit predictive ``sigmoid(z / sqrt(1 + pi exp(s) / 8))``, else the head's
+    probability; ``entropy`` is that probability's."""
+    if readout.logit_noise:
+        logits = logits / torch.sqrt(1.0 + math.pi * torch.exp(log_variance) / 8.0)
+    return torch.sigmoid(logits), {"log_variance": log_variance, "entropy": binary_entropy_from_logits(logits)}
+
+
+class VarianceNetworkStrategy(Strategy):
+    """The MAP head plus a ``VarianceNetwork`` predicting a log-variance ``s`` per pixel, read as the
+    network's training loss says (``VARIANCE_READOUTS``).
+
+    Logit-noise networks (``mc_logit_noise``): ``mc_samples == 0`` (default): ``mean_prob`` is the
+    closed-form probit predictive ``sigmoid(z / sqrt(1 + pi exp(s) / 8))`` (the head's mask: the
+    sign of ``z`` is kept); ``mc_samples = T > 0``: ``mean_t sigmoid(z + exp(s / 2) * eps_t)`` with
+    ``eps_t ~ N(0, 1)`` per pixel, seeded per sample. Primary map: ``entropy`` of ``mean_prob``.
+    Residual-NLL networks (``gaussian_residual_nll``): ``mean_prob`` is the head's probability and
+    the primary map is ``log_variance``. Maps of both: ``log_variance`` (``s`` itself) and
+    ``entropy``; every map ``P x 256 x 256``.
     """
 
     name = "variance_network"
-    primary_map = "log_variance"
+    primary_map = "entropy"
 
-    def __init__(self, head: nn.Module, variance_net: nn.Module, mc_samples: int = 0, seed: int = 0) -> None:
+    def __init__(self, head: nn.Module, variance_net: nn.Module, mc_samples: int = 0, seed: int = 0,
+                 loss: str = VarianceConfig.loss) -> None:
         self.head = head.eval()
         self.variance_net = variance_net.eval()
         self.device = _module_device(head)
@@ -507,6 +557,8 @@ class VarianceNetworkStrategy(Strategy):
             raise UncertaintyError(f"variance.mc_samples: must be >= 0, got {mc_samples}")
         self.mc_samples = int(mc_samples)
         self.seed = int(seed)
+        self.readout = variance_readout(loss)
+        self.primary_map = self.readout.primary_map
 
     def predict(self, sample: EvalSample) -> StrategyOutput:
         return self._output(sample, _head_logits(self.head, sample))
@@ -521,14 +573,13 @@ class VarianceNetworkStrategy(Strategy):
         inputs = VarianceNetwork.build_inputs(sample.head_inputs.to(self.device), logits.unsqueeze(1))
         with torch.inference_mode(), torch.autocast(device_type=self.device.type, enabled=False):
             log_variance = self.variance_net(inputs)[:, 0].float()
-        if self.mc_samples == 0:
-            mean_prob, entropy = torch.sigmoid(logits), binary_entropy_from_logits(logits)
-        else:
-            generator = torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, sample.sample_key))
-            noise = torch.randn((self.mc_samples, *logits.shape), generator=generator, device=self.device)
-            mean_prob = torch.sigmoid(logits + torch.exp(0.5 * log_variance) * noise).mean(dim=0)
-            entropy = binary_entropy(mean_prob)
-        return StrategyOutput(mean_prob, {"log_variance": log_variance, "entropy": entropy}, self.primary_map)
+        if not self.readout.logit_noise or self.mc_samples == 0:
+            return StrategyOutput(*read_variance(self.readout, logits, log_variance), self.primary_map)
+        generator = torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, sample.sample_key))
+        noise = torch.randn((self.mc_samples, *logits.shape), generator=generator, device=self.device)
+        mean_prob = torch.sigmoid(logits + torch.exp(0.5 * log_variance) * noise).mean(dim=0)
+        return StrategyOutput(mean_prob, {"log_variance": log_variance, "entropy": binary_entropy(mean_prob)},
+                              self.primary_map)
 
 
 #: Strategy name (as in the config) -> class.
