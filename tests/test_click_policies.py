@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
+from modules.uncertainty.strategies import StrategyOutput, read_variance, variance_readout
 from modules.interactive.click_policies import (
+    CLICK_POLICIES,
     ClickChoice,
     annotator_label,
     blocked_pixels,
@@ -78,3 +81,21 @@ def test_oracle_treats_the_image_border_as_boundary_and_skips_clicked_pixels():
     assert choice.col in (4, 5) and 4 <= choice.row <= 15  # 5 px from the border and the strip edge
     again = choose_by_error_oracle(np.zeros_like(truth), truth, [(choice.row, choice.col)])
     assert (again.row, again.col) != (choice.row, choice.col) and truth[again.row, again.col]
+
+
+def test_the_variance_network_policy_reads_the_map_its_loss_ranks_errors_by():
+    # The logit-noise network's log-variance is not an error score (its predictive entropy is);
+    # the residual-NLL network's log-variance is. The policy follows the strategy's primary map.
+    logits = torch.tensor([[[6.0, 0.5], [-0.3, -7.0]]])
+    log_variance = torch.tensor([[[4.0, -2.0], [-2.0, 4.0]]])  # largest where |z| is large
+    policy = CLICK_POLICIES["variance_network"]
+    for loss, expected in (("mc_logit_noise", "entropy"), ("gaussian_residual_nll", "log_variance")):
+        readout = variance_readout(loss)
+        _, maps = read_variance(readout, logits, log_variance)
+        output = StrategyOutput(torch.sigmoid(logits), maps, readout.primary_map)
+        assert torch.equal(policy.map_of(output), maps[expected])
+    noise_map = policy.map_of(StrategyOutput(torch.sigmoid(logits), read_variance(
+        variance_readout("mc_logit_noise"), logits, log_variance)[1], "entropy"))
+    assert noise_map.flatten().argmax().item() in (1, 2)  # an uncertain pixel, not a confident one
+    laplace = StrategyOutput(logits, {"mutual_information": logits, "total_entropy": -logits}, "total_entropy")
+    assert torch.equal(CLICK_POLICIES["bald"].map_of(laplace), logits)  # a named map, not the primary

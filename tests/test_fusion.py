@@ -17,6 +17,8 @@ from modules.sam.prompting import Prompts
 from modules.uncertainty.fusion import (UncertaintyFusion, collate_images, gate_by_predicted_iou, image_row_groups,
                                         make_uncertainty_source, refine, refinement_step)
 from modules.training.losses import FocalDiceIouLoss
+from modules.training.models import VarianceNetwork
+from modules.scoring.entropy import binary_entropy_from_logits
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "demo_backbone" / "demo_tiny.pt"
 
@@ -144,3 +146,24 @@ def test_image_row_groups_keep_whole_images_up_to_the_row_budget():
     assert kept == image_row_groups(row_images, max_rows=6, seed=1)  # seeded
     assert {tuple(map(tuple, image_row_groups(row_images, max_rows=6, seed=s))) for s in range(8)} != {tuple(map(tuple, kept))}
     assert image_row_groups(row_images, max_rows=1, seed=0) in ([[0, 1, 2]], [[3, 4]], [[5, 6, 7, 8]], [[9]])
+
+
+def test_the_variance_network_source_reads_the_map_its_loss_ranks_errors_by():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16) * 6.0
+
+    def head(inputs):
+        return inputs[:, :1]  # raw SAM's logit, as the guarded identity head
+
+    variance_network = VarianceNetwork(channels_in=4, hidden_channels=4).eval()
+    with torch.no_grad():
+        variance_network.final_conv.weight.normal_(0.0, 0.5)
+        log_var = variance_network(VarianceNetwork.build_inputs(x, head(x)))[:, 0]
+    residual = make_uncertainty_source("variance_network", head=head, variance_network=variance_network,
+                                       variance_loss="gaussian_residual_nll")(x)
+    torch.testing.assert_close(residual, ((log_var + 5.0) / 10.0).clamp(0, 1))
+    noise = make_uncertainty_source("variance_network", head=head, variance_network=variance_network,
+                                    variance_loss="mc_logit_noise")(x)
+    probit = x[:, 0] / torch.sqrt(1.0 + math.pi * torch.exp(log_var) / 8.0)
+    torch.testing.assert_close(noise, binary_entropy_from_logits(probit) / math.log(2.0))
+    assert 0.0 <= noise.min() and noise.max() <= 1.0

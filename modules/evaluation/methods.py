@@ -233,7 +233,7 @@ class Refinement:
                 posterior=artifacts.head_posterior if "head_laplace" in needs else None,
                 variance_network=artifacts.variance_network if "variance" in needs else None,
                 num_samples=cfg.laplace.num_samples, seed=cfg.laplace.seed,
-                log_var_range=(cfg.variance.log_var_min, cfg.variance.log_var_max),
+                log_var_range=(cfg.variance.log_var_min, cfg.variance.log_var_max), variance_loss=cfg.variance.loss,
                 predictive=cfg.laplace.predictive,
             )
 

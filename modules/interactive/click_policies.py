@@ -23,7 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import ndimage
+
+from modules.uncertainty.strategies import StrategyOutput
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,12 @@ class ClickPolicy:
     def reads_ground_truth(self) -> bool:
         return self.kind == "oracle"
 
+    def map_of(self, output: StrategyOutput) -> torch.Tensor:
+        """The ``P x 256 x 256`` map this policy reads from ``strategy``'s output: ``map_name``, or
+        the strategy's primary map where ``map_name`` is None (a map whose meaning depends on the
+        fitted model, as the variance network's on its loss)."""
+        return output.maps[self.map_name or output.primary_map]
+
 
 #: Policy name -> policy, for the click simulation (``evaluation.active_prompting.policies``) and the
 #: predictor's ``suggest_click``. ``bald``: the Laplace posterior's mutual information (its epistemic
@@ -57,7 +66,7 @@ CLICK_POLICIES: dict[str, ClickPolicy] = {
     "oracle": ClickPolicy("oracle"),
     "bald": ClickPolicy("map", "laplace", "mutual_information"),
     "entropy": ClickPolicy("map", "laplace", "total_entropy"),
-    "variance_network": ClickPolicy("map", "variance_network", "log_variance"),
+    "variance_network": ClickPolicy("map", "variance_network"),
     "head_entropy": ClickPolicy("map", "map_head", "entropy"),
     "sam_entropy": ClickPolicy("map", "raw_sam", "entropy"),
     "prompt_perturbation": ClickPolicy("map", "prompt_perturbation", "mutual_information"),

@@ -501,7 +501,7 @@ def policy_map(prediction: Prediction, policy: str, index: int = 0) -> np.ndarra
     if chosen.strategy not in prediction.methods:
         raise PredictorError(f"click policy {policy!r} needs the method {chosen.strategy!r}, which this prediction "
                              f"lacks (it has {', '.join(prediction.methods)})")
-    return prediction.methods[chosen.strategy].frame256.maps[chosen.map_name][index].numpy()
+    return chosen.map_of(prediction.methods[chosen.strategy].frame256)[index].numpy()
 
 
 def suggestable_policy(policy: str) -> ClickPolicy:

@@ -357,7 +357,7 @@ class ClickSimulator:
             elif policy.kind == "random":
                 choice = choose_at_random(size, history.clicks, rng, self.min_distance)
             else:
-                score_map = upsample(outputs[policy.strategy].maps[policy.map_name][index:index + 1], size,
+                score_map = upsample(policy.map_of(outputs[policy.strategy])[index:index + 1], size,
                                      torch.device("cpu"))[0].numpy()
                 choice = choose_by_map(score_map, history.clicks, self.min_distance)
         if choice is None:

@@ -164,7 +164,8 @@ def fusion_uncertainty_source(cfg: PipelineConfig, run_id: str, device):
     return make_uncertainty_source(name, head=head, posterior=posterior, variance_network=variance_network,
                                    num_samples=cfg.laplace.num_samples, seed=cfg.laplace.seed,
                                    predictive=cfg.laplace.predictive,
-                                   log_var_range=(cfg.variance.log_var_min, cfg.variance.log_var_max))
+                                   log_var_range=(cfg.variance.log_var_min, cfg.variance.log_var_max),
+                                   variance_loss=cfg.variance.loss)
 
 
 def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:

@@ -30,6 +30,7 @@ from modules.sam.prompting import PROMPT_MODES, Prompts, decode_selected
 from modules.scoring.entropy import binary_entropy_from_logits
 from modules.training.losses import hard_iou
 from modules.training.models import UncertaintyFusion, VarianceNetwork
+from modules.uncertainty.strategies import read_variance, variance_readout
 
 LN2 = math.log(2.0)
 
@@ -72,9 +73,12 @@ UncertaintySource = Callable[[torch.Tensor], torch.Tensor]
 
 def make_uncertainty_source(name: str, head=None, posterior=None, variance_network=None,
                             num_samples: int = 16, seed: int = 0, log_var_range=(-5.0, 5.0),
-                            predictive: str = "mc") -> UncertaintySource:
+                            predictive: str = "mc", variance_loss: str = "gaussian_residual_nll") -> UncertaintySource:
     """A function ``head_inputs B x 3 x 256 x 256 -> uncertainty B x 256 x 256 in [0, 1]``
-    (``predictive``: ``laplace.predictive`` for ``laplace_epistemic``)."""
+    (``predictive``: ``laplace.predictive`` for ``laplace_epistemic``; ``variance_loss``: the
+    ``variance.loss`` the variance network was trained with, whose primary map it reads:
+    ``strategies.VARIANCE_READOUTS``)."""
+    variance = variance_readout(variance_loss)
 
     def raw_sam_entropy(x):
         return binary_entropy_from_logits(x[:, 0]) / LN2
@@ -86,7 +90,10 @@ def make_uncertainty_source(name: str, head=None, posterior=None, variance_netwo
         return posterior.maps(x, predictive, num_samples, seed=seed)["mutual_information"].clamp(0, LN2) / LN2
 
     def variance_network_map(x):
-        log_var = variance_network(VarianceNetwork.build_inputs(x, head(x)))[:, 0]
+        logits = head(x)
+        log_var = variance_network(VarianceNetwork.build_inputs(x, logits))[:, 0]
+        if variance.primary_map == "entropy":
+            return read_variance(variance, logits[:, 0].float(), log_var.float())[1]["entropy"] / LN2
         low, high = log_var_range
         return ((log_var - low) / (high - low)).clamp(0, 1)
 
