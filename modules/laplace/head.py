@@ -292,7 +292,6 @@ def head_prior_log_evidence(la: ParametricLaplace, head: nn.Module, temperature:
     return prior_log_evidence(la.mean[row1], la.H[row1], prior_precisions, temperature)
 
 
-
 class LastLayerPosterior(DiagonalLastLayerPosterior):
     """Bernoulli last-layer posterior of the head: ``z = w . phi + b`` with ``w ~ N(mean, diag(var))``.
 

@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 from torch import nn
 
 from modules.core.config import PipelineConfig
 from modules.core.errors import PipelineError
 from modules.core.paths import checkpoint_run_dir
-from modules.core.stage import RESOLVED_CONFIG_FILE
+from modules.core.stage import RESOLVED_CONFIG_FILE, read_yaml_safe
 from modules.training.models import PromptAwareHead, UncertaintyFusion, VarianceNetwork
 from modules.training.run_state import BEST_FILE, STATE_FILE, load_checkpoint_file
 
@@ -69,10 +68,7 @@ def load_trained_variance_network(cfg: PipelineConfig, run_id: str, device="cpu"
     ``config.resolved.yaml`` records another ``variance.loss`` than ``cfg`` is a one-line error
     (a run without that file is not checked)."""
     network, path = load_trained(cfg, "variance", build_variance_network, run_id, device)
-    try:
-        recorded = yaml.safe_load((path.parent / RESOLVED_CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return network
+    recorded = read_yaml_safe(path.parent / RESOLVED_CONFIG_FILE)
     loss = (recorded.get("variance") or {}).get("loss") if isinstance(recorded, dict) else None
     if loss is not None and loss != cfg.variance.loss:
         raise PipelineError(f"{path.parent / RESOLVED_CONFIG_FILE}: the variance network was trained with "
