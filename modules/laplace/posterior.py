@@ -64,9 +64,15 @@ class LaplacePosteriorError(PipelineError):
 # --------------------------------------------------------------------------- small math helpers
 
 
+def probit_scaled_logit(logit_mean: torch.Tensor, logit_var: torch.Tensor) -> torch.Tensor:
+    """The logit of the probit approximation of ``E[sigmoid(z)]``, ``z ~ N(logit_mean, logit_var)``:
+    ``logit_mean / sqrt(1 + pi logit_var / 8)``; same shape as inputs."""
+    return logit_mean / torch.sqrt(1.0 + math.pi * logit_var / 8.0)
+
+
 def binary_probit_probability(logit_mean: torch.Tensor, logit_var: torch.Tensor) -> torch.Tensor:
     """Probit approximation of ``E[sigmoid(z)]`` for ``z ~ N(logit_mean, logit_var)``; same shape as inputs."""
-    return torch.sigmoid(logit_mean / torch.sqrt(1.0 + math.pi * logit_var / 8.0))
+    return torch.sigmoid(probit_scaled_logit(logit_mean, logit_var))
 
 
 def closed_form_entropies(logit_mean: torch.Tensor, logit_var: torch.Tensor) -> dict[str, torch.Tensor]:

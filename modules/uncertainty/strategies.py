@@ -12,7 +12,6 @@ separate argument); its name says ``oracle`` and ``ORACLE_STRATEGIES`` lists it 
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Sequence
@@ -27,7 +26,7 @@ from modules.core.device import resolve_device
 from modules.core.errors import PipelineError
 from modules.data.promptset import gaussian_prompt_maps, promptset_tensors, sample_key
 from modules.laplace.head import HeadInputs
-from modules.laplace.posterior import check_predictive
+from modules.laplace.posterior import check_predictive, probit_scaled_logit
 from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
 from modules.training.models import VarianceNetwork
 from modules.core.config import ConfigError, VarianceConfig
@@ -525,7 +524,7 @@ def read_variance(readout: VarianceReadout, logits: torch.Tensor,
     logit noise the probit predictive ``sigmoid(z / sqrt(1 + pi exp(s) / 8))``, else the head's
     probability; ``entropy`` is that probability's."""
     if readout.logit_noise:
-        logits = logits / torch.sqrt(1.0 + math.pi * torch.exp(log_variance) / 8.0)
+        logits = probit_scaled_logit(logits, torch.exp(log_variance))
     return torch.sigmoid(logits), {"log_variance": log_variance, "entropy": binary_entropy_from_logits(logits)}
 
 
