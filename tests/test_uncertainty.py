@@ -10,6 +10,7 @@ import torch
 from modules.training.models import PromptAwareHead, VarianceNetwork
 from modules.data.promptset import PromptSpec, build_promptset_record, gaussian_prompt_maps, promptset_tensors
 from modules.cache.sam_cache import CacheEntry
+from modules.laplace.posterior import binary_probit_probability
 from modules.sam.prompting import round_features
 from modules.uncertainty.tta import build_transforms
 from modules.uncertainty.strategies import (
@@ -200,7 +201,6 @@ def test_batched_head_with_image_embedding_equals_one_sample_at_a_time():
 
 
 def test_variance_network_strategy():
-    from modules.laplace.posterior import binary_probit_probability
 
     sample, other = make_sample("s1", seed=0), make_sample("s2", seed=1)
     head = seeded_head()
