@@ -136,6 +136,42 @@ def test_strategies_on_a_batch_of_images_equal_one_image_at_a_time(fusion_projec
                     assert torch.equal(output.maps[key], values), (name, key, sample.safe_id)
 
 
+class RecordingSimulator(ClickSimulator):
+    """Keeps every decoder call's mask prompt and SAM logits."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def decode(self, sample, features, record, mask_input=None):
+        state = super().decode(sample, features, record, mask_input)
+        self.calls.append((record, mask_input, torch.from_numpy(state.cache_entry.logits).float()))
+        return state
+
+
+def test_each_round_gives_sam_its_own_last_logits_as_mask_prompt(fusion_project):
+    """``mask_prompt: previous``: round 1 decodes the clicks alone, every later round the clicks and,
+    per policy, SAM's own logits of the round before, which change what the decoder returns (so the
+    prompt reaches it); ``none`` decodes clicks alone in every round."""
+    torch.set_num_threads(1)
+    overrides = ("evaluation.active_prompting.max_clicks=3", "evaluation.active_prompting.policies=[oracle,random]")
+    labelled = None
+    for mask_prompt in ("previous", "none"):
+        cfg = fusion_project.load_config(*overrides, f"evaluation.active_prompting.mask_prompt={mask_prompt}")
+        simulator = RecordingSimulator(cfg, Artifacts(cfg, RunIds.resolve("v1"), torch.device("cpu")))
+        labelled = labelled or load_sample(cfg, open_cache(cfg), list_eval_units(cfg)[0])
+        simulator.simulate(labelled, unseen=False)
+        assert len(simulator.calls) == 3 and simulator.calls[0][1] is None
+        if mask_prompt == "none":
+            assert all(mask_input is None for _, mask_input, _ in simulator.calls)
+            continue
+        calls, features = list(simulator.calls), simulator.start(labelled, unseen=False).features
+        for (_, _, before), (record, mask_input, after) in zip(calls, calls[1:]):
+            assert mask_input.shape == (2, 1, 256, 256) and torch.equal(mask_input[:, 0], before)
+            without = simulator.decode(labelled.inputs, features, record)
+            assert not torch.equal(torch.from_numpy(without.cache_entry.logits).float(), after)
+
+
 def test_stage_writes_the_traces_and_resumes_after_sigkill(fusion_project):
     """Killed after its first image's trace (both images simulated in one batch, ``batch_images``
     default 4), a rerun simulates only the second; each trace file holds exactly what simulating that
@@ -174,6 +210,7 @@ def test_fingerprint_covers_the_simulation_settings():
 
     assert fingerprint() != fingerprint("evaluation.active_prompting.max_clicks=5")
     assert fingerprint() != fingerprint("evaluation.active_prompting.policies=[oracle]")
+    assert fingerprint() != fingerprint("evaluation.active_prompting.mask_prompt=previous")
 
 
 def test_a_box_without_clicks_is_a_prompt_set_of_padding_points():

@@ -219,6 +219,10 @@ class ActivePromptingConfig:
     # Pixels (ORIGINAL frame) closer than this to an earlier click of the same policy are never clicked.
     min_distance: float = 0.0
     start: Literal["point", "box"] = "point"  # the first interaction: the oracle's first click, or the box
+    # What SAM's decoder gets besides the clicks from the second round on: ``previous``, its own
+    # low-res logits of the round before as a mask prompt (SAM's interactive protocol); ``none``:
+    # the clicks alone (README, "Simulated clicks": on the demo backbone ``previous`` scores lower).
+    mask_prompt: Literal["previous", "none"] = "none"
     # The strategy whose mask is corrected and scored (its probability > 0.5), the same for every policy.
     mask_method: str = "map_head"
     seed: int = 0

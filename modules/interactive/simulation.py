@@ -9,8 +9,11 @@ object's interior point farthest from its boundary; or the object's tight box), 
 1. per image, one decoder call on its cached encoder features (no encoder pass) for the ``P``
    policies' click histories at once, each history one prompt set (``cache.entries.decoded_entry``,
    the step stage 3 caches), giving the very ``CacheEntry`` stage 3 would have cached for those
-   clicks. SAM's mask decoder takes one image's embedding per call (it repeats it over the prompt
-   sets), so the decoder runs image by image;
+   clicks. With ``mask_prompt: previous``, from the second round on each prompt set also gives SAM
+   its own low-res logits of the round before as a mask prompt, as SAM's interactive protocol does
+   (SAM was trained to correct its last mask with the new click); ``none`` (the default) decodes the
+   clicks alone. SAM's mask decoder takes one image's embedding per call (it repeats it over the
+   prompt sets), so the decoder runs image by image;
 2. the strategies the policies and the predicted mask need (``evaluation.methods.STRATEGY_BUILDERS``:
    head, Laplace, variance network, prompt perturbation, raw SAM) on those entries, each only on the
    prompt sets that read it, through ``Strategy.predict_batch``: one pass over the ``B`` images'
@@ -179,7 +182,8 @@ def subset_sample(sample: EvalSample, indices: list[int], logit_clip: float) -> 
 @dataclass
 class ImageRun:
     """One image's simulation state: the policies' histories, the last round's outputs (``P x 256 x
-    256`` FRAME256 per strategy) and masks (``P x H x W`` bool), the trace rows so far per policy."""
+    256`` FRAME256 per strategy), masks (``P x H x W`` bool) and SAM's own logits (the next round's
+    mask prompt), the trace rows so far per policy."""
 
     sample: EvalSample
     annotator: Annotator
@@ -193,6 +197,7 @@ class ImageRun:
     outputs: dict[str, StrategyOutput] = field(default_factory=dict)
     predicted: np.ndarray | None = None
     rows: dict[str, list[dict]] = field(default_factory=dict)
+    low_res_logits: torch.Tensor | None = None  # P x 1 x 256 x 256: SAM's logits of the last round
 
     def __post_init__(self) -> None:
         self.rows = {name: [] for name in self.names}
@@ -208,6 +213,7 @@ class ClickSimulator:
         self.max_clicks = int(settings.max_clicks)
         self.min_distance = float(settings.min_distance)
         self.start_with = settings.start
+        self.mask_prompt = settings.mask_prompt
         self.mask_method = settings.mask_method
         self.seed = int(settings.seed)
         self.backbone = artifacts.backbone
@@ -266,9 +272,11 @@ class ClickSimulator:
         """Decode every policy's clicks so far (one decoder call per image), run the strategies on all
         the images at once, and append each policy's trace row; keeps the outputs and the masks for
         ``choose``."""
-        states = [self.decode(run.sample, run.features, self.record(run)) for run in runs]
+        states = [self.decode(run.sample, run.features, self.record(run), run.low_res_logits) for run in runs]
         for run, state, outputs in zip(runs, states, self._run_strategies(states)):
             run.outputs = outputs
+            if self.mask_prompt == "previous":
+                run.low_res_logits = torch.from_numpy(state.cache_entry.logits).float().unsqueeze(1)
             self._append_rows(run, state)
 
     def _append_rows(self, run: "ImageRun", state: EvalSample) -> None:
@@ -307,13 +315,16 @@ class ClickSimulator:
             run.placed[name] = self._next_click(name, index, run.histories[name], run.outputs, run.predicted[index],
                                                 run.annotator, run.rngs[name], size)
 
-    def decode(self, sample: EvalSample, features: dict[str, torch.Tensor], record: dict) -> EvalSample:
-        """One decoder call for every policy's prompt set -> the ``EvalSample`` of those prompt sets."""
+    def decode(self, sample: EvalSample, features: dict[str, torch.Tensor], record: dict,
+               mask_input: torch.Tensor | None = None) -> EvalSample:
+        """One decoder call for every policy's prompt set -> the ``EvalSample`` of those prompt sets.
+        ``mask_input``: ``P x 1 x 256 x 256`` FRAME256 logits given to SAM as mask prompts, or None."""
         prompts, ids = record_prompts(record)
         entry = sample.cache_entry
+        mask_input = None if mask_input is None else mask_input.to(self.backbone.device)
         decoded = decoded_entry(self.backbone, features, entry.original_hw, entry.input_hw, prompts, ids,
                                 START_PROMPT_MODES[self.start_with], self.cfg.sam.multimask_policy, sample.safe_id,
-                                entry.split)
+                                entry.split, mask_input=mask_input)
         return EvalSample.build(sample.safe_id, sample.group, decoded, record, self.cfg.training.logit_clip,
                                 sample.image_loader)
 
