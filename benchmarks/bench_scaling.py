@@ -72,7 +72,7 @@ def run_size(scenes: int, folder: Path) -> tuple[pd.DataFrame, float, dict]:
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rows, current, current_started = [], None, started
-    log = (folder / "pipeline.log").open("w")
+    log = (folder / "pipeline.log").open("w", buffering=1)  # line-buffered: tail -f shows progress
     for line in process.stdout:
         log.write(line)
         match = STAGE_START.search(line)
