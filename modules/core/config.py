@@ -93,6 +93,11 @@ class HeadConfig:
     # After training: keep the head only if it beats raw SAM on validation (training.guard.GUARD_RULES:
     # overall, every_group, off); else best.pt becomes raw SAM (residual heads only).
     guard: Literal["overall", "every_group", "off"] = "every_group"
+    # Fractions of the learned correction the guard tries (sam_logit + w * correction; 0 is raw SAM):
+    # it keeps the passing w with the best validation IoU (README: "The head against raw SAM").
+    guard_blends: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    # every_group: the validation IoU a group may lose against raw SAM and still count as not worse.
+    guard_group_tolerance: float = 0.005
 
 
 @dataclass
@@ -421,6 +426,8 @@ NUMERIC_RANGES: dict[str, str] = {
     "sam.num_workers": "nonneg",
     "head.channels_in": "count",
     "head.hidden_channels": "count",
+    "head.guard_blends": "fraction",
+    "head.guard_group_tolerance": "nonneg",
     "training.batch_size": "count",
     "training.num_epochs": "count",
     "training.lr": "positive",
@@ -529,6 +536,8 @@ def _check_semantics(cfg: PipelineConfig) -> None:
                           f"{cfg.variance.log_var_min} and {cfg.variance.log_var_max}")
     if not 0 <= pg.box_jitter < 1:
         raise ConfigError("prompt_generation.box_jitter: must lie in [0, 1)")
+    if not cfg.head.guard_blends:
+        raise ConfigError("head.guard_blends: need a non-empty list of weights in [0, 1] (1 is the trained head)")
     for key in ("prior_precision_grid", "temperature_grid"):
         if not getattr(cfg.laplace, key):
             raise ConfigError(f"laplace.{key}: need a non-empty list of positive values")

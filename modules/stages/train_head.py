@@ -100,8 +100,11 @@ def head_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None
         """The validation guard (``head.guard``) on the best checkpoint; rank 0 only under DDP."""
         if not (folder / BEST_FILE).is_file() or env_int(os.environ, "RANK", default=0) != 0:
             return {}
-        report = apply_guard(folder, build_head(cfg), val.packed, cfg.head.guard, device, cfg.training.batch_size)
-        return {"guard_kept": report["kept"], "guard_val_iou_head": report["overall"]["head_iou"],
+        report = apply_guard(folder, build_head(cfg), val.packed, cfg.head.guard, device, cfg.training.batch_size,
+                             cfg.head.guard_blends, cfg.head.guard_group_tolerance)
+        return {"guard_kept": report["kept"], "guard_blend": report["blend"],
+                "guard_val_iou_head": report["overall"]["head_iou"],
+                "guard_val_iou_kept": report["kept_overall"]["head_iou"],
                 "guard_val_iou_raw_sam": report["overall"]["raw_sam_iou"]}
 
     return TrainingTask(model, step_fn, batch_iou_metrics, train, val, collate_fn=collate_batch, after_fit=guard)

@@ -77,12 +77,23 @@ class PromptAwareHead(nn.Module):
         """``state`` (a state dict of this head) with ``final_conv`` set to raw SAM (``a = 1, w = 0,
         b = 0``): the head then outputs the clipped SAM logit exactly, whatever its hidden layers
         hold (kept, so a last-layer Laplace posterior still sees the trained features)."""
+        return self.blended_state(state, 0.0)
+
+    def blended_state(self, state: dict[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:
+        """``state`` with only a fraction ``weight`` in [0, 1] of its learned correction: ``final_conv``
+        becomes ``weight * trained + (1 - weight) * identity``, so the head outputs ``sam_logit +
+        weight * (trained_output - sam_logit)``; ``weight`` 0 is raw SAM exactly (``identity_state``),
+        1 the trained head exactly. Still one last layer over the same features (Laplace-ready)."""
         if not self.residual:
-            raise ValueError("head: only a residual head (head.residual) can be made raw SAM")
-        identity = dict(state)
-        identity[f"{FINAL_LAYER_NAME}.weight"] = self._identity_weight().to(state[f"{FINAL_LAYER_NAME}.weight"])
-        identity[f"{FINAL_LAYER_NAME}.bias"] = torch.zeros_like(state[f"{FINAL_LAYER_NAME}.bias"])
-        return identity
+            raise ValueError("head: only a residual head (head.residual) can be made raw SAM or blended with it")
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"head: a blend weight must lie in [0, 1], got {weight}")
+        trained_weight = state[f"{FINAL_LAYER_NAME}.weight"]
+        identity_weight = self._identity_weight().to(trained_weight)
+        blended = dict(state)
+        blended[f"{FINAL_LAYER_NAME}.weight"] = weight * trained_weight + (1.0 - weight) * identity_weight
+        blended[f"{FINAL_LAYER_NAME}.bias"] = weight * state[f"{FINAL_LAYER_NAME}.bias"]
+        return blended
 
     def features(self, x: torch.Tensor, image_embedding: torch.Tensor | None = None) -> torch.Tensor:
         """Everything before ``final_conv``: ``B x channels_in x H x W`` -> ``B x F x H x W``, with
