@@ -136,6 +136,23 @@ def test_strategies_on_a_batch_of_images_equal_one_image_at_a_time(fusion_projec
                     assert torch.equal(output.maps[key], values), (name, key, sample.safe_id)
 
 
+def test_a_policys_trace_does_not_depend_on_the_other_policies_configured(fusion_project):
+    """The random policy's generator is seeded by the image and the policy's name, not by its place in
+    ``evaluation.active_prompting.policies``: alone or after three others it clicks the same pixels."""
+    torch.set_num_threads(1)
+    traces = []
+    labelled = None
+    for policies in ("[random]", "[oracle,bald,sam_entropy,random]"):
+        cfg = fusion_project.load_config("evaluation.active_prompting.max_clicks=4",
+                                         f"evaluation.active_prompting.policies={policies}")
+        simulator = ClickSimulator(cfg, Artifacts(cfg, RunIds.resolve("v1"), torch.device("cpu")))
+        labelled = labelled or load_sample(cfg, open_cache(cfg), list_eval_units(cfg)[0])
+        trace = simulator.simulate(labelled, unseen=False)
+        traces.append(trace[trace["policy"] == "random"].reset_index(drop=True))
+    assert (traces[0]["x"] >= 0).sum() == 4
+    pd.testing.assert_frame_equal(traces[0], traces[1])
+
+
 class RecordingSimulator(ClickSimulator):
     """Keeps every decoder call's mask prompt and SAM logits."""
 

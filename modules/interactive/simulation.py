@@ -252,8 +252,9 @@ class ClickSimulator:
                        features={name: torch.from_numpy(np.asarray(value)).unsqueeze(0).to(self.backbone.device)
                                  for name, value in sample.cache_entry.features.items()},
                        histories={name: ClickHistory() for name in names},
+                       # by name, not by place in the list: a policy's trace does not depend on the others run
                        rngs={name: np.random.default_rng(np.random.SeedSequence(
-                           (self.seed, sample_key(sample.sample_id), index))) for index, name in enumerate(names)},
+                           (self.seed, sample_key(sample.sample_id), sample_key(name)))) for name in names},
                        box=annotator.box() if self.start_with == "box" else None)
         if run.box is None:
             first = annotator.first_click()
