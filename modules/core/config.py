@@ -94,7 +94,7 @@ class HeadConfig:
     # overall, every_group, off); else best.pt becomes raw SAM (residual heads only).
     guard: Literal["overall", "every_group", "off"] = "every_group"
     # Fractions of the learned correction the guard tries (sam_logit + w * correction; 0 is raw SAM):
-    # it keeps the passing w with the best validation IoU (README: "The head against raw SAM").
+    # it keeps the passing w with the best validation IoU (README: "The blended head").
     guard_blends: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     # every_group: the validation IoU a group may lose against raw SAM and still count as not worse.
     guard_group_tolerance: float = 0.005
