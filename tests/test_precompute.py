@@ -16,13 +16,15 @@ import pytest
 import torch
 
 from modules.cache import sam_cache
+from modules.cache.entries import EntryRequest, decoded_entries, decoded_entry, record_prompts
 from modules.sam.registry import load_backbone, registered_backbones
 from modules.core.config import load_config
 from modules.stages.precompute_sam_outputs import KILL_AFTER_IMAGES_ENV, run_precompute
 from modules.core.paths import promptset_path
-from modules.data.promptset import promptset_tensors
+from modules.data.promptset import load_promptsets, promptset_tensors
 from modules.cache.sam_cache import SamCache
 from modules.core.stage import Shard
+from modules.sam.prompting import Prompts
 from tests.helpers.precompute_fixtures import make_project, save_random_checkpoint
 from tests.stage_runner import REPO, run_stage
 
@@ -229,6 +231,42 @@ def test_loader_workers_and_batch_size_leave_the_cache_unchanged(demo):
     run_stage(SCRIPT, config, *sam_overrides("sam", "demo_tiny", demo["checkpoint"]),
               "--set", "sam.num_workers=2", "--set", "sam.encoder_batch_size=3")
     assert_caches_equal(all_arrays(root), demo["reference"])
+
+
+def test_a_batch_decoded_and_copied_at_once_equals_each_image_on_its_own(demo):
+    """``decoded_entries`` (stage 3: a batch's outputs copied to the host in one copy per kind) gives
+    every image the entry ``decoded_entry`` gives it alone, byte for byte, with prompt-set counts that
+    differ between the images (3, 2, 1), so the batch's rows are split at the right places."""
+    cache = SamCache(demo["folder"] / "base" / "project")
+    safe_ids = sorted(cache.sample_ids())[:3]
+    backbone = load_backbone("sam", "demo_tiny", demo["checkpoint"], "cpu")
+    cached = [cache.entry(safe_id, verify=True) for safe_id in safe_ids]
+    features = {name: torch.stack([torch.from_numpy(entry.features[name]) for entry in cached])
+                for name in cached[0].features}
+    requests = []
+    for index, (safe_id, entry) in enumerate(zip(safe_ids, cached)):
+        split = cache._split[safe_id]
+        prompts, ids = record_prompts(load_promptsets(demo["folder"] / "base" / "project", split, safe_id))
+        keep = len(ids) - index  # 3, 2, 1 prompt sets
+        prompts = Prompts(prompts.point_coords[:keep], prompts.point_labels[:keep], prompts.boxes[:keep])
+        requests.append(EntryRequest(entry.original_hw, entry.input_hw, prompts, ids[:keep], safe_id, split))
+    assert [len(request.promptset_ids) for request in requests] == [3, 2, 1]
+
+    together = decoded_entries(backbone, features, requests, "points_and_box", "best_iou")
+
+    for index, (request, entry) in enumerate(zip(requests, together)):
+        alone = decoded_entry(backbone, {name: value[index:index + 1] for name, value in features.items()},
+                              request.original_hw, request.input_hw, request.prompts, request.promptset_ids,
+                              "points_and_box", "best_iou", request.safe_id, request.split)
+        for field in ("logits", "promptset_ids", "branch_index", "iou_predictions"):
+            np.testing.assert_array_equal(getattr(entry, field), getattr(alone, field), err_msg=field)
+            assert getattr(entry, field).dtype == getattr(alone, field).dtype
+        for name, value in alone.features.items():
+            np.testing.assert_array_equal(entry.features[name], value)
+            np.testing.assert_array_equal(entry.features[name], cached[index].features[name])
+        assert (entry.safe_id, entry.split, entry.original_hw, entry.input_hw) == \
+            (alone.safe_id, alone.split, alone.original_hw, alone.input_hw)
+        assert entry.logits.shape == (len(request.promptset_ids), 256, 256)
 
 
 @pytest.mark.skipif(("sam2", "hiera_t") not in registered_backbones(), reason="SAM 2 backbone not registered yet")

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from modules.cache import sam_cache, shard_writer
-from modules.cache.entries import decoded_entry, record_prompts
+from modules.cache.entries import EntryRequest, decoded_entries, record_prompts
 from modules.core.config import PipelineConfig
 from modules.core.errors import error_line
 from modules.core.fileio import cached_file_md5
@@ -165,21 +165,18 @@ def collate_loaded(items: list[LoadedImage]) -> dict:
 
 
 def compute_entries(backbone, batch: dict, prompt_mode: str, multimask_policy: str) -> list[sam_cache.CacheEntry]:
-    """Finish preprocessing on the backbone's device, encode the batch, and decode every image's
-    prompt sets in one call per image."""
+    """Finish preprocessing on the backbone's device, encode the batch, decode every image's prompt
+    sets in one call per image, and copy the batch's outputs to the host at once."""
     items = [item for item in batch["items"] if item.pixels is not None]
     if not items:
         return []
     pixels = backbone.preprocessor.finish([torch.from_numpy(p) for p in batch["pixels"]], backbone.device)
     features = round_features(backbone.encode(pixels))
-    entries = []
-    for index, item in enumerate(items):
-        single = {name: value[index : index + 1] for name, value in features.items()}
-        prompts = Prompts(*(torch.from_numpy(a) for a in (item.points, item.labels, item.boxes)))
-        entries.append(decoded_entry(backbone, single, item.original_hw, item.input_hw, prompts, item.promptset_ids,
-                                     prompt_mode, multimask_policy, item.unit.safe_id, item.unit.split,
-                                     item.promptset_md5))
-    return entries
+    requests = [EntryRequest(item.original_hw, item.input_hw,
+                             Prompts(*(torch.from_numpy(a) for a in (item.points, item.labels, item.boxes))),
+                             item.promptset_ids, item.unit.safe_id, item.unit.split, item.promptset_md5)
+                for item in items]
+    return decoded_entries(backbone, features, requests, prompt_mode, multimask_policy)
 
 
 def feature_shapes(backbone) -> dict[str, tuple[int, int, int]]:
