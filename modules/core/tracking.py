@@ -105,7 +105,12 @@ class WandbTracker(NullTracker):
             self._run.summary[key] = value
 
     def finish(self):
+        """Close the run; when this returns its records are on disk (``run-*.wandb``, artifacts)."""
         self._run.finish()
+        # finish() returns before wandb's service has written the offline transaction log (seen: a
+        # header-only file right after it); shutting the service down waits for the writer. Every stage
+        # is its own process and would shut it down at exit anyway, and a later init starts a new one.
+        self._wandb.teardown()
 
 
 def wandb_environment(project_root: Path) -> dict[str, str]:
