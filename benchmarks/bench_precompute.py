@@ -74,7 +74,8 @@ def make_project(folder: Path, args, checkpoint: Path) -> Path:
         "demo": {"enabled": False},
         "prompt_generation": {f"num_promptsets_{s}": args.promptsets for s in SPLITS},
         "sam": {"family": args.family, "model_type": args.model_type, "checkpoint": str(checkpoint),
-                "device": args.device, "encoder_batch_size": args.batch_size, "num_workers": args.workers},
+                "device": args.device, "encoder_batch_size": args.batch_size, "num_workers": args.workers,
+                "cache_writer": args.cache_writer},
         "wandb": {"enabled": False},
     }
     path = folder / "config.yaml"
@@ -292,6 +293,8 @@ def main() -> None:
                         help="sam.compile_encoder for every path")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak for the FLOP utilisation (default: PEAK_BF16_TFLOPS on a known GPU)")
+    parser.add_argument("--cache-writer", default="process", choices=["process", "thread"],
+                        help="who writes the shard file in (b) (sam.cache_writer)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     args.compile_encoder = {"true": True, "false": False}.get(args.compile_encoder, args.compile_encoder)

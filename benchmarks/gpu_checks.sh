@@ -81,4 +81,8 @@ measure() {  # name, time limit (s), model arguments...
 
 measure sam_v1 "$LIMIT_V1" "${SAM_V1[@]}"
 measure sam2 "$LIMIT_2" "${SAM_2[@]}"
+# Stage 3's writer process against the writer thread on this host's cores and disk (CPU only, ~20 s).
+echo "=== cache_writer"
+timeout -k 10 120 "$PY" benchmarks/bench_cache_writer.py 2>&1 | tee "$OUT/cache_writer.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "=== cache_writer failed or timed out"; status=1; }
 exit $status

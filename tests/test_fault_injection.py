@@ -36,7 +36,7 @@ import pytest
 import torch
 
 from modules.core.stage import KILL_HOOK_ENV
-from modules.stages.precompute_sam_outputs import KILL_AFTER_IMAGES_ENV
+from modules.cache.cache_writers import KILL_AFTER_IMAGES_ENV
 from tests.conftest import DEMO_CHECKPOINT, small_demo_config
 from tests.helpers.forked_stages import StageServer
 from tests.helpers.precompute_fixtures import write_tiny_dataset

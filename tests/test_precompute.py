@@ -19,7 +19,8 @@ from modules.cache import sam_cache
 from modules.cache.entries import EntryRequest, decoded_entries, decoded_entry, record_prompts
 from modules.sam.registry import load_backbone, registered_backbones
 from modules.core.config import load_config
-from modules.stages.precompute_sam_outputs import KILL_AFTER_IMAGES_ENV, run_precompute
+from modules.cache.cache_writers import KILL_AFTER_IMAGES_ENV
+from modules.stages.precompute_sam_outputs import run_precompute
 from modules.core.paths import promptset_path
 from modules.data.promptset import load_promptsets, promptset_tensors
 from modules.cache.sam_cache import SamCache
@@ -233,6 +234,15 @@ def test_loader_workers_and_batch_size_leave_the_cache_unchanged(demo):
     assert_caches_equal(all_arrays(root), demo["reference"])
 
 
+def test_the_writer_thread_writes_the_cache_the_writer_process_writes(demo):
+    """``sam.cache_writer: thread`` against the default (the reference cache: the writer process, its
+    batches decoded into shared memory), here with encoder batches of 3 and a short last batch."""
+    config, root = fresh_project(demo, "thread_writer")
+    run_stage(SCRIPT, config, *sam_overrides("sam", "demo_tiny", demo["checkpoint"]),
+              "--set", "sam.cache_writer=thread", "--set", "sam.encoder_batch_size=3")
+    assert_caches_equal(all_arrays(root), demo["reference"])
+
+
 def test_a_batch_decoded_and_copied_at_once_equals_each_image_on_its_own(demo):
     """``decoded_entries`` (stage 3: a batch's outputs copied to the host in one copy per kind) gives
     every image the entry ``decoded_entry`` gives it alone, byte for byte, with prompt-set counts that
@@ -318,7 +328,7 @@ def test_benchmark_cache_check_fails_for_a_cache_made_with_other_weights(tmp_pat
 
     bench = _load_bench_precompute()
     args = argparse.Namespace(images=2, promptsets=2, height=96, width=128, family="sam", model_type="demo_tiny",
-                              device="cpu", batch_size=2, workers=0)
+                              device="cpu", batch_size=2, workers=0, cache_writer="process")
     checkpoints = []
     for seed in (0, 1):
         torch.manual_seed(seed)

@@ -400,9 +400,10 @@ def start(argv: list[str]) -> subprocess.Popen:
 
 
 def running_with_workers(pid: int) -> list[int] | None:
-    """The DataLoader workers of stage process ``pid`` once both run, else None."""
+    """The children of stage process ``pid`` once all run (its cache writer process and two DataLoader
+    workers), else None."""
     workers = children_of(pid)
-    return workers if len(workers) >= 2 else None
+    return workers if len(workers) >= 3 else None
 
 
 def test_sigkill_of_stage3_kills_its_workers_and_the_rerun_equals_uninterrupted(tiny):
@@ -410,7 +411,7 @@ def test_sigkill_of_stage3_kills_its_workers_and_the_rerun_equals_uninterrupted(
     stage = start([SCRIPT, "--config", str(config)])
     try:
         workers = wait_for(lambda: complete_entries(root) >= 1 and running_with_workers(stage.pid), 300,
-                           "stage 3 to start its workers and cache an image", stage)
+                           "stage 3 to start its writer and workers and cache an image", stage)
         stage.kill()
     finally:
         stage.kill()

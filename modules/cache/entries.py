@@ -9,7 +9,7 @@ rounds it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ import torch
 from modules.cache.sam_cache import CacheEntry
 from modules.data.promptset import promptset_tensors
 from modules.sam.prompting import Prompts, decode_selected
+
+#: ``(shape, numpy dtype) -> array`` to copy a host result into.
+HostArray = Callable[[tuple, np.dtype], np.ndarray]
 
 
 def record_prompts(record: dict) -> tuple[Prompts, np.ndarray]:
@@ -48,14 +51,25 @@ class EntryRequest:
     mask_input: torch.Tensor | None = None
 
 
+def host_copy(tensor: torch.Tensor, host_array: HostArray | None = None) -> np.ndarray:
+    """``tensor`` on the host as numpy: one device-to-host copy, into ``host_array(shape, dtype)``'s
+    array when given (stage 3's writer process hands out shared memory there)."""
+    if host_array is None:
+        return tensor.cpu().numpy()
+    out = host_array(tuple(tensor.shape), np.dtype(str(tensor.dtype).removeprefix("torch.")))
+    torch.from_numpy(out).copy_(tensor)
+    return out
+
+
 def decoded_entries(backbone, features: Mapping[str, torch.Tensor], requests: Sequence[EntryRequest],
-                    prompt_mode: str, multimask_policy: str) -> list[CacheEntry]:
+                    prompt_mode: str, multimask_policy: str, host_array: HostArray | None = None) -> list[CacheEntry]:
     """Decode the prompt sets of a batch of ``B`` images (one decoder call per image) and keep what
     stage 3 caches, with one device-to-host copy per kind of output for the whole batch.
 
     Args:
         features: float16-rounded encoder features (``sam.prompting.round_features``),
             name -> ``B x C x h x w`` on the backbone's device, image ``i`` for ``requests[i]``.
+        host_array: where the host copies go (``host_copy``); None: new arrays.
     Returns:
         one ``CacheEntry`` per request (features ``C x h x w`` float16, logits ``P x 256 x 256``
         float16 FRAME256), the same bytes as decoding and copying each image on its own.
@@ -69,10 +83,10 @@ def decoded_entries(backbone, features: Mapping[str, torch.Tensor], requests: Se
         single = {name: value[index:index + 1] for name, value in features.items()}
         selected.append(decode_selected(backbone, single, request.original_hw, request.prompts, prompt_mode,
                                         multimask_policy, **mask_prompt))
-    host_features = {name: value[:len(requests)].cpu().numpy() for name, value in features.items()}
-    logits = torch.cat([part.logits for part in selected]).to(torch.float16).cpu().numpy()
-    branch = torch.cat([part.branch for part in selected]).to(torch.int8).cpu().numpy()
-    iou_predictions = torch.cat([part.iou_predictions for part in selected]).float().cpu().numpy()
+    host_features = {name: host_copy(value[:len(requests)], host_array) for name, value in features.items()}
+    logits = host_copy(torch.cat([part.logits for part in selected]).to(torch.float16), host_array)
+    branch = host_copy(torch.cat([part.branch for part in selected]).to(torch.int8), host_array)
+    iou_predictions = host_copy(torch.cat([part.iou_predictions for part in selected]).float(), host_array)
     ends = np.cumsum([len(part.branch) for part in selected])
     entries = []
     for index, (request, end) in enumerate(zip(requests, ends)):

@@ -70,8 +70,9 @@ def allocate_table(group: h5py.Group, name: str, values: np.ndarray) -> None:
         group[name][...] = values
 
 
-def open_for_row_writes(path: str | os.PathLike) -> h5py.File:
-    """Open an allocated file ``r+`` for in-place row writes, after reserving its disk blocks.
+def open_for_row_writes(path: str | os.PathLike, reserve: bool = True) -> h5py.File:
+    """Open an allocated file ``r+`` for in-place row writes, after reserving its disk blocks
+    (``reserve=False``: they were reserved by an earlier open and the length has not changed since).
 
     The raw-data chunk cache and the sieve buffer are off: with them on, HDF5 writes a row when it
     evicts it or closes the dataset, where h5py reports a failure (a full disk) only as an ignored
@@ -81,7 +82,8 @@ def open_for_row_writes(path: str | os.PathLike) -> h5py.File:
     orphaned worker kept after a SIGKILL.
     """
     path = Path(path)
-    reserve_space(path)
+    if reserve:
+        reserve_space(path)
     with storage_faults(path):
         fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
         fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)  # what h5py.File sets: close frees every object

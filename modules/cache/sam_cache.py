@@ -106,7 +106,7 @@ def entry_checksum(entry: CacheEntry, feature_names: Iterable[str]) -> int:
     return zlib.crc32(entry.promptset_md5.encode("ascii"), crc)
 
 
-def _normalise_entry(entry: CacheEntry) -> CacheEntry:
+def normalise_entry(entry: CacheEntry) -> CacheEntry:
     """Cast every array to its stored dtype so the checksum sees the stored bytes."""
     return CacheEntry(
         safe_id=entry.safe_id,
@@ -238,7 +238,7 @@ def stored_feature_names(handle: h5py.File) -> list[str]:
 
 def write_entry_rows(handle: h5py.File, slot: int, entry: CacheEntry, feature_names: tuple[str, ...]) -> int:
     """All rows of one entry except its completion flag; returns the checksum it stored."""
-    entry = _normalise_entry(entry)
+    entry = normalise_entry(entry)
     count = entry.num_promptsets
     for name in feature_names:
         handle["features"][name][slot] = entry.features[name]

@@ -252,6 +252,13 @@ class ShardWriter:
             messages.append(f"{path.name}: {salvaged} complete entries kept from {len(sources)} file(s)")
         return cls(path, layout, open_for_row_writes(path), messages)
 
+    @classmethod
+    def reopen(cls, path: Path, layout: ShardLayout) -> "ShardWriter":
+        """The writer of a shard file that ``open`` prepared (disk blocks reserved) and closed, opened
+        again as it is: no layout check, salvage or second reservation (the stage, holding the
+        file's lock, hands it to its writer process and takes it back for the manifest)."""
+        return cls(path, layout, open_for_row_writes(path, reserve=False), [])
+
     @staticmethod
     def _build(path: Path, layout: ShardLayout, promptset_md5s: dict[str, str], sources: list[Path]) -> int:
         """Create ``path`` for ``layout`` atomically, copying valid entries from ``sources``."""

@@ -80,6 +80,9 @@ class SamConfig:
     encoder_impl: Literal["auto", "reference", "fast"] = "auto"
     # torch.compile of the encode step at static batch encoder_batch_size; auto: with the fast impl on CUDA.
     compile_encoder: Union[Literal["auto"], bool] = "auto"
+    # Who writes the cache file while the next batch encodes (modules/cache/cache_writers.py):
+    # a child process (the stage's thread keeps the GIL) or a thread of the stage's process.
+    cache_writer: Literal["process", "thread"] = "process"
 
 
 @dataclass

@@ -64,20 +64,26 @@ NAME_ARGUMENTS = ("run_id", "name")
 
 class KillSwitch:
     """Test hook: SIGKILL this process once a count reaches the number in an environment variable,
-    so tests can prove that a stage killed at that point resumes to the same result."""
+    so tests can prove that a stage killed at that point resumes to the same result.
 
-    def __init__(self, limit: int) -> None:
+    ``with_parent``: SIGKILL the parent first (a helper process of a stage, such as stage 3's cache
+    writer, kills the stage it works for, as if the stage had been killed at that moment)."""
+
+    def __init__(self, limit: int, with_parent: bool = False) -> None:
         self.limit, self.count = limit, 0
+        self.with_parent = with_parent
 
     @classmethod
-    def from_env(cls, variable: str = KILL_HOOK_ENV) -> "KillSwitch | None":
+    def from_env(cls, variable: str = KILL_HOOK_ENV, with_parent: bool = False) -> "KillSwitch | None":
         """The switch armed by ``variable`` (a positive integer), or None when it is unset."""
         limit = int(os.environ.get(variable) or 0)
-        return cls(limit) if limit > 0 else None
+        return cls(limit, with_parent) if limit > 0 else None
 
     def reach(self, count: int) -> None:
         self.count = count
         if count >= self.limit:
+            if self.with_parent:
+                os.kill(os.getppid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
 
     def advance(self, by: int = 1) -> None:

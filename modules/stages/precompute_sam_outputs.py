@@ -3,21 +3,18 @@
 Per image: the float16 encoder features and, per prompt set, the FRAME256 logits of the output
 ``sam.multimask_policy`` keeps with all predicted IoUs (layout: ``modules/cache/sam_cache.py``).
 DataLoader workers read images and prompt sets, the encoder runs on batches, each image's prompt
-sets go through ONE decoder call, and a background thread writes each batch while the next is
-encoded. Features are rounded to float16 BEFORE decoding, so re-decoding the cache reproduces
-the stored logits.
+sets go through ONE decoder call, and a writer process (``modules/cache/cache_writers.py``) writes
+each batch while the next is encoded. Features are rounded to float16 BEFORE decoding, so
+re-decoding the cache reproduces the stored logits.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
@@ -25,14 +22,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from modules.cache import sam_cache, shard_writer
-from modules.cache.entries import EntryRequest, decoded_entries, record_prompts
+from modules.cache.cache_writers import CACHE_WRITERS
+from modules.cache.entries import EntryRequest, HostArray, decoded_entries, record_prompts
 from modules.core.config import PipelineConfig
 from modules.core.errors import error_line
 from modules.core.fileio import cached_file_md5
 from modules.core.paths import FINGERPRINT_FILE, cache_dir, promptset_path
 from modules.core.processes import DieWithParent
 from modules.core.progress import Progress
-from modules.core.stage import KillSwitch, Shard, UnitCounts
+from modules.core.stage import Shard, UnitCounts
 from modules.data.imageio import ImageReadError, read_image_rgb
 from modules.data.manifest import SPLITS, load_split_manifest
 from modules.data.promptset import load_promptsets
@@ -40,10 +38,6 @@ from modules.sam.prompting import MULTIMASK_POLICIES, Prompts, round_features
 from modules.sam.registry import check_registered, configured_checkpoint_md5, load_configured_backbone
 
 log = logging.getLogger("pipeline.precompute")
-
-#: Test hook: SIGKILL this process after the data rows of the batch holding the n-th written
-#: image are flushed and before their completion flags are (the worst moment for the cache).
-KILL_AFTER_IMAGES_ENV = "PIPELINE_TEST_KILL_AFTER_IMAGES"
 
 #: The config keys the cached arrays depend on (the stage fingerprint). Checkpoint identity is
 #: in the cache folder name (md5); device, batch size, worker count and the encoder path
@@ -164,9 +158,11 @@ def collate_loaded(items: list[LoadedImage]) -> dict:
 # --------------------------------------------------------------------------- encode + decode
 
 
-def compute_entries(backbone, batch: dict, prompt_mode: str, multimask_policy: str) -> list[sam_cache.CacheEntry]:
+def compute_entries(backbone, batch: dict, prompt_mode: str, multimask_policy: str,
+                    host_array: HostArray | None = None) -> list[sam_cache.CacheEntry]:
     """Finish preprocessing on the backbone's device, encode the batch, decode every image's prompt
-    sets in one call per image, and copy the batch's outputs to the host at once."""
+    sets in one call per image, and copy the batch's outputs to the host at once (into
+    ``host_array``'s arrays when given: the cache writer's)."""
     items = [item for item in batch["items"] if item.pixels is not None]
     if not items:
         return []
@@ -176,7 +172,7 @@ def compute_entries(backbone, batch: dict, prompt_mode: str, multimask_policy: s
                              Prompts(*(torch.from_numpy(a) for a in (item.points, item.labels, item.boxes))),
                              item.promptset_ids, item.unit.safe_id, item.unit.split, item.promptset_md5)
                 for item in items]
-    return decoded_entries(backbone, features, requests, prompt_mode, multimask_policy)
+    return decoded_entries(backbone, features, requests, prompt_mode, multimask_policy, host_array)
 
 
 def feature_shapes(backbone) -> dict[str, tuple[int, int, int]]:
@@ -186,53 +182,6 @@ def feature_shapes(backbone) -> dict[str, tuple[int, int, int]]:
         return {name: tuple(int(v) for v in shape) for name, shape in dict(known).items()}
     probe = torch.zeros(1, 3, backbone.image_size, backbone.image_size)
     return {name: tuple(int(v) for v in value.shape[1:]) for name, value in backbone.encode(probe).items()}
-
-
-# --------------------------------------------------------------------------- writer thread
-
-
-class BackgroundWriter:
-    """Writes batches of entries on one thread so the encoder does not wait for the disk.
-
-    At most ``depth`` batches wait in the queue; an exception on the thread is re-raised by the
-    next ``put`` or by ``close``.
-    """
-
-    def __init__(self, writer: shard_writer.ShardWriter, on_written: Callable[[int], None],
-                 before_flags: Callable[[int], None] | None = None, depth: int = 2):
-        self.writer = writer
-        self.on_written = on_written
-        self.before_flags = before_flags
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="sam-cache-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            entries = self._queue.get()
-            if entries is None:
-                return
-            if self._error is not None:
-                continue
-            try:
-                hook = (lambda n=len(entries): self.before_flags(n)) if self.before_flags else None
-                self.writer.write_batch(entries, before_flags=hook)
-                self.on_written(len(entries))
-            except BaseException as exc:  # re-raised on the main thread
-                self._error = exc
-
-    def put(self, entries: list[sam_cache.CacheEntry]) -> None:
-        if self._error is not None:
-            raise self._error
-        if entries:
-            self._queue.put(entries)
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
 
 
 # --------------------------------------------------------------------------- the stage
@@ -314,9 +263,9 @@ def run_precompute(cfg: PipelineConfig, backbone, shard: Shard, force: bool = Fa
     def on_written(n: int) -> None:
         progress["written"] += n
 
+    background = None
     try:
-        kill_switch = KillSwitch.from_env(KILL_AFTER_IMAGES_ENV)
-        background = BackgroundWriter(writer, on_written, before_flags=kill_switch.advance if kill_switch else None)
+        background = CACHE_WRITERS[sam.cache_writer](writer, on_written, batch_size=max(1, sam.encoder_batch_size))
         if pending:
             loader = DataLoader(
                 ImageLoader(pending, project_root, backbone.preprocessor, layout.max_promptsets),
@@ -335,13 +284,15 @@ def run_precompute(cfg: PipelineConfig, backbone, shard: Shard, force: bool = Fa
                         counts.failed += 1
                         counts.failures.append((item.unit.sample_id, item.error))
                         log.warning("%s: %s", item.unit.sample_id, item.error)
-                entries = compute_entries(backbone, batch, sam.prompt_mode, sam.multimask_policy)
+                entries = compute_entries(backbone, batch, sam.prompt_mode, sam.multimask_policy,
+                                          background.host_arrays())
                 background.put(entries)
                 counts.done += len(entries)
                 report()
             images.close()
         background.close()
     finally:
+        writer = background.release() if background is not None else writer
         writer.write_manifest()
         writer.close()
     report(force_log=True)
