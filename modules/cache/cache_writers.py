@@ -187,6 +187,17 @@ class SharedRing:
         os.close(self.fd)
 
 
+def shared_ring(slots: int, slot_bytes: int) -> SharedRing | None:
+    """A ``SharedRing``, or None where the system has no ``memfd`` (not Linux, or a sandbox that
+    refuses it): the batches then go through the socket."""
+    if not hasattr(os, "memfd_create"):
+        return None
+    try:
+        return SharedRing(slots, slot_bytes)
+    except OSError:
+        return None
+
+
 class ProcessWriter:
     """Writes batches in a child process that owns the shard file (``python -m`` this module).
 
@@ -195,8 +206,8 @@ class ProcessWriter:
     hands out a free slot's memory for the next batch's device-to-host copies, so ``put`` sends only
     a small message (pickle protocol 5, the arrays out of band); arrays from elsewhere are copied
     into a slot. Through the socket alone, the sending thread would wait for the GIL once per
-    socket buffer's worth (a few hundred KiB) while the stage's main thread keeps it. Where there is
-    no ``memfd`` (not Linux), the arrays go through the socket.
+    socket buffer's worth (a few hundred KiB) while the stage's main thread keeps it. Without a
+    ``memfd`` (``shared_ring``) the arrays go through the socket.
     """
 
     def __init__(self, writer: ShardWriter, on_written: Callable[[int], None], batch_size: int = 1,
@@ -207,8 +218,7 @@ class ProcessWriter:
         self.batch_size = max(1, batch_size)
         writer.close()  # one process writes the file at a time: the child, from here on
         slots = depth + 1
-        self._ring = (SharedRing(slots, self.batch_size * entry_bytes_bound(self.layout))
-                      if hasattr(os, "memfd_create") else None)
+        self._ring = shared_ring(slots, self.batch_size * entry_bytes_bound(self.layout))
         self._conn, child_end = Pipe(duplex=True)
         shared = (self._ring.fd,) if self._ring else ()
         python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
