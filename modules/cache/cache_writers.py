@@ -214,10 +214,10 @@ class ProcessWriter:
                  depth: int = 2):
         self.path, self.layout = writer.path, writer.layout
         self.on_written = on_written
-        self.depth = depth
+        self.depth = max(1, depth)  # with the slot host_arrays holds, a batch in parts needs two
         self.batch_size = max(1, batch_size)
         writer.close()  # one process writes the file at a time: the child, from here on
-        slots = depth + 1
+        slots = self.depth + 1
         self._ring = shared_ring(slots, self.batch_size * entry_bytes_bound(self.layout))
         self._conn, child_end = Pipe(duplex=True)
         shared = (self._ring.fd,) if self._ring else ()
