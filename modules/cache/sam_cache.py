@@ -19,7 +19,6 @@ from typing import Iterable
 
 import h5py
 import numpy as np
-import torch
 
 from modules.cache.hdf5_rows import allocate_dataset, allocate_rows, allocate_table, decode_strings, fixed_bytes
 from modules.core.errors import PipelineError, error_line
@@ -282,12 +281,11 @@ class SamCache:
     from a run with another shard count), the most recently modified file wins.
 
     Safe to hand to DataLoader workers: handles are opened on first use in each process and are
-    not pickled. ``as_torch=True`` returns torch tensors instead of numpy arrays.
+    not pickled.
     """
 
-    def __init__(self, root: str | os.PathLike, backbone: str | None = None, as_torch: bool = False):
+    def __init__(self, root: str | os.PathLike, backbone: str | None = None):
         self.folder = self._resolve_folder(Path(root), backbone)
-        self.as_torch = as_torch
         self._index: dict[str, _Location] = {}
         self._feature_names: dict[Path, list[str]] = {}
         self._md5: dict[str, str] = {}
@@ -383,10 +381,6 @@ class SamCache:
         if verify and entry_checksum(entry, names) != stored:
             raise SamCacheError(f"{location.path}: entry {safe_id} fails its checksum (damaged data); "
                                 "rerun precompute_sam_outputs.py to repair the cache")
-        if self.as_torch:
-            entry.features = {k: torch.from_numpy(v) for k, v in entry.features.items()}
-            for name in ("logits", "promptset_ids", "branch_index", "iou_predictions"):
-                setattr(entry, name, torch.from_numpy(getattr(entry, name)))
         return entry
 
     def close(self) -> None:
