@@ -391,7 +391,7 @@ def serve(conn: Connection, shared_fd: int | None = None) -> None:
                 writer.close()
             conn.send(("closed", None))
             conn.close()
-            os._exit(0)  # the file is closed and synced: skip the interpreter's slow teardown (torch)
+            return
         if kind == "ring":
             ring = memoryview(mmap.mmap(shared_fd, message[1] * message[2]))
             conn.send(("written", 0))
