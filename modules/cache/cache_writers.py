@@ -54,7 +54,8 @@ class CacheWriterError(PipelineError):
 
 
 class ThreadWriter:
-    """Writes batches on one thread of the stage's process."""
+    """Writes batches on one thread of the stage's process (``batch_size``: unused; the interface's,
+    with which ``ProcessWriter`` sizes its shared memory)."""
 
     def __init__(self, writer: ShardWriter, on_written: Callable[[int], None], batch_size: int = 1,
                  depth: int = 2):
@@ -145,16 +146,17 @@ class SharedRing:
 
     def allocator(self, slot: int) -> Callable[[tuple[int, ...], object], np.ndarray]:
         """Host arrays in ``slot``, one after the other; plain arrays once it is full."""
-        cursor = [slot * self.slot_bytes]
+        cursor = slot * self.slot_bytes
         end = (slot + 1) * self.slot_bytes
 
         def allocate(shape: tuple[int, ...], dtype) -> np.ndarray:
+            nonlocal cursor
             dtype = np.dtype(dtype)
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if cursor[0] + nbytes > end:
+            if cursor + nbytes > end:
                 return np.empty(shape, dtype=dtype)
-            view = self.bytes[cursor[0]:cursor[0] + nbytes].view(dtype).reshape(shape)
-            cursor[0] += -(-nbytes // ALIGN) * ALIGN
+            view = self.bytes[cursor:cursor + nbytes].view(dtype).reshape(shape)
+            cursor += -(-nbytes // ALIGN) * ALIGN
             return view
 
         return allocate
