@@ -1,8 +1,8 @@
 """One simulated click round against one decoder + head pass over the same B images, one run.
 
 On a project with trained runs (head, Laplace, variance network: e.g. the demo after
-``run_pipeline.py``), for B images of the evaluation split with P = the configured policies, each
-already past its first click:
+``run_pipeline.py``), for B images of the evaluation split with P = the configured policies' lanes
+(one prompt set per policy, ``random_draws`` for a random one), each already past its first click:
 
 - baseline: per image, one decoder call for the P prompt sets on the cached features
   (``cache.entries.decoded_entry``) and the head's inputs (``EvalSample.build``), then the MAP head
@@ -72,11 +72,11 @@ def main() -> None:
         run = simulator.start(labelled, unseen=False)
         simulator.score(run)
         runs.append(run)
-    policies = len(simulator.policies)
     batches = [runs[start:start + args.batch] for start in range(0, len(runs), args.batch)]
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} threads; {len(samples)} images, B = {args.batch} together, P = {policies} policies "
-          f"({', '.join(simulator.policies)}), strategies: {', '.join(simulator.strategies)}")
+          f"{args.threads} threads; {len(samples)} images, B = {args.batch} together, P = {len(simulator.lanes)} "
+          f"prompt sets per image ({', '.join(simulator.policies)}; random x "
+          f"{cfg.evaluation.active_prompting.random_draws}), strategies: {', '.join(simulator.strategies)}")
 
     records = [simulator.record(run) for run in runs]
 

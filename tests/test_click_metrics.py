@@ -31,15 +31,14 @@ from tests.test_uncertainty import disc_ground_truth, make_sample
 BOOTSTRAP = BootstrapSettings(samples=200, seed=0)
 
 
-def trace_of(curves: dict[tuple[str, str, str], np.ndarray], unseen_groups=(), quality=None,
-             predicted_iou=None) -> pd.DataFrame:
-    """A trace from ``{(safe_id, group, policy): IoU after clicks 1..K}``; ``quality`` /
-    ``predicted_iou``: functions of the IoU (default: ``1 - iou`` and the IoU)."""
+def trace_of(curves: dict[tuple, np.ndarray], unseen_groups=(), quality=None, predicted_iou=None) -> pd.DataFrame:
+    """A trace from ``{(safe_id, group, policy[, draw]): IoU after clicks 1..K}`` (draw default 0);
+    ``quality`` / ``predicted_iou``: functions of the IoU (default: ``1 - iou`` and the IoU)."""
     rows = []
-    for (safe_id, group, policy), ious in curves.items():
+    for (safe_id, group, policy, *draw), ious in curves.items():
         for clicks, iou in enumerate(ious, start=1):
             rows.append({"safe_id": safe_id, "group": group, "unseen": group in unseen_groups, "policy": policy,
-                         "clicks": clicks, "iou": float(iou),
+                         "draw": draw[0] if draw else 0, "clicks": clicks, "iou": float(iou),
                          "quality": (quality or (lambda v: 1.0 - v))(float(iou)),
                          "predicted_iou": (predicted_iou or (lambda v: v))(float(iou)),
                          "x": 3 * clicks, "y": 2 * clicks, "label": clicks % 2})
@@ -126,10 +125,40 @@ def test_bald_against_random_is_paired_over_images():
     assert entropy_iou["n_images"] == 12
 
 
+def test_a_policy_with_several_draws_counts_once_per_image_with_the_mean_of_its_draws():
+    """Image a: random's two draws reach 0.85 at clicks 2 and never (per image NoC (2 + 4) / 2 = 3,
+    half a "never"); image b: one draw (NoC 1). Every table averages the draws within an image first,
+    so n and the intervals count images, not runs; the stop signal scores every run's rows."""
+    draw0, draw1 = np.array([0.5, 0.9, 0.9, 0.95]), np.array([0.3, 0.4, 0.5, 0.6])
+    bald_a, bald_b = np.array([0.5, 0.6, 0.9, 0.9]), np.array([0.9, 0.9, 0.9, 0.9])
+    trace = trace_of({("a", "g", "bald"): bald_a, ("a", "g", "random", 0): draw0, ("a", "g", "random", 1): draw1,
+                      ("b", "g", "bald"): bald_b, ("b", "g", "random", 0): np.full(4, 0.88)})
+    clicks, curve, noc = click_tables(trace, 4, BOOTSTRAP)
+    random_clicks = clicks[(clicks["policy"] == "random") & (clicks["domain"] == "overall")].iloc[0]
+    assert random_clicks["n_images"] == 2 and random_clicks["draws"] == 2
+    assert random_clicks["iou_at_3"] == pytest.approx(((0.9 + 0.5) / 2 + 0.88) / 2)
+    random_curve = curve[(curve["policy"] == "random") & (curve["domain"] == "overall")]
+    assert random_curve["mean_iou"].to_numpy() == pytest.approx(((draw0 + draw1) / 2 + 0.88) / 2)
+    random_noc = noc[(noc["policy"] == "random") & (noc["domain"] == "overall")].iloc[0]
+    assert random_noc["noc_85"] == pytest.approx((3 + 1) / 2) and random_noc["never_85"] == pytest.approx(0.5)
+    bald_noc = noc[(noc["policy"] == "bald") & (noc["domain"] == "overall")].iloc[0]
+    assert bald_noc["noc_85"] == pytest.approx((3 + 1) / 2) and bald_noc["never_85"] == 0
+
+    comparison = policy_comparison(trace, bootstrap=BOOTSTRAP, pairs=[("bald", "random")])
+    row = comparison[(comparison["domain"] == "overall") & (comparison["metric"] == "noc_85")].iloc[0]
+    assert row["n_images"] == 2 and row["difference"] == pytest.approx(0.0)
+    row = comparison[(comparison["domain"] == "overall") & (comparison["metric"] == "iou_at_5")]
+    assert row.empty  # four clicks: IoU@5 is not defined
+    stop = stop_signal_frame(trace, 4, BOOTSTRAP)
+    assert stop[(stop["policy"] == "random") & (stop["domain"] == "overall")].iloc[0]["n_rows"] == 3 * 4
+
+
 def test_a_trace_missing_a_click_is_one_line_naming_the_image_and_policy():
-    trace = trace_of({("a", "g", "bald"): np.linspace(0.5, 0.9, 5)})
-    with pytest.raises(ClickTraceError, match=r"a / bald has 4 rows .* clicks 1 \.\. 5"):
-        check_trace(trace[trace["clicks"] != 4], 5)
+    trace = trace_of({("a", "g", "bald"): np.linspace(0.5, 0.9, 5), ("a", "g", "random", 1): np.linspace(0, 1, 5)})
+    with pytest.raises(ClickTraceError, match=r"a / bald \(draw 0\) has 4 rows .* clicks 1 \.\. 5"):
+        check_trace(trace[(trace["clicks"] != 4) | (trace["policy"] != "bald")], 5)
+    with pytest.raises(ClickTraceError, match=r"a / random \(draw 1\) has 6 rows for 5 distinct"):
+        check_trace(pd.concat([trace, trace.tail(1)]), 5)
     with pytest.raises(ClickTraceError, match="missing column"):
         check_trace(trace.drop(columns=["quality"]), 5)
 
@@ -155,6 +184,7 @@ def click_report(tmp_path_factory):
         if policy == "random":
             curves[(safe_id, group, "random")][4] = 0.1 + 0.2
             curves[(safe_id, group, "bald")][4] = 0.3
+            curves[(safe_id, group, "random", 1)] = curves[(safe_id, group, "random")].copy()
     tracker = TableTracker()
     report = write_click_reports(folder, trace_of(curves, unseen_groups=("thin",)), 20, BOOTSTRAP.samples,
                                  BOOTSTRAP.seed, tracker)
@@ -191,6 +221,7 @@ def test_click_figure_and_markdown_name_every_file(click_report):
     for domain in ("#### seen (n=10 images)", "#### unseen (n=5 images)", "#### overall (n=15 images)"):
         assert domain in report.markdown
     assert "| oracle | " in report.markdown and "bald - random" in report.markdown
+    assert "`random` runs 2 times per image" in report.markdown and "`bald` runs" not in report.markdown
 
 
 def _outputs(sample) -> dict[str, StrategyOutput]:

@@ -17,23 +17,25 @@ import pytest
 import torch
 
 from modules.cache.training_index import open_cache
-from modules.core.config import load_config
+from modules.core.config import ConfigError, load_config
 from modules.core.paths import ACTIVE_PROMPTING_DIR, click_trace_path, eval_report_dir
 from modules.evaluation.methods import STRATEGY_BUILDERS
 from modules.evaluation.runs import Artifacts, RunIds
 from modules.evaluation.samples import EvalUnit, LabelledSample, list_eval_units, load_sample
 from modules.interactive.click_policies import CLICK_POLICIES, ClickChoice
-from modules.interactive.simulation import (TRACE_COLUMNS, Annotator, ClickSimulator, SimulationError,
-                                            checked_policies, simulated_units)
+from modules.interactive.click_metrics import TRACE_COLUMNS
+from modules.interactive.simulation import (Annotator, ClickSimulator, Lane, SimulationError, checked_policies,
+                                            simulated_units, simulation_lanes)
 from modules.stages.evaluate_uncertainty import KILL_AFTER_CLICK_IMAGES_ENV, fingerprint_sections
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-#: Cheap stage-7 settings: two images, two scored strategies, three clicks of four policies.
+#: Cheap stage-7 settings: two images, two scored strategies, three clicks of four policies (random twice).
 STAGE_ARGS = ("--set", "evaluation.max_samples=2", "--set", "evaluation.strategies=[raw_sam,map_head]",
               "--set", "evaluation.refinement=false", "--set", "evaluation.qualitative_per_domain=0",
               "--set", "evaluation.bootstrap_samples=20",
               "--set", "evaluation.active_prompting.enabled=true", "--set", "evaluation.active_prompting.max_clicks=3",
-              "--set", "evaluation.active_prompting.policies=[oracle,bald,sam_entropy,random]")
+              "--set", "evaluation.active_prompting.policies=[oracle,bald,sam_entropy,random]",
+              "--set", "evaluation.active_prompting.random_draws=2")
 
 
 def _unit(safe_id: str, group: str) -> EvalUnit:
@@ -54,6 +56,8 @@ def test_bad_settings_name_the_key():
         cfg = load_config(None, [override])
         with pytest.raises(SimulationError, match=f"evaluation.active_prompting.{key}"):
             checked_policies(cfg)
+    with pytest.raises(ConfigError, match="evaluation.active_prompting.random_draws: must be an integer of at least 1"):
+        load_config(None, ["evaluation.active_prompting.random_draws=0"])
     defaults = load_config(None)
     assert list(checked_policies(defaults)) == defaults.evaluation.active_prompting.policies
     assert set(CLICK_POLICIES) - set(checked_policies(defaults)) == {"head_entropy"}  # the one left out by default
@@ -61,17 +65,17 @@ def test_bad_settings_name_the_key():
 
 @dataclass
 class ReplayAnnotator(Annotator):
-    """Answers with labels recorded from another run (``policy -> labels of clicks 2..``), whatever
+    """Answers with labels recorded from another run (``lane -> labels of clicks 2..``), whatever
     ``truth`` holds; its first click is the recorded one."""
 
     first: ClickChoice | None = None
-    replies: dict[str, list[int]] = field(default_factory=dict)
+    replies: dict[Lane, list[int]] = field(default_factory=dict)
 
     def first_click(self) -> ClickChoice:
         return self.first
 
-    def label(self, policy: str, choice: ClickChoice) -> int:
-        return self.replies[policy].pop(0)
+    def label(self, lane: Lane, choice: ClickChoice) -> int:
+        return self.replies[lane].pop(0)
 
 
 def test_uncertainty_policies_read_the_ground_truth_only_through_the_annotator(fusion_project):
@@ -86,9 +90,13 @@ def test_uncertainty_policies_read_the_ground_truth_only_through_the_annotator(f
 
     assert list(trace.columns) == list(TRACE_COLUMNS)
     policies = list(cfg.evaluation.active_prompting.policies)
-    assert len(trace) == len(policies) * 3 and list(trace["policy"].unique()) == policies
+    lanes = simulation_lanes(cfg)
+    assert len(lanes) == len(policies) + cfg.evaluation.active_prompting.random_draws - 1  # random runs 4 times
+    assert len(trace) == len(lanes) * 3 and list(trace["policy"].unique()) == policies
+    assert list(trace.drop_duplicates(["policy", "draw"])[["policy", "draw"]].itertuples(index=False)) == \
+        [(lane.policy, lane.draw) for lane in lanes]
     height, width = labelled.inputs.original_hw
-    for policy, rows in trace.groupby("policy"):
+    for policy, rows in trace.groupby(["policy", "draw"]):
         placed = rows[rows["x"] >= 0]
         assert list(rows["clicks"]) == [1, 2, 3]
         assert not placed.duplicated(["x", "y"]).any(), f"{policy} clicked a pixel twice"
@@ -98,7 +106,8 @@ def test_uncertainty_policies_read_the_ground_truth_only_through_the_annotator(f
         assert (truth_labels == placed["label"].to_numpy()).all(), f"{policy}: the annotator answered wrongly"
 
     first = trace.iloc[0]
-    replies = {policy: list(rows["label"].iloc[1:]) for policy, rows in trace.groupby("policy", sort=False)}
+    replies = {Lane(policy, draw): list(rows["label"].iloc[1:])
+               for (policy, draw), rows in trace.groupby(["policy", "draw"], sort=False)}
     inverted = LabelledSample(labelled.inputs, ~labelled.ground_truth)
     replay = ReplayAnnotator(inverted.ground_truth, ClickChoice(int(first["y"]), int(first["x"]), int(first["label"])),
                              replies)
@@ -137,20 +146,26 @@ def test_strategies_on_a_batch_of_images_equal_one_image_at_a_time(fusion_projec
 
 
 def test_a_policys_trace_does_not_depend_on_the_other_policies_configured(fusion_project):
-    """The random policy's generator is seeded by the image and the policy's name, not by its place in
-    ``evaluation.active_prompting.policies``: alone or after three others it clicks the same pixels."""
+    """The random policy's generators are seeded by the image, the policy's name and the draw, not by
+    places in ``evaluation.active_prompting.policies``: alone or after three others its draws click the
+    same pixels, and its first draw is the same with one draw or three. The draws differ."""
     torch.set_num_threads(1)
     traces = []
     labelled = None
-    for policies in ("[random]", "[oracle,bald,sam_entropy,random]"):
+    for policies, draws in (("[random]", 3), ("[oracle,bald,sam_entropy,random]", 3), ("[random]", 1)):
         cfg = fusion_project.load_config("evaluation.active_prompting.max_clicks=4",
-                                         f"evaluation.active_prompting.policies={policies}")
+                                         f"evaluation.active_prompting.policies={policies}",
+                                         f"evaluation.active_prompting.random_draws={draws}")
         simulator = ClickSimulator(cfg, Artifacts(cfg, RunIds.resolve("v1"), torch.device("cpu")))
         labelled = labelled or load_sample(cfg, open_cache(cfg), list_eval_units(cfg)[0])
         trace = simulator.simulate(labelled, unseen=False)
         traces.append(trace[trace["policy"] == "random"].reset_index(drop=True))
-    assert (traces[0]["x"] >= 0).sum() == 4
-    pd.testing.assert_frame_equal(traces[0], traces[1])
+    alone, among_others, one_draw = traces
+    assert alone["draw"].tolist() == [0] * 4 + [1] * 4 + [2] * 4 and (alone["x"] >= 0).sum() == 12
+    pd.testing.assert_frame_equal(alone, among_others)
+    pd.testing.assert_frame_equal(alone[alone["draw"] == 0], one_draw)
+    clicks = [tuple(zip(rows["x"].iloc[1:], rows["y"].iloc[1:])) for _, rows in alone.groupby("draw")]
+    assert len(set(clicks)) == 3
 
 
 class RecordingSimulator(ClickSimulator):
@@ -171,7 +186,8 @@ def test_each_round_gives_sam_its_own_last_logits_as_mask_prompt(fusion_project)
     per policy, SAM's own logits of the round before, which change what the decoder returns (so the
     prompt reaches it); ``none`` decodes clicks alone in every round."""
     torch.set_num_threads(1)
-    overrides = ("evaluation.active_prompting.max_clicks=3", "evaluation.active_prompting.policies=[oracle,random]")
+    overrides = ("evaluation.active_prompting.max_clicks=3", "evaluation.active_prompting.policies=[oracle,random]",
+                 "evaluation.active_prompting.random_draws=1")
     labelled = None
     for mask_prompt in ("previous", "none"):
         cfg = fusion_project.load_config(*overrides, f"evaluation.active_prompting.mask_prompt={mask_prompt}")
@@ -212,14 +228,14 @@ def test_stage_writes_the_traces_and_resumes_after_sigkill(fusion_project):
     assert len(units) == 2
     for unit in units:
         direct = simulator.simulate(load_sample(cfg, cache, unit), unseen=False)
-        assert len(direct) == 4 * 3 and direct["iou"].between(0, 1).all() and direct["predicted_iou"].notna().all()
+        assert len(direct) == (3 + 2) * 3 and direct["iou"].between(0, 1).all()
+        assert direct["predicted_iou"].notna().all()
         assert click_trace_path(folder, unit.safe_id).read_text() == direct.to_csv(index=False)
 
 
 def test_fingerprint_covers_the_simulation_settings():
     """A changed ``evaluation.active_prompting`` value is a changed stage-7 input (its trace files are
     never reused for other settings)."""
-    from modules.core.config import load_config
 
     def fingerprint(*overrides):
         cfg = load_config(None, list(overrides))
@@ -228,6 +244,7 @@ def test_fingerprint_covers_the_simulation_settings():
     assert fingerprint() != fingerprint("evaluation.active_prompting.max_clicks=5")
     assert fingerprint() != fingerprint("evaluation.active_prompting.policies=[oracle]")
     assert fingerprint() != fingerprint("evaluation.active_prompting.mask_prompt=previous")
+    assert fingerprint() != fingerprint("evaluation.active_prompting.random_draws=1")
 
 
 def test_a_box_without_clicks_is_a_prompt_set_of_padding_points():

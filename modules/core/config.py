@@ -234,6 +234,10 @@ class ActivePromptingConfig:
     # The strategy whose mask is corrected and scored (its probability > 0.5), the same for every policy.
     mask_method: str = "map_head"
     seed: int = 0
+    # Independent runs of each random policy per image (seeded by the image, the policy and the
+    # draw); its per-image figures are their mean, so one lucky or unlucky draw does not decide a
+    # comparison with it. 1 = one run, as every other policy.
+    random_draws: int = 4
     max_samples: int = 0  # images simulated (round-robin over the groups); 0 = every evaluated sample
     # Images simulated together, one click round for all of them at a time (the strategies run once
     # over their rows); the traces are those of one image at a time, bit for bit. 1 = image by image.
@@ -478,6 +482,7 @@ NUMERIC_RANGES: dict[str, str] = {
     "evaluation.active_prompting.seed": "nonneg",
     "evaluation.active_prompting.max_samples": "nonneg",
     "evaluation.active_prompting.batch_images": "count",
+    "evaluation.active_prompting.random_draws": "count",
     "wandb.init_timeout_s": "positive",
 }
 

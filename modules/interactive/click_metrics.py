@@ -1,8 +1,11 @@
 """The outputs of the simulated interactive segmentation (issue #19): per click policy and domain, the
 mean IoU after k clicks, NoC@85 / NoC@90, the click-or-stop signal and the IoU-vs-clicks curves.
 
-Input: the click trace of the simulation (``TRACE_COLUMNS``), one row per (image, policy, clicks)
-with ``clicks`` = 1 .. ``max_clicks`` for every (image, policy). Domains follow the evaluation
+Input: the click trace of the simulation (``TRACE_COLUMNS``), one row per (image, policy, draw,
+clicks) with ``clicks`` = 1 .. ``max_clicks`` for every (image, policy, draw). A policy run several
+times on an image (the random policy's draws, ``evaluation.active_prompting.random_draws``) counts
+once per image: each per-image value (IoU after k clicks, NoC, whether it is ever reached) is the
+mean over its draws, and the images stay the unit every interval resamples. Domains follow the evaluation
 report (``modules/evaluation/intervals.py``): each group (seen groups, then unseen ones), then the
 ``seen`` / ``unseen`` aggregates (only when groups are held out) and ``overall``.
 
@@ -40,8 +43,12 @@ from modules.scoring.bootstrap import Interval, percentile_interval, summed
 from modules.scoring.mask_quality import QualityScore, quality_values, weighted_auroc
 from modules.scoring.plots import plot_click_curves
 
-TRACE_COLUMNS = ("safe_id", "group", "unseen", "policy", "clicks", "iou", "quality", "predicted_iou", "x", "y",
-                 "label")
+#: The trace's columns (the contract with ``interactive.simulation``): ``draw`` numbers a policy's runs
+#: on one image (0 .. ``random_draws`` - 1 for a random policy, 0 otherwise); ``clicks`` counts the
+#: interactions so far (1 = the first click or box); ``x``, ``y`` (ORIGINAL pixels) and ``label``
+#: (1 / 0) are those of the click just placed, -1 for the box and for a run that had no pixel left.
+TRACE_COLUMNS = ("safe_id", "group", "unseen", "policy", "draw", "clicks", "iou", "quality", "predicted_iou", "x",
+                 "y", "label")
 #: Click counts of ``clicks.csv`` (those up to ``max_clicks``).
 CLICK_COUNTS = (1, 3, 5, 10, 20)
 #: IoU levels of NoC (NoC@85, NoC@90).
@@ -95,7 +102,7 @@ class ClickReport:
 
 def check_trace(trace: pd.DataFrame, max_clicks: int) -> pd.DataFrame:
     """The trace with its columns typed, after checking the contract: every ``TRACE_COLUMNS`` present,
-    rows for clicks 1 .. ``max_clicks`` exactly once per (image, policy), one group per image.
+    rows for clicks 1 .. ``max_clicks`` exactly once per (image, policy, draw), one group per image.
     Raises ``ClickTraceError`` naming the first problem."""
     missing = [column for column in TRACE_COLUMNS if column not in trace.columns]
     if missing:
@@ -104,19 +111,19 @@ def check_trace(trace: pd.DataFrame, max_clicks: int) -> pd.DataFrame:
         raise ClickTraceError("click trace: no rows")
     if max_clicks < 1:
         raise ClickTraceError(f"click trace: max_clicks must be >= 1, got {max_clicks}")
-    trace = trace.astype({"safe_id": str, "group": str, "policy": str, "unseen": bool, "clicks": np.int64,
-                          "iou": np.float64, "quality": np.float64, "predicted_iou": np.float64})
+    trace = trace.astype({"safe_id": str, "group": str, "policy": str, "unseen": bool, "draw": np.int64,
+                          "clicks": np.int64, "iou": np.float64, "quality": np.float64, "predicted_iou": np.float64})
     outside = trace[(trace["clicks"] < 1) | (trace["clicks"] > max_clicks)]
     if not outside.empty:
         row = outside.iloc[0]
         raise ClickTraceError(f"click trace: {row['safe_id']} / {row['policy']} has a row for {row['clicks']} clicks "
                               f"(expected 1 .. {max_clicks})")
-    per_unit = trace.groupby(["safe_id", "policy"], sort=False)["clicks"].agg(["size", "nunique"])
+    per_unit = trace.groupby(["safe_id", "policy", "draw"], sort=False)["clicks"].agg(["size", "nunique"])
     incomplete = per_unit[(per_unit["size"] != max_clicks) | (per_unit["nunique"] != max_clicks)]
     if not incomplete.empty:
-        (safe_id, policy), row = incomplete.index[0], incomplete.iloc[0]
-        raise ClickTraceError(f"click trace: {safe_id} / {policy} has {row['size']} rows for {row['nunique']} "
-                              f"distinct click counts (expected clicks 1 .. {max_clicks} once each)")
+        (safe_id, policy, draw), row = incomplete.index[0], incomplete.iloc[0]
+        raise ClickTraceError(f"click trace: {safe_id} / {policy} (draw {draw}) has {row['size']} rows for "
+                              f"{row['nunique']} distinct click counts (expected clicks 1 .. {max_clicks} once each)")
     groups = trace.groupby("safe_id")["group"].nunique()
     if (groups > 1).any():
         raise ClickTraceError(f"click trace: image {groups[groups > 1].index[0]} is in more than one group")
@@ -134,12 +141,38 @@ def trace_domains(trace: pd.DataFrame) -> tuple[list[str], frozenset[str]]:
     return domains_in_order(list(trace["group"].unique()), unseen), unseen
 
 
+def run_matrix(rows: pd.DataFrame, max_clicks: int, column: str = "iou") -> tuple[list[str], np.ndarray, np.ndarray]:
+    """One policy's runs: the images (sorted), each run's image (``R`` codes into them) and ``R x
+    max_clicks`` of ``column`` (column k - 1: after k clicks); one run per (image, draw)."""
+    table = rows.pivot(index=["safe_id", "draw"], columns="clicks", values=column).sort_index()
+    table = table.reindex(columns=range(1, max_clicks + 1))
+    codes, images = pd.factorize(table.index.get_level_values("safe_id"), sort=True)
+    return list(images), codes, table.to_numpy(np.float64)
+
+
+def image_means(values: np.ndarray, codes: np.ndarray, n_images: int) -> np.ndarray:
+    """Per image, the mean of its runs' ``values`` (``R`` or ``R x K``) -> ``n_images`` (or ``n x K``)."""
+    values = np.asarray(values, np.float64)
+    flat = values.reshape(len(values), -1)
+    sums = np.zeros((n_images, flat.shape[1]))
+    np.add.at(sums, codes, flat)
+    means = sums / np.bincount(codes, minlength=n_images)[:, None]
+    return means.reshape((n_images, *values.shape[1:]))
+
+
 def iou_matrix(rows: pd.DataFrame, max_clicks: int, column: str = "iou") -> tuple[list[str], np.ndarray]:
     """The images of one policy's rows (sorted) and ``n x max_clicks`` of ``column`` (column k - 1:
-    after k clicks)."""
-    table = rows.pivot(index="safe_id", columns="clicks", values=column).sort_index()
-    table = table.reindex(columns=range(1, max_clicks + 1))
-    return list(table.index), table.to_numpy(np.float64)
+    after k clicks), each image's the mean over its draws."""
+    images, codes, values = run_matrix(rows, max_clicks, column)
+    return images, image_means(values, codes, len(images))
+
+
+def image_noc(rows: pd.DataFrame, max_clicks: int, threshold: float) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """One policy's images (sorted), their NoC at ``threshold`` and the fraction of their runs that
+    never reach it (``clicks_to_reach`` per run, then the mean over each image's draws)."""
+    images, codes, iou = run_matrix(rows, max_clicks)
+    needed, reached = clicks_to_reach(iou, threshold)
+    return images, image_means(needed, codes, len(images)), image_means(~reached, codes, len(images))
 
 
 def clicks_to_reach(iou: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -172,13 +205,16 @@ def threshold_label(threshold: float) -> str:
 
 def click_tables(trace: pd.DataFrame, max_clicks: int,
                  bootstrap: BootstrapSettings = BootstrapSettings()) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """``(clicks, curve, noc)`` per policy x domain (domains in report order, policies in trace order):
+    """``(clicks, curve, noc)`` per policy x domain (domains in report order, policies in trace order),
+    each row with ``n_images`` and ``draws`` (the policy's runs per image):
 
     - clicks: ``n_images`` and ``iou_at_<k>`` with ``_lo`` / ``_hi`` for the ``CLICK_COUNTS`` up to
       ``max_clicks``;
     - curve: one row per click count 1 .. ``max_clicks``: ``mean_iou`` with ``_lo`` / ``_hi``;
     - noc: ``noc_<t>`` (mean NoC, ``max_clicks`` for an image that never reaches the IoU) with
-      ``_lo`` / ``_hi`` and ``never_<t>`` (the images that never reach it) per ``NOC_THRESHOLDS``.
+      ``_lo`` / ``_hi`` and ``never_<t>`` (the images that never reach it; for a policy with several
+      draws per image, the expected count: each image's fraction of draws that never do, summed)
+      per ``NOC_THRESHOLDS``.
     """
     trace = check_trace(trace, max_clicks)
     domains, unseen = trace_domains(trace)
@@ -193,7 +229,7 @@ def click_tables(trace: pd.DataFrame, max_clicks: int,
             images, iou = iou_matrix(rows, max_clicks)
             counts = resampler.counts(len(images))
             key = {"policy": policy, "domain": domain, "domain_kind": domain_kind_of(domain, unseen),
-                   "n_images": len(images)}
+                   "n_images": len(images), "draws": int(rows.groupby("safe_id")["draw"].nunique().max())}
             per_click = mean_interval(iou, counts)
             entry = dict(key)
             for k in counts_shown:
@@ -205,10 +241,10 @@ def click_tables(trace: pd.DataFrame, max_clicks: int,
                 curve.append(point)
             entry = dict(key)
             for threshold in NOC_THRESHOLDS:
-                needed, reached = clicks_to_reach(iou, threshold)
+                _, needed, never = image_noc(rows, max_clicks, threshold)
                 label = threshold_label(threshold)
                 _put(entry, f"noc_{label}", mean_interval(needed, counts)[0])
-                entry[f"never_{label}"] = int((~reached).sum())
+                entry[f"never_{label}"] = float(never.sum())
             noc.append(entry)
     return pd.DataFrame(clicks), pd.DataFrame(curve), pd.DataFrame(noc)
 
@@ -258,12 +294,12 @@ def stop_signal_frame(trace: pd.DataFrame, max_clicks: int,
 
 def per_image_metric(rows: pd.DataFrame, max_clicks: int, metric: str) -> pd.Series:
     """One policy's per-image values of a ``COMPARISON_METRICS`` metric (``noc_<t>`` or
-    ``iou_at_<k>``), indexed by ``safe_id``."""
-    images, iou = iou_matrix(rows, max_clicks)
+    ``iou_at_<k>``; the mean over its draws), indexed by ``safe_id``."""
     kind, value = metric.rsplit("_", 1)
     if kind == "noc":
-        values = clicks_to_reach(iou, int(value) / 100.0)[0].astype(np.float64)
+        images, values, _ = image_noc(rows, max_clicks, int(value) / 100.0)
     elif kind == "iou_at":
+        images, iou = iou_matrix(rows, max_clicks)
         values = iou[:, int(value) - 1]
     else:
         raise ValueError(f"unknown comparison metric {metric!r}")
@@ -344,11 +380,14 @@ def click_markdown(clicks: pd.DataFrame, noc: pd.DataFrame, stop: pd.DataFrame, 
     NoC, stop-signal and comparison tables, each with what it means, and the files."""
     policies = list(dict.fromkeys(clicks["policy"]))
     oracles = [p for p in policies if "oracle" in p]
+    drawn = clicks[clicks["draws"] > 1].drop_duplicates("policy")
     lines = [f"Each image is segmented click after click by each policy, up to {max_clicks} clicks (the first "
              f"included): {', '.join(f'`{p}`' for p in policies)}. "
              + (f"{', '.join(f'`{p}`' for p in oracles)} reads the ground truth to place its clicks (the "
                 "simulated annotator of interactive-segmentation benchmarks): a reference, not a contender. "
                 if oracles else "")
+             + "".join(f"`{row.policy}` runs {row.draws} times per image (independent draws); each of its per-image "
+                       "figures is the mean over them. " for row in drawn.itertuples(index=False))
              + f"n = images; `value [lo, hi]`: the value and its 95% bootstrap interval over the domain's images "
              f"({bootstrap_samples} replicates). Shown: the aggregates; per group rows are in the CSV files.", ""]
     counts = [int(c.rsplit("_", 1)[1]) for c in clicks.columns if c.startswith("iou_at_") and c[7:].isdigit()]
@@ -364,12 +403,13 @@ def click_markdown(clicks: pd.DataFrame, noc: pd.DataFrame, stop: pd.DataFrame, 
     lines += [f"### Clicks to reach {' / '.join(f'{label}%' for label in labels)} IoU ([{NOC_CSV}]({NOC_CSV}))", "",
               f"NoC@{labels[0]}: the first click count at which the IoU is >= {NOC_THRESHOLDS[0]:g}, {max_clicks} (the "
               "cap) for an image that never gets there; the mean over images (lower is better). `never`: the "
-              f"images that do not reach it within {max_clicks} clicks.", ""]
+              f"images that do not reach it within {max_clicks} clicks (for a policy with several draws, the "
+              "expected count: per image, the fraction of its draws that never do).", ""]
     for domain in _aggregates(noc):
         lines += [f"#### {_domain_title(noc, domain)}", "", markdown_table(pd.DataFrame(
             [{"policy": row.policy, **{key: value for label in labels for key, value in
                                        ((f"NoC@{label}", _cell(row, f"noc_{label}")),
-                                        (f"never@{label}", str(getattr(row, f"never_{label}"))))}}
+                                        (f"never@{label}", f"{getattr(row, f'never_{label}'):g}"))}}
              for row in noc[noc["domain"] == domain].itertuples(index=False)])), ""]
     lines += [f"### When to stop: the click-or-stop signal ([{STOP_SIGNAL_CSV}]({STOP_SIGNAL_CSV}))", "",
               f"After each click, does the mask-level uncertainty say whether the IoU already is >= {STOP_IOU:g} (the "

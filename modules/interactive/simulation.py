@@ -7,12 +7,14 @@ object's interior point farthest from its boundary; or the object's tight box), 
 ``max_clicks`` rounds of: every policy of every image chooses its next click, then
 
 1. per image, one decoder call on its cached encoder features (no encoder pass) for the ``P``
-   policies' click histories at once, each history one prompt set (``cache.entries.decoded_entry``,
+   lanes' click histories at once, each history one prompt set (``cache.entries.decoded_entry``,
    the step stage 3 caches), giving the very ``CacheEntry`` stage 3 would have cached for those
-   clicks. With ``mask_prompt: previous``, from the second round on each prompt set also gives SAM
-   its own low-res logits of the round before as a mask prompt, as SAM's interactive protocol does
-   (SAM was trained to correct its last mask with the new click); ``none`` (the default) decodes the
-   clicks alone. SAM's mask decoder takes one image's embedding per call (it repeats it over the
+   clicks. A random policy runs ``random_draws`` times (``Lane``: a policy and a draw, one prompt set
+   each), so the report can average over its luck; every other policy is one lane. With
+   ``mask_prompt: previous``, from the second round on each prompt set also gives SAM its own
+   low-res logits of the round before as a mask prompt, as SAM's interactive protocol does (SAM was
+   trained to correct its last mask with the new click); ``none`` (the default) decodes the clicks
+   alone. SAM's mask decoder takes one image's embedding per call (it repeats it over the
    prompt sets), so the decoder runs image by image;
 2. the strategies the policies and the predicted mask need (``evaluation.methods.STRATEGY_BUILDERS``:
    head, Laplace, variance network, prompt perturbation, raw SAM) on those entries, each only on the
@@ -31,7 +33,7 @@ uncertainty policy is handed its map alone (``choose_by_map``), never the ground
 annotator (``Annotator``) answers each of its clicks with the ground-truth label of that pixel. Only
 the ``oracle`` policy reads the ground truth to choose (``choose_by_error_oracle``).
 
-The result is the click trace (``TRACE_COLUMNS``, one row per image, policy and click count) that
+The result is the click trace (``TRACE_COLUMNS``, one row per image, lane and click count) that
 ``interactive.click_metrics`` turns into IoU-vs-clicks curves, NoC and the stop signal's AUROC.
 """
 
@@ -53,6 +55,7 @@ from modules.evaluation.methods import STRATEGY_BUILDERS
 from modules.evaluation.runs import Artifacts
 from modules.evaluation.samples import EvalUnit, LabelledSample
 from modules.evaluation.scoreboard import upsample
+from modules.interactive.click_metrics import TRACE_COLUMNS
 from modules.interactive.click_policies import (CLICK_POLICIES, ClickChoice, ClickPolicy, annotator_label,
                                                 choose_at_random, choose_by_error_oracle, choose_by_map)
 from modules.scoring.common import PROB_THRESHOLD
@@ -60,11 +63,6 @@ from modules.scoring.mask_quality import mask_scores
 from modules.uncertainty.strategies import EvalSample, StrategyOutput
 
 SETTINGS_KEY = "evaluation.active_prompting"
-#: The trace's columns (the contract with ``interactive.click_metrics``): ``clicks`` counts the
-#: interactions so far (1 = the first click or box); ``x``, ``y`` (ORIGINAL pixels) and ``label``
-#: (1 / 0) are those of the click just placed, -1 for the box and for a policy that had no pixel left.
-TRACE_COLUMNS = ("safe_id", "group", "unseen", "policy", "clicks", "iou", "quality", "predicted_iou", "x", "y",
-                 "label")
 #: ``start: box`` decodes clicks and box together; ``start: point`` clicks only.
 START_PROMPT_MODES = {"point": "points", "box": "points_and_box"}
 
@@ -86,6 +84,22 @@ def checked_policies(cfg: PipelineConfig) -> dict[str, ClickPolicy]:
         raise SimulationError(f"{SETTINGS_KEY}.mask_method: {settings.mask_method!r} is not one of "
                               f"{', '.join(STRATEGY_BUILDERS)}")
     return {name: CLICK_POLICIES[name] for name in names}
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One simulated run of a policy on an image: the policy and its draw (0 .. ``random_draws`` - 1
+    for a random policy, 0 for every other). Each lane is one prompt set of every decoder call."""
+
+    policy: str
+    draw: int = 0
+
+
+def simulation_lanes(cfg: PipelineConfig) -> list[Lane]:
+    """The lanes in trace order: the policies in config order, a random one followed by its draws."""
+    draws = int(cfg.evaluation.active_prompting.random_draws)
+    return [Lane(name, draw) for name, policy in checked_policies(cfg).items()
+            for draw in range(draws if policy.kind == "random" else 1)]
 
 
 def needed_strategies(cfg: PipelineConfig) -> list[str]:
@@ -131,12 +145,12 @@ def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
 @dataclass
 class Annotator:
     """The simulated person: the ground truth ``H x W`` bool at ORIGINAL resolution. ``label`` answers
-    a click (the only ground truth an uncertainty policy's run receives), ``first_click`` is the oracle's
-    first click (the object's most interior pixel), ``box`` the object's tight box."""
+    a lane's click (the only ground truth an uncertainty policy's run receives), ``first_click`` is the
+    oracle's first click (the object's most interior pixel), ``box`` the object's tight box."""
 
     truth: np.ndarray
 
-    def label(self, policy: str, choice: ClickChoice) -> int:
+    def label(self, lane: Lane, choice: ClickChoice) -> int:
         return annotator_label(self.truth, choice)
 
     def first_click(self) -> ClickChoice:
@@ -181,26 +195,26 @@ def subset_sample(sample: EvalSample, indices: list[int], logit_clip: float) -> 
 
 @dataclass
 class ImageRun:
-    """One image's simulation state: the policies' histories, the last round's outputs (``P x 256 x
-    256`` FRAME256 per strategy), masks (``P x H x W`` bool) and SAM's own logits (the next round's
-    mask prompt), the trace rows so far per policy."""
+    """One image's simulation state: the lanes' histories, the last round's outputs (``L x 256 x
+    256`` FRAME256 per strategy, one row per lane), masks (``L x H x W`` bool) and SAM's own logits
+    (the next round's mask prompt), the trace rows so far per lane."""
 
     sample: EvalSample
     annotator: Annotator
     unseen: bool
-    names: list[str]
+    lanes: list[Lane]
     features: dict[str, torch.Tensor]
-    histories: dict[str, ClickHistory]
-    rngs: dict[str, np.random.Generator]
+    histories: dict[Lane, ClickHistory]
+    rngs: dict[Lane, np.random.Generator]
     box: list[int] | None
-    placed: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    placed: dict[Lane, tuple[int, int, int]] = field(default_factory=dict)
     outputs: dict[str, StrategyOutput] = field(default_factory=dict)
     predicted: np.ndarray | None = None
-    rows: dict[str, list[dict]] = field(default_factory=dict)
-    low_res_logits: torch.Tensor | None = None  # P x 1 x 256 x 256: SAM's logits of the last round
+    rows: dict[Lane, list[dict]] = field(default_factory=dict)
+    low_res_logits: torch.Tensor | None = None  # L x 1 x 256 x 256: SAM's logits of the last round
 
     def __post_init__(self) -> None:
-        self.rows = {name: [] for name in self.names}
+        self.rows = {lane: [] for lane in self.lanes}
 
 
 class ClickSimulator:
@@ -210,6 +224,7 @@ class ClickSimulator:
         settings = cfg.evaluation.active_prompting
         self.cfg = cfg
         self.policies = checked_policies(cfg)
+        self.lanes = simulation_lanes(cfg)
         self.max_clicks = int(settings.max_clicks)
         self.min_distance = float(settings.min_distance)
         self.start_with = settings.start
@@ -219,14 +234,16 @@ class ClickSimulator:
         self.backbone = artifacts.backbone
         self.strategies = {name: STRATEGY_BUILDERS[name].build(cfg, artifacts) for name in needed_strategies(cfg)}
         self.readers: dict[str, list[int]] = {name: [] for name in self.strategies}
-        for index, policy in enumerate(self.policies.values()):
-            if policy.strategy is not None:
-                self.readers[policy.strategy].append(index)
-        self.readers[self.mask_method] = list(range(len(self.policies)))
+        for index, lane in enumerate(self.lanes):
+            strategy = self.policies[lane.policy].strategy
+            if strategy is not None:
+                self.readers[strategy].append(index)
+        self.readers[self.mask_method] = list(range(len(self.lanes)))
 
     def simulate(self, labelled: LabelledSample, unseen: bool, annotator: Annotator | None = None) -> pd.DataFrame:
-        """The trace (``TRACE_COLUMNS``) of one image: ``len(policies) * max_clicks`` rows, policy by
-        policy in config order, clicks ascending. ``annotator``: default the sample's ground truth."""
+        """The trace (``TRACE_COLUMNS``) of one image: ``len(lanes) * max_clicks`` rows, lane by lane
+        (policies in config order, a random one's draws after it), clicks ascending. ``annotator``:
+        default the sample's ground truth."""
         return self.simulate_batch([labelled], [unseen], None if annotator is None else [annotator])[0]
 
     def simulate_batch(self, batch: list[LabelledSample], unseen: list[bool],
@@ -240,30 +257,35 @@ class ClickSimulator:
                 for run in runs:
                     self.choose(run)
             self.score_batch(runs)
-        return [pd.DataFrame([row for name in run.names for row in run.rows[name]], columns=list(TRACE_COLUMNS))
+        return [pd.DataFrame([row for lane in run.lanes for row in run.rows[lane]], columns=list(TRACE_COLUMNS))
                 for run in runs]
 
     def start(self, labelled: LabelledSample, unseen: bool, annotator: Annotator | None = None) -> "ImageRun":
         """One image's run with its first interaction placed (not yet scored)."""
         sample = labelled.inputs
         annotator = annotator or Annotator(labelled.ground_truth)
-        names = list(self.policies)
-        run = ImageRun(sample, annotator, bool(unseen), names,
+        lanes = list(self.lanes)
+        run = ImageRun(sample, annotator, bool(unseen), lanes,
                        features={name: torch.from_numpy(np.asarray(value)).unsqueeze(0).to(self.backbone.device)
                                  for name, value in sample.cache_entry.features.items()},
-                       histories={name: ClickHistory() for name in names},
-                       # by name, not by place in the list: a policy's trace does not depend on the others run
-                       rngs={name: np.random.default_rng(np.random.SeedSequence(
-                           (self.seed, sample_key(sample.sample_id), sample_key(name)))) for name in names},
+                       histories={lane: ClickHistory() for lane in lanes},
+                       rngs={lane: self.lane_rng(sample.sample_id, lane) for lane in lanes},
                        box=annotator.box() if self.start_with == "box" else None)
         if run.box is None:
             first = annotator.first_click()
-            for name in names:
-                run.histories[name].add(first, first.label)
-                run.placed[name] = (first.col, first.row, int(first.label))
+            for lane in lanes:
+                run.histories[lane].add(first, first.label)
+                run.placed[lane] = (first.col, first.row, int(first.label))
         else:
-            run.placed = {name: (-1, -1, -1) for name in names}
+            run.placed = {lane: (-1, -1, -1) for lane in lanes}
         return run
+
+    def lane_rng(self, sample_id: str, lane: Lane) -> np.random.Generator:
+        """A lane's generator, seeded by the image, the policy's name and the draw (not by places in
+        the lists: a policy's trace does not depend on the other policies configured, and draw 0 does
+        not depend on ``random_draws``)."""
+        key = (self.seed, sample_key(sample_id), sample_key(lane.policy))
+        return np.random.default_rng(np.random.SeedSequence(key + ((lane.draw,) if lane.draw else ())))
 
     def score(self, run: "ImageRun") -> None:
         """``score_batch`` of one image."""
@@ -290,36 +312,36 @@ class ClickSimulator:
                               self.cfg.evaluation.mask_quality_band)
         run.predicted = (prob > PROB_THRESHOLD).numpy()
         predicted_iou = state.cache_entry.selected_iou_predictions
-        clicks = len(run.rows[run.names[0]]) + 1
-        for index, name in enumerate(run.names):
-            x, y, label = run.placed[name]
-            run.rows[name].append({
-                "safe_id": sample.safe_id, "group": sample.group, "unseen": run.unseen, "policy": name,
-                "clicks": clicks, "iou": mask_iou(run.predicted[index], run.annotator.truth),
+        clicks = len(run.rows[run.lanes[0]]) + 1
+        for index, lane in enumerate(run.lanes):
+            x, y, label = run.placed[lane]
+            run.rows[lane].append({
+                "safe_id": sample.safe_id, "group": sample.group, "unseen": run.unseen, "policy": lane.policy,
+                "draw": lane.draw, "clicks": clicks, "iou": mask_iou(run.predicted[index], run.annotator.truth),
                 "quality": float(quality[index]["band_uncertainty"]), "predicted_iou": float(predicted_iou[index]),
                 "x": x, "y": y, "label": label})
 
     def record(self, run: "ImageRun") -> dict:
-        """The prompt-set record of the policies' interactions so far: prompt set ``p`` = policy ``p``."""
+        """The prompt-set record of the lanes' interactions so far: prompt set ``p`` = lane ``p``."""
         sample = run.sample
         height, width = sample.original_hw
         return clicked_record(
             sample.sample_id, sample.safe_id, (height, width),
-            [clicked_promptset([(col, row) for row, col in run.histories[name].clicks], run.histories[name].labels,
-                               run.box, height, width, promptset_id=index) for index, name in enumerate(run.names)],
+            [clicked_promptset([(col, row) for row, col in run.histories[lane].clicks], run.histories[lane].labels,
+                               run.box, height, width, promptset_id=index) for index, lane in enumerate(run.lanes)],
             float(sample.record["gaussian_sigma"]), int(sample.record["point_width"]), split=sample.record["split"])
 
     def choose(self, run: "ImageRun") -> None:
-        """Every policy's next click from the last ``score``: chosen, answered, added."""
+        """Every lane's next click from the last ``score``: chosen, answered, added."""
         size = run.sample.original_hw
-        for index, name in enumerate(run.names):
-            run.placed[name] = self._next_click(name, index, run.histories[name], run.outputs, run.predicted[index],
-                                                run.annotator, run.rngs[name], size)
+        for index, lane in enumerate(run.lanes):
+            run.placed[lane] = self._next_click(lane, index, run.histories[lane], run.outputs, run.predicted[index],
+                                                run.annotator, run.rngs[lane], size)
 
     def decode(self, sample: EvalSample, features: dict[str, torch.Tensor], record: dict,
                mask_input: torch.Tensor | None = None) -> EvalSample:
-        """One decoder call for every policy's prompt set -> the ``EvalSample`` of those prompt sets.
-        ``mask_input``: ``P x 1 x 256 x 256`` FRAME256 logits given to SAM as mask prompts, or None."""
+        """One decoder call for every lane's prompt set -> the ``EvalSample`` of those prompt sets.
+        ``mask_input``: ``L x 1 x 256 x 256`` FRAME256 logits given to SAM as mask prompts, or None."""
         prompts, ids = record_prompts(record)
         entry = sample.cache_entry
         mask_input = None if mask_input is None else mask_input.to(self.backbone.device)
@@ -356,12 +378,12 @@ class ClickSimulator:
         mean_prob = full.pop("mean_prob")
         return StrategyOutput(mean_prob, full, part.primary_map)
 
-    def _next_click(self, name: str, index: int, history: ClickHistory, outputs: dict[str, StrategyOutput],
+    def _next_click(self, lane: Lane, index: int, history: ClickHistory, outputs: dict[str, StrategyOutput],
                     predicted: np.ndarray, annotator: Annotator, rng: np.random.Generator,
                     size: tuple[int, int]) -> tuple[int, int, int]:
         """Choose, ask the annotator, add to ``history``; returns ``(x, y, label)`` or -1s when the
-        policy has no pixel left (its history then stays as it is)."""
-        policy = self.policies[name]
+        lane has no pixel left (its history then stays as it is)."""
+        policy = self.policies[lane.policy]
         choice: ClickChoice | None = None
         if not history.stopped:
             if policy.kind == "oracle":
@@ -375,7 +397,7 @@ class ClickSimulator:
         if choice is None:
             history.stopped = True
             return (-1, -1, -1)
-        label = choice.label if policy.kind == "oracle" else annotator.label(name, choice)
+        label = choice.label if policy.kind == "oracle" else annotator.label(lane, choice)
         history.add(choice, label)
         return (choice.col, choice.row, int(label))
 

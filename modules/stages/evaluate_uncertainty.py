@@ -49,9 +49,8 @@ from modules.evaluation.methods import (REFINEMENT_VARIANTS, UNREFINED_BASELINE,
 from modules.evaluation.runs import ARTIFACT_FILES, Artifacts, EvaluationError, RunIds, artifact_md5s
 from modules.evaluation.samples import EvalUnit, list_eval_units, load_sample
 from modules.evaluation.scoreboard import STATE_FILE, Scoreboard, load_state_file, save_state
-from modules.interactive.click_metrics import remove_click_reports, write_click_reports
-from modules.interactive.simulation import TRACE_COLUMNS, SimulationError, simulated_units, simulation_artifacts, \
-    trace_runner
+from modules.interactive.click_metrics import TRACE_COLUMNS, remove_click_reports, write_click_reports
+from modules.interactive.simulation import SimulationError, simulated_units, simulation_artifacts, trace_runner
 
 log = logging.getLogger("pipeline")
 
