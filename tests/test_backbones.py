@@ -5,6 +5,7 @@ One image (120 x 160) per model; each model is built, saved, loaded and encoded 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pickle
 
@@ -13,10 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from modules.core.config import ConfigError, load_config
 from modules.core.device import DeviceError, resolve_device
 from modules.core.frames import FRAME256
-from modules.sam.base import MASK_INPUT_PAD_LOGIT, BackboneError, checkpoint_md5
-from modules.sam.registry import build_sam_model, load_backbone, registered_backbones
+from modules.sam.base import (CPU_DECODER_BATCH, MASK_INPUT_PAD_LOGIT, BackboneError, checkpoint_md5,
+                              resolve_decoder_batch)
+from modules.sam.registry import build_sam_model, load_backbone, load_configured_backbone, registered_backbones
 from tests.helpers.errors import one_line_error
 
 HW = (120, 160)
@@ -326,6 +329,52 @@ def test_dense_embedding_override_and_mask_input(sam_v1, sam2):
         torch.testing.assert_close(via_override, with_mask, rtol=0, atol=1e-4)
         with pytest.raises(BackboneError, match="prompt sets"):
             backbone.decode(features, HW, points, labels, boxes=torch.zeros(2, 4))
+
+
+def test_decoder_calls_of_a_few_prompt_sets_give_what_one_call_gives(sam_v1, sam2):
+    """``decoder_batch = 2`` splits P = 7 prompt sets (points, boxes, a mask prompt each) into four
+    mask-decoder calls whose outputs, in prompt-set order, are those of one call of all seven (to float
+    rounding, which on the CPU may depend on a call's size), for both output modes."""
+    points, labels, boxes = _prompts()
+    points, labels, boxes = (torch.cat([value, value, value[:1]]) for value in (points, labels, boxes))
+    points = points + torch.arange(7.0).reshape(7, 1, 1)  # seven different prompt sets
+    mask_input = torch.where(torch.arange(256)[None, :] < 100 + 10 * torch.arange(7.0).reshape(7, 1, 1, 1), 8.0,
+                             -8.0).expand(7, 1, 256, 256)
+    for loaded in (sam_v1, sam2):
+        backbone, features = loaded["backbone"], loaded["features"]
+        calls = []
+        run_mask_decoder = backbone._run_mask_decoder
+        backbone._run_mask_decoder = lambda *args: calls.append(args[1].shape[0]) or run_mask_decoder(*args)
+        try:
+            for multimask in (True, False):
+                assert backbone.configure_decoder(0) == 0
+                whole = backbone.decode(features, HW, points, labels, boxes, mask_input, multimask_output=multimask)
+                assert backbone.configure_decoder(2) == 2
+                split = backbone.decode(features, HW, points, labels, boxes, mask_input, multimask_output=multimask)
+                assert calls[-5:] == [7, 2, 2, 2, 1]
+                for part, one_call in zip(split, whole):
+                    assert part.shape == one_call.shape and part.shape[0] == 7
+                    torch.testing.assert_close(part, one_call, rtol=0, atol=1e-4)
+        finally:
+            backbone._run_mask_decoder = run_mask_decoder
+            backbone.configure_decoder("auto")
+
+
+def test_decoder_batch_setting_resolves_per_device_and_bad_values_name_the_key(demo_checkpoint):
+    assert resolve_decoder_batch("auto", torch.device("cpu")) == CPU_DECODER_BATCH
+    assert resolve_decoder_batch("auto", torch.device("cuda")) == 0  # a GPU takes every prompt set at once
+    assert resolve_decoder_batch(0, torch.device("cpu")) == 0 and resolve_decoder_batch(3, torch.device("cuda")) == 3
+    for bad in (-1, "all", True, 2.5):
+        with pytest.raises(BackboneError, match="^sam.decoder_batch: must be 'auto' or an integer"):
+            resolve_decoder_batch(bad, torch.device("cpu"))
+    assert load_backbone("sam", "demo_tiny", demo_checkpoint, "cpu").decoder_batch == CPU_DECODER_BATCH
+    assert load_backbone("sam", "demo_tiny", demo_checkpoint, "cpu", decoder_batch=0).decoder_batch == 0
+    message = _one_line_error(lambda: load_backbone("sam", "demo_tiny", "missing.pt", "cpu", decoder_batch=-2))
+    assert message.startswith("sam.decoder_batch")  # before the checkpoint is looked for
+    config = load_config(None, ["sam.decoder_batch=3"])
+    assert load_configured_backbone(dataclasses.replace(config.sam, checkpoint=demo_checkpoint)).decoder_batch == 3
+    with pytest.raises(ConfigError, match="sam.decoder_batch"):
+        load_config(None, ["sam.decoder_batch=many"])
 
 
 def test_decode_with_grad_reaches_a_trainable_dense_embedding(demo_checkpoint):

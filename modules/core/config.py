@@ -83,6 +83,9 @@ class SamConfig:
     # Who writes the cache file while the next batch encodes (modules/cache/cache_writers.py): a
     # child process, or a thread of the stage (h5py keeps the GIL while it writes, so it takes turns).
     cache_writer: Literal["process", "thread"] = "process"
+    # Prompt sets per mask-decoder call (0 = all of an image's at once); auto: a few on the CPU, whose
+    # caches a large call outgrows, all at once on a GPU (modules/sam/base.py, resolve_decoder_batch).
+    decoder_batch: Union[Literal["auto"], int] = "auto"
 
 
 @dataclass

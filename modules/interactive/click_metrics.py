@@ -14,7 +14,7 @@ report (``modules/evaluation/intervals.py``): each group (seen groups, then unse
   at which the IoU reaches the threshold, ``max_clicks`` for an image that never does (counted).
 - ``stop_signal_frame``: after each click, the mask-level uncertainty (``quality``, higher = less
   sure) as a predictor of "IoU already >= ``STOP_IOU``", so a tool can tell the annotator when to
-  stop: AUROC over all (image, clicks) rows, against SAM's predicted IoU (``stop_signal.csv``).
+  stop: AUROC over all (image, draw, clicks) rows, against SAM's predicted IoU (``stop_signal.csv``).
 - ``policy_comparison``: ``COMPARISONS`` (BALD against random and entropy), per-image differences
   in NoC@85 and IoU@5, paired over images (``click_comparison.csv``).
 
@@ -259,7 +259,7 @@ def _replicate_aurocs(confidence: np.ndarray, positive: np.ndarray, codes: np.nd
 
 def stop_signal_frame(trace: pd.DataFrame, max_clicks: int,
                       bootstrap: BootstrapSettings = BootstrapSettings()) -> pd.DataFrame:
-    """Per policy x domain, over every (image, clicks) row: the AUROC of each ``STOP_SCORES`` score
+    """Per policy x domain, over every (image, draw, clicks) row: the AUROC of each ``STOP_SCORES`` score
     (as a confidence: ``-quality``; SAM's predicted IoU) for detecting ``iou >= STOP_IOU``, with
     intervals from resampling images; ``auroc_difference``: uncertainty minus SAM's predicted IoU on
     the same replicates. ``n_rows``, ``n_positive``: rows and rows at or above ``STOP_IOU``. A score
@@ -413,7 +413,7 @@ def click_markdown(clicks: pd.DataFrame, noc: pd.DataFrame, stop: pd.DataFrame, 
              for row in noc[noc["domain"] == domain].itertuples(index=False)])), ""]
     lines += [f"### When to stop: the click-or-stop signal ([{STOP_SIGNAL_CSV}]({STOP_SIGNAL_CSV}))", "",
               f"After each click, does the mask-level uncertainty say whether the IoU already is >= {STOP_IOU:g} (the "
-              "annotator can stop)? The AUROC over every (image, clicks) row of the low uncertainty "
+              "annotator can stop)? The AUROC over every (image, draw, clicks) row of the low uncertainty "
               "(`-quality`) for detecting those rows (higher is better, 0.5 = chance), beside SAM's own "
               "predicted IoU (the free baseline); `difference`: uncertainty minus baseline on the same "
               "resampled images.", ""]

@@ -12,7 +12,8 @@ Frames (all coordinates are pixels, x = column, y = row, origin at the top-left 
 
 On CUDA the encoder and decoder run under bf16 autocast with TF32 enabled; on CPU in float32.
 Outputs are always float32. How the encoder runs (reference or fast impl, compiled or not) is set by
-``Backbone.configure_encoder`` (``fast_encoder``).
+``Backbone.configure_encoder`` (``fast_encoder``); how many prompt sets one mask-decoder call takes
+by ``Backbone.configure_decoder`` (``sam.decoder_batch``).
 """
 
 from __future__ import annotations
@@ -45,10 +46,25 @@ if TYPE_CHECKING:
 #: own low-res predictions there are confident background, so a strongly negative logit keeps a
 #: FRAME256 mask input in distribution. It is within SAM 2's clamp range [-32, 32].
 MASK_INPUT_PAD_LOGIT = -20.0
+#: Prompt sets per mask-decoder call on the CPU under ``sam.decoder_batch: auto``: a larger call's
+#: activations outgrow the CPU's caches and each prompt set costs more (benchmarks/README.md,
+#: "Mask-decoder calls on the CPU"); a GPU takes them all in one call.
+CPU_DECODER_BATCH = 4
 
 
 class BackboneError(PipelineError, ValueError):
     """A backbone could not be built or loaded, or was given malformed input (one-line message)."""
+
+
+def resolve_decoder_batch(setting: str | int, device: torch.device) -> int:
+    """``sam.decoder_batch`` on ``device`` -> prompt sets per mask-decoder call (0 = all at once):
+    ``auto`` is ``CPU_DECODER_BATCH`` on the CPU and 0 elsewhere. One-line error for a bad value."""
+    if setting == "auto":
+        return CPU_DECODER_BATCH if torch.device(device).type == "cpu" else 0
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise BackboneError(f"sam.decoder_batch: must be 'auto' or an integer of at least 0 (0 = all prompt sets "
+                            f"in one call), got {setting!r}")
+    return setting
 
 
 def grad_mode(enable_grad: bool) -> contextlib.AbstractContextManager:
@@ -263,6 +279,7 @@ class Backbone(abc.ABC):
             workers instead of the backbone).
         model: the underlying ``nn.Module`` (frozen, eval mode).
         encoder_settings: how ``encode`` runs (``ResolvedEncoder``; see ``configure_encoder``).
+        decoder_batch: prompt sets per mask-decoder call, 0 = all at once (see ``configure_decoder``).
     """
 
     family: ClassVar[str]
@@ -282,6 +299,7 @@ class Backbone(abc.ABC):
         self.preprocessor = preprocessor
         self.image_size = preprocessor.image_size
         self.configure_encoder(EncoderSettings())
+        self.configure_decoder("auto")
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(family={self.family!r}, model_type={self.model_type!r}, "
@@ -356,6 +374,25 @@ class Backbone(abc.ABC):
         self.encoder_runner = EncoderRunner(self._encode_batch, impl.channels_last, resolved.static_batch,
                                             resolved.compiled)
         return resolved
+
+    def configure_decoder(self, decoder_batch: str | int) -> int:
+        """Split ``decode``'s prompt sets into mask-decoder calls of at most this many (``sam.decoder_batch``,
+        resolved by ``resolve_decoder_batch``; 0 = one call). Each prompt set's result is the same function
+        either way; on the CPU its last float bits may depend on the call's size, as on any batch size."""
+        self.decoder_batch = resolve_decoder_batch(decoder_batch, self.device)
+        return self.decoder_batch
+
+    def _decoder_calls(self, features: dict[str, torch.Tensor], sparse: torch.Tensor, dense: torch.Tensor,
+                       multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_run_mask_decoder`` over the ``P`` prompt sets in calls of at most ``decoder_batch``."""
+        num_sets = sparse.shape[0]
+        size = self.decoder_batch or num_sets
+        if num_sets <= size:
+            return self._run_mask_decoder(features, sparse, dense, multimask_output)
+        parts = [self._run_mask_decoder(features, sparse[start:start + size],
+                                        dense if dense.shape[0] == 1 else dense[start:start + size], multimask_output)
+                 for start in range(0, num_sets, size)]
+        return torch.cat([low_res for low_res, _ in parts]), torch.cat([iou for _, iou in parts])
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """``H x W x 3`` uint8 RGB -> ``3 x S x S`` float32 encoder input (CPU, pure)."""
@@ -433,7 +470,8 @@ class Backbone(abc.ABC):
         dense_embedding_override: torch.Tensor | None = None,
         enable_grad: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All P prompt sets of one image through the prompt encoder and mask decoder at once.
+        """All P prompt sets of one image through the prompt encoder and mask decoder (in calls of at
+        most ``decoder_batch`` prompt sets, ``configure_decoder``).
 
         Args:
             features: the ``encode`` output for one image (``1 x C x h x w`` or ``C x h x w`` each),
@@ -459,7 +497,7 @@ class Backbone(abc.ABC):
                 features, original_hw, point_coords, point_labels, boxes, mask_input, dense_embedding_override)
         with grad_mode(enable_grad), inference_autocast(self.device):
             sparse, dense = self._prompt_embeddings(original_hw, prompts)
-            low_res, iou_predictions = self._run_mask_decoder(features, sparse, dense, multimask_output)
+            low_res, iou_predictions = self._decoder_calls(features, sparse, dense, multimask_output)
         return self._logits_to_frame256(low_res, original_hw, enable_grad), iou_predictions.float()
 
     def decode_features(

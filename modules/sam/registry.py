@@ -20,7 +20,7 @@ from torch import nn
 from modules.core.config import SamConfig
 from modules.core.device import enable_tf32, resolve_device
 from modules.core.errors import PipelineError
-from modules.sam.base import Backbone, BackboneError, checkpoint_md5
+from modules.sam.base import Backbone, BackboneError, checkpoint_md5, resolve_decoder_batch
 from modules.sam.checkpoint_files import (OFFICIAL_RELEASES, CheckpointFiles, locate_checkpoint, read_state_dict,
                                           verify_checkpoint_archive)
 from modules.sam.demo_tiny import build_demo_tiny
@@ -145,7 +145,8 @@ def _fill_video_only_weights(model: nn.Module, state_dict: dict[str, torch.Tenso
 
 
 def load_backbone(family: str, model_type: str, checkpoint: str | os.PathLike,
-                  device: str | torch.device = "auto", encoder: EncoderSettings | None = None) -> Backbone:
+                  device: str | torch.device = "auto", encoder: EncoderSettings | None = None,
+                  decoder_batch: str | int = "auto") -> Backbone:
     """Build ``(family, model_type)`` with random init and load ``checkpoint`` strictly.
 
     ``checkpoint`` may be a ``torch.save`` file (read with ``weights_only=True``: a raw state
@@ -156,7 +157,9 @@ def load_backbone(family: str, model_type: str, checkpoint: str | os.PathLike,
     tensors are cast by ``load_state_dict``. The model is frozen (eval mode,
     ``requires_grad=False``) and moved to ``device``. ``encoder``: how ``encode`` runs
     (``sam.encoder_impl``, ``sam.compile_encoder``; default ``auto``: the fast impl, compiled, on
-    CUDA, the reference impl elsewhere; see ``fast_encoder``).
+    CUDA, the reference impl elsewhere; see ``fast_encoder``). ``decoder_batch``: prompt sets per
+    mask-decoder call (``sam.decoder_batch``; ``auto``: ``base.CPU_DECODER_BATCH`` on the CPU, all at once
+    elsewhere).
 
     Raises:
         DeviceError: ``sam.device`` asks for CUDA and none is available (one line naming the key).
@@ -168,7 +171,8 @@ def load_backbone(family: str, model_type: str, checkpoint: str | os.PathLike,
     """
     device = resolve_device(device, key="sam.device")
     encoder = EncoderSettings() if encoder is None else encoder
-    encoder.resolve(device)  # a bad setting fails before the checkpoint is read
+    encoder.resolve(device)  # bad settings fail before the checkpoint is read
+    resolve_decoder_batch(decoder_batch, device)
     check_registered(family, model_type)
     try:
         files = locate_checkpoint(checkpoint)
@@ -191,15 +195,16 @@ def load_backbone(family: str, model_type: str, checkpoint: str | os.PathLike,
     _, backbone_class = BACKBONE_REGISTRY[(family, model_type)]
     backbone = backbone_class(model, model_type, path, device)
     backbone.configure_encoder(encoder)
+    backbone.configure_decoder(decoder_batch)
     return backbone
 
 
 def load_configured_backbone(sam: SamConfig, device: str | torch.device | None = None) -> Backbone:
-    """``load_backbone`` with the ``sam`` section's model, checkpoint and encoder settings, on
+    """``load_backbone`` with the ``sam`` section's model, checkpoint, encoder and decoder settings, on
     ``device`` (default ``sam.device``)."""
     encoder = EncoderSettings(sam.encoder_impl, sam.compile_encoder, sam.encoder_batch_size)
     return load_backbone(sam.family, sam.model_type, sam.checkpoint, sam.device if device is None else device,
-                         encoder=encoder)
+                         encoder=encoder, decoder_batch=sam.decoder_batch)
 
 
 def configured_checkpoint_md5(checkpoint: str | os.PathLike) -> str:

@@ -35,7 +35,7 @@ from modules.laplace import posterior as lp
 from modules.laplace.decoder import TARGET as DECODER_TARGET
 from modules.laplace.decoder import DecoderLaplaceError, DecoderPosterior, save_decoder_posterior
 from modules.sam.base import BackboneError
-from modules.sam.registry import configured_checkpoint_md5, load_backbone
+from modules.sam.registry import configured_checkpoint_md5, load_configured_backbone
 from modules.scoring.plots import plot_prior_grid
 from modules.training.checkpoints import load_trained_head
 
@@ -141,7 +141,7 @@ def run_decoder_stage(ctx, run_id: str) -> None:
     if lp.already_fitted(ctx, cfg.sam.checkpoint, checkpoint_md5, upstream):
         return
     try:
-        backbone = load_backbone(sam.family, sam.model_type, sam.checkpoint, sam.device)
+        backbone = load_configured_backbone(sam)
     except BackboneError as error:
         raise DecoderLaplaceError(str(error)) from None
 

@@ -29,7 +29,7 @@ from modules.core.stage import KillSwitch, env_int
 from modules.evaluation.methods import SOURCE_NEEDS
 from modules.evaluation.runs import RunIds, artifact_md5s
 from modules.laplace.head import load_head_posterior
-from modules.sam.registry import load_backbone
+from modules.sam.registry import load_configured_backbone
 from modules.training.checkpoints import (build_fusion, build_head, build_variance_network, load_trained_head,
                                           load_trained_variance_network)
 from modules.training.guard import apply_guard
@@ -172,7 +172,7 @@ def fusion_uncertainty_source(cfg: PipelineConfig, run_id: str, device):
 
 
 def fusion_task(cfg: PipelineConfig, device: torch.device, head_run_id: str | None) -> TrainingTask:
-    backbone = load_backbone(cfg.sam.family, cfg.sam.model_type, cfg.sam.checkpoint, device)
+    backbone = load_configured_backbone(cfg.sam, device)
     cache = open_cache(cfg)
     train_packed, val_packed = packed_datasets(cfg)
     train, val = (FusionDataset(packed, cache, cfg.project_root, cfg.fusion.max_train_rows, cfg.training.seed)
