@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue #24 (fast frozen encoders) and of issue #21 point 3 (stage 3's
-# b/a on a GPU), in one go, sized for one 10-minute device call (estimated 6-9 minutes on one H200,
-# not yet run there; each model has its own time limit, 280 s and 250 s).
+# Every GPU measurement of issue #24 (fast frozen encoders), of issue #21 point 3 (stage 3's b/a on
+# a GPU) and of sam.decoder_batch's GPU default (one mask-decoder call of all prompt sets), in one
+# go, sized for one 10-minute device call (estimated 6-9 minutes on one H200, not yet run there;
+# each model has its own time limit, 280 s and 250 s).
 #
 #   bash benchmarks/gpu_checks.sh --prepare   # here, once: the wheels the GPU image lacks -> .whl/
 #   bash benchmarks/gpu_checks.sh             # on the GPU machine, with .whl carried along
@@ -85,4 +86,9 @@ measure sam2 "$LIMIT_2" "${SAM_2[@]}"
 echo "=== cache_writer"
 timeout -k 10 120 "$PY" benchmarks/bench_cache_writer.py 2>&1 | tee "$OUT/cache_writer.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "=== cache_writer failed or timed out"; status=1; }
+# sam.decoder_batch: one mask-decoder call of all prompt sets (auto on a GPU) against calls of a few (~30 s).
+echo "=== decoder_batch"
+timeout -k 10 120 "$PY" benchmarks/bench_decoder_batch.py --device "$DEVICE" --promptsets 4 10 40 --sizes 4 10 \
+  2>&1 | tee "$OUT/decoder_batch.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "=== decoder_batch failed or timed out"; status=1; }
 exit $status
