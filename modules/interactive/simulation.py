@@ -15,7 +15,8 @@ object's interior point farthest from its boundary; or the object's tight box), 
    low-res logits of the round before as a mask prompt, as SAM's interactive protocol does (SAM was
    trained to correct its last mask with the new click); ``none`` (the default) decodes the clicks
    alone. SAM's mask decoder takes one image's embedding per call (it repeats it over the
-   prompt sets), so the decoder runs image by image;
+   prompt sets), so the decoder runs image by image (each image's prompt sets in calls of at most
+   ``sam.decoder_batch``, ``Backbone.decode``);
 2. the strategies the policies and the predicted mask need (``evaluation.methods.STRATEGY_BUILDERS``:
    head, Laplace, variance network, prompt perturbation, raw SAM) on those entries, each only on the
    prompt sets that read it, through ``Strategy.predict_batch``: one pass over the ``B`` images'
