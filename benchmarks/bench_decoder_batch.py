@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import best_of  # noqa: E402
+from modules.sam.fast_encoder import EncoderSettings  # noqa: E402
 from modules.sam.registry import build_sam_model, load_backbone  # noqa: E402
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "demo_backbone" / "demo_tiny.pt"
@@ -33,12 +34,14 @@ IMAGE_HW = (300, 320)
 
 
 def backbones(folder: Path, device: str) -> dict[str, object]:
-    """The demo backbone from its checkpoint, and hiera_t with random weights from a file."""
+    """The demo backbone from its checkpoint, and hiera_t with random weights from a file (the
+    reference encoder, uncompiled: only its one encode per backbone feeds the timed decoder)."""
     torch.manual_seed(0)
     random_weights = folder / "hiera_t.pt"
     torch.save(build_sam_model("sam2", "hiera_t").state_dict(), random_weights)
-    return {"sam demo_tiny": load_backbone("sam", "demo_tiny", DEMO_CHECKPOINT, device),
-            "sam2 hiera_t (random weights)": load_backbone("sam2", "hiera_t", random_weights, device)}
+    encoder = EncoderSettings("reference", False)
+    return {"sam demo_tiny": load_backbone("sam", "demo_tiny", DEMO_CHECKPOINT, device, encoder),
+            "sam2 hiera_t (random weights)": load_backbone("sam2", "hiera_t", random_weights, device, encoder)}
 
 
 def main() -> None:

@@ -38,12 +38,14 @@ case "$MODE" in
     SAM_2=(--family sam2 --model-type hiera_t)
     SIZES=(--images 2 --promptsets 2 --batch-size 2 --workers 0 --height 96 --width 128 --verify 1
            --compile-encoder false)
+    DECODER=(--promptsets 4 --sizes 2 --repeats 1)
     LIMIT_V1=900; LIMIT_2=900 ;;
   gpu)
     DEVICE=cuda
     SAM_V1=(--family sam --model-type vit_h)
     SAM_2=(--family sam2 --model-type hiera_l)
     SIZES=(--images 128 --promptsets 10 --batch-size 8 --workers 8)
+    DECODER=(--promptsets 4 10 40 --sizes 4 10)
     LIMIT_V1=280; LIMIT_2=250 ;;
   *)
     echo "usage: $0 [--prepare | --smoke]" >&2
@@ -86,9 +88,9 @@ measure sam2 "$LIMIT_2" "${SAM_2[@]}"
 echo "=== cache_writer"
 timeout -k 10 120 "$PY" benchmarks/bench_cache_writer.py 2>&1 | tee "$OUT/cache_writer.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "=== cache_writer failed or timed out"; status=1; }
-# sam.decoder_batch: one mask-decoder call of all prompt sets (auto on a GPU) against calls of a few (~30 s).
+# sam.decoder_batch: one mask-decoder call of all prompt sets (auto on a GPU) against calls of a few.
 echo "=== decoder_batch"
-timeout -k 10 120 "$PY" benchmarks/bench_decoder_batch.py --device "$DEVICE" --promptsets 4 10 40 --sizes 4 10 \
-  2>&1 | tee "$OUT/decoder_batch.log"
+timeout -k 10 120 "$PY" benchmarks/bench_decoder_batch.py --device "$DEVICE" "${DECODER[@]}" 2>&1 \
+  | tee "$OUT/decoder_batch.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "=== decoder_batch failed or timed out"; status=1; }
 exit $status
