@@ -8,6 +8,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +27,7 @@ from modules.sam.registry import build_sam_model, load_backbone, load_configured
 from tests.helpers.errors import one_line_error
 
 HW = (120, 160)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _image(seed: int = 0) -> np.ndarray:
@@ -375,6 +380,15 @@ def test_decoder_batch_setting_resolves_per_device_and_bad_values_name_the_key(d
     assert load_configured_backbone(dataclasses.replace(config.sam, checkpoint=demo_checkpoint)).decoder_batch == 3
     with pytest.raises(ConfigError, match="sam.decoder_batch"):
         load_config(None, ["sam.decoder_batch=many"])
+
+
+def test_the_decoder_batch_benchmark_runs_and_compares_call_sizes():
+    out = subprocess.run([sys.executable, "benchmarks/bench_decoder_batch.py", "--promptsets", "3", "--sizes", "2",
+                          "--repeats", "1", "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if ", P = 3, per prompt set: one call " in line]
+    assert [row.split(",")[0] for row in rows] == ["sam demo_tiny", "sam2 hiera_t (random weights)"]
+    assert all(float(re.search(r"2: [0-9.]+ ms \(([0-9.]+)x\)", row).group(1)) > 0 for row in rows)
 
 
 def test_decode_with_grad_reaches_a_trainable_dense_embedding(demo_checkpoint):
