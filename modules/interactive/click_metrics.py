@@ -141,10 +141,10 @@ def trace_domains(trace: pd.DataFrame) -> tuple[list[str], frozenset[str]]:
     return domains_in_order(list(trace["group"].unique()), unseen), unseen
 
 
-def run_matrix(rows: pd.DataFrame, max_clicks: int, column: str = "iou") -> tuple[list[str], np.ndarray, np.ndarray]:
+def run_matrix(rows: pd.DataFrame, max_clicks: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     """One policy's runs: the images (sorted), each run's image (``R`` codes into them) and ``R x
-    max_clicks`` of ``column`` (column k - 1: after k clicks); one run per (image, draw)."""
-    table = rows.pivot(index=["safe_id", "draw"], columns="clicks", values=column).sort_index()
+    max_clicks`` IoUs (column k - 1: after k clicks); one run per (image, draw)."""
+    table = rows.pivot(index=["safe_id", "draw"], columns="clicks", values="iou").sort_index()
     table = table.reindex(columns=range(1, max_clicks + 1))
     codes, images = pd.factorize(table.index.get_level_values("safe_id"), sort=True)
     return list(images), codes, table.to_numpy(np.float64)
@@ -160,19 +160,11 @@ def image_means(values: np.ndarray, codes: np.ndarray, n_images: int) -> np.ndar
     return means.reshape((n_images, *values.shape[1:]))
 
 
-def iou_matrix(rows: pd.DataFrame, max_clicks: int, column: str = "iou") -> tuple[list[str], np.ndarray]:
-    """The images of one policy's rows (sorted) and ``n x max_clicks`` of ``column`` (column k - 1:
-    after k clicks), each image's the mean over its draws."""
-    images, codes, values = run_matrix(rows, max_clicks, column)
-    return images, image_means(values, codes, len(images))
-
-
-def image_noc(rows: pd.DataFrame, max_clicks: int, threshold: float) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """One policy's images (sorted), their NoC at ``threshold`` and the fraction of their runs that
-    never reach it (``clicks_to_reach`` per run, then the mean over each image's draws)."""
-    images, codes, iou = run_matrix(rows, max_clicks)
-    needed, reached = clicks_to_reach(iou, threshold)
-    return images, image_means(needed, codes, len(images)), image_means(~reached, codes, len(images))
+def image_noc(runs: np.ndarray, codes: np.ndarray, n_images: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the NoC at ``threshold`` and the fraction of its runs that never reach it
+    (``clicks_to_reach`` of each run of ``run_matrix``, then the mean over the image's draws)."""
+    needed, reached = clicks_to_reach(runs, threshold)
+    return image_means(needed, codes, n_images), image_means(~reached, codes, n_images)
 
 
 def clicks_to_reach(iou: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -226,10 +218,11 @@ def click_tables(trace: pd.DataFrame, max_clicks: int,
             rows = domain_rows(trace[trace["policy"] == policy], domain, unseen)
             if rows.empty:
                 continue
-            images, iou = iou_matrix(rows, max_clicks)
+            images, codes, runs = run_matrix(rows, max_clicks)
+            iou = image_means(runs, codes, len(images))
             counts = resampler.counts(len(images))
             key = {"policy": policy, "domain": domain, "domain_kind": domain_kind_of(domain, unseen),
-                   "n_images": len(images), "draws": int(rows.groupby("safe_id")["draw"].nunique().max())}
+                   "n_images": len(images), "draws": int(np.bincount(codes).max())}
             per_click = mean_interval(iou, counts)
             entry = dict(key)
             for k in counts_shown:
@@ -241,7 +234,7 @@ def click_tables(trace: pd.DataFrame, max_clicks: int,
                 curve.append(point)
             entry = dict(key)
             for threshold in NOC_THRESHOLDS:
-                _, needed, never = image_noc(rows, max_clicks, threshold)
+                needed, never = image_noc(runs, codes, len(images), threshold)
                 label = threshold_label(threshold)
                 _put(entry, f"noc_{label}", mean_interval(needed, counts)[0])
                 entry[f"never_{label}"] = float(never.sum())
@@ -296,11 +289,11 @@ def per_image_metric(rows: pd.DataFrame, max_clicks: int, metric: str) -> pd.Ser
     """One policy's per-image values of a ``COMPARISON_METRICS`` metric (``noc_<t>`` or
     ``iou_at_<k>``; the mean over its draws), indexed by ``safe_id``."""
     kind, value = metric.rsplit("_", 1)
+    images, codes, runs = run_matrix(rows, max_clicks)
     if kind == "noc":
-        images, values, _ = image_noc(rows, max_clicks, int(value) / 100.0)
+        values = image_noc(runs, codes, len(images), int(value) / 100.0)[0]
     elif kind == "iou_at":
-        images, iou = iou_matrix(rows, max_clicks)
-        values = iou[:, int(value) - 1]
+        values = image_means(runs[:, int(value) - 1], codes, len(images))
     else:
         raise ValueError(f"unknown comparison metric {metric!r}")
     return pd.Series(values, index=images)

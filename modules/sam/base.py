@@ -389,8 +389,8 @@ class Backbone(abc.ABC):
         size = self.decoder_batch or num_sets
         if num_sets <= size:
             return self._run_mask_decoder(features, sparse, dense, multimask_output)
-        parts = [self._run_mask_decoder(features, sparse[start:start + size],
-                                        dense if dense.shape[0] == 1 else dense[start:start + size], multimask_output)
+        parts = [self._run_mask_decoder(features, sparse[start:start + size], dense[start:start + size],
+                                        multimask_output)
                  for start in range(0, num_sets, size)]
         return torch.cat([low_res for low_res, _ in parts]), torch.cat([iou for _, iou in parts])
 
