@@ -17,6 +17,7 @@ from modules.interactive.click_policies import (
     choose_at_random,
     choose_by_error_oracle,
     choose_by_map,
+    click_spacing,
 )
 
 
@@ -37,6 +38,13 @@ def test_map_policy_takes_the_argmax_and_never_a_clicked_or_nearby_pixel():
     assert np.hypot(spaced.row - first.row, spaced.col - first.col) >= 6
     allowed = ~blocked_pixels(scores.shape, [(first.row, first.col)], 6)
     assert scores[spaced.row, spaced.col] == scores[allowed].max()
+
+
+def test_min_distance_auto_is_two_prompt_map_sigmas_in_the_frame_asked_for():
+    assert click_spacing("auto", 8.0) == 16.0  # FRAME256 pixels (the predictor's frame)
+    assert click_spacing("auto", 8.0, (300, 512)) == 32.0  # ORIGINAL pixels along the longer side
+    assert click_spacing("auto", 4.0, (128, 100)) == 4.0
+    assert click_spacing(5, 8.0, (300, 512)) == 5.0 and click_spacing(0.0, 8.0) == 0.0
 
 
 def test_map_policy_skips_nan_breaks_ties_in_raster_order_and_stops_when_all_is_blocked():

@@ -22,7 +22,7 @@ from modules.core.paths import ACTIVE_PROMPTING_DIR, click_trace_path, eval_repo
 from modules.evaluation.methods import STRATEGY_BUILDERS
 from modules.evaluation.runs import Artifacts, RunIds
 from modules.evaluation.samples import EvalUnit, LabelledSample, list_eval_units, load_sample
-from modules.interactive.click_policies import CLICK_POLICIES, ClickChoice
+from modules.interactive.click_policies import CLICK_POLICIES, ClickChoice, click_spacing
 from modules.interactive.click_metrics import TRACE_COLUMNS
 from modules.interactive.simulation import (Annotator, ClickSimulator, Lane, SimulationError, checked_policies,
                                             simulated_units, simulation_lanes)
@@ -58,7 +58,12 @@ def test_bad_settings_name_the_key():
             checked_policies(cfg)
     with pytest.raises(ConfigError, match="evaluation.active_prompting.random_draws: must be an integer of at least 1"):
         load_config(None, ["evaluation.active_prompting.random_draws=0"])
+    for value in ("-1", "far", "nan"):
+        with pytest.raises(ConfigError, match="evaluation.active_prompting.min_distance: "):
+            load_config(None, [f"evaluation.active_prompting.min_distance={value}"])
+    assert load_config(None, ["evaluation.active_prompting.min_distance=12"]).evaluation.active_prompting.min_distance == 12
     defaults = load_config(None)
+    assert defaults.evaluation.active_prompting.min_distance == "auto"
     assert list(checked_policies(defaults)) == defaults.evaluation.active_prompting.policies
     assert set(CLICK_POLICIES) - set(checked_policies(defaults)) == {"head_entropy"}  # the one left out by default
 
@@ -96,10 +101,15 @@ def test_uncertainty_policies_read_the_ground_truth_only_through_the_annotator(f
     assert list(trace.drop_duplicates(["policy", "draw"])[["policy", "draw"]].itertuples(index=False)) == \
         [(lane.policy, lane.draw) for lane in lanes]
     height, width = labelled.inputs.original_hw
+    spacing = click_spacing("auto", labelled.inputs.record["gaussian_sigma"], (height, width))
+    assert spacing == 2 * labelled.inputs.record["gaussian_sigma"] * max(height, width) / 256 > 2
     for policy, rows in trace.groupby(["policy", "draw"]):
         placed = rows[rows["x"] >= 0]
         assert list(rows["clicks"]) == [1, 2, 3]
         assert not placed.duplicated(["x", "y"]).any(), f"{policy} clicked a pixel twice"
+        points = placed[["x", "y"]].to_numpy(float)
+        gaps = np.linalg.norm(points[:, None] - points[None], axis=-1)[np.triu_indices(len(points), 1)]
+        assert (gaps >= spacing).all(), f"{policy}: clicks closer than min_distance (auto: {spacing:.1f} px)"
         assert placed["x"].between(0, width - 1).all() and placed["y"].between(0, height - 1).all()
         assert set(placed["label"]) <= {0, 1}
         truth_labels = labelled.ground_truth[placed["y"], placed["x"]].astype(int)

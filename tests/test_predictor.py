@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 
 from modules.cache.training_index import open_cache
 from modules.core.errors import PipelineError
@@ -76,13 +77,18 @@ def test_suggest_click_is_the_argmax_of_the_map_never_a_clicked_pixel(predictor,
     prediction = predictor.predict(first["points"], first["labels"])
     bald = prediction.methods["laplace"].frame256.maps["mutual_information"][0].numpy()
     cells = np.rint(to_frame256_points(np.asarray(first["points"], float), height, width)).astype(int)
-    allowed = np.ones_like(bald, dtype=bool)
-    allowed[cells[:, 1], cells[:, 0]] = False
-    x, y = suggest_click(prediction, "bald")
-    row, col = np.unravel_index(np.argmax(np.where(allowed, bald, -np.inf)), bald.shape)
-    assert (x, y) == tuple(frame256_to_pixels(np.array([[col, row]]), height, width)[0])
-    assert 0 <= x < width and 0 <= y < height
-    assert (x, y) not in {(int(px), int(py)) for px, py in first["points"]}
+    clicked = np.zeros_like(bald, dtype=bool)
+    clicked[cells[:, 1], cells[:, 0]] = True
+    spacing = 2 * sample.record["gaussian_sigma"]  # min_distance "auto", in FRAME256 pixels
+    near = ndimage.distance_transform_edt(~clicked) < spacing
+    assert near.sum() > clicked.sum()
+    for min_distance, allowed in (("auto", ~near), (0, ~clicked)):
+        x, y = suggest_click(prediction, "bald", min_distance=min_distance)
+        row, col = np.unravel_index(np.argmax(np.where(allowed, bald, -np.inf)), bald.shape)
+        assert (x, y) == tuple(frame256_to_pixels(np.array([[col, row]]), height, width)[0]), min_distance
+        assert 0 <= x < width and 0 <= y < height
+        assert (x, y) not in {(int(px), int(py)) for px, py in first["points"]}
+    assert suggest_click(prediction, "bald") == suggest_click(prediction, "bald", min_distance="auto")
     # Clicking there, the next suggestion is elsewhere.
     again = suggest_click(prediction, "bald", previous=[*first["points"], [x, y]])
     assert again != (x, y)

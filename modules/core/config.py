@@ -227,8 +227,9 @@ class ActivePromptingConfig:
     policies: list[str] = field(default_factory=lambda: ["oracle", "bald", "entropy", "variance_network",
                                                          "sam_entropy", "prompt_perturbation", "random"])
     max_clicks: int = 20
-    # Pixels (ORIGINAL frame) closer than this to an earlier click of the same policy are never clicked.
-    min_distance: float = 0.0
+    # Pixels (ORIGINAL frame) closer than this to an earlier click of the same policy are never clicked;
+    # ``auto``: two prompt-map sigmas (interactive.click_policies.click_spacing), per image.
+    min_distance: Union[Literal["auto"], float] = "auto"
     start: Literal["point", "box"] = "point"  # the first interaction: the oracle's first click, or the box
     # What SAM's decoder gets besides the clicks from the second round on: ``previous``, its own
     # low-res logits of the round before as a mask prompt (SAM's interactive protocol); ``none``:
@@ -481,7 +482,6 @@ NUMERIC_RANGES: dict[str, str] = {
     "evaluation.bootstrap_seed": "nonneg",
     "evaluation.mask_quality_band": "positive",
     "evaluation.active_prompting.max_clicks": "count",
-    "evaluation.active_prompting.min_distance": "nonneg",
     "evaluation.active_prompting.seed": "nonneg",
     "evaluation.active_prompting.max_samples": "nonneg",
     "evaluation.active_prompting.batch_images": "count",
@@ -552,6 +552,10 @@ def _check_semantics(cfg: PipelineConfig) -> None:
     for key in ("prior_precision_grid", "temperature_grid"):
         if not getattr(cfg.laplace, key):
             raise ConfigError(f"laplace.{key}: need a non-empty list of positive values")
+    spacing = cfg.evaluation.active_prompting.min_distance
+    if spacing != "auto" and not (math.isfinite(spacing) and spacing >= 0):
+        raise ConfigError(f"evaluation.active_prompting.min_distance: must be 'auto' or a non-negative number, "
+                          f"got {spacing!r}")
     check_component(cfg.sam.model_type, "sam.model_type")  # part of the SAM cache folder name
     unseen = cfg.data.unseen_groups
     if len(set(unseen)) != len(unseen) or not all(unseen):

@@ -26,7 +26,26 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from modules.core.frames import FRAME256
 from modules.uncertainty.strategies import StrategyOutput
+
+#: ``min_distance: auto`` keeps clicks this many prompt-map sigmas apart (``click_spacing``).
+CLICK_SPACING_SIGMAS = 2.0
+
+
+def click_spacing(setting: str | float, gaussian_sigma: float, original_hw: tuple[int, int] | None = None) -> float:
+    """``min_distance`` in pixels: a number as it is; ``auto``: ``CLICK_SPACING_SIGMAS`` times the
+    prompt maps' ``gaussian_sigma`` (a FRAME256 length), in FRAME256 pixels, or with ``original_hw``
+    in ORIGINAL pixels along the image's longer side (FRAME256 stretches each side to 256).
+
+    Why ``auto`` is not 0: the head reads clicks as Gaussian prompt maps, summed and clamped to 1, so a
+    click within a sigma or two of an earlier one of the same label barely changes its input, yet the
+    uncertainty there need not fall; without spacing BALD kept clicking one spot (README,
+    "Simulated clicks")."""
+    if setting == "auto":
+        scale = 1.0 if original_hw is None else max(original_hw) / FRAME256
+        return CLICK_SPACING_SIGMAS * float(gaussian_sigma) * scale
+    return float(setting)
 
 
 @dataclass(frozen=True)

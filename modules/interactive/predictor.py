@@ -53,7 +53,8 @@ from modules.data.promptset import (PromptSpec, clicked_promptset, clicked_recor
 from modules.evaluation.methods import SOURCE_NEEDS, STRATEGY_BUILDERS, Refinement
 from modules.evaluation.runs import ARTIFACT_FILES, Artifacts, RunIds, artifact_md5s
 from modules.evaluation.scoreboard import upsample
-from modules.interactive.click_policies import CLICK_POLICIES, ClickPolicy, choose_at_random, choose_by_map
+from modules.interactive.click_policies import (CLICK_POLICIES, ClickPolicy, choose_at_random, choose_by_map,
+                                                click_spacing)
 from modules.sam.base import BackboneError
 from modules.sam.prompting import round_features
 from modules.scoring.mask_quality import mask_scores
@@ -514,7 +515,7 @@ def suggestable_policy(policy: str) -> ClickPolicy:
 
 
 def suggest_click(prediction: Prediction, policy: str = "bald", index: int = 0,
-                  previous: Sequence[Sequence[float]] | None = None, min_distance: float = 0.0,
+                  previous: Sequence[Sequence[float]] | None = None, min_distance: str | float = "auto",
                   seed: int = 0) -> tuple[int, int] | None:
     """The next click ``(x, y)`` in ORIGINAL pixels for prompt set ``index``, or None when every pixel
     is blocked.
@@ -523,9 +524,11 @@ def suggest_click(prediction: Prediction, policy: str = "bald", index: int = 0,
     ``choose_at_random`` seeded by ``seed``) and the chosen cell is mapped back to the image
     (``promptset.frame256_to_pixels``). ``previous``: ``K x 2`` (x, y) ORIGINAL pixels never to choose
     again (default: the prompt set's own points); their FRAME256 cells, and with ``min_distance``
-    (FRAME256 pixels) every cell closer than that, are blocked, and so is a cell that lands on a
-    previous pixel (an image smaller than 256 maps several cells to one pixel).
+    (FRAME256 pixels; ``auto``: two of the prompt maps' sigmas, ``click_policies.click_spacing``, as
+    the click simulation's default) every cell closer than that, are blocked, and so is a cell that
+    lands on a previous pixel (an image smaller than 256 maps several cells to one pixel).
     """
+    spacing = click_spacing(min_distance, float(prediction.record["gaussian_sigma"]))
     height, width = prediction.image_hw
     previous_px = prediction.clicks(index) if previous is None else np.asarray(previous, np.float64).reshape(-1, 2)
     taken = {(int(round(x)), int(round(y))) for x, y in previous_px}
@@ -535,9 +538,9 @@ def suggest_click(prediction: Prediction, policy: str = "bald", index: int = 0,
     rng = np.random.default_rng(seed)
     while True:
         if score_map is None:
-            choice = choose_at_random((FRAME256, FRAME256), blocked, rng, min_distance)
+            choice = choose_at_random((FRAME256, FRAME256), blocked, rng, spacing)
         else:
-            choice = choose_by_map(score_map, blocked, min_distance)
+            choice = choose_by_map(score_map, blocked, spacing)
         if choice is None:
             return None
         x, y = frame256_to_pixels(np.array([[choice.col, choice.row]]), height, width)[0]

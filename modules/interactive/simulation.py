@@ -58,7 +58,8 @@ from modules.evaluation.samples import EvalUnit, LabelledSample
 from modules.evaluation.scoreboard import upsample
 from modules.interactive.click_metrics import TRACE_COLUMNS
 from modules.interactive.click_policies import (CLICK_POLICIES, ClickChoice, ClickPolicy, annotator_label,
-                                                choose_at_random, choose_by_error_oracle, choose_by_map)
+                                                choose_at_random, choose_by_error_oracle, choose_by_map,
+                                                click_spacing)
 from modules.scoring.common import PROB_THRESHOLD
 from modules.scoring.mask_quality import mask_scores
 from modules.uncertainty.strategies import EvalSample, StrategyOutput
@@ -227,7 +228,7 @@ class ClickSimulator:
         self.policies = checked_policies(cfg)
         self.lanes = simulation_lanes(cfg)
         self.max_clicks = int(settings.max_clicks)
-        self.min_distance = float(settings.min_distance)
+        self.min_distance = settings.min_distance  # "auto" or pixels: click_spacing, per image
         self.start_with = settings.start
         self.mask_prompt = settings.mask_prompt
         self.mask_method = settings.mask_method
@@ -335,9 +336,10 @@ class ClickSimulator:
     def choose(self, run: "ImageRun") -> None:
         """Every lane's next click from the last ``score``: chosen, answered, added."""
         size = run.sample.original_hw
+        spacing = click_spacing(self.min_distance, float(run.sample.record["gaussian_sigma"]), size)
         for index, lane in enumerate(run.lanes):
             run.placed[lane] = self._next_click(lane, index, run.histories[lane], run.outputs, run.predicted[index],
-                                                run.annotator, run.rngs[lane], size)
+                                                run.annotator, run.rngs[lane], size, spacing)
 
     def decode(self, sample: EvalSample, features: dict[str, torch.Tensor], record: dict,
                mask_input: torch.Tensor | None = None) -> EvalSample:
@@ -381,20 +383,21 @@ class ClickSimulator:
 
     def _next_click(self, lane: Lane, index: int, history: ClickHistory, outputs: dict[str, StrategyOutput],
                     predicted: np.ndarray, annotator: Annotator, rng: np.random.Generator,
-                    size: tuple[int, int]) -> tuple[int, int, int]:
-        """Choose, ask the annotator, add to ``history``; returns ``(x, y, label)`` or -1s when the
-        lane has no pixel left (its history then stays as it is)."""
+                    size: tuple[int, int], spacing: float) -> tuple[int, int, int]:
+        """Choose (``spacing``: the image's ``min_distance`` in pixels), ask the annotator, add to
+        ``history``; returns ``(x, y, label)`` or -1s when the lane has no pixel left (its history then
+        stays as it is)."""
         policy = self.policies[lane.policy]
         choice: ClickChoice | None = None
         if not history.stopped:
             if policy.kind == "oracle":
-                choice = choose_by_error_oracle(predicted, annotator.truth, history.clicks, self.min_distance)
+                choice = choose_by_error_oracle(predicted, annotator.truth, history.clicks, spacing)
             elif policy.kind == "random":
-                choice = choose_at_random(size, history.clicks, rng, self.min_distance)
+                choice = choose_at_random(size, history.clicks, rng, spacing)
             else:
                 score_map = upsample(policy.map_of(outputs[policy.strategy])[index:index + 1], size,
                                      torch.device("cpu"))[0].numpy()
-                choice = choose_by_map(score_map, history.clicks, self.min_distance)
+                choice = choose_by_map(score_map, history.clicks, spacing)
         if choice is None:
             history.stopped = True
             return (-1, -1, -1)
