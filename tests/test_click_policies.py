@@ -45,6 +45,9 @@ def test_min_distance_auto_is_two_prompt_map_sigmas_in_the_frame_asked_for():
     assert click_spacing("auto", 8.0, (300, 512)) == 32.0  # ORIGINAL pixels along the longer side
     assert click_spacing("auto", 4.0, (128, 100)) == 4.0
     assert click_spacing(5, 8.0, (300, 512)) == 5.0 and click_spacing(0.0, 8.0) == 0.0
+    for bad in ("far", -1, float("nan")):
+        with pytest.raises(ValueError, match="min_distance: must be 'auto' or a non-negative number"):
+            click_spacing(bad, 8.0)
 
 
 def test_map_policy_skips_nan_breaks_ties_in_raster_order_and_stops_when_all_is_blocked():

@@ -45,6 +45,8 @@ def click_spacing(setting: str | float, gaussian_sigma: float, original_hw: tupl
     if setting == "auto":
         scale = 1.0 if original_hw is None else max(original_hw) / FRAME256
         return CLICK_SPACING_SIGMAS * float(gaussian_sigma) * scale
+    if isinstance(setting, str) or not np.isfinite(setting) or setting < 0:
+        raise ValueError(f"min_distance: must be 'auto' or a non-negative number, got {setting!r}")
     return float(setting)
 
 
