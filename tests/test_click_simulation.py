@@ -109,7 +109,8 @@ def test_uncertainty_policies_read_the_ground_truth_only_through_the_annotator(f
         assert not placed.duplicated(["x", "y"]).any(), f"{policy} clicked a pixel twice"
         points = placed[["x", "y"]].to_numpy(float)
         gaps = np.linalg.norm(points[:, None] - points[None], axis=-1)[np.triu_indices(len(points), 1)]
-        assert (gaps >= spacing).all(), f"{policy}: clicks closer than min_distance (auto: {spacing:.1f} px)"
+        if policy[0] != "oracle":  # the reference protocol's user clicks where its rule says
+            assert (gaps >= spacing).all(), f"{policy}: clicks closer than min_distance (auto: {spacing:.1f} px)"
         assert placed["x"].between(0, width - 1).all() and placed["y"].between(0, height - 1).all()
         assert set(placed["label"]) <= {0, 1}
         truth_labels = labelled.ground_truth[placed["y"], placed["x"]].astype(int)
@@ -176,6 +177,29 @@ def test_a_policys_trace_does_not_depend_on_the_other_policies_configured(fusion
     pd.testing.assert_frame_equal(alone[alone["draw"] == 0], one_draw)
     clicks = [tuple(zip(rows["x"].iloc[1:], rows["y"].iloc[1:])) for _, rows in alone.groupby("draw")]
     assert len(set(clicks)) == 3
+
+
+def test_min_distance_binds_the_uncertainty_policies_not_the_error_oracle(fusion_project):
+    """The oracle is the reference protocol's simulated user: its clicks are the same with
+    ``min_distance`` auto or 0, while BALD's auto clicks keep two prompt-map sigmas apart."""
+    torch.set_num_threads(1)
+    traces = {}
+    labelled = None
+    for spacing in ("auto", "0"):
+        cfg = fusion_project.load_config("evaluation.active_prompting.max_clicks=5",
+                                         "evaluation.active_prompting.policies=[oracle,bald]",
+                                         f"evaluation.active_prompting.min_distance={spacing}")
+        simulator = ClickSimulator(cfg, Artifacts(cfg, RunIds.resolve("v1"), torch.device("cpu")))
+        labelled = labelled or load_sample(cfg, open_cache(cfg), list_eval_units(cfg)[0])
+        traces[spacing] = simulator.simulate(labelled, unseen=False)
+    oracle = [trace[trace["policy"] == "oracle"].reset_index(drop=True) for trace in traces.values()]
+    pd.testing.assert_frame_equal(*oracle)
+    bald = traces["auto"][(traces["auto"]["policy"] == "bald") & (traces["auto"]["x"] >= 0)]
+    points = bald[["x", "y"]].to_numpy(float)
+    gaps = np.linalg.norm(points[:, None] - points[None], axis=-1)[np.triu_indices(len(points), 1)]
+    height, width = labelled.inputs.original_hw
+    assert len(points) == 5
+    assert gaps.min() >= click_spacing("auto", labelled.inputs.record["gaussian_sigma"], (height, width))
 
 
 class RecordingSimulator(ClickSimulator):

@@ -227,8 +227,9 @@ class ActivePromptingConfig:
     policies: list[str] = field(default_factory=lambda: ["oracle", "bald", "entropy", "variance_network",
                                                          "sam_entropy", "prompt_perturbation", "random"])
     max_clicks: int = 20
-    # Pixels (ORIGINAL frame) closer than this to an earlier click of the same policy are never clicked;
-    # ``auto``: two prompt-map sigmas (interactive.click_policies.click_spacing), per image.
+    # Pixels (ORIGINAL frame) closer than this to an earlier click of the same policy are never clicked
+    # (every policy but the oracle, the reference protocol's user); ``auto``: two prompt-map sigmas
+    # (interactive.click_policies.click_spacing), per image.
     min_distance: Union[Literal["auto"], float] = "auto"
     start: Literal["point", "box"] = "point"  # the first interaction: the oracle's first click, or the box
     # What SAM's decoder gets besides the clicks from the second round on: ``previous``, its own

@@ -29,7 +29,8 @@ object's interior point farthest from its boundary; or the object's tight box), 
    next click.
 
 Choices are made at the image's resolution (the maps upsampled bilinearly, as the evaluation scores
-them), so clicks, ``min_distance`` and the never-click-twice rule are all in ORIGINAL pixels. An
+them), so clicks, ``min_distance`` and the never-click-twice rule are all in ORIGINAL pixels
+(``min_distance`` binds every policy but the oracle, which follows the reference protocol). An
 uncertainty policy is handed its map alone (``choose_by_map``), never the ground truth; the simulated
 annotator (``Annotator``) answers each of its clicks with the ground-truth label of that pixel. Only
 the ``oracle`` policy reads the ground truth to choose (``choose_by_error_oracle``).
@@ -384,14 +385,15 @@ class ClickSimulator:
     def _next_click(self, lane: Lane, index: int, history: ClickHistory, outputs: dict[str, StrategyOutput],
                     predicted: np.ndarray, annotator: Annotator, rng: np.random.Generator,
                     size: tuple[int, int], spacing: float) -> tuple[int, int, int]:
-        """Choose (``spacing``: the image's ``min_distance`` in pixels), ask the annotator, add to
+        """Choose (``spacing``: the image's ``min_distance`` in pixels; the error oracle is the reference
+        protocol's simulated user and clicks where it says, spacing aside), ask the annotator, add to
         ``history``; returns ``(x, y, label)`` or -1s when the lane has no pixel left (its history then
         stays as it is)."""
         policy = self.policies[lane.policy]
         choice: ClickChoice | None = None
         if not history.stopped:
             if policy.kind == "oracle":
-                choice = choose_by_error_oracle(predicted, annotator.truth, history.clicks, spacing)
+                choice = choose_by_error_oracle(predicted, annotator.truth, history.clicks)
             elif policy.kind == "random":
                 choice = choose_at_random(size, history.clicks, rng, spacing)
             else:
