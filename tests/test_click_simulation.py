@@ -68,6 +68,12 @@ def test_bad_settings_name_the_key():
     assert set(CLICK_POLICIES) - set(checked_policies(defaults)) == {"head_entropy"}  # the one left out by default
 
 
+def pairwise_gaps(clicks: pd.DataFrame) -> np.ndarray:
+    """The distances between every two of the ``x``, ``y`` clicks, in pixels."""
+    points = clicks[["x", "y"]].to_numpy(float)
+    return np.linalg.norm(points[:, None] - points[None], axis=-1)[np.triu_indices(len(points), 1)]
+
+
 @dataclass
 class ReplayAnnotator(Annotator):
     """Answers with labels recorded from another run (``lane -> labels of clicks 2..``), whatever
@@ -107,8 +113,7 @@ def test_uncertainty_policies_read_the_ground_truth_only_through_the_annotator(f
         placed = rows[rows["x"] >= 0]
         assert list(rows["clicks"]) == [1, 2, 3]
         assert not placed.duplicated(["x", "y"]).any(), f"{policy} clicked a pixel twice"
-        points = placed[["x", "y"]].to_numpy(float)
-        gaps = np.linalg.norm(points[:, None] - points[None], axis=-1)[np.triu_indices(len(points), 1)]
+        gaps = pairwise_gaps(placed)
         if policy[0] != "oracle":  # the reference protocol's user clicks where its rule says
             assert (gaps >= spacing).all(), f"{policy}: clicks closer than min_distance (auto: {spacing:.1f} px)"
         assert placed["x"].between(0, width - 1).all() and placed["y"].between(0, height - 1).all()
@@ -195,11 +200,9 @@ def test_min_distance_binds_the_uncertainty_policies_not_the_error_oracle(fusion
     oracle = [trace[trace["policy"] == "oracle"].reset_index(drop=True) for trace in traces.values()]
     pd.testing.assert_frame_equal(*oracle)
     bald = traces["auto"][(traces["auto"]["policy"] == "bald") & (traces["auto"]["x"] >= 0)]
-    points = bald[["x", "y"]].to_numpy(float)
-    gaps = np.linalg.norm(points[:, None] - points[None], axis=-1)[np.triu_indices(len(points), 1)]
     height, width = labelled.inputs.original_hw
-    assert len(points) == 5
-    assert gaps.min() >= click_spacing("auto", labelled.inputs.record["gaussian_sigma"], (height, width))
+    assert len(bald) == 5
+    assert pairwise_gaps(bald).min() >= click_spacing("auto", labelled.inputs.record["gaussian_sigma"], (height, width))
 
 
 class RecordingSimulator(ClickSimulator):
