@@ -339,7 +339,8 @@ def test_dense_embedding_override_and_mask_input(sam_v1, sam2):
 def test_decoder_calls_of_a_few_prompt_sets_give_what_one_call_gives(sam_v1, sam2):
     """``decoder_batch = 2`` splits P = 7 prompt sets (points, boxes, a mask prompt each) into four
     mask-decoder calls whose outputs, in prompt-set order, are those of one call of all seven (to float
-    rounding, which on the CPU may depend on a call's size), for both output modes."""
+    rounding, which on the CPU may depend on a call's size), for both output modes, in ``decode`` and
+    in the unrolled ``decode_features`` (the decoder Laplace's path)."""
     points, labels, boxes = _prompts()
     points, labels, boxes = (torch.cat([value, value, value[:1]]) for value in (points, labels, boxes))
     points = points + torch.arange(7.0).reshape(7, 1, 1)  # seven different prompt sets
@@ -360,8 +361,25 @@ def test_decoder_calls_of_a_few_prompt_sets_give_what_one_call_gives(sam_v1, sam
                 for part, one_call in zip(split, whole):
                     assert part.shape == one_call.shape and part.shape[0] == 7
                     torch.testing.assert_close(part, one_call, rtol=0, atol=1e-4)
+            passes = []
+            decoder_pass = backbone._decoder_pass
+            backbone._decoder_pass = lambda *args: passes.append(args[1].shape[0]) or decoder_pass(*args)
+            for multimask in (True, False):
+                backbone.configure_decoder(0)
+                whole = backbone.decode_features(features, HW, points, labels, boxes, mask_input,
+                                                 multimask_output=multimask)
+                backbone.configure_decoder(2)
+                split = backbone.decode_features(features, HW, points, labels, boxes, mask_input,
+                                                 multimask_output=multimask)
+                assert passes[-5:] == [7, 2, 2, 2, 1]
+                torch.testing.assert_close(split.token_indices, whole.token_indices, rtol=0, atol=0)
+                for field in ("logits", "iou_predictions", "upscaled_features", "hyper_hidden"):
+                    part, one_call = getattr(split, field), getattr(whole, field)
+                    assert part.shape == one_call.shape and part.shape[0] == 7, field
+                    torch.testing.assert_close(part, one_call, rtol=0, atol=1e-4, msg=field)
         finally:
             backbone._run_mask_decoder = run_mask_decoder
+            backbone.__dict__.pop("_decoder_pass", None)
             backbone.configure_decoder("auto")
 
 

@@ -24,7 +24,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -182,6 +182,10 @@ class SamDecoderPass:
     iou_predictions: torch.Tensor
     upscaled_features: torch.Tensor
     hyper_hidden: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The fields in order (``SamDecoderPass(*tensors)`` rebuilds it), without copying them."""
+        return self.masks, self.iou_predictions, self.upscaled_features, self.hyper_hidden
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,23 +380,22 @@ class Backbone(abc.ABC):
         return resolved
 
     def configure_decoder(self, decoder_batch: str | int) -> int:
-        """Split ``decode``'s prompt sets into mask-decoder calls of at most this many (``sam.decoder_batch``,
+        """Split ``decode``'s and ``decode_features``' prompt sets into mask-decoder calls of at most this many (``sam.decoder_batch``,
         resolved by ``resolve_decoder_batch``; 0 = one call). Each prompt set's result is the same function
         either way; on the CPU its last float bits may depend on the call's size, as on any batch size."""
         self.decoder_batch = resolve_decoder_batch(decoder_batch, self.device)
         return self.decoder_batch
 
-    def _decoder_calls(self, features: dict[str, torch.Tensor], sparse: torch.Tensor, dense: torch.Tensor,
-                       multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """``_run_mask_decoder`` over the ``P`` prompt sets in calls of at most ``decoder_batch``."""
+    def _decoder_calls(self, step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]],
+                       sparse: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``step(sparse, dense)`` (a mask-decoder step returning per-prompt-set tensors) over the ``P``
+        prompt sets in calls of at most ``decoder_batch``, its outputs concatenated in prompt-set order."""
         num_sets = sparse.shape[0]
         size = self.decoder_batch or num_sets
         if num_sets <= size:
-            return self._run_mask_decoder(features, sparse, dense, multimask_output)
-        parts = [self._run_mask_decoder(features, sparse[start:start + size], dense[start:start + size],
-                                        multimask_output)
-                 for start in range(0, num_sets, size)]
-        return torch.cat([low_res for low_res, _ in parts]), torch.cat([iou for _, iou in parts])
+            return step(sparse, dense)
+        parts = [step(sparse[start:start + size], dense[start:start + size]) for start in range(0, num_sets, size)]
+        return tuple(torch.cat(outputs) for outputs in zip(*parts))
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """``H x W x 3`` uint8 RGB -> ``3 x S x S`` float32 encoder input (CPU, pure)."""
@@ -497,7 +500,9 @@ class Backbone(abc.ABC):
                 features, original_hw, point_coords, point_labels, boxes, mask_input, dense_embedding_override)
         with grad_mode(enable_grad), inference_autocast(self.device):
             sparse, dense = self._prompt_embeddings(original_hw, prompts)
-            low_res, iou_predictions = self._decoder_calls(features, sparse, dense, multimask_output)
+            low_res, iou_predictions = self._decoder_calls(
+                lambda rows, dense_rows: self._run_mask_decoder(features, rows, dense_rows, multimask_output),
+                sparse, dense)
         return self._logits_to_frame256(low_res, original_hw, enable_grad), iou_predictions.float()
 
     def decode_features(
@@ -513,14 +518,17 @@ class Backbone(abc.ABC):
     ) -> DecoderFeatures:
         """``decode`` unrolled step by step, also returning the decoder's last-layer inputs.
 
-        Same arguments as ``decode`` (no autograd); see ``DecoderFeatures`` for the outputs. The
+        Same arguments as ``decode`` (no autograd; calls of at most ``decoder_batch`` prompt sets, as
+        there); see ``DecoderFeatures`` for the outputs. The
         logits are unclamped and agree with ``decode`` up to float rounding.
         """
         original_hw, features, prompts = self._prepare_inputs(
             features, original_hw, point_coords, point_labels, boxes, mask_input, dense_embedding_override)
         with torch.inference_mode(), inference_autocast(self.device):
             sparse, dense = self._prompt_embeddings(original_hw, prompts)
-            unrolled = self._decoder_pass(features, sparse, dense)
+            unrolled = SamDecoderPass(*self._decoder_calls(
+                lambda rows, dense_rows: self._decoder_pass(features, rows, dense_rows).tensors(),
+                sparse, dense))
             token_indices = self._output_tokens(unrolled, multimask_output)
         rows = torch.arange(token_indices.shape[0], device=token_indices.device)[:, None]
         with torch.inference_mode():  # the frame change in float32, outside autocast
