@@ -141,6 +141,14 @@ def test_predictor_refuses_bad_prompts_and_runs_with_one_line(fusion_project, pr
         predictor.predict([[0, 0]], [1], mask_input=np.zeros((64, 64), np.float32))
     with pytest.raises(PredictorError, match="fusion"):
         UncertainPredictor(predictor.cfg, RunIds.resolve("v1", fusion="nope"), methods=["refined"])
+    # A mistyped run id is an error naming the runs there, not a silent fall back to SAM alone ...
+    with pytest.raises(PredictorError, match=r"run id 'v2': no fitted method has its run there .* head runs v1\)"):
+        UncertainPredictor(predictor.cfg, RunIds.resolve("v2"))
+    with pytest.raises(PredictorError, match=r"run ids head 'v2', variance 'v1', laplace 'v1', fusion 'v1'"):
+        UncertainPredictor(predictor.cfg, RunIds.resolve("v1", head="v2"))
+    # ... while SAM alone, asked for, runs under any id, and a missing fusion run alone is skipped.
+    assert UncertainPredictor(predictor.cfg, RunIds.resolve("v2"), methods=["raw_sam"]).methods == ["raw_sam"]
+    assert "refined" not in UncertainPredictor(predictor.cfg, RunIds.resolve("v1", fusion="nope")).methods
     # Runs fitted under another prompt-map sigma would read prompt maps they never saw.
     other_sigma = fusion_project.load_config("prompt_generation.gaussian_sigma=5")
     with pytest.raises(PredictorError, match=r"run_v1/config.resolved.yaml: the head run was fitted with "

@@ -14,7 +14,7 @@ import torch
 from modules.core.config import PipelineConfig
 from modules.core.errors import PipelineError
 from modules.core.fileio import cached_file_md5
-from modules.core.paths import checkpoint_run_dir, laplace_run_dir
+from modules.core.paths import CHECKPOINT_DIR, checkpoint_run_dir, laplace_run_dir
 from modules.laplace.head import load_head_posterior
 from modules.laplace.posterior import STATE_FILE as LAPLACE_STATE_FILE
 from modules.sam.base import BackboneError
@@ -42,6 +42,12 @@ class RunIds:
                 laplace: str | None = None, fusion: str | None = None) -> "RunIds":
         return cls(head or run_id, variance or run_id, laplace or run_id, fusion or run_id)
 
+    def __str__(self) -> str:
+        ids = {"head": self.head, "variance": self.variance, "laplace": self.laplace, "fusion": self.fusion}
+        if len(set(ids.values())) == 1:
+            return f"run id {self.head!r}"
+        return "run ids " + ", ".join(f"{model} {run_id!r}" for model, run_id in ids.items())
+
 
 def _head_path(cfg: PipelineConfig, runs: RunIds) -> Path:
     return checkpoint_run_dir(cfg.project_root, "head", runs.head) / BEST_FILE
@@ -67,6 +73,13 @@ def _fusion_path(cfg: PipelineConfig, runs: RunIds) -> Path:
 
 def _fusion_switch_path(cfg: PipelineConfig, runs: RunIds) -> Path:
     return checkpoint_run_dir(cfg.project_root, "fusion", runs.fusion) / SWITCH_FILE
+
+
+def trained_head_runs(cfg: PipelineConfig) -> list[str]:
+    """The ids of the head runs stage 5 finished in ``cfg``'s project (a ``best.pt`` under
+    ``checkpoints/head/run_<id>/``), sorted; every fitted method reads one."""
+    folder = Path(cfg.project_root) / CHECKPOINT_DIR / "head"
+    return sorted(path.parent.name.removeprefix("run_") for path in folder.glob(f"run_*/{BEST_FILE}"))
 
 
 #: Artifact name -> the file it is loaded from (its md5 goes into the stage fingerprint).

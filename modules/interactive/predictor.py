@@ -51,7 +51,7 @@ from modules.data.imageio import ImageReadError, read_image_rgb
 from modules.data.promptset import (PromptSpec, clicked_promptset, clicked_record, frame256_to_pixels, point_width,
                                     to_frame256_points)
 from modules.evaluation.methods import SOURCE_NEEDS, STRATEGY_BUILDERS, Refinement
-from modules.evaluation.runs import ARTIFACT_FILES, Artifacts, RunIds, artifact_md5s
+from modules.evaluation.runs import ARTIFACT_FILES, Artifacts, RunIds, artifact_md5s, trained_head_runs
 from modules.evaluation.scoreboard import upsample
 from modules.interactive.click_policies import (CLICK_POLICIES, ClickPolicy, choose_at_random, choose_by_map,
                                                 click_spacing)
@@ -221,7 +221,8 @@ class UncertainPredictor:
             ``training``, ``laplace``, ``variance``, ``fusion`` and ``evaluation`` settings apply).
         runs: the fitted runs (``RunIds.resolve("v1")``).
         methods: names of ``PREDICTOR_METHODS`` to run; None: every ``DEFAULT_METHODS`` entry whose
-            runs exist (the others are skipped with a log line). A named method whose run is
+            runs exist (the others are skipped with a log line; when none has its run but the project
+            holds other head runs, a ``PredictorError`` listing them). A named method whose run is
             missing is a ``PredictorError`` naming the file.
         device: where the head, posterior, variance and fusion networks run (default
             ``training.device``); the backbone runs on ``sam.device``.
@@ -270,6 +271,11 @@ class UncertainPredictor:
                     chosen.append(name)
                 else:
                     log.info("[predictor] %s skipped: %s is missing", name, path)
+            trained = trained_head_runs(self.cfg) if chosen in ([], [MASK_METHOD]) else []
+            if trained:  # none of the runs exists, other runs do: a mistyped run id, not "SAM alone"
+                raise PredictorError(f"{self.runs}: no fitted method has its run there ({self.cfg.project_root} "
+                                     f"holds the head runs {', '.join(trained)}); pick one of those (--run_id), "
+                                     "or ask for SAM alone (methods raw_sam)")
         if MASK_METHOD not in chosen:
             chosen.insert(0, MASK_METHOD)  # SAM's own mask is always there
         for name in chosen:
