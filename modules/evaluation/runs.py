@@ -95,10 +95,8 @@ ARTIFACT_FILES: dict[str, Callable[[PipelineConfig, RunIds], Path]] = {
 
 
 class Artifacts:
-    """The frozen models the strategies need, each loaded on first use.
-
-    (Note: the model loaders still live in stage modules and are imported where used; they move to
-    ``training/checkpoints.py`` and ``laplace/``, libraries this module will import at the top.)
+    """The frozen models the strategies need, each loaded on first use (the loaders of
+    ``training/checkpoints.py``, ``laplace/head.py`` and ``sam/registry.py``).
 
     ``device``: where the head, its posterior, the variance network and the fusion module run
     (``training.device``); the backbone runs on ``sam.device``.
