@@ -36,6 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from modules.sam.fast_encoder import EncoderSettings  # noqa: E402
 from modules.sam.registry import build_sam_model, load_backbone  # noqa: E402
 from modules.laplace.head import LastLayerPosterior  # noqa: E402
 from modules.training.models import PromptAwareHead  # noqa: E402
@@ -43,7 +44,7 @@ from modules.uncertainty.prompt_perturbation import perturbed_prompts  # noqa: E
 from modules.data.promptset import PromptSpec, build_promptset_record  # noqa: E402
 from modules.cache.sam_cache import CacheEntry  # noqa: E402
 from modules.sam.prompting import round_features  # noqa: E402
-from modules.uncertainty.tta import build_transforms, decode_selected_logits  # noqa: E402
+from modules.uncertainty.tta import build_transforms, decode_selected_logits, transform_rng  # noqa: E402
 from modules.uncertainty.strategies import (EvalSample, LaplaceStrategy, PromptPerturbationStrategy,  # noqa: E402
                                  TTAStrategy)
 
@@ -79,15 +80,16 @@ def best_time(function: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def load_bench_backbone(family: str, model_type: str, checkpoint: Path, device: str):
+def load_bench_backbone(family: str, model_type: str, checkpoint: Path, device: str,
+                        encoder: EncoderSettings | None = None):
     """The shipped demo checkpoint, or (other models, or no file) seeded random weights saved to a
     file and loaded through the pipeline's loader; timings do not depend on the weights."""
     if checkpoint.is_file() and (family, model_type) == ("sam", "demo_tiny"):
-        return load_backbone(family, model_type, checkpoint, device), str(checkpoint)
+        return load_backbone(family, model_type, checkpoint, device, encoder), str(checkpoint)
     path = Path(tempfile.mkdtemp()) / f"{model_type}_random.pt"
     torch.manual_seed(0)
     torch.save(build_sam_model(family, model_type).state_dict(), path)
-    return load_backbone(family, model_type, path, device), "random weights"
+    return load_backbone(family, model_type, path, device, encoder), "random weights"
 
 
 def synthetic_sample(backbone, height: int, width: int, num_promptsets: int) -> EvalSample:
@@ -159,8 +161,6 @@ def bench_laplace(sample: EvalSample, num_samples: int, repeats: int, device: st
 
 def bench_tta(backbone, sample: EvalSample, transform_names: list[str], encoder_batch_size: int,
               repeats: int) -> dict:
-    from modules.uncertainty.tta import transform_rng
-
     transforms = build_transforms(transform_names)
     strategy = TTAStrategy(backbone, transforms, PROMPT_MODE, MULTIMASK_POLICY, encoder_batch_size, seed=0,
                            reuse_cached_features=True)
@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--laplace-samples", type=int, default=32)
     parser.add_argument("--tta", default=DEFAULT_TTA, help="comma-separated transforms (the clean pass is added)")
     parser.add_argument("--encoder-batch-size", type=int, default=4)
+    parser.add_argument("--encoder-impl", default="auto", help="sam.encoder_impl: auto, reference or fast")
+    parser.add_argument("--compile-encoder", default="auto", choices=["auto", "true", "false"],
+                        help="sam.compile_encoder (compiling costs minutes on a large encoder)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     args = parser.parse_args(argv)
@@ -200,7 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
     clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
 
-    backbone, weights = load_bench_backbone(args.family, args.model_type, args.checkpoint, args.device)
+    compile_encoder = {"true": True, "false": False}.get(args.compile_encoder, args.compile_encoder)
+    encoder = EncoderSettings(args.encoder_impl, compile_encoder, args.encoder_batch_size)
+    backbone, weights = load_bench_backbone(args.family, args.model_type, args.checkpoint, args.device, encoder)
     sample = synthetic_sample(backbone, args.height, args.width, args.promptsets)
     benches = {
         "prompt_perturbation": lambda: bench_prompt_perturbation(backbone, sample, args.pp_samples, args.repeats),

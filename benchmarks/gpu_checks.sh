@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue #24 (fast frozen encoders), of issue #21 point 3 (stage 3's b/a on
-# a GPU) and of sam.decoder_batch's GPU default (one mask-decoder call of all prompt sets), in one
-# go, sized for one 10-minute device call (estimated 6-9 minutes on one H200, not yet run there;
-# each model has its own time limit, 280 s and 250 s).
+# Every GPU measurement of issue #24 (fast frozen encoders), of issue #21 points 2 and 3 (the
+# sampling strategies against the passes they are built from, stage 3's b/a on a GPU) and of
+# sam.decoder_batch's GPU default (one mask-decoder call of all prompt sets), in one go, sized for
+# one 10-minute device call (estimated 7-10 minutes on one H200, not yet run there; each entry has
+# its own time limit). CHECKS picks entries, to split the run over two device calls.
 #
 #   bash benchmarks/gpu_checks.sh --prepare   # here, once: the wheels the GPU image lacks -> .whl/
 #   bash benchmarks/gpu_checks.sh             # on the GPU machine, with .whl carried along
+#   CHECKS="evaluate decoder_batch" bash benchmarks/gpu_checks.sh   # some entries only
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_checks.sh --smoke   # any CPU: same entries, tiny settings
 #
 # For sam/vit_h and sam2/hiera_l (random weights saved to a file and loaded through the real
@@ -13,7 +15,10 @@
 # path in one process: encoder img/s, FLOP per image, model FLOP utilisation against the GPU's dense
 # bf16 peak, compile time, stage 3's (b) img/s and b/a, and the agreement of the two paths' cached
 # logits (max |logit difference|, IoU of the thresholded masks; goal >= 0.99). Each model's log and
-# JSON go to $OUT (default runs/gpu_checks), with env.txt (GPU, driver, versions).
+# JSON go to $OUT (default runs/gpu_checks), with env.txt (GPU, driver, versions). Then the stage-3
+# writer process against the thread, mask-decoder calls of all prompt sets against a few, and
+# benchmarks/bench_evaluate.py on sam/vit_b: prompt perturbation (K = 10) against one decoder
+# call, the Laplace in Monte-Carlo (S = 32) against one head forward, TTA against its encoder passes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +26,7 @@ MODE=${1:-gpu}
 OUT=${OUT:-runs/gpu_checks}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+CHECKS=${CHECKS:-"sam_v1 sam2 cache_writer decoder_batch evaluate"}
 WHEELS="segment-anything==1.0 hydra-core==1.3.8 omegaconf==2.3.1 iopath==0.1.10 antlr4-python3-runtime==4.9.3 sam2==1.1.0"
 
 case "$MODE" in
@@ -39,6 +45,7 @@ case "$MODE" in
     SIZES=(--images 2 --promptsets 2 --batch-size 2 --workers 0 --height 96 --width 128 --verify 1
            --compile-encoder false)
     DECODER=(--promptsets 4 --sizes 2 --repeats 1)
+    EVALUATE=(--family sam --model-type demo_tiny --height 96 --width 128 --tta hflip --repeats 1)
     LIMIT_V1=900; LIMIT_2=900 ;;
   gpu)
     DEVICE=cuda
@@ -46,6 +53,7 @@ case "$MODE" in
     SAM_2=(--family sam2 --model-type hiera_l)
     SIZES=(--images 128 --promptsets 10 --batch-size 8 --workers 8)
     DECODER=(--promptsets 4 10 40 --sizes 4 10)
+    EVALUATE=(--family sam --model-type vit_b --threads 8 --repeats 5 --encoder-impl fast --compile-encoder false)
     LIMIT_V1=280; LIMIT_2=250 ;;
   *)
     echo "usage: $0 [--prepare | --smoke]" >&2
@@ -72,9 +80,11 @@ fi
 cat "$OUT/env.txt"
 
 status=0
+wanted() { [[ " $CHECKS " == *" $1 "* ]]; }
 measure() {  # name, time limit (s), model arguments...
   local name=$1 limit=$2
   shift 2
+  wanted "$name" || return 0
   echo "=== $name (limit ${limit} s)"
   timeout -k 10 "$limit" "$PY" benchmarks/bench_precompute.py "$@" --device "$DEVICE" "${SIZES[@]}" --no-naive \
     --encoder-impl reference,fast --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
@@ -84,13 +94,21 @@ measure() {  # name, time limit (s), model arguments...
 
 measure sam_v1 "$LIMIT_V1" "${SAM_V1[@]}"
 measure sam2 "$LIMIT_2" "${SAM_2[@]}"
+bench() {  # name, time limit (s), script and its arguments
+  local name=$1 limit=$2
+  shift 2
+  wanted "$name" || return 0
+  echo "=== $name (limit ${limit} s)"
+  timeout -k 10 "$limit" "$PY" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || { echo "=== $name failed or timed out (exit $rc)"; status=1; }
+}
+
 # Stage 3's writer process against the writer thread on this host's cores and disk (CPU only, ~20 s).
-echo "=== cache_writer"
-timeout -k 10 120 "$PY" benchmarks/bench_cache_writer.py 2>&1 | tee "$OUT/cache_writer.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "=== cache_writer failed or timed out"; status=1; }
+bench cache_writer 120 benchmarks/bench_cache_writer.py
 # sam.decoder_batch: one mask-decoder call of all prompt sets (auto on a GPU) against calls of a few.
-echo "=== decoder_batch"
-timeout -k 10 120 "$PY" benchmarks/bench_decoder_batch.py --device "$DEVICE" "${DECODER[@]}" 2>&1 \
-  | tee "$OUT/decoder_batch.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "=== decoder_batch failed or timed out"; status=1; }
+bench decoder_batch 120 benchmarks/bench_decoder_batch.py --device "$DEVICE" "${DECODER[@]}"
+# Issue #21 point 2: prompt perturbation <= 2x one decoder pass and Monte-Carlo Laplace <= 2x one
+# head forward, on a GPU (sam/vit_b: the mask decoder is the same for every SAM v1 size).
+bench evaluate 150 benchmarks/bench_evaluate.py --device "$DEVICE" "${EVALUATE[@]}"
 exit $status

@@ -301,3 +301,7 @@ def test_benchmark_runs_with_a_tiny_setting():
     assert results["prompt_perturbation"]["K"] == 2 and results["tta"]["K"] == 2
     for figures in results.values():
         assert all(v > 0 for k, v in figures.items() if k.endswith("_s"))
+    # The encoder path gpu_checks.sh times it with (SDPA attention, not compiled).
+    fast = bench.main(["--promptsets", "1", "--pp-samples", "2", "--skip", "laplace,tta", "--repeats", "1",
+                       "--height", "64", "--width", "80", "--encoder-impl", "fast", "--compile-encoder", "false"])
+    assert set(fast) == {"prompt_perturbation"} and fast["prompt_perturbation"]["one_encoder_pass_s"] > 0
