@@ -115,6 +115,12 @@ def checkpoint_run_dir(project_root: PathLike, model_kind: str, run_id: str) -> 
     return Path(project_root) / checkpoint_run_relpath(model_kind, run_id)
 
 
+def checkpoint_run_ids(project_root: PathLike, model_kind: str, marker: str) -> list[str]:
+    """The run ids under ``checkpoints/<model>/`` whose ``run_<id>`` folder holds ``marker``, sorted."""
+    folder = Path(project_root) / CHECKPOINT_DIR / check_name(model_kind, "--model")
+    return sorted(path.parent.name.removeprefix("run_") for path in folder.glob(f"run_*/{marker}"))
+
+
 def laplace_run_relpath(target: str, run_id: str) -> str:
     """Stage 6, relative to the project root: ``laplace/<target>/run_<id>``."""
     return f"{LAPLACE_DIR}/{check_name(target, 'laplace.target')}/run_{check_name(run_id, 'run id')}"

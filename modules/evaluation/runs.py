@@ -14,7 +14,7 @@ import torch
 from modules.core.config import PipelineConfig
 from modules.core.errors import PipelineError
 from modules.core.fileio import cached_file_md5
-from modules.core.paths import CHECKPOINT_DIR, checkpoint_run_dir, laplace_run_dir
+from modules.core.paths import checkpoint_run_dir, checkpoint_run_ids, laplace_run_dir
 from modules.laplace.head import load_head_posterior
 from modules.laplace.posterior import STATE_FILE as LAPLACE_STATE_FILE
 from modules.sam.base import BackboneError
@@ -76,10 +76,9 @@ def _fusion_switch_path(cfg: PipelineConfig, runs: RunIds) -> Path:
 
 
 def trained_head_runs(cfg: PipelineConfig) -> list[str]:
-    """The ids of the head runs stage 5 finished in ``cfg``'s project (a ``best.pt`` under
-    ``checkpoints/head/run_<id>/``), sorted; every fitted method reads one."""
-    folder = Path(cfg.project_root) / CHECKPOINT_DIR / "head"
-    return sorted(path.parent.name.removeprefix("run_") for path in folder.glob(f"run_*/{BEST_FILE}"))
+    """The ids of the head runs stage 5 finished in ``cfg``'s project (those with a ``best.pt``),
+    sorted; every fitted method reads one."""
+    return checkpoint_run_ids(cfg.project_root, "head", BEST_FILE)
 
 
 #: Artifact name -> the file it is loaded from (its md5 goes into the stage fingerprint).
