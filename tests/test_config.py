@@ -54,6 +54,8 @@ def test_dotted_overrides_are_typed(tmp_path):
         ("wandb.enabled=maybe", "wandb.enabled"),
         ("prompt_generation.min_pairs=0", "prompt_generation.min_pairs"),
         ("data.split_fractions=[0.5, 0.6, 0.1]", "data.split_fractions"),
+        ("data.project_root=/", "data.project_root"),  # e.g. $VAR/ with VAR unset
+        ("data.project_root=" + "../" * 64, "data.project_root"),  # the root, reached from the config's folder
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, key):

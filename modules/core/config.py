@@ -535,6 +535,11 @@ def _check_semantics(cfg: PipelineConfig) -> None:
     fractions = cfg.data.split_fractions
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6:
         raise ConfigError(f"data.split_fractions: need three non-negative fractions summing to 1, got {fractions}")
+    project_root = cfg.data.project_root.resolve()
+    if project_root == Path(project_root.anchor):
+        raise ConfigError(f"data.project_root: {project_root} is the filesystem root, where every stage would "
+                          "write its folders; give the project a folder of its own (an unset variable in "
+                          "data.project_root=$VAR/ gives the root)")
     if cfg.data.layout == "split_roots" and cfg.data.masks_root is None:
         raise ConfigError("data.masks_root: required when data.layout is 'split_roots'")
     if cfg.data.layout == "split_roots" and cfg.data.masks_root.resolve() == cfg.data.images_root.resolve():
