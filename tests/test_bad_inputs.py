@@ -548,6 +548,18 @@ def ambiguous(kind: str):
     return write
 
 
+def unsupported(kind: str):
+    """The image (or the mask) saved as a GIF, which stage 1 does not read; the other file is fine."""
+    def write(images: Path, masks: Path, stem: str) -> None:
+        if kind == "image":
+            Image.fromarray(_rng(stem).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(images / f"{stem}.gif")
+            mask_png(masks / f"{stem}.png")
+        else:
+            image(images / f"{stem}.png")
+            Image.fromarray(disc().astype(np.uint8) * 255).save(masks / f"{stem}.gif")
+    return write
+
+
 def small_mask_losing_its_foreground(images: Path, masks: Path, stem: str) -> None:
     image(images / f"{stem}.png", 40, 40)
     mask = np.zeros((80, 80), bool)
@@ -595,6 +607,10 @@ ROW_CASES = [
     RowCase("mask-missing", lambda images, masks, stem: image(images / f"{stem}.png"), "missing_mask", "no mask file"),
     RowCase("image-missing", lambda images, masks, stem: mask_png(masks / f"{stem}.png"), "missing_image",
             "no image file"),
+    RowCase("image-in-an-unsupported-format", unsupported("image"), "missing_image",
+            "found image-in-an-unsupported-format.gif, whose extension is not supported (.jpg"),
+    RowCase("mask-in-an-unsupported-format", unsupported("mask"), "missing_mask",
+            "found mask-in-an-unsupported-format.gif, whose extension is not supported (.jpg"),
     RowCase("duplicate-image-stem", ambiguous("image"), "ambiguous_image", "duplicate-image-stem.jpg"),
     RowCase("duplicate-mask-stem", ambiguous("mask"), "ambiguous_mask", "duplicate-mask-stem.npy"),
     RowCase("mask-of-another-shape", mask_as(".png", lambda p: mask_png(p, disc(48, 24))), "mask_shape_mismatch",
@@ -619,6 +635,9 @@ def invalid_rows(tmp_path_factory) -> tuple[Outcome, pd.DataFrame, Workspace, di
         mask_png(masks / "good" / f"s{i}.png")
     for case in ROW_CASES:
         case.write(images / "bad", masks / "bad", case.stem)
+    # Files of no supported kind and no pair are not samples: no row (the count below).
+    (images / "bad" / "notes.txt").write_text("where these came from\n")
+    (masks / "bad" / "Thumbs.db").write_bytes(b"\0" * 16)
     small_demo_config(folder, {**SMALL, "demo.enabled": False, "data.min_image_side": 16})
     outside = ws.outside_root()
     outcome = call_stage("build_manifests", "--config", str(ws.config))

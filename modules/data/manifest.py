@@ -94,6 +94,9 @@ class Candidate:
     ``image_path`` / ``mask_path`` are None when no file or several files
     matched; in the latter case all of them are in ``ambiguous_image_paths`` /
     ``ambiguous_mask_paths`` (sorted), which are otherwise empty.
+    ``unsupported_image_paths`` / ``unsupported_mask_paths``: files of the same
+    group and stem whose extension is not a supported one (``photo.webp``), to
+    name in the row of a pair they leave incomplete.
     """
 
     group: str
@@ -102,6 +105,8 @@ class Candidate:
     mask_path: Path | None
     ambiguous_image_paths: tuple[Path, ...] = ()
     ambiguous_mask_paths: tuple[Path, ...] = ()
+    unsupported_image_paths: tuple[Path, ...] = ()
+    unsupported_mask_paths: tuple[Path, ...] = ()
 
     @property
     def sample_id(self) -> str:
@@ -116,12 +121,12 @@ def _is_visible(entry: Path) -> bool:
     return not entry.name.startswith(".")
 
 
-def _collect_files(folder: Path, group: str, extensions: tuple[str, ...], found: FilesByKey) -> None:
-    """Add the visible files directly inside ``folder`` with one of ``extensions``."""
+def _collect_files(folder: Path, group: str, found: FilesByKey) -> None:
+    """Add the visible files directly inside ``folder`` (``scan_pairs`` sorts out the extensions)."""
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        if _is_visible(entry) and entry.is_file() and has_extension(entry, extensions):
+        if _is_visible(entry) and entry.is_file():
             found[(group, entry.stem)].append(entry)
 
 
@@ -137,9 +142,9 @@ def _scan_split_roots(images_root: Path, masks_root: Path | None) -> tuple[Files
     images: FilesByKey = defaultdict(list)
     masks: FilesByKey = defaultdict(list)
     for group_folder in _group_folders(images_root):
-        _collect_files(group_folder, group_folder.name, IMAGE_EXTENSIONS, images)
+        _collect_files(group_folder, group_folder.name, images)
     for group_folder in _group_folders(masks_root):
-        _collect_files(group_folder, group_folder.name, MASK_EXTENSIONS, masks)
+        _collect_files(group_folder, group_folder.name, masks)
     return images, masks
 
 
@@ -147,8 +152,8 @@ def _scan_per_group(images_root: Path, masks_root: Path | None) -> tuple[FilesBy
     images: FilesByKey = defaultdict(list)
     masks: FilesByKey = defaultdict(list)
     for group_folder in _group_folders(images_root):
-        _collect_files(group_folder / "images", group_folder.name, IMAGE_EXTENSIONS, images)
-        _collect_files(group_folder / "masks", group_folder.name, MASK_EXTENSIONS, masks)
+        _collect_files(group_folder / "images", group_folder.name, images)
+        _collect_files(group_folder / "masks", group_folder.name, masks)
     return images, masks
 
 
@@ -191,7 +196,8 @@ def scan_pairs(
 
     Hidden files and folders (name starting with ``.``) and files whose
     extension is not in ``IMAGE_EXTENSIONS`` / ``MASK_EXTENSIONS`` (matched
-    case-insensitively) are ignored. Paths are absolute.
+    case-insensitively) are ignored, except as ``unsupported_*_paths`` of a
+    ``(group, stem)`` that has a supported file. Paths are absolute.
 
     Returns:
         Candidates sorted by ``(group, stem)``.
@@ -205,7 +211,9 @@ def scan_pairs(
     images_root = _absolute(images_root)
     _require_folder(images_root, "images_root")
     masks_root = None if masks_root is None else _absolute(masks_root)
-    images, masks = LAYOUTS[layout].scan(images_root, masks_root)
+    all_images, all_masks = LAYOUTS[layout].scan(images_root, masks_root)
+    images, other_images = _split_by_extension(all_images, IMAGE_EXTENSIONS)
+    masks, other_masks = _split_by_extension(all_masks, MASK_EXTENSIONS)
 
     candidates = []
     for group, stem in sorted(set(images) | set(masks)):
@@ -219,9 +227,29 @@ def scan_pairs(
                 mask_path=mask_files[0] if len(mask_files) == 1 else None,
                 ambiguous_image_paths=tuple(image_files) if len(image_files) > 1 else (),
                 ambiguous_mask_paths=tuple(mask_files) if len(mask_files) > 1 else (),
+                unsupported_image_paths=tuple(sorted(other_images.get((group, stem), []))),
+                unsupported_mask_paths=tuple(sorted(other_masks.get((group, stem), []))),
             )
         )
     return candidates
+
+
+def _split_by_extension(found: FilesByKey, extensions: tuple[str, ...]) -> tuple[FilesByKey, FilesByKey]:
+    """``found`` split into the files with one of ``extensions`` and the others (only keys with some)."""
+    supported: FilesByKey = defaultdict(list)
+    others: FilesByKey = defaultdict(list)
+    for key, files in found.items():
+        for path in files:
+            (supported if has_extension(path, extensions) else others)[key].append(path)
+    return supported, others
+
+
+def _unsupported_note(paths: tuple[Path, ...], extensions: tuple[str, ...]) -> str:
+    """``"; found x.webp, whose extension is not supported (...)"`` for a missing-file row, or ``""``."""
+    if not paths:
+        return ""
+    return (f"; found {_file_names(paths)}, whose extension is not supported ({', '.join(extensions)}): "
+            "convert it")
 
 
 # ---------------------------------------------------------------------------
@@ -336,9 +364,11 @@ def validate_candidate(
             f"({_file_names(candidate.ambiguous_mask_paths)})",
         )
     if candidate.image_path is None:
-        return _invalid(candidate, "missing_image", f"no image file for mask {candidate.mask_path}")
+        return _invalid(candidate, "missing_image", f"no image file for mask {candidate.mask_path}"
+                        + _unsupported_note(candidate.unsupported_image_paths, IMAGE_EXTENSIONS))
     if candidate.mask_path is None:
-        return _invalid(candidate, "missing_mask", f"no mask file for image {candidate.image_path}")
+        return _invalid(candidate, "missing_mask", f"no mask file for image {candidate.image_path}"
+                        + _unsupported_note(candidate.unsupported_mask_paths, MASK_EXTENSIONS))
 
     try:
         image_header = probe_image(candidate.image_path)
