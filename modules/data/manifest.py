@@ -93,10 +93,8 @@ class Candidate:
 
     ``image_path`` / ``mask_path`` are None when no file or several files
     matched; in the latter case all of them are in ``ambiguous_image_paths`` /
-    ``ambiguous_mask_paths`` (sorted), which are otherwise empty.
-    ``unsupported_image_paths`` / ``unsupported_mask_paths``: files of the same
-    group and stem whose extension is not a supported one (``photo.webp``), to
-    name in the row of a pair they leave incomplete.
+    ``ambiguous_mask_paths`` (sorted), which are otherwise empty. ``unsupported_paths``:
+    same-stem files in a format stage 1 does not read (``photo.webp``), named in a missing-file row.
     """
 
     group: str
@@ -105,8 +103,7 @@ class Candidate:
     mask_path: Path | None
     ambiguous_image_paths: tuple[Path, ...] = ()
     ambiguous_mask_paths: tuple[Path, ...] = ()
-    unsupported_image_paths: tuple[Path, ...] = ()
-    unsupported_mask_paths: tuple[Path, ...] = ()
+    unsupported_paths: tuple[Path, ...] = ()
 
     @property
     def sample_id(self) -> str:
@@ -196,8 +193,7 @@ def scan_pairs(
 
     Hidden files and folders (name starting with ``.``) and files whose
     extension is not in ``IMAGE_EXTENSIONS`` / ``MASK_EXTENSIONS`` (matched
-    case-insensitively) are ignored, except as ``unsupported_*_paths`` of a
-    ``(group, stem)`` that has a supported file. Paths are absolute.
+    case-insensitively) are ignored, but for ``unsupported_paths``. Paths are absolute.
 
     Returns:
         Candidates sorted by ``(group, stem)``.
@@ -212,13 +208,14 @@ def scan_pairs(
     _require_folder(images_root, "images_root")
     masks_root = None if masks_root is None else _absolute(masks_root)
     all_images, all_masks = LAYOUTS[layout].scan(images_root, masks_root)
-    images, other_images = _split_by_extension(all_images, IMAGE_EXTENSIONS)
-    masks, other_masks = _split_by_extension(all_masks, MASK_EXTENSIONS)
+    images = {key: [p for p in files if has_extension(p, IMAGE_EXTENSIONS)] for key, files in all_images.items()}
+    masks = {key: [p for p in files if has_extension(p, MASK_EXTENSIONS)] for key, files in all_masks.items()}
 
     candidates = []
-    for group, stem in sorted(set(images) | set(masks)):
+    for group, stem in sorted(key for key in set(images) | set(masks) if images.get(key) or masks.get(key)):
         image_files = sorted(images.get((group, stem), []))
         mask_files = sorted(masks.get((group, stem), []))
+        others = all_images.get((group, stem), []) + all_masks.get((group, stem), [])
         candidates.append(
             Candidate(
                 group=group,
@@ -227,29 +224,10 @@ def scan_pairs(
                 mask_path=mask_files[0] if len(mask_files) == 1 else None,
                 ambiguous_image_paths=tuple(image_files) if len(image_files) > 1 else (),
                 ambiguous_mask_paths=tuple(mask_files) if len(mask_files) > 1 else (),
-                unsupported_image_paths=tuple(sorted(other_images.get((group, stem), []))),
-                unsupported_mask_paths=tuple(sorted(other_masks.get((group, stem), []))),
+                unsupported_paths=tuple(sorted(set(others) - set(image_files) - set(mask_files))),
             )
         )
     return candidates
-
-
-def _split_by_extension(found: FilesByKey, extensions: tuple[str, ...]) -> tuple[FilesByKey, FilesByKey]:
-    """``found`` split into the files with one of ``extensions`` and the others (only keys with some)."""
-    supported: FilesByKey = defaultdict(list)
-    others: FilesByKey = defaultdict(list)
-    for key, files in found.items():
-        for path in files:
-            (supported if has_extension(path, extensions) else others)[key].append(path)
-    return supported, others
-
-
-def _unsupported_note(paths: tuple[Path, ...], extensions: tuple[str, ...]) -> str:
-    """``"; found x.webp, whose extension is not supported (...)"`` for a missing-file row, or ``""``."""
-    if not paths:
-        return ""
-    return (f"; found {_file_names(paths)}, whose extension is not supported ({', '.join(extensions)}): "
-            "convert it")
 
 
 # ---------------------------------------------------------------------------
@@ -331,6 +309,12 @@ def _file_names(paths: Iterable[Path]) -> str:
     return ", ".join(path.name for path in paths)
 
 
+def _unsupported_note(candidate: Candidate) -> str:
+    if not candidate.unsupported_paths:
+        return ""
+    return f"; found {_file_names(candidate.unsupported_paths)}, in a format stage 1 does not read: convert it"
+
+
 def validate_candidate(
     candidate: Candidate, mask_threshold: int, min_image_side: int
 ) -> SampleRecord | InvalidRecord:
@@ -365,10 +349,10 @@ def validate_candidate(
         )
     if candidate.image_path is None:
         return _invalid(candidate, "missing_image", f"no image file for mask {candidate.mask_path}"
-                        + _unsupported_note(candidate.unsupported_image_paths, IMAGE_EXTENSIONS))
+                        + _unsupported_note(candidate))
     if candidate.mask_path is None:
         return _invalid(candidate, "missing_mask", f"no mask file for image {candidate.image_path}"
-                        + _unsupported_note(candidate.unsupported_mask_paths, MASK_EXTENSIONS))
+                        + _unsupported_note(candidate))
 
     try:
         image_header = probe_image(candidate.image_path)
