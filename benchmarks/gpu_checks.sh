@@ -81,20 +81,7 @@ cat "$OUT/env.txt"
 
 status=0
 wanted() { [[ " $CHECKS " == *" $1 "* ]]; }
-measure() {  # name, time limit (s), model arguments...
-  local name=$1 limit=$2
-  shift 2
-  wanted "$name" || return 0
-  echo "=== $name (limit ${limit} s)"
-  timeout -k 10 "$limit" "$PY" benchmarks/bench_precompute.py "$@" --device "$DEVICE" "${SIZES[@]}" --no-naive \
-    --encoder-impl reference,fast --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
-  [ "$rc" -eq 0 ] || { echo "=== $name failed or timed out (exit $rc)"; status=1; }
-}
-
-measure sam_v1 "$LIMIT_V1" "${SAM_V1[@]}"
-measure sam2 "$LIMIT_2" "${SAM_2[@]}"
-bench() {  # name, time limit (s), script and its arguments
+bench() {  # name, time limit (s), script and its arguments; log to $OUT/<name>.log
   local name=$1 limit=$2
   shift 2
   wanted "$name" || return 0
@@ -103,7 +90,15 @@ bench() {  # name, time limit (s), script and its arguments
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { echo "=== $name failed or timed out (exit $rc)"; status=1; }
 }
+measure() {  # name, time limit (s), model arguments...: stage 3 with both encoder paths
+  local name=$1 limit=$2
+  shift 2
+  bench "$name" "$limit" benchmarks/bench_precompute.py "$@" --device "$DEVICE" "${SIZES[@]}" --no-naive \
+    --encoder-impl reference,fast --json "$OUT/$name.json"
+}
 
+measure sam_v1 "$LIMIT_V1" "${SAM_V1[@]}"
+measure sam2 "$LIMIT_2" "${SAM_2[@]}"
 # Stage 3's writer process against the writer thread on this host's cores and disk (CPU only, ~20 s).
 bench cache_writer 120 benchmarks/bench_cache_writer.py
 # sam.decoder_batch: one mask-decoder call of all prompt sets (auto on a GPU) against calls of a few.

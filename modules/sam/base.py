@@ -380,9 +380,10 @@ class Backbone(abc.ABC):
         return resolved
 
     def configure_decoder(self, decoder_batch: str | int) -> int:
-        """Split ``decode``'s and ``decode_features``' prompt sets into mask-decoder calls of at most this many (``sam.decoder_batch``,
-        resolved by ``resolve_decoder_batch``; 0 = one call). Each prompt set's result is the same function
-        either way; on the CPU its last float bits may depend on the call's size, as on any batch size."""
+        """Split ``decode``'s and ``decode_features``' prompt sets into mask-decoder calls of at most this
+        many (``sam.decoder_batch``, resolved by ``resolve_decoder_batch``; 0 = one call). Each prompt
+        set's result is the same function either way; on the CPU its last float bits may depend on the
+        call's size, as on any batch size."""
         self.decoder_batch = resolve_decoder_batch(decoder_batch, self.device)
         return self.decoder_batch
 
@@ -519,8 +520,8 @@ class Backbone(abc.ABC):
         """``decode`` unrolled step by step, also returning the decoder's last-layer inputs.
 
         Same arguments as ``decode`` (no autograd; calls of at most ``decoder_batch`` prompt sets, as
-        there); see ``DecoderFeatures`` for the outputs. The
-        logits are unclamped and agree with ``decode`` up to float rounding.
+        there); see ``DecoderFeatures`` for the outputs. The logits are unclamped and agree with
+        ``decode`` up to float rounding.
         """
         original_hw, features, prompts = self._prepare_inputs(
             features, original_hw, point_coords, point_labels, boxes, mask_input, dense_embedding_override)
