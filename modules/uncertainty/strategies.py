@@ -457,7 +457,7 @@ class LaplaceStrategy(Strategy):
         self.device = posterior.device
 
     def predict(self, sample: EvalSample) -> StrategyOutput:
-        result = self.posterior.maps(self._inputs([sample]), self.predictive, self.num_samples,
+        result = self.posterior.maps(self.posterior_inputs([sample]), self.predictive, self.num_samples,
                                      seed=derived_seed(self.seed, sample.sample_key))
         return self._output(result)
 
@@ -467,10 +467,10 @@ class LaplaceStrategy(Strategy):
         it runs sample by sample."""
         if self.predictive != "closed_form" or len(samples) < 2:
             return super().predict_batch(samples)
-        result = self.posterior.maps(self._inputs(samples), self.predictive, self.num_samples)
+        result = self.posterior.maps(self.posterior_inputs(samples), self.predictive, self.num_samples)
         return _split_output(self._output(result), samples)
 
-    def _inputs(self, samples: Sequence[EvalSample]) -> HeadInputs:
+    def posterior_inputs(self, samples: Sequence[EvalSample]) -> HeadInputs:
         """The samples' head inputs stacked (``sum(P_i) x 3 x 256 x 256``), each row with its image's
         embedding when the head reads one."""
         head = getattr(self.posterior, "head", None)
