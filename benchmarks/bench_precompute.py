@@ -228,9 +228,18 @@ def timed_encode(backbone, images) -> float:
     return time.perf_counter() - start
 
 
+INT8_SUFFIX = "+int8"
+
+
+def encoder_settings(path_name: str, args) -> EncoderSettings:
+    """``--encoder-impl`` entry -> settings: an impl, with ``+int8`` int8 encoder weights (``sam.encoder_int8``)."""
+    impl = path_name.removesuffix(INT8_SUFFIX)
+    return EncoderSettings(impl, args.compile_encoder, args.batch_size, int8=path_name.endswith(INT8_SUFFIX))
+
+
 def measure_path(backbone, impl: str, args, cfg, rows, first: bool) -> dict:
     """(a), (b), FLOP, compile time and the cached logits of one encoder path (``impl``)."""
-    resolved = backbone.configure_encoder(EncoderSettings(impl, args.compile_encoder, args.batch_size))
+    resolved = backbone.configure_encoder(encoder_settings(impl, args))
     # Warm-up at the timed batch size, so that (a) pays neither CUDA's first-call setup nor compilation.
     warm_pixels = backbone.preprocess(read_image_rgb(rows[0]["image_path"]))
     warm = torch.stack([warm_pixels] * min(args.batch_size, len(rows))).to(backbone.device)
@@ -288,7 +297,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also print where (b) spends its time (cProfile, top 25 by cumulative time)")
     parser.add_argument("--encoder-impl", default="auto",
-                        help="comma-separated sam.encoder_impl values to measure in turn, e.g. reference,fast")
+                        help="comma-separated sam.encoder_impl values to measure in turn, e.g. reference,fast; "
+                             "a +int8 suffix (fast+int8) adds int8 encoder weights, last: they are not undone")
     parser.add_argument("--compile-encoder", default="auto", choices=["auto", "true", "false"],
                         help="sam.compile_encoder for every path")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -299,9 +309,14 @@ def main() -> None:
     args = parser.parse_args()
     args.compile_encoder = {"true": True, "false": False}.get(args.compile_encoder, args.compile_encoder)
     impls = [name.strip() for name in args.encoder_impl.split(",") if name.strip()]
-    unknown = [name for name in impls if name != "auto" and name not in ENCODER_IMPLS]
+    unknown = [name for name in impls if name.removesuffix(INT8_SUFFIX) != "auto"
+               and name.removesuffix(INT8_SUFFIX) not in ENCODER_IMPLS]
     if unknown or not impls:
-        parser.error(f"--encoder-impl: {unknown or 'none given'}; expected auto or {sorted(ENCODER_IMPLS)}")
+        parser.error(f"--encoder-impl: {unknown or 'none given'}; expected auto or {sorted(ENCODER_IMPLS)}, "
+                     f"optionally with {INT8_SUFFIX}")
+    int8_flags = [name.endswith(INT8_SUFFIX) for name in impls]
+    if int8_flags != sorted(int8_flags):
+        parser.error(f"--encoder-impl: the {INT8_SUFFIX} paths go last (int8 weights are not undone)")
 
     n, p = args.images, args.promptsets
     paths, agreements = [], {}
@@ -314,7 +329,7 @@ def main() -> None:
         config = make_project(folder, args, checkpoint)
         cfg = load_config(config)
         backbone = load_backbone(args.family, args.model_type, checkpoint, args.device,
-                                 encoder=EncoderSettings(impls[0], args.compile_encoder, args.batch_size))
+                                 encoder=encoder_settings(impls[0], args))
         rows = load_split_manifest(cfg.project_root, "train").to_dict("records")
         n = len(rows)
         print(f"model {args.family}/{args.model_type}, device {args.device}, {n} images "
@@ -330,7 +345,8 @@ def main() -> None:
                 agreements[impl] = logit_agreement(reference_logits, logits)
             paths.append(path)
             print_path(path, n, p)
-        backbone.configure_encoder(EncoderSettings(impls[0], args.compile_encoder, args.batch_size))
+        backbone.configure_encoder(EncoderSettings(impls[0].removesuffix(INT8_SUFFIX), args.compile_encoder,
+                                                   args.batch_size, int8=backbone.encoder_int8))
         naive_s = naive_bytes = None
         if not args.no_naive:
             naive_s = bench_naive(backbone, cfg.project_root, rows, cfg.prompt_generation.gaussian_sigma,

@@ -3,11 +3,13 @@
 # sampling strategies against the passes they are built from, stage 3's b/a on a GPU) and of
 # sam.decoder_batch's GPU default (one mask-decoder call of all prompt sets), in one go, sized for
 # one 10-minute device call (estimated 7-10 minutes on one H200, not yet run there; each entry has
-# its own time limit). CHECKS picks entries, to split the run over two device calls.
+# its own time limit), then the optional int8 encoder weights (sam.encoder_int8) in two more entries
+# (about 3-4 minutes more). CHECKS picks entries, to split the run over two device calls.
 #
 #   bash benchmarks/gpu_checks.sh --prepare   # here, once: the wheels the GPU image lacks -> .whl/
 #   bash benchmarks/gpu_checks.sh             # on the GPU machine, with .whl carried along
 #   CHECKS="evaluate decoder_batch" bash benchmarks/gpu_checks.sh   # some entries only
+#   CHECKS="sam_v1_int8 sam2_int8" bash benchmarks/gpu_checks.sh    # the second call
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_checks.sh --smoke   # any CPU: same entries, tiny settings
 #
 # For sam/vit_h and sam2/hiera_l (random weights saved to a file and loaded through the real
@@ -26,7 +28,7 @@ MODE=${1:-gpu}
 OUT=${OUT:-runs/gpu_checks}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-CHECKS=${CHECKS:-"sam_v1 sam2 cache_writer decoder_batch evaluate"}
+CHECKS=${CHECKS:-"sam_v1 sam2 cache_writer decoder_batch evaluate sam_v1_int8 sam2_int8"}
 WHEELS="segment-anything==1.0 hydra-core==1.3.8 omegaconf==2.3.1 iopath==0.1.10 antlr4-python3-runtime==4.9.3 sam2==1.1.0"
 
 case "$MODE" in
@@ -90,15 +92,15 @@ bench() {  # name, time limit (s), script and its arguments; log to $OUT/<name>.
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { echo "=== $name failed or timed out (exit $rc)"; status=1; }
 }
-measure() {  # name, time limit (s), model arguments...: stage 3 with both encoder paths
-  local name=$1 limit=$2
-  shift 2
+measure() {  # name, time limit (s), encoder paths, model arguments...: stage 3 with each path
+  local name=$1 limit=$2 paths=$3
+  shift 3
   bench "$name" "$limit" benchmarks/bench_precompute.py "$@" --device "$DEVICE" "${SIZES[@]}" --no-naive \
-    --encoder-impl reference,fast --json "$OUT/$name.json"
+    --encoder-impl "$paths" --json "$OUT/$name.json"
 }
 
-measure sam_v1 "$LIMIT_V1" "${SAM_V1[@]}"
-measure sam2 "$LIMIT_2" "${SAM_2[@]}"
+measure sam_v1 "$LIMIT_V1" reference,fast "${SAM_V1[@]}"
+measure sam2 "$LIMIT_2" reference,fast "${SAM_2[@]}"
 # Stage 3's writer process against the writer thread on this host's cores and disk (CPU only, ~20 s).
 bench cache_writer 120 benchmarks/bench_cache_writer.py
 # sam.decoder_batch: one mask-decoder call of all prompt sets (auto on a GPU) against calls of a few.
@@ -106,4 +108,8 @@ bench decoder_batch 120 benchmarks/bench_decoder_batch.py --device "$DEVICE" "${
 # Issue #21 point 2: prompt perturbation <= 2x one decoder pass and Monte-Carlo Laplace <= 2x one
 # head forward, on a GPU (sam/vit_b: the mask decoder is the same for every SAM v1 size).
 bench evaluate 150 benchmarks/bench_evaluate.py --device "$DEVICE" "${EVALUATE[@]}"
+# sam.encoder_int8 (optional, off by default): the fast path with and without int8 encoder weights,
+# and the agreement of their cached logits (goal: mask IoU >= 0.99).
+measure sam_v1_int8 "$LIMIT_V1" fast,fast+int8 "${SAM_V1[@]}"
+measure sam2_int8 "$LIMIT_2" fast,fast+int8 "${SAM_2[@]}"
 exit $status

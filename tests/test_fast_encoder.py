@@ -1,4 +1,5 @@
-"""modules/sam/fast_encoder.py: the fast encoder path equals the reference one (CPU, float32).
+"""modules/sam/fast_encoder.py: the fast encoder path equals the reference one (CPU, float32), and
+int8 encoder weights (``sam.encoder_int8``) stay within int8 precision of the float ones.
 
 SAM v1: the shipped demo backbone (trained, so its relative-position tables are not zero) through
 the real loader, and a small ViT with a global attention layer and padded windows; SAM 2.1 hiera_t
@@ -20,7 +21,8 @@ from torch import nn
 
 from modules.core.config import ConfigError, SamConfig, load_config
 from modules.sam.fast_encoder import (ENCODER_IMPLS, SAM_V1_SDPA_ATTENTION, EncoderRunner, EncoderSettings,
-                                      EncoderSettingsError, SdpaRelPosAttention)
+                                      EncoderSettingsError, Int8WeightOnlyLinear, SdpaRelPosAttention,
+                                      quantize_linear_weights)
 from modules.sam.registry import build_sam_model, load_backbone, load_configured_backbone
 from tests.helpers.errors import one_line_error
 
@@ -108,21 +110,97 @@ def test_sam_v1_global_attention_and_padded_windows():
     assert float((without_bias - reference).abs().max()) > 1e-2
 
 
-def test_sam2_fast_path_equals_reference(tmp_path):
+@pytest.fixture(scope="module")
+def hiera_t(tmp_path_factory):
+    """SAM 2.1 hiera_t with random weights in a file, an image, and its reference-path features: the
+    encode step at 512 px (a quarter of the 1024 px cost; Hiera takes any multiple of 32 here)."""
     torch.manual_seed(0)
-    path = tmp_path / "hiera_t.pt"
+    path = tmp_path_factory.mktemp("hiera_t") / "hiera_t.pt"
     torch.save({"model": build_sam_model("sam2", "hiera_t").state_dict()}, path)
     backbone = load_backbone("sam2", "hiera_t", path, "cpu", encoder=EncoderSettings("reference"))
-    # The encode step at 512 px (a quarter of the 1024 px cost; Hiera takes any multiple of 32 here).
     images = torch.randn(1, 3, 512, 512)
     with torch.inference_mode():
         reference = backbone.encoder_runner(images)
+    return {"path": path, "backbone": backbone, "images": images, "reference": reference}
+
+
+def test_sam2_fast_path_equals_reference(hiera_t):
+    backbone, images, reference = hiera_t["backbone"], hiera_t["images"], hiera_t["reference"]
+    with torch.inference_mode():
         assert backbone.configure_encoder(EncoderSettings("fast")).impl == "fast"
         fast = backbone.encoder_runner(images)
     assert backbone.model.image_encoder.trunk.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
     assert reference["high_res_feat0"].shape == (1, 32, 128, 128)
     scale = max(float(v.abs().max()) for v in reference.values())
     assert _max_diff(fast, reference) < 1e-5 * max(scale, 1.0)
+
+
+# --------------------------------------------------------------------------- int8 weights
+
+
+def _relative_diff(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) / max(float(b[k].abs().max()), 1e-12) for k in b)
+
+
+def test_int8_linear_rounds_each_row_to_its_own_scale():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 5)
+    with torch.no_grad():
+        linear.weight[1] *= 100.0  # rows of very different ranges keep their own scales
+        linear.weight[3] = 0.0
+    quantized = Int8WeightOnlyLinear.from_linear(linear)
+    assert quantized.weight_int8.dtype == torch.int8 and quantized.weight_int8.abs().max() == 127
+    dequantized = quantized.weight_int8.float() * quantized.scale[:, None]
+    assert ((dequantized - linear.weight).abs() <= quantized.scale[:, None] / 2 + 1e-7).all()
+    assert quantized.scale[3] == 1.0 and (quantized.weight_int8[3] == 0).all()
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        expected, got = linear(x), quantized(x)
+    assert got.shape == (2, 7, 5)
+    for row in range(5):  # each output channel within int8 precision of its own range
+        error = float((got[..., row] - expected[..., row]).abs().max())
+        assert error <= 64 * float(quantized.scale[row]) / 2 * float(x.abs().max()) + 1e-6
+    torch.testing.assert_close(got[..., 3], expected[..., 3])  # the zero row: the bias alone
+    assert quantized(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_int8_encoder_replaces_every_linear_layer_and_stays_close_on_the_demo_backbone(demo):
+    reference = demo["reference"]
+    cfg = load_config(overrides=[f"sam.checkpoint={DEMO_CHECKPOINT}", "sam.device=cpu", "sam.encoder_impl=reference",
+                                 "sam.encoder_int8=true"])
+    backbone = load_configured_backbone(cfg.sam)
+    encoder = backbone.model.image_encoder
+    assert backbone.encoder_int8 and "int8 weights" in repr(backbone)
+    assert not any(type(m) is nn.Linear for m in encoder.modules())
+    assert sum(isinstance(m, Int8WeightOnlyLinear) for m in encoder.modules()) == 4 * len(encoder.blocks)
+    assert any(type(m) is nn.Linear for m in backbone.model.mask_decoder.modules())  # the decoder stays float
+    assert set(backbone.model.state_dict()) != set(demo["backbone"].model.state_dict())
+    int8 = backbone.encode(demo["images"])
+    # int8 rounding moves the features (so the path is really taken), by about a percent of their range
+    assert 1e-4 < _relative_diff(int8, reference) < 0.05
+    points, labels = torch.tensor([[[60.0, 40.0], [10.0, 100.0]]]), torch.tensor([[1, 0]])
+    int8_logits, _ = backbone.decode({k: v[:1] for k, v in int8.items()}, (120, 160), points, labels)
+    float_logits, _ = backbone.decode({k: v[:1] for k, v in reference.items()}, (120, 160), points, labels)
+    int8_mask, float_mask = int8_logits > 0, float_logits > 0
+    assert float_mask.any()
+    assert (int8_mask & float_mask).sum() / (int8_mask | float_mask).sum() >= 0.98  # the masks' IoU
+    # the fast impl over int8 weights, and no silent way back to float weights
+    backbone.configure_encoder(EncoderSettings("fast", int8=True))
+    assert _relative_diff(backbone.encode(demo["images"]), int8) < 1e-5
+    message = one_line_error(lambda: backbone.configure_encoder(EncoderSettings("fast")), EncoderSettingsError)
+    assert message.startswith("sam.encoder_int8:")
+    assert "sam.encoder_int8" in one_line_error(lambda: EncoderSettings(int8="yes").resolve(torch.device("cpu")),
+                                                EncoderSettingsError)
+
+
+def test_int8_sam2_hiera_encoder_stays_close(hiera_t):
+    backbone = load_backbone("sam2", "hiera_t", hiera_t["path"], "cpu", encoder=EncoderSettings("reference", int8=True))
+    with torch.inference_mode():
+        int8 = backbone.encoder_runner(hiera_t["images"])
+    trunk = backbone.model.image_encoder.trunk
+    assert not any(type(m) is nn.Linear for m in trunk.modules())
+    assert quantize_linear_weights(trunk) == 0  # nothing left to replace
+    assert 1e-4 < _relative_diff(int8, hiera_t["reference"]) < 0.05
 
 
 # --------------------------------------------------------------------------- static batches

@@ -197,6 +197,33 @@ def test_changed_checkpoint_gets_own_folder(demo, tmp_path):
     assert_caches_equal(all_arrays(old.folder), demo["reference"])
 
 
+def test_int8_encoder_weights_are_a_changed_input_and_give_a_close_cache(demo):
+    """``sam.encoder_int8`` changes the features: a cache made without it stops a rerun with it (and
+    the other way round) until ``--force``; the int8 cache stays close to the float one."""
+    config, root = fresh_project(demo, "int8")
+    shutil.copytree(demo["folder"] / "base" / "project" / "sam_cache", root / "sam_cache")
+    model = sam_overrides("sam", "demo_tiny", demo["checkpoint"])
+    int8 = ["--set", "sam.encoder_int8=true"]
+    refused = run_stage(SCRIPT, config, *model, *int8, check=False)
+    assert refused.returncode != 0 and "inputs changed" in refused.stderr and "sam.encoder_int8" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert_caches_equal(all_arrays(root), demo["reference"])  # nothing computed is lost
+    result = run_stage(SCRIPT, config, *model, *int8, "--force")
+    assert "done: 4" in result.stdout
+    quantized = all_arrays(root)
+    differ = 0
+    for safe_id, arrays in demo["reference"].items():
+        for name, reference in arrays.items():
+            if name.startswith("f/"):
+                scale = float(np.abs(reference).max())
+                difference = float(np.abs(quantized[safe_id][name].astype(np.float32) - reference).max())
+                assert difference < 0.05 * scale, f"{safe_id} {name}"
+                differ += difference > 0
+    assert differ  # the int8 weights were used
+    assert "skipped: 4" in run_stage(SCRIPT, config, *model, *int8).stdout
+    assert run_stage(SCRIPT, config, *model, check=False).returncode != 0
+
+
 def test_bad_inputs_fail_units_not_the_others(demo):
     """A failed unit is reported (exit code 2, one line) after every other unit was cached."""
     config, root = fresh_project(demo, "bad_inputs")
@@ -313,11 +340,17 @@ def _load_bench_precompute():
 def test_precompute_benchmark_runs_and_checks_the_cache_it_timed():
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_precompute.py"), "--images", "2", "--promptsets", "2",
-         "--workers", "0", "--batch-size", "2", "--height", "96", "--width", "128"],
+         "--workers", "0", "--batch-size", "2", "--height", "96", "--width", "128",
+         "--encoder-impl", "reference,fast+int8"],
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
-    for line in ("(a) encoder only", "(b) this stage", "(c) naive loop", "verify (2 images)", "b/a", "b/c", "cache:"):
+    for line in ("(a) encoder only", "(b) this stage", "(c) naive loop", "verify (2 images)", "b/a", "b/c", "cache:",
+                 "fast, int8 weights", "cached logits, fast+int8 vs reference"):
         assert line in result.stdout, result.stdout
+    misordered = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_precompute.py"), "--encoder-impl", "fast+int8,reference"],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert misordered.returncode == 2 and "the +int8 paths go last" in misordered.stderr
 
 
 def test_benchmark_cache_check_fails_for_a_cache_made_with_other_weights(tmp_path):

@@ -16,11 +16,14 @@ import pytest
 
 from modules.core.config import load_config
 from modules.core.fileio import atomic_write_json
+from modules.core.paths import manifest_path
 from modules.core.stage import StageContext, StageInputsChanged
 from modules.evaluation.methods import needed_artifacts
+from modules.evaluation.runs import RunIds
 from modules.laplace import posterior as lp
+from modules.stages.evaluate_uncertainty import stage_upstream
 from modules.stages.train_head import fingerprint_sections, trained_on_artifacts
-from tests.conftest import prepared_demo_project
+from tests.conftest import DEMO_CHECKPOINT, prepared_demo_project
 
 
 def make_ctx(tmp_path, overrides=(), force=False):
@@ -80,8 +83,20 @@ def test_trained_models_fingerprint_the_artifacts_they_train_on(tmp_path):
     cfg = load_config(None, [f"data.project_root={tmp_path}", "fusion.uncertainty_source=laplace_epistemic"])
     assert fingerprint_sections(cfg, "head") == ["head", "training"]
     assert fingerprint_sections(cfg, "variance") == ["head", "training", "variance"]
-    assert {"laplace.num_samples", "laplace.seed", "fusion", "sam"} <= set(fingerprint_sections(cfg, "fusion"))
+    fusion_sections = set(fingerprint_sections(cfg, "fusion"))
+    assert {"laplace.num_samples", "laplace.seed", "fusion", "sam.multimask_policy"} <= fusion_sections
     assert {name: cfg.section(name) for name in fingerprint_sections(cfg, "fusion")}["laplace.seed"] == cfg.laplace.seed
+
+    # What SAM outputs counts; how fast it runs does not (a changed worker count once stopped fusion).
+    def fusion_fingerprint(*overrides):
+        cfg = load_config(None, [f"data.project_root={tmp_path}", *overrides])
+        return {name: cfg.section(name) for name in fingerprint_sections(cfg, "fusion")}
+
+    default = fusion_fingerprint()
+    for speed_only in ("sam.num_workers=7", "sam.device=cpu", "sam.decoder_batch=3", "sam.cache_writer=thread",
+                       "sam.encoder_batch_size=2", "sam.encoder_impl=fast", "sam.compile_encoder=false"):
+        assert fusion_fingerprint(speed_only) == default, speed_only
+    assert fusion_fingerprint("sam.multimask_policy=single") != default
 
 
 def test_evaluation_fingerprints_the_fusion_module_and_its_laplace_state(tmp_path):
@@ -91,6 +106,19 @@ def test_evaluation_fingerprints_the_fusion_module_and_its_laplace_state(tmp_pat
     cfg = load_config(None, [f"data.project_root={tmp_path}", "evaluation.refinement=true",
                              "evaluation.strategies=[raw_sam]", "fusion.uncertainty_source=variance_network"])
     assert {"fusion", "head", "variance"} <= needed_artifacts(cfg)
+
+
+def test_int8_encoder_weights_are_an_input_of_the_evaluation_only_when_on(tmp_path):
+    """TTA encodes its augmented images at evaluation time, with the configured encoder weights."""
+    manifest = manifest_path(tmp_path, "test")
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("safe_id\n")
+    settings = [f"data.project_root={tmp_path}", f"sam.checkpoint={DEMO_CHECKPOINT}", "evaluation.strategies=[tta]",
+                "evaluation.refinement=false", "evaluation.active_prompting.enabled=false"]
+    float_weights = stage_upstream(load_config(None, settings), RunIds.resolve("v1"))
+    int8_weights = stage_upstream(load_config(None, [*settings, "sam.encoder_int8=true"]), RunIds.resolve("v1"))
+    assert "sam.encoder_int8" not in float_weights  # fingerprints from before the key still match
+    assert int8_weights == {**float_weights, "sam.encoder_int8": True}
 
 
 # --------------------------------------------------------------------------- real scripts

@@ -31,6 +31,16 @@ FORMAT_VERSION = 1
 MD5_BYTES = 32
 SHARD_PATTERN = re.compile(r"^shard-(\d{3,})-of-(\d{3,})\.h5$")
 BACKBONE_INFO_FILE = "backbone.json"
+#: The config keys SAM's cached outputs depend on, beside the checkpoint (its md5 names the folder):
+#: stage 3's fingerprint, and that of every stage that decodes with SAM again. Device, batch sizes,
+#: workers, the cache writer and the encoder impl only change speed.
+SAM_OUTPUT_KEYS = ("sam.family", "sam.model_type", "sam.prompt_mode", "sam.multimask_policy")
+
+
+def encoder_weight_inputs(encoder_int8: bool) -> dict[str, bool]:
+    """What a fingerprint's upstream records of ``sam.encoder_int8``, which moves the features: the
+    key when it is on, nothing when off (so fingerprints made before the key existed still match)."""
+    return {"sam.encoder_int8": True} if encoder_int8 else {}
 
 
 class SamCacheError(PipelineError):

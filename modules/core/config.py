@@ -80,6 +80,9 @@ class SamConfig:
     encoder_impl: Literal["auto", "reference", "fast"] = "auto"
     # torch.compile of the encode step at static batch encoder_batch_size; auto: with the fast impl on CUDA.
     compile_encoder: Union[Literal["auto"], bool] = "auto"
+    # int8 weight-only linear layers in the image encoder (fast_encoder.Int8WeightOnlyLinear); changes the
+    # cached features, so stage 3 records it.
+    encoder_int8: bool = False
     # Who writes the cache file while the next batch encodes (modules/cache/cache_writers.py): a
     # child process, or a thread of the stage (h5py keeps the GIL while it writes, so it takes turns).
     cache_writer: Literal["process", "thread"] = "process"

@@ -35,8 +35,8 @@ from modules.core.device import inference_autocast
 from modules.core.errors import PipelineError
 from modules.core.fileio import cached_file_md5
 from modules.core.frames import FRAME256
-from modules.sam.fast_encoder import (ENCODER_IMPLS, EncoderRunner, EncoderSettings, ModuleSwap, ResolvedEncoder,
-                                      set_conv_memory_format)
+from modules.sam.fast_encoder import (ENCODER_IMPLS, EncoderRunner, EncoderSettings, EncoderSettingsError, ModuleSwap,
+                                      ResolvedEncoder, quantize_linear_weights, set_conv_memory_format)
 from modules.sam.prompting import Prompts
 
 if TYPE_CHECKING:
@@ -283,6 +283,7 @@ class Backbone(abc.ABC):
             workers instead of the backbone).
         model: the underlying ``nn.Module`` (frozen, eval mode).
         encoder_settings: how ``encode`` runs (``ResolvedEncoder``; see ``configure_encoder``).
+        encoder_int8: the image encoder's linear weights have been made int8 (``sam.encoder_int8``).
         decoder_batch: prompt sets per mask-decoder call, 0 = all at once (see ``configure_decoder``).
     """
 
@@ -302,6 +303,7 @@ class Backbone(abc.ABC):
         self.device = device
         self.preprocessor = preprocessor
         self.image_size = preprocessor.image_size
+        self.encoder_int8 = False  # the image encoder's linear weights are int8 (configure_encoder)
         self.configure_encoder(EncoderSettings())
         self.configure_decoder("auto")
 
@@ -366,11 +368,18 @@ class Backbone(abc.ABC):
     def configure_encoder(self, settings: EncoderSettings) -> ResolvedEncoder:
         """Run ``encode`` the way ``settings`` ask on this device, switching the loaded encoder in
         place (``fast_encoder``: attention swaps, channels-last, ``torch.compile``); the weights are
-        untouched, so it can be switched back. Returns the resolved settings (also kept as
+        untouched, so it can be switched back, except by ``int8`` (``sam.encoder_int8``), which
+        replaces the encoder's linear layers once and for good. Returns the resolved settings (also kept as
         ``encoder_settings``)."""
         resolved = settings.resolve(self.device)
         impl = ENCODER_IMPLS[resolved.impl]
         encoder = getattr(self.model, self.image_encoder_attr)
+        if self.encoder_int8 and not resolved.int8:
+            raise EncoderSettingsError("sam.encoder_int8: this encoder's weights are int8 already; "
+                                       "load the checkpoint again for float weights")
+        if resolved.int8 and not self.encoder_int8:
+            quantize_linear_weights(encoder)
+            self.encoder_int8 = True
         for swap in self.attention_swaps:
             swap.apply(encoder, fast=impl.sdpa_attention)
         set_conv_memory_format(encoder, impl.channels_last)

@@ -15,7 +15,13 @@ the same loader into the same ``segment_anything`` / ``sam2`` modules, and the f
   one graph serves every call. Compilation happens on the first call of a process.
 
 bf16 is not part of the switch: every CUDA encode already runs under bf16 autocast
-(``core.device.inference_autocast``), whichever impl. Int8 weight-only quantisation is not offered.
+(``core.device.inference_autocast``), whichever impl.
+
+``sam.encoder_int8`` (off by default) stores every ``nn.Linear`` weight of the image encoder as int8
+with one scale per output channel (``Int8WeightOnlyLinear``, segment-anything-fast's weight-only
+scheme: a compiled graph fuses the int8 -> bf16 cast into the matmul, so the weights cross memory at
+a quarter of their float32 size). Unlike the impl, it changes the features beyond float tolerance,
+so a cache made with it is a different input (stage 3 records it), and it is applied once, at load.
 
 ``auto`` (the default of both keys) means the fast impl, compiled, on CUDA and the reference impl,
 not compiled, elsewhere.
@@ -120,6 +126,48 @@ class ModuleSwap:
 SAM_V1_SDPA_ATTENTION = ModuleSwap(Attention, SdpaRelPosAttention)
 
 
+class Int8WeightOnlyLinear(nn.Module):
+    """An ``nn.Linear`` whose weight is stored as int8, symmetric per output channel.
+
+    ``weight_int8``: ``out x in`` int8 with ``weight ~ weight_int8 * scale[:, None]``, ``scale = max
+    |weight row| / 127`` (a zero row keeps scale 1); ``forward`` computes ``(x @ weight_int8^T) *
+    scale + bias`` in ``x``'s dtype (bf16 under CUDA autocast), ``... x in`` -> ``... x out``.
+    """
+
+    def __init__(self, weight_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight_int8.shape[1], weight_int8.shape[0]
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8WeightOnlyLinear":
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1) / 127.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        weight_int8 = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        return cls(weight_int8, scale, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight_int8.to(x.dtype))
+        out = out * self.scale.to(out.dtype)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+def quantize_linear_weights(module: nn.Module) -> int:
+    """Replace every ``nn.Linear`` under ``module`` by its ``Int8WeightOnlyLinear``, in place (on the
+    layer's device); returns how many were replaced."""
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, Int8WeightOnlyLinear.from_linear(child).to(child.weight.device))
+                replaced += 1
+    return replaced
+
+
 def set_conv_memory_format(encoder: nn.Module, channels_last: bool) -> None:
     """Store the 2-D convolution weights of ``encoder`` channels-last (or back contiguous)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -156,11 +204,13 @@ AUTO_COMPILE_DEVICES = ("cuda",)
 
 @dataclass(frozen=True)
 class EncoderSettings:
-    """The config's ``sam.encoder_impl``, ``sam.compile_encoder`` and ``sam.encoder_batch_size``."""
+    """The config's ``sam.encoder_impl``, ``sam.compile_encoder``, ``sam.encoder_batch_size`` and
+    ``sam.encoder_int8``."""
 
     impl: str = "auto"
     compile: Union[bool, str] = "auto"
     batch_size: int = 4
+    int8: bool = False
 
     def resolve(self, device: torch.device) -> ResolvedEncoder:
         """The concrete impl and compile flag on ``device`` (one-line error naming the key at fault)."""
@@ -176,21 +226,25 @@ class EncoderSettings:
             raise EncoderSettingsError(f"sam.compile_encoder: expected 'auto', true or false, got {self.compile!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise EncoderSettingsError(f"sam.encoder_batch_size: must be an integer of at least 1, got {self.batch_size!r}")
-        return ResolvedEncoder(impl, compiled, self.batch_size if compiled else None)
+        if not isinstance(self.int8, bool):
+            raise EncoderSettingsError(f"sam.encoder_int8: expected true or false, got {self.int8!r}")
+        return ResolvedEncoder(impl, compiled, self.batch_size if compiled else None, self.int8)
 
 
 @dataclass(frozen=True)
 class ResolvedEncoder:
     """``impl``: a key of ``ENCODER_IMPLS``; ``compiled``: run through ``torch.compile``;
-    ``static_batch``: the batch every compiled call is padded or split to (None when not compiled)."""
+    ``static_batch``: the batch every compiled call is padded or split to (None when not compiled);
+    ``int8``: the encoder's linear weights are int8 (``Int8WeightOnlyLinear``)."""
 
     impl: str
     compiled: bool
     static_batch: int | None
+    int8: bool = False
 
     def describe(self) -> str:
         compiled = f", compiled at batch {self.static_batch}" if self.compiled else ""
-        return f"{self.impl}{compiled}"
+        return f"{self.impl}{compiled}{', int8 weights' if self.int8 else ''}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -202,7 +202,7 @@ def load_backbone(family: str, model_type: str, checkpoint: str | os.PathLike,
 def load_configured_backbone(sam: SamConfig, device: str | torch.device | None = None) -> Backbone:
     """``load_backbone`` with the ``sam`` section's model, checkpoint, encoder and decoder settings, on
     ``device`` (default ``sam.device``)."""
-    encoder = EncoderSettings(sam.encoder_impl, sam.compile_encoder, sam.encoder_batch_size)
+    encoder = EncoderSettings(sam.encoder_impl, sam.compile_encoder, sam.encoder_batch_size, sam.encoder_int8)
     return load_backbone(sam.family, sam.model_type, sam.checkpoint, sam.device if device is None else device,
                          encoder=encoder, decoder_batch=sam.decoder_batch)
 

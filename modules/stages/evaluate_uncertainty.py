@@ -35,6 +35,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from modules.cache.sam_cache import SAM_OUTPUT_KEYS, encoder_weight_inputs
 from modules.cache.training_index import open_cache
 from modules.core.config import unseen_group_keys
 from modules.core.device import resolve_device
@@ -103,9 +104,8 @@ class QualitativeSelection:
 
 def fingerprint_sections(cfg) -> list[str]:
     """Config keys whose change invalidates the reports (device and worker settings do not)."""
-    return ["evaluation", "sam.family", "sam.model_type", "sam.prompt_mode", "sam.multimask_policy", "laplace",
-            "fusion", "head", "variance", "training.logit_clip", "training.seed", "data.mask_threshold",
-            *unseen_group_keys(cfg)]
+    return ["evaluation", *SAM_OUTPUT_KEYS, "laplace", "fusion", "head", "variance", "training.logit_clip",
+            "training.seed", "data.mask_threshold", *unseen_group_keys(cfg)]
 
 
 def new_scoreboard(cfg, device: torch.device) -> Scoreboard:
@@ -133,7 +133,8 @@ def stage_upstream(cfg, runs: RunIds) -> dict:
             raise SimulationError(f"{path}: missing {name} artifact needed by evaluation.active_prompting.policies "
                                   "/ .mask_method; run its stage first, or leave out the policies that read it")
     return {"checkpoints": artifact_md5s(cfg, runs, scored | simulated),
-            "split_manifest": file_md5(manifest_path(cfg.project_root, cfg.evaluation.split))}
+            "split_manifest": file_md5(manifest_path(cfg.project_root, cfg.evaluation.split)),
+            **encoder_weight_inputs(cfg.sam.encoder_int8)}  # TTA encodes its augmented images
 
 
 def run_stage(ctx, runs: RunIds, shard: Shard = Shard(), merge_only: bool = False) -> None:

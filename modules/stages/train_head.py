@@ -20,6 +20,7 @@ from torch import nn
 
 from modules.cache.packed_reader import PackedBatches, as_float32, collate_batch, packed_dataset
 from modules.cache.packing import packed_splits_fingerprint
+from modules.cache.sam_cache import SAM_OUTPUT_KEYS
 from modules.cache.training_index import open_cache
 from modules.core.config import PipelineConfig, unseen_group_keys
 from modules.core.device import resolve_device
@@ -223,7 +224,7 @@ def fingerprint_sections(cfg: PipelineConfig, model_kind: str) -> list[str]:
     if model_kind == "variance":
         return ["head", "training", "variance", *held_out]
     if model_kind == "fusion":
-        return ["head", "training", "fusion", "sam", *SOURCE_SETTINGS.get(cfg.fusion.uncertainty_source, []),
+        return ["head", "training", "fusion", *SAM_OUTPUT_KEYS, *SOURCE_SETTINGS.get(cfg.fusion.uncertainty_source, []),
                 *held_out]
     return ["head", "training", *held_out]
 
