@@ -266,6 +266,20 @@ def measure_path(backbone, impl: str, args, cfg, rows, first: bool) -> dict:
     }
 
 
+def batch_sweep(backbone, path_name: str, args, rows, sizes: list[int]) -> dict[int, float]:
+    """Encoder-only img/s of one path at each encoder batch size (each warmed up first: with
+    ``--compile-encoder`` every size compiles its own static-shape graph, not timed)."""
+    pixels = torch.stack([backbone.preprocess(read_image_rgb(rows[0]["image_path"]))] * max(sizes))
+    throughput = {}
+    for size in sizes:
+        settings = encoder_settings(path_name, args)
+        backbone.configure_encoder(EncoderSettings(settings.impl, settings.compile, size, settings.int8))
+        timed_encode(backbone, pixels[:size].to(backbone.device))
+        throughput[size] = len(rows) / bench_encoder(backbone, rows, size)
+        print(f"encoder batch {size:3d}: {throughput[size]:8.3f} images/s ({path_name})", flush=True)
+    return throughput
+
+
 def print_path(path: dict, n: int, p: int) -> None:
     print(f"--- encoder path {path['impl']} ({path['resolved']})")
     for name, seconds in (("(a) encoder only", path["encoder_s"]), ("(b) this stage", path["stage_s"])):
@@ -305,8 +319,16 @@ def main() -> None:
                         help="the device's peak for the FLOP utilisation (default: PEAK_BF16_TFLOPS on a known GPU)")
     parser.add_argument("--cache-writer", default="process", choices=["process", "thread"],
                         help="who writes the shard file in (b) (sam.cache_writer)")
+    parser.add_argument("--batch-sweep", default="",
+                        help="comma-separated encoder batch sizes: encoder-only img/s of the last path at each")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
+    try:
+        sweep_sizes = [int(size) for size in args.batch_sweep.split(",") if size.strip()]
+    except ValueError:
+        sweep_sizes = [0]
+    if any(size < 1 for size in sweep_sizes):
+        parser.error(f"--batch-sweep: expected positive integers, got {args.batch_sweep!r}")
     args.compile_encoder = {"true": True, "false": False}.get(args.compile_encoder, args.compile_encoder)
     impls = [name.strip() for name in args.encoder_impl.split(",") if name.strip()]
     unknown = [name for name in impls if name.removesuffix(INT8_SUFFIX) != "auto"
@@ -345,6 +367,7 @@ def main() -> None:
                 agreements[impl] = logit_agreement(reference_logits, logits)
             paths.append(path)
             print_path(path, n, p)
+        sweep = batch_sweep(backbone, impls[-1], args, rows, sweep_sizes) if sweep_sizes else {}
         backbone.configure_encoder(EncoderSettings(impls[0].removesuffix(INT8_SUFFIX), args.compile_encoder,
                                                    args.batch_size, int8=backbone.encoder_int8))
         naive_s = naive_bytes = None
@@ -382,6 +405,10 @@ def main() -> None:
     encoder_gflop, decoder_gflop = first["encoder_gflop_per_image"], first["decoder_gflop_per_image"]
     print(f"FLOP per image: encoder {encoder_gflop:.1f} GFLOP, decoder on {p} prompt sets {decoder_gflop:.1f} GFLOP; "
           f"b/a at equal FLOP rates cannot exceed {encoder_gflop / (encoder_gflop + decoder_gflop):.3f}")
+    if sweep:
+        best = max(sweep, key=sweep.get)
+        print(f"encoder batch sweep ({impls[-1]}): best {best} at {sweep[best]:.3f} images/s; "
+              + ", ".join(f"{size}: {rate / sweep[best]:.2f}x" for size, rate in sweep.items()))
     cache_bytes = first["cache_bytes"]
     print(f"cache: {cache_bytes / n / 2**20:.2f} MiB per image, {cache_bytes / (n * p) / 2**10:.1f} KiB per prompt set"
           + (f" (naive files: {naive_bytes / (n * p) / 2**10:.1f} KiB per prompt set)" if naive_bytes else ""))
@@ -390,7 +417,8 @@ def main() -> None:
             "model": f"{args.family}/{args.model_type}", "device": args.device, "images": n, "promptsets": p,
             "batch_size": args.batch_size, "workers": args.workers, "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else None,
-            "paths": paths, "logit_agreement": agreements, "naive_s": naive_s}, indent=1))
+            "paths": paths, "logit_agreement": agreements, "naive_s": naive_s,
+            "batch_sweep": {str(size): rate for size, rate in sweep.items()}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@
 # sampling strategies against the passes they are built from, stage 3's b/a on a GPU) and of
 # sam.decoder_batch's GPU default (one mask-decoder call of all prompt sets), in one go, sized for
 # one 10-minute device call (estimated 7-10 minutes on one H200, not yet run there; each entry has
-# its own time limit), then the optional int8 encoder weights (sam.encoder_int8) in two more entries
-# (about 3-4 minutes more). CHECKS picks entries, to split the run over two device calls.
+# its own time limit), then the optional int8 encoder weights (sam.encoder_int8) and the encoder
+# batch size that maximises throughput in three more entries (about 4-5 minutes more). CHECKS picks
+# entries, to split the run over two device calls.
 #
 #   bash benchmarks/gpu_checks.sh --prepare   # here, once: the wheels the GPU image lacks -> .whl/
 #   bash benchmarks/gpu_checks.sh             # on the GPU machine, with .whl carried along
 #   CHECKS="evaluate decoder_batch" bash benchmarks/gpu_checks.sh   # some entries only
-#   CHECKS="sam_v1_int8 sam2_int8" bash benchmarks/gpu_checks.sh    # the second call
+#   CHECKS="sam_v1_int8 sam2_int8 batch_sweep" bash benchmarks/gpu_checks.sh   # the second call
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_checks.sh --smoke   # any CPU: same entries, tiny settings
 #
 # For sam/vit_h and sam2/hiera_l (random weights saved to a file and loaded through the real
@@ -28,7 +29,7 @@ MODE=${1:-gpu}
 OUT=${OUT:-runs/gpu_checks}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-CHECKS=${CHECKS:-"sam_v1 sam2 cache_writer decoder_batch evaluate sam_v1_int8 sam2_int8"}
+CHECKS=${CHECKS:-"sam_v1 sam2 cache_writer decoder_batch evaluate sam_v1_int8 sam2_int8 batch_sweep"}
 WHEELS="segment-anything==1.0 hydra-core==1.3.8 omegaconf==2.3.1 iopath==0.1.10 antlr4-python3-runtime==4.9.3 sam2==1.1.0"
 
 case "$MODE" in
@@ -48,6 +49,7 @@ case "$MODE" in
            --compile-encoder false)
     DECODER=(--promptsets 4 --sizes 2 --repeats 1)
     EVALUATE=(--family sam --model-type demo_tiny --height 96 --width 128 --tta hflip --repeats 1)
+    SWEEP=(--batch-sweep 1,2)
     LIMIT_V1=900; LIMIT_2=900 ;;
   gpu)
     DEVICE=cuda
@@ -56,6 +58,7 @@ case "$MODE" in
     SIZES=(--images 128 --promptsets 10 --batch-size 8 --workers 8)
     DECODER=(--promptsets 4 10 40 --sizes 4 10)
     EVALUATE=(--family sam --model-type vit_b --threads 8 --repeats 5 --encoder-impl fast --compile-encoder false)
+    SWEEP=(--images 64 --batch-sweep 1,2,4,8,16,32)
     LIMIT_V1=280; LIMIT_2=250 ;;
   *)
     echo "usage: $0 [--prepare | --smoke]" >&2
@@ -112,4 +115,8 @@ bench evaluate 150 benchmarks/bench_evaluate.py --device "$DEVICE" "${EVALUATE[@
 # and the agreement of their cached logits (goal: mask IoU >= 0.99).
 measure sam_v1_int8 "$LIMIT_V1" fast,fast+int8 "${SAM_V1[@]}"
 measure sam2_int8 "$LIMIT_2" fast,fast+int8 "${SAM_2[@]}"
+# The encoder batch size that maximises throughput (sam.encoder_batch_size), vit_h on the fast path,
+# uncompiled (a compiled sweep pays one compile per size).
+bench batch_sweep 200 benchmarks/bench_precompute.py "${SAM_V1[@]}" --device "$DEVICE" "${SIZES[@]}" "${SWEEP[@]}" \
+  --no-naive --encoder-impl fast --compile-encoder false --json "$OUT/batch_sweep.json"
 exit $status

@@ -341,11 +341,12 @@ def test_precompute_benchmark_runs_and_checks_the_cache_it_timed():
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_precompute.py"), "--images", "2", "--promptsets", "2",
          "--workers", "0", "--batch-size", "2", "--height", "96", "--width", "128",
-         "--encoder-impl", "reference,fast+int8"],
+         "--encoder-impl", "reference,fast+int8", "--batch-sweep", "1,2"],
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     for line in ("(a) encoder only", "(b) this stage", "(c) naive loop", "verify (2 images)", "b/a", "b/c", "cache:",
-                 "fast, int8 weights", "cached logits, fast+int8 vs reference"):
+                 "fast, int8 weights", "cached logits, fast+int8 vs reference", "encoder batch   2:",
+                 "encoder batch sweep (fast+int8): best"):
         assert line in result.stdout, result.stdout
     misordered = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_precompute.py"), "--encoder-impl", "fast+int8,reference"],
