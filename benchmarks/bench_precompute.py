@@ -270,9 +270,9 @@ def batch_sweep(backbone, path_name: str, args, rows, sizes: list[int]) -> dict[
     """Encoder-only img/s of one path at each encoder batch size (each warmed up first: with
     ``--compile-encoder`` every size compiles its own static-shape graph, not timed)."""
     pixels = torch.stack([backbone.preprocess(read_image_rgb(rows[0]["image_path"]))] * max(sizes))
+    settings = encoder_settings(path_name, args)
     throughput = {}
     for size in sizes:
-        settings = encoder_settings(path_name, args)
         backbone.configure_encoder(EncoderSettings(settings.impl, settings.compile, size, settings.int8))
         timed_encode(backbone, pixels[:size].to(backbone.device))
         throughput[size] = len(rows) / bench_encoder(backbone, rows, size)
