@@ -25,6 +25,7 @@ from modules.sam.base import BackboneError
 from modules.core.config import load_config
 from modules.sam.checkpoint_files import OFFICIAL_RELEASES, locate_checkpoint, read_state_dict
 from modules.sam.demo_tiny import DEMO_TINY_ARCH, build_small_sam
+from modules.sam.fast_encoder import EncoderSettings
 from modules.sam.hf_weights import hf_to_official
 from modules.sam.registry import load_backbone
 from modules.sam.sam2 import Sam2Backbone
@@ -287,3 +288,11 @@ def test_hf_sam3_tracker_agrees_with_transformers_forward(monkeypatch, tmp_path)
         assert torch.allclose(iou, out.iou_scores[0], atol=1e-4)
     unrolled = backbone.decode_features(features, IMAGE_HW, point_coords=POINTS, point_labels=LABELS)
     assert torch.allclose(unrolled.logits_from_hidden(unrolled.hyper_hidden), unrolled.logits, atol=1e-3)
+
+    # sam.encoder_int8 reaches transformers' ViT too: every linear layer int8, the features close.
+    backbone.configure_encoder(EncoderSettings(int8=True))
+    assert not any(type(m) is torch.nn.Linear for m in backbone.model.vision_encoder.modules())
+    int8 = backbone.encode(pixels)
+    for name, value in features.items():
+        difference = float((int8[name] - value).abs().max()) / float(value.abs().max())
+        assert 1e-5 < difference < 0.05, (name, difference)
