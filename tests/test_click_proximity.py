@@ -31,11 +31,11 @@ def test_band_means_average_each_band_of_distance_to_the_nearest_click(tool):
     assert np.isnan(means[3])  # nothing is 100 px from a click on a 5 x 9 image
 
 
-def test_the_tool_writes_the_band_table_of_the_posterior_maps(trained_project):
+def test_the_tool_writes_the_band_table_of_the_posterior_maps(trained_project, tool, monkeypatch, capsys):
     out = trained_project.root / "reports" / "proximity.csv"
-    result = trained_project.run("tools/click_proximity.py", "--images", "2", "--clicks", "2", "--threads", "1",
+    result = trained_project.run("tools/click_proximity.py", "--images", "1", "--clicks", "1", "--threads", "1",
                                  "--bands", "0,8,32", "--out", str(out))
-    assert "2 images of the test split" in result.stdout
+    assert "1 image of the test split, the oracle's first click and 1 random one" in result.stdout
     table = pd.read_csv(out, index_col="map")
     assert list(table.index) == ["mutual_information", "total_entropy", "expected_entropy", "logit_variance"]
     assert list(table.columns) == ["0-8 px", "8-32 px", ">= 32 px"]
@@ -44,6 +44,11 @@ def test_the_tool_writes_the_band_table_of_the_posterior_maps(trained_project):
     normalised = table.drop(index="logit_variance").to_numpy()
     assert np.nanmax(normalised) <= 1 and np.nanmin(normalised) >= 0
 
-    refused = trained_project.run("tools/click_proximity.py", "--out", "/tmp/outside.csv", check=False)
-    assert refused.returncode == 2 and "--out: /tmp/outside.csv resolves to" in refused.stderr
-    assert "Traceback" not in refused.stderr and refused.stderr.strip().endswith("project")
+    monkeypatch.setattr("sys.argv", ["click_proximity.py", "--config", str(trained_project.config),
+                                     "--out", "/tmp/outside.csv"])
+    with pytest.raises(SystemExit) as refused:
+        tool.main()
+    assert refused.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("click_proximity.py: error: --out: /tmp/outside.csv resolves to")
+    assert error.endswith(f"outside {trained_project.root.resolve()}")

@@ -122,8 +122,9 @@ def main() -> None:
     table = pd.DataFrame({name: np.nanmean([profile[name] for profile in profiles], axis=0)
                           for name in (*NORMALISED_MAPS, "logit_variance")}, index=names).T
     table.index.name = "map"
-    print(f"{len(units)} images of the {cfg.evaluation.split} split, the oracle's first click and {args.clicks} "
-          f"random ones; mean per distance to the nearest click (maps divided by their image maximum):")
+    print(f"{len(units)} image{'s' if len(units) != 1 else ''} of the {cfg.evaluation.split} split, the oracle's "
+          f"first click and {args.clicks} random one{'s' if args.clicks != 1 else ''}; mean per distance to the "
+          f"nearest click (maps divided by their image maximum):")
     print(table.round(3).to_string())
     atomic_write_text(out, table.to_csv())
     print(f"written: {out}")
