@@ -98,7 +98,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     args = parser.parse_args()
-    bands = tuple(float(edge) for edge in args.bands.split(","))
+    try:
+        bands = tuple(float(edge) for edge in args.bands.split(","))
+    except ValueError:
+        bands = ()
     if args.clicks < 1 or not bands or list(bands) != sorted(set(bands)) or bands[0] != 0:
         parser.error("--clicks must be at least 1 and --bands ascending lower edges starting at 0")
     torch.set_num_threads(args.threads)
@@ -131,4 +134,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except PipelineError as error:  # a missing run, cache or manifest: one line naming it
+        sys.exit(f"error: {error}")
