@@ -25,6 +25,7 @@ each other (max |logit difference|, IoU of the thresholded masks). (c) runs with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -273,7 +274,7 @@ def batch_sweep(backbone, path_name: str, args, rows, sizes: list[int]) -> dict[
     settings = encoder_settings(path_name, args)
     throughput = {}
     for size in sizes:
-        backbone.configure_encoder(EncoderSettings(settings.impl, settings.compile, size, settings.int8))
+        backbone.configure_encoder(dataclasses.replace(settings, batch_size=size))
         timed_encode(backbone, pixels[:size].to(backbone.device))
         throughput[size] = len(rows) / bench_encoder(backbone, rows, size)
         print(f"encoder batch {size:3d}: {throughput[size]:8.3f} images/s ({path_name})", flush=True)
@@ -368,8 +369,7 @@ def main() -> None:
             paths.append(path)
             print_path(path, n, p)
         sweep = batch_sweep(backbone, impls[-1], args, rows, sweep_sizes) if sweep_sizes else {}
-        backbone.configure_encoder(EncoderSettings(impls[0].removesuffix(INT8_SUFFIX), args.compile_encoder,
-                                                   args.batch_size, int8=backbone.encoder_int8))
+        backbone.configure_encoder(dataclasses.replace(encoder_settings(impls[0], args), int8=backbone.encoder_int8))
         naive_s = naive_bytes = None
         if not args.no_naive:
             naive_s = bench_naive(backbone, cfg.project_root, rows, cfg.prompt_generation.gaussian_sigma,

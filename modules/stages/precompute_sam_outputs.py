@@ -39,14 +39,6 @@ from modules.sam.registry import check_registered, configured_checkpoint_md5, lo
 
 log = logging.getLogger("pipeline.precompute")
 
-#: The config keys the cached arrays depend on (the stage fingerprint). Checkpoint identity is
-#: in the cache folder name (md5); device, batch size, worker count and the encoder path
-#: (``sam.encoder_impl``, ``sam.compile_encoder``: the same function, equal to float tolerance)
-#: only change speed. ``sam.encoder_int8`` changes the features: ``run_stage`` records it as an
-#: upstream input when on (``sam_cache.encoder_weight_inputs``).
-FINGERPRINT_KEYS = sam_cache.SAM_OUTPUT_KEYS
-
-
 # --------------------------------------------------------------------------- units
 
 
@@ -320,8 +312,11 @@ def run_stage(ctx, shard: Shard) -> None:
     checkpoint_md5 = configured_checkpoint_md5(sam.checkpoint)
     backbone_folder = sam_cache.backbone_id(sam.family, sam.model_type, checkpoint_md5)
     ctx.hold_lock(ctx.output_dir / backbone_folder / sam_cache.shard_file_name(shard.index, shard.count))
+    # The config keys the cached arrays depend on; the checkpoint's md5 also names the cache folder, and
+    # sam.encoder_int8, which moves the features, counts when on. Device, batch sizes, workers and the
+    # encoder impl (equal to float tolerance) only change speed.
     upstream = {"checkpoint_md5": checkpoint_md5, **sam_cache.encoder_weight_inputs(sam.encoder_int8)}
-    ctx.check_inputs(FINGERPRINT_KEYS, upstream=upstream,
+    ctx.check_inputs(sam_cache.SAM_OUTPUT_KEYS, upstream=upstream,
                      fingerprint_file=f"{backbone_folder}/{FINGERPRINT_FILE}")
     backbone = load_configured_backbone(sam)
     log.info("[%s] %r, %s", ctx.name, backbone, shard.name)
