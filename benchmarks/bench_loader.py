@@ -76,8 +76,9 @@ def build_project(folder: Path, scenes_per_group: int) -> Path:
 # --------------------------------------------------------------------------- the seed's layout
 
 
-def write_seed_layout(packed: packed_reader.PackedSplitDataset, folder: Path) -> list[dict]:
-    """One ``.npy`` per array per prompt set, as the seed's stage 3 stored them; returns index rows."""
+def write_seed_layout(packed: packed_reader.PackedSplitDataset, folder: Path, masks_root: Path) -> list[dict]:
+    """One ``.npy`` per array per prompt set, as the seed's stage 3 stored them; returns index rows
+    (``mask_path`` resolved under ``masks_root``, as the index stores it relative to the root)."""
     rows = []
     for row in packed.index.to_dict("records"):
         item = packed[len(rows)]
@@ -85,7 +86,8 @@ def write_seed_layout(packed: packed_reader.PackedSplitDataset, folder: Path) ->
         target.mkdir(parents=True, exist_ok=True)
         for channel, name in enumerate(SEED_ARRAYS):
             np.save(target / f"{name}.npy", item["inputs"][channel].numpy().astype(np.float16))
-        rows.append({"folder": target, "mask_path": row["mask_path"], "image_hw": (row["image_h"], row["image_w"])})
+        rows.append({"folder": target, "mask_path": masks_root / row["mask_path"],
+                     "image_hw": (row["image_h"], row["image_w"])})
     return rows
 
 
@@ -222,7 +224,8 @@ def main() -> None:
                   for split in ("train", "val")}
         in_memory = {split: packed_reader.PackedSplitDataset(packed_path(root, split), in_memory=True)
                      for split in ("train", "val")}
-        seed = {split: SeedLayoutDataset(write_seed_layout(packed[split], folder / "seed_layout" / split))
+        seed = {split: SeedLayoutDataset(write_seed_layout(packed[split], folder / "seed_layout" / split,
+                                                          folder / "data" / "masks"))
                 for split in ("train", "val")}
         sizes = training_index.load_index(root, "train")[["image_h", "image_w"]]
         print(f"train: {len(packed['train'])} rows ({packed['train'].index['safe_id'].nunique()} images, "

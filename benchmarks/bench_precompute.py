@@ -45,7 +45,8 @@ from modules.sam.fast_encoder import ENCODER_IMPLS, EncoderSettings  # noqa: E40
 from modules.sam.registry import build_sam_model, load_backbone  # noqa: E402
 from modules.core.config import load_config  # noqa: E402
 from modules.data.imageio import read_image_rgb  # noqa: E402
-from modules.data.manifest import SPLITS, load_split_manifest  # noqa: E402
+from modules.data.manifest import SPLITS  # noqa: E402
+from modules.data.sample_files import split_samples  # noqa: E402
 from modules.sam.prompting import MULTIMASK_POLICIES, PROMPT_MODES  # noqa: E402
 from modules.stages.precompute_sam_outputs import run_precompute  # noqa: E402
 from modules.data.promptset import gaussian_prompt_maps, load_promptsets, promptset_tensors  # noqa: E402
@@ -353,7 +354,7 @@ def main() -> None:
         cfg = load_config(config)
         backbone = load_backbone(args.family, args.model_type, checkpoint, args.device,
                                  encoder=encoder_settings(impls[0], args))
-        rows = load_split_manifest(cfg.project_root, "train").to_dict("records")
+        rows = split_samples(cfg, "train").to_dict("records")
         n = len(rows)
         print(f"model {args.family}/{args.model_type}, device {args.device}, {n} images "
               f"{args.height}x{args.width}, {p} prompt sets each, encoder batch {args.batch_size}, "

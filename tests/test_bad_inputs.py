@@ -31,7 +31,9 @@ import yaml
 from PIL import Image
 
 from modules.cache.sam_cache import SamCache
+from modules.core.config import load_config
 from modules.data.manifest_checksums import record_manifest_checksums
+from modules.data.sample_files import DataRoots
 from tests.conftest import DEMO_CHECKPOINT, small_demo_config
 from tests.helpers.stage_calls import (SMALL, Outcome, Workspace, assert_one_error_line, build_staged, call_stage,
                                        copy_workspace, file_hashes, keep_first_rows, run_subprocess)
@@ -167,14 +169,16 @@ def remove_path(relative: str) -> Callable[[Workspace], list[str]]:
 
 def file_changed_after_stage_1(column: str, damage: Callable[[Path], None]) -> Callable[[Workspace], list[str]]:
     """Keep one train sample and point its manifest ``column`` at a damaged copy of its file (the
-    data folder is the fixture's, shared by every case). A new mask path is a new prompt-set source,
-    so stage 2 reads the mask again; stage 3 reads the image."""
+    data folder is the fixture's, shared by every case). A mask of other content is a new prompt-set
+    source, so stage 2 reads the mask again; stage 3 reads the image."""
 
     def prepare(ws: Workspace) -> list[str]:
         keep_first_rows(ws, 1, 0, 0)
         path = ws.root / "manifests" / "train.csv"
         frame = pd.read_csv(path, keep_default_na=False, dtype={"stem": str, "group": str})
-        original = Path(frame.loc[0, column])
+        roots = DataRoots.from_config(load_config(ws.config).data)
+        stored = frame.loc[0, column]
+        original = roots.image(stored) if column == "image_path" else roots.mask(stored)
         copy = ws.folder / f"changed{original.suffix}"
         shutil.copyfile(original, copy)
         damage(copy)

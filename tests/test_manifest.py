@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ from modules.data.manifest import (
     target_split_counts,
     validate_candidate,
 )
+from modules.data.sample_files import DataRoots
 
 SIDE = 24
 MIN_SIDE = 16
@@ -283,6 +286,38 @@ def test_tables_have_documented_columns_and_absolute_paths_from_relative_roots(t
     assert valid_df.loc[0, "image_path"] == str(tmp_path / "images" / "g" / "a.png")
     assert valid_df.loc[0, "mask_path"] == str(tmp_path / "masks" / "g" / "a.png")
     assert invalid_df.loc[0, "image_path"] == str(tmp_path / "images" / "g" / "lonely.png")
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_stored_paths_are_relative_to_their_root_and_resolve_back(tmp_path, layout):
+    """What the manifests store survives moving the data: only the configured roots change."""
+    made, moved = tmp_path / "made", tmp_path / "moved"
+    _add_pair(made, "cat", "a", layout, ".jpg", ".npy")
+    valid_df, _ = _build(made, layout)
+    images_root, masks_root = _roots(made, layout)
+
+    def roots_under(folder: Path) -> DataRoots:
+        return DataRoots.from_config(SimpleNamespace(
+            images_root=folder / images_root.relative_to(made), layout=layout,
+            masks_root=None if masks_root is None else folder / masks_root.relative_to(made)))
+
+    stored = roots_under(made).store(valid_df)
+    if layout == "split_roots":
+        assert (stored.loc[0, "image_path"], stored.loc[0, "mask_path"]) == ("cat/a.jpg", "cat/a.npy")
+    else:
+        assert (stored.loc[0, "image_path"], stored.loc[0, "mask_path"]) == ("cat/images/a.jpg", "cat/masks/a.npy")
+    assert roots_under(made).resolve(stored).equals(valid_df)
+
+    shutil.copytree(made, moved)
+    resolved = roots_under(moved).resolve(stored)
+    assert [Path(resolved.loc[0, c]).relative_to(moved) for c in ("image_path", "mask_path")] == \
+        [Path(valid_df.loc[0, c]).relative_to(made) for c in ("image_path", "mask_path")]
+    assert all(Path(resolved.loc[0, c]).is_file() for c in ("image_path", "mask_path"))
+
+    # A manifest from before relative paths (or a file outside its root) keeps its absolute path.
+    assert roots_under(moved).resolve(valid_df).equals(valid_df)
+    outside = tmp_path / "elsewhere.png"
+    assert roots_under(made).stored_image(outside) == str(outside) and roots_under(made).image(str(outside)) == outside
 
 
 def test_bad_layout_and_missing_roots_are_reported(tmp_path):

@@ -9,6 +9,7 @@ test machine): the arrays are then known, and some logits are set far outside th
 import hashlib
 import shutil
 import signal
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -23,6 +24,7 @@ from modules.core.fileio import cached_file_md5
 from modules.data.manifest import SPLITS, load_split_manifest
 from modules.core.paths import cache_dir, promptset_path
 from modules.data.promptset import load_promptsets
+from modules.data.sample_files import DataRoots
 from tests.helpers.precompute_fixtures import save_random_checkpoint, write_tiny_dataset
 from tests.stage_runner import run_stage, write_config
 
@@ -116,6 +118,11 @@ def copy_project(packed_project, tmp_path, keep=("manifests", "prompt_sets", "sa
 
 def run_on(packed_project, root, script, *extra, **kwargs):
     return run_stage(script, packed_project["config"], "--set", f"data.project_root={root}", *extra, **kwargs)
+
+
+def mask_file(packed_project, row) -> Path:
+    """The mask file an index row names (stored relative to the data's masks root)."""
+    return DataRoots.from_config(load_config(packed_project["config"]).data).mask(row["mask_path"])
 
 
 def file_state(folder):
@@ -227,7 +234,7 @@ def test_packed_rows_match_cache_promptsets_and_masks(packed_project):
             promptset = next(s for s in record["promptsets"] if s["promptset_id"] == entry_row["promptset_id"])
             maps = expected_prompt_maps(promptset["points_256"], promptset["labels"], record["gaussian_sigma"])
             np.testing.assert_allclose(arrays["inputs"][row, 1:].astype(np.float32), maps, atol=1e-3)
-            target = expected_target(entry_row["mask_path"], entry_row["image_h"], entry_row["image_w"])
+            target = expected_target(mask_file(packed_project, entry_row), entry_row["image_h"], entry_row["image_w"])
             np.testing.assert_array_equal(arrays["targets"][row, 0], target)
     # The sample whose mask is 120 x 160 for a 60 x 80 image went through the resize.
     resized = [r for s in SPLITS for r in training_index.load_index(root, s).to_dict("records") if r["safe_id"] == RESIZED_MASK_SAMPLE]
@@ -295,11 +302,11 @@ def test_failed_sample_leaves_partial_then_only_it_is_packed(packed_project, tmp
     index = training_index.load_index(root, "train")
     victim = index.iloc[len(index) - 1]
     mask = root.parent / "saved_mask.png"
-    shutil.move(victim["mask_path"], mask)  # the fixture's data folder: restored right after
+    shutil.move(mask_file(packed_project, victim), mask)  # the fixture's data folder: restored right after
     try:
         failed = run_on(packed_project, root, "pack_to_hdf5.py", check=False)
     finally:
-        shutil.move(mask, victim["mask_path"])
+        shutil.move(mask, mask_file(packed_project, victim))
     assert failed.returncode == 2 and "not packed completely" in failed.stderr
     assert f"failed: {victim['safe_id']}" in failed.stdout and "train_status: incomplete" in failed.stdout
     assert (root / "training_data" / "train.h5.partial").is_file()

@@ -358,7 +358,7 @@ def test_benchmark_cache_check_fails_for_a_cache_made_with_other_weights(tmp_pat
     import argparse
 
     from modules.sam.registry import build_sam_model
-    from modules.data.manifest import load_split_manifest
+    from modules.data.sample_files import split_samples
 
     bench = _load_bench_precompute()
     args = argparse.Namespace(images=2, promptsets=2, height=96, width=128, family="sam", model_type="demo_tiny",
@@ -371,7 +371,7 @@ def test_benchmark_cache_check_fails_for_a_cache_made_with_other_weights(tmp_pat
     cfg = load_config(bench.make_project(tmp_path, args, checkpoints[0]))
     maker = load_backbone("sam", "demo_tiny", checkpoints[0], "cpu")
     run_precompute(cfg, maker, Shard())
-    rows = load_split_manifest(cfg.project_root, "train").to_dict("records")
+    rows = split_samples(cfg, "train").to_dict("records")
 
     assert "max |logit - decode(cached embedding)| = 0.0" in bench.verify_cache(maker, cfg, rows, 2)
     other = load_backbone("sam", "demo_tiny", checkpoints[1], "cpu")

@@ -5,12 +5,14 @@ shaped it, and it is checked before any "already done" skip.
 - Stage 5: the variance network and the fusion module record the md5s of the files they train on
   (head, head Laplace state, variance network, SAM checkpoint), so a refit upstream stops them.
 - Stage 7: the evaluation fingerprints the fusion module and the Laplace state it reads.
+- Where the data and the project lie is no input: moved elsewhere, stages 1-4.5 redo nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import pytest
 
@@ -23,7 +25,8 @@ from modules.evaluation.runs import RunIds
 from modules.laplace import posterior as lp
 from modules.stages.evaluate_uncertainty import stage_upstream
 from modules.stages.train_head import fingerprint_sections, trained_on_artifacts
-from tests.conftest import DEMO_CHECKPOINT, prepared_demo_project
+from tests.conftest import DEMO_CHECKPOINT, PREPARE_STAGES, PipelineProject, prepared_demo_project, small_demo_config
+from tests.helpers.stage_calls import file_hashes
 
 
 def make_ctx(tmp_path, overrides=(), force=False):
@@ -131,14 +134,56 @@ def one_line_error(result, *names):
     assert "--force" in lines[0] and all(name in lines[0] for name in names), lines[0]
 
 
-def test_changed_inputs_stop_laplace_fusion_and_variance_until_force(tmp_path):
-    project = prepared_demo_project(tmp_path, {"training.num_epochs": 1, "fusion.num_epochs": 1,
-                                               "fusion.max_train_rows": 4})
+#: Quick training: these tests are about what stops a rerun, not about the models.
+QUICK = {"training.num_epochs": 1, "fusion.num_epochs": 1, "fusion.max_train_rows": 4}
+
+
+@pytest.fixture(scope="module")
+def moved_project(tmp_path_factory) -> PipelineProject:
+    """A small demo project made through stages 1-4.5, then moved with its data to another folder,
+    as a cluster job copies both to a node's local disk: only the roots in its config change."""
+    made = tmp_path_factory.mktemp("made")
+    prepared_demo_project(made, QUICK)
+    moved = tmp_path_factory.mktemp("moved")
+    for name in ("data", "project"):
+        shutil.move(made / name, moved / name)
+    return PipelineProject(moved, small_demo_config(moved, QUICK))
+
+
+def test_a_moved_project_and_data_folder_keep_every_output(moved_project):
+    """The data's and the project's location is no input: stages 1-4.5 rerun on the moved folders,
+    redo nothing (stage 3 encodes no image) and leave every output byte for byte as it was."""
+    # invalid_samples.csv is a report for people: its paths stay absolute (and so does its md5).
+    report = ("manifests/invalid_samples.csv", "manifests/checksums.json")
+
+    def outputs() -> dict[str, str]:
+        return {name: md5 for name, md5 in file_hashes(moved_project.root).items()
+                if not name.endswith("config.resolved.yaml") and not name.startswith((".locks", ".cache", *report))}
+
+    before = outputs()
+    assert {"manifests/train.csv", "training_data/train_index.csv", "training_data/train.h5"} <= set(before)
+    assert {"prompt_sets", "sam_cache"} <= {name.split("/")[0] for name in before}
+    logs = [moved_project.run(script).stdout for script in PREPARE_STAGES]
+    assert "done: 0" in logs[1] and "done: 0" in logs[2], logs[1:3]
+    assert outputs() == before
+
+
+def test_changed_inputs_stop_laplace_fusion_and_variance_until_force(moved_project):
+    project = moved_project
     project.run("train_head.py", "--model", "head", "--run_id", "s")
 
-    # Stage 6: fitted once, skipped when unchanged, a changed laplace.* value is refused, --force refits.
+    # Stage 6: fitted once, skipped when unchanged, a changed laplace.* value is refused.
     project.run("fit_laplace.py", "--run_id", "s")
     assert "skipping" in project.run("fit_laplace.py", "--run_id", "s").stdout
+
+    # Fusion on the head's Laplace: a finished run with unchanged inputs is left as it is ...
+    fusion = ("train_head.py", "--model", "fusion", "--run_id", "s")
+    project.run(*fusion)
+    best = project.root / "checkpoints" / "fusion" / "run_s" / "best.pt"
+    trained = best.read_bytes()
+    project.run(*fusion, "--resume-if-exists")
+    assert best.read_bytes() == trained
+
     grid = "laplace.prior_precision_grid=[0.5, 5.0]"
     one_line_error(project.run("fit_laplace.py", "--run_id", "s", "--set", grid, check=False),
                    "laplace.prior_precision_grid")
@@ -149,17 +194,7 @@ def test_changed_inputs_stop_laplace_fusion_and_variance_until_force(tmp_path):
     searched = json.loads((laplace_dir / "posterior_meta.json").read_text())["prior_precision_grid"]
     assert searched == [0.5, 5.0]  # laplace.grid_widening is 0
     assert (laplace_dir / "laplace_state.pt").read_bytes() != old_state
-    assert "skipping" in project.run("fit_laplace.py", "--run_id", "s", "--set", grid).stdout
-
-    # Fusion on the head's Laplace: a finished run with unchanged inputs is left as it is ...
-    fusion = ("train_head.py", "--model", "fusion", "--run_id", "s")
-    project.run(*fusion)
-    best = project.root / "checkpoints" / "fusion" / "run_s" / "best.pt"
-    trained = best.read_bytes()
-    project.run(*fusion, "--resume-if-exists")
-    assert best.read_bytes() == trained
-    # ... but a refitted Laplace (the map it trained on) stops its rerun.
-    project.run("fit_laplace.py", "--run_id", "s", "--force")
+    # ... but the refitted Laplace (the map it trained on) stops its rerun.
     one_line_error(project.run(*fusion, "--resume-if-exists", check=False), "upstream artifact_md5s.head_laplace")
 
     # The variance network trains on the frozen head: a retrained head stops its rerun.

@@ -40,6 +40,7 @@ from modules.core.paths import packed_path, promptset_path, training_data_dir
 from modules.core.stage import UnitError
 from modules.data.imageio import MaskReadError, read_mask, resize_mask_nearest
 from modules.data.promptset import gaussian_prompt_maps, load_promptsets, promptset_tensors
+from modules.data.sample_files import DataRoots
 
 #: 2: rows (and packed embeddings) carry a CRC-32 (``rows/checksum``, ``samples/checksum``);
 #: a version-1 file is repacked by the next pack_to_hdf5.py run (its fingerprint differs).
@@ -156,7 +157,7 @@ def _stored_fingerprint(path: Path) -> dict | None:
         return None
 
 
-def packed_target(mask_path: str, image_hw: tuple[int, int], threshold: int) -> np.ndarray:
+def packed_target(mask_path: str | os.PathLike, image_hw: tuple[int, int], threshold: int) -> np.ndarray:
     """``1 x 256 x 256`` uint8 (0/1) target: the mask at image size, nearest-resized to FRAME256."""
     mask = read_mask(mask_path, threshold=threshold)
     if mask.shape != tuple(image_hw):
@@ -175,8 +176,9 @@ class SplitPacker:
     """Fills one split's ``.partial`` file sample by sample, then publishes it."""
 
     def __init__(self, project_root: Path, plan: PackPlan, settings: PackSettings,
-                 cache: sam_cache.SamCache, fresh: bool):
+                 cache: sam_cache.SamCache, roots: DataRoots, fresh: bool):
         self.project_root = Path(project_root)
+        self.roots = roots
         self.plan = plan
         self.settings = settings
         self.cache = cache
@@ -244,7 +246,7 @@ class SplitPacker:
                 raise UnitError(f"{json_path}: changed since the SAM cache was computed; rerun "
                                 "precompute_sam_outputs.py and build_training_indices.py")
             record = load_promptsets(self.project_root, split, safe_id)
-            target = packed_target(first["mask_path"], (int(first["image_h"]), int(first["image_w"])),
+            target = packed_target(self.roots.mask(first["mask_path"]), (int(first["image_h"]), int(first["image_w"])),
                                    self.settings.mask_threshold)
         except (OSError, ValueError, MaskReadError) as exc:
             raise UnitError(f"{safe_id}: {exc}") from None

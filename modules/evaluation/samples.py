@@ -14,7 +14,7 @@ from modules.core.config import PipelineConfig
 from modules.core.paths import promptset_path
 from modules.core.stage import UnitError
 from modules.data.imageio import MaskReadError, read_image_rgb, read_mask, resize_mask_nearest
-from modules.data.manifest import load_split_manifest
+from modules.data.sample_files import split_samples
 from modules.data.promptset import load_promptsets
 from modules.evaluation.runs import EvaluationError
 from modules.uncertainty.strategies import EvalSample, UncertaintyError
@@ -36,7 +36,7 @@ def list_eval_units(cfg: PipelineConfig) -> list[EvalUnit]:
     """The split's samples; with ``evaluation.max_samples`` the first ones taken round-robin over
     the domains (so every domain is represented), in manifest order within a domain."""
     split = cfg.evaluation.split
-    table = load_split_manifest(cfg.project_root, split)
+    table = split_samples(cfg, split)
     units = [EvalUnit(str(row["safe_id"]), str(row["sample_id"]), str(row["group"]), str(row["image_path"]),
                       str(row["mask_path"]), (int(row["image_h"]), int(row["image_w"])))
              for row in table.to_dict("records")]

@@ -11,6 +11,7 @@ from modules.core.paths import manifest_path
 from modules.data.demo_dataset import write_demo_dataset
 from modules.data.manifest import SPLITS, build_manifest_tables, read_manifest_csv
 from modules.data.manifest_checksums import record_manifest_checksums
+from modules.data.sample_files import LOCATION_KEYS, DataRoots
 
 log = logging.getLogger("pipeline")
 
@@ -19,7 +20,9 @@ def run_stage(ctx) -> None:
     """Stage 1: (demo data,) scan, validate, name and split; write the manifest CSVs.
 
     A rerun rescans the folders: samples already in ``all_samples.csv`` keep their split and
-    safe id, new ones are assigned, and CSVs whose content did not change are not rewritten.
+    safe id, new ones are assigned, and CSVs whose content did not change are not rewritten. The
+    valid samples' paths are stored relative to their data roots (``sample_files``), and the roots
+    are no input: a project or data folder that moved is rescanned and, unchanged, rewrites nothing.
     """
     cfg = ctx.cfg
     data = cfg.data
@@ -29,7 +32,8 @@ def run_stage(ctx) -> None:
     require_existing(cfg, "data.images_root")
     if data.layout == "split_roots":
         require_existing(cfg, "data.masks_root")
-    fresh = ctx.check_inputs(["data", "demo"])
+    content_keys = [f"data.{key}" for key in cfg.section("data") if key not in LOCATION_KEYS]
+    fresh = ctx.check_inputs([*content_keys, "demo"])
 
     previous = manifest_path(ctx.project_root, "all_samples")
     existing_splits = existing_safe_ids = None
@@ -48,6 +52,7 @@ def run_stage(ctx) -> None:
         raise PipelineError(f"data.images_root: no valid image/mask pair found under {data.images_root} "
                             f"({len(invalid)} invalid; see the layout options in README.md)")
 
+    valid = DataRoots.from_config(data).store(valid)
     tables = {"all_samples": valid, "invalid_samples": invalid}
     tables.update({split: valid[valid["split"] == split] for split in SPLITS})
     rewritten = []

@@ -10,23 +10,26 @@ from modules.core.stage import UnitCounts, UnitError
 from modules.data.imageio import MaskReadError, read_mask, resize_mask_nearest
 from modules.data.manifest import SPLITS, load_split_manifest
 from modules.data.promptset import PromptSpec, build_promptset_record, dumps_record
+from modules.data.sample_files import DataRoots
 
 
 def run_stage(ctx) -> None:
     """Stage 2: one JSON of seeded prompt sets per sample and split, skipping finished samples.
 
-    A sample counts as finished when its JSON exists and was drawn from the same mask file
-    (md5); the config it was drawn with is guarded by the stage fingerprint. A sample whose mask
-    can no longer be read (it changed after stage 1) fails: the others are written, then the
-    stage exits with one line naming it.
+    A sample counts as finished when its JSON exists and was drawn from a mask of the same content
+    (md5; where the data lies does not count, so a moved data folder keeps its prompt sets); the
+    config it was drawn with is guarded by the stage fingerprint. A sample whose mask can no longer
+    be read (it changed after stage 1) fails: the others are written, then the stage exits with one
+    line naming it.
     """
     cfg = ctx.cfg
     pg = cfg.prompt_generation
     spec = PromptSpec(pg.min_pairs, pg.max_pairs, pg.prompt_seed, pg.gaussian_sigma, pg.box_jitter)
     ctx.check_inputs(["prompt_generation", "data.mask_threshold"])
+    roots = DataRoots.from_config(cfg.data)
 
     def source_of(sample) -> dict:
-        return {"mask_path": sample["mask_path"], "mask_md5": cached_file_md5(sample["mask_path"])}
+        return {"mask_path": sample["mask_path"], "mask_md5": cached_file_md5(roots.mask(sample["mask_path"]))}
 
     totals = {}
     all_counts = UnitCounts()
@@ -39,20 +42,22 @@ def run_stage(ctx) -> None:
             if not path.is_file():
                 return False
             try:
-                return json.loads(path.read_text(encoding="utf-8")).get("source") == source_of(sample)
-            except (OSError, ValueError):
+                source = json.loads(path.read_text(encoding="utf-8")).get("source")
+                return source["mask_md5"] == source_of(sample)["mask_md5"]
+            except (OSError, ValueError, KeyError, TypeError):
                 return False
 
         def process(sample, split=split, num_sets=num_sets) -> None:
+            mask_file = roots.mask(sample["mask_path"])
             try:
-                mask = read_mask(sample["mask_path"], threshold=cfg.data.mask_threshold)
+                mask = read_mask(mask_file, threshold=cfg.data.mask_threshold)
             except (MaskReadError, OSError) as exc:
                 raise UnitError(str(exc)) from None
             size = (int(sample["image_h"]), int(sample["image_w"]))
             if mask.shape != size:
                 mask = resize_mask_nearest(mask, size)
             if not mask.any() or mask.all():
-                raise UnitError(f"{sample['mask_path']}: mask is empty or full at image size")
+                raise UnitError(f"{mask_file}: mask is empty or full at image size")
             record = build_promptset_record(sample, split, mask, num_sets, spec, source_of(sample))
             atomic_write_text(promptset_path(ctx.project_root, split, sample["safe_id"]), dumps_record(record))
 

@@ -13,6 +13,7 @@ from modules.core.fileio import remove_file
 from modules.core.paths import index_path, packed_path, training_data_dir
 from modules.core.stage import upstream_fingerprint
 from modules.data.manifest import SPLITS
+from modules.data.sample_files import DataRoots
 
 log = logging.getLogger("pipeline")
 
@@ -53,7 +54,7 @@ def run_stage(ctx) -> None:
             log.info(f"[{ctx.name}] {split}: {packed_path(ctx.project_root, split)} was packed from other inputs "
                   "or in an older format; repacking it")
         started = time.perf_counter()
-        packer = SplitPacker(ctx.project_root, plan, settings, cache, fresh=ctx.force)
+        packer = SplitPacker(ctx.project_root, plan, settings, cache, DataRoots.from_config(cfg.data), fresh=ctx.force)
         for message in packer.messages:
             log.info(f"[{ctx.name}] {message}")
         try:

@@ -32,8 +32,9 @@ from modules.core.processes import DieWithParent
 from modules.core.progress import Progress
 from modules.core.stage import Shard, UnitCounts
 from modules.data.imageio import ImageReadError, read_image_rgb
-from modules.data.manifest import SPLITS, load_split_manifest
+from modules.data.manifest import SPLITS
 from modules.data.promptset import load_promptsets
+from modules.data.sample_files import split_samples
 from modules.sam.prompting import MULTIMASK_POLICIES, Prompts, round_features
 from modules.sam.registry import check_registered, configured_checkpoint_md5, load_configured_backbone
 
@@ -52,11 +53,11 @@ class CacheUnit:
     image_path: str
 
 
-def list_units(project_root: Path) -> list[CacheUnit]:
+def list_units(cfg: PipelineConfig) -> list[CacheUnit]:
     """Every sample of every split, in a fixed order (split order, then manifest order)."""
     units = []
     for split in SPLITS:
-        for row in load_split_manifest(project_root, split).to_dict("records"):
+        for row in split_samples(cfg, split).to_dict("records"):
             units.append(CacheUnit(split, str(row["safe_id"]), str(row["sample_id"]), str(row["image_path"])))
     return units
 
@@ -215,7 +216,7 @@ def run_precompute(cfg: PipelineConfig, backbone, shard: Shard, force: bool = Fa
     """
     project_root = cfg.project_root
     sam = cfg.sam
-    units = shard.select(list_units(project_root))
+    units = shard.select(list_units(cfg))
     md5s = {u.safe_id: promptset_md5(project_root, u) for u in units}
     folder = cache_dir(project_root, sam_cache.backbone_id(
         backbone.family, backbone.model_type, backbone.checkpoint_md5))

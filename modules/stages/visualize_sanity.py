@@ -17,8 +17,8 @@ from modules.core.errors import PipelineError  # noqa: E402
 from modules.core.fileio import atomic_path  # noqa: E402
 from modules.core.frames import FRAME256  # noqa: E402
 from modules.data.imageio import read_image_rgb, read_mask  # noqa: E402
-from modules.data.manifest import load_split_manifest  # noqa: E402
 from modules.data.promptset import gaussian_prompt_maps, load_promptsets, promptset_tensors  # noqa: E402
+from modules.data.sample_files import split_samples  # noqa: E402
 
 log = logging.getLogger("pipeline")
 
@@ -34,7 +34,7 @@ def write_sanity_panels(ctx, split: str, count: int) -> list[Path]:
     positive and negative prompt maps) for the first ``count`` cached samples of ``split``."""
     cfg = ctx.cfg
     cache = open_cache(cfg)
-    rows = {r["safe_id"]: r for r in load_split_manifest(cfg.project_root, split).to_dict("records")}
+    rows = {r["safe_id"]: r for r in split_samples(cfg, split).to_dict("records")}
     chosen = [s for s in cache.sample_ids(split) if s in rows][:count]
     if not chosen:
         raise PipelineError(f"{cache.folder}: no cached sample of split {split!r}")
