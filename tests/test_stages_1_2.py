@@ -2,6 +2,7 @@
 resumability after SIGKILL, W&B runs, and the demo data set."""
 
 import hashlib
+import json
 import signal
 
 import numpy as np
@@ -121,6 +122,11 @@ def test_rerun_rewrites_nothing_and_new_files_never_move_old_samples(project):
 
     old = pd.read_csv(project_dir / "manifests" / "all_samples.csv", keep_default_na=False)
     make_dataset(tmp_path / "data", groups=("cats", "dogs", "birds"), per_group=4, offset=20)
+    # An image edited in place (same size and mask): only its prompt-set file changes, in its
+    # recorded source, so stage 3 (which knows the sample by that file's md5) encodes it again.
+    edited = tmp_path / "data" / "images" / "cats" / "s00.png"
+    save_image(edited, 255 - np.asarray(Image.open(edited)))
+    prompt_sets = {p.name: p.read_text() for p in (project_dir / "prompt_sets").rglob("*.json")}
     run_stage("build_manifests.py", config)
     new = pd.read_csv(project_dir / "manifests" / "all_samples.csv", keep_default_na=False)
     merged = old.merge(new, on="sample_id", suffixes=("_old", "_new"))
@@ -130,6 +136,12 @@ def test_rerun_rewrites_nothing_and_new_files_never_move_old_samples(project):
     assert len(new) == len(old) + 12 and "birds" in set(new["group"])
     third = run_stage("generate_promptsets.py", config)
     assert "failed: 0" in third.stdout.replace("train_failed", "failed")
+    rewritten = {p.name: p.read_text() for p in (project_dir / "prompt_sets").rglob("*.json") if p.name in prompt_sets}
+    assert [name for name in prompt_sets if rewritten[name] != prompt_sets[name]] == ["cats__s00.json"]
+    before_edit, after_edit = json.loads(prompt_sets["cats__s00.json"]), json.loads(rewritten["cats__s00.json"])
+    assert before_edit["source"]["image_md5"] != after_edit["source"]["image_md5"]
+    assert before_edit["source"]["mask_md5"] == after_edit["source"]["mask_md5"]
+    assert before_edit["promptsets"] == after_edit["promptsets"]
 
 
 def test_prompt_sets_are_identical_across_runs_and_file_orders(tmp_path):
