@@ -153,7 +153,7 @@ def moved_project(tmp_path_factory) -> PipelineProject:
 def test_a_moved_project_and_data_folder_keep_every_output(moved_project):
     """The data's and the project's location is no input: stages 1-4.5 rerun on the moved folders,
     redo nothing (stage 3 encodes no image) and leave every output byte for byte as it was."""
-    # invalid_samples.csv is a report for people: its paths stay absolute (and so does its md5).
+    # invalid_samples.csv, a report for people, keeps absolute paths: it and its md5 may change.
     report = ("manifests/invalid_samples.csv", "manifests/checksums.json")
 
     def outputs() -> dict[str, str]:
@@ -172,7 +172,7 @@ def test_changed_inputs_stop_laplace_fusion_and_variance_until_force(moved_proje
     project = moved_project
     project.run("train_head.py", "--model", "head", "--run_id", "s")
 
-    # Stage 6: fitted once, skipped when unchanged, a changed laplace.* value is refused.
+    # Stage 6: fitted once, skipped when unchanged.
     project.run("fit_laplace.py", "--run_id", "s")
     assert "skipping" in project.run("fit_laplace.py", "--run_id", "s").stdout
 
@@ -184,6 +184,7 @@ def test_changed_inputs_stop_laplace_fusion_and_variance_until_force(moved_proje
     project.run(*fusion, "--resume-if-exists")
     assert best.read_bytes() == trained
 
+    # A changed laplace.* value stops fit_laplace.py until --force refits ...
     grid = "laplace.prior_precision_grid=[0.5, 5.0]"
     one_line_error(project.run("fit_laplace.py", "--run_id", "s", "--set", grid, check=False),
                    "laplace.prior_precision_grid")
@@ -194,7 +195,7 @@ def test_changed_inputs_stop_laplace_fusion_and_variance_until_force(moved_proje
     searched = json.loads((laplace_dir / "posterior_meta.json").read_text())["prior_precision_grid"]
     assert searched == [0.5, 5.0]  # laplace.grid_widening is 0
     assert (laplace_dir / "laplace_state.pt").read_bytes() != old_state
-    # ... but the refitted Laplace (the map it trained on) stops its rerun.
+    # ... and the refitted Laplace (the map fusion trained on) stops the fusion rerun.
     one_line_error(project.run(*fusion, "--resume-if-exists", check=False), "upstream artifact_md5s.head_laplace")
 
     # The variance network trains on the frozen head: a retrained head stops its rerun.

@@ -31,7 +31,7 @@ class DataRoots:
     masks: Path
 
     @classmethod
-    def from_config(cls, data) -> "DataRoots":
+    def from_config(cls, data) -> DataRoots:
         """From a ``DataConfig``; abspath (not resolve) so that symlinked folders keep their names."""
         images = Path(os.path.abspath(data.images_root))
         masks = Path(os.path.abspath(data.masks_root)) if data.layout == "split_roots" else images
@@ -39,8 +39,6 @@ class DataRoots:
 
     @staticmethod
     def _stored(path: str | os.PathLike, root: Path) -> str:
-        if not str(path):
-            return ""
         try:
             return PurePosixPath(*Path(path).relative_to(root).parts).as_posix()
         except ValueError:
