@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from modules.data import validation_memo
 from modules.data.manifest import (
     INVALID_COLUMNS,
     INVALID_REASONS,
@@ -27,6 +31,8 @@ from modules.data.manifest import (
     validate_candidate,
 )
 from modules.data.sample_files import DataRoots
+from modules.data.validation_memo import ValidationMemo
+from tests.stage_runner import REPO
 
 SIDE = 24
 MIN_SIDE = 16
@@ -318,6 +324,55 @@ def test_stored_paths_are_relative_to_their_root_and_resolve_back(tmp_path, layo
     assert roots_under(moved).resolve(valid_df).equals(valid_df)
     outside = tmp_path / "elsewhere.png"
     assert roots_under(made).stored_image(outside) == str(outside) and roots_under(made).image(str(outside)) == outside
+
+
+def test_a_rerun_reuses_the_records_of_unchanged_valid_pairs_and_validates_the_rest(tmp_path, monkeypatch):
+    """Stage 1's validation memo: a rerun decodes only what is new, changed or invalid, and the
+    tables are the ones a full validation gives."""
+    _add_pair(tmp_path, "cat", "a")
+    _add_pair(tmp_path, "cat", "b")
+    _write_image(tmp_path / "images" / "cat" / "lonely.png")  # no mask: invalid, validated every run
+    images_root, masks_root = _roots(tmp_path, "split_roots")
+    validated: list[str] = []
+    monkeypatch.setattr(validation_memo, "validate_candidate",
+                        lambda candidate, *settings: validated.append(candidate.sample_id)
+                        or validate_candidate(candidate, *settings))
+
+    def build(threshold: int = THRESHOLD, reuse: bool = True):
+        validated.clear()
+        memo = ValidationMemo(tmp_path / "memo.json", DataRoots(images_root, masks_root), threshold, MIN_SIDE, reuse)
+        tables = build_manifest_tables("split_roots", images_root, masks_root, threshold, MIN_SIDE, 1,
+                                       (0.8, 0.1, 0.1), None, progress=False, validate=memo.validate)
+        memo.save()
+        return tables, memo.reused
+
+    (first_valid, first_invalid), reused = build()
+    assert reused == 0 and validated == ["cat/a", "cat/b", "cat/lonely"]
+    (valid, invalid), reused = build()
+    assert reused == 2 and validated == ["cat/lonely"]
+    assert valid.equals(first_valid) and invalid.equals(first_invalid)
+
+    changed = tmp_path / "masks" / "cat" / "b.png"
+    _write_mask(changed, _disc(radius=4))
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    (valid, _), reused = build()
+    assert reused == 1 and validated == ["cat/b", "cat/lonely"]
+    assert valid.loc[1, "foreground_fraction"] < first_valid.loc[1, "foreground_fraction"]
+    assert valid.equals(build_manifest_tables("split_roots", images_root, masks_root, THRESHOLD, MIN_SIDE, 1,
+                                              (0.8, 0.1, 0.1), None, progress=False)[0])
+
+    for settings in ({"threshold": THRESHOLD + 1}, {"reuse": False}):  # another threshold; --force
+        assert build(**settings)[1] == 0 and len(validated) == 3
+
+
+def test_the_stage_1_benchmark_checks_that_the_memo_gives_the_full_validation_tables(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("bench_manifests", REPO / "benchmarks" / "bench_manifests.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["bench_manifests.py", "--scenes", "1", "--repeats", "1"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert re.search(r"^6 pairs \((\d+) valid\), memo reused \1;", out, re.M) and "rerun with the memo" in out, out
 
 
 def test_bad_layout_and_missing_roots_are_reported(tmp_path):

@@ -114,9 +114,11 @@ def test_rerun_rewrites_nothing_and_new_files_never_move_old_samples(project):
     run_stage("generate_promptsets.py", config)
     project_dir = tmp_path / "project"
     before = file_state(project_dir / "manifests") | file_state(project_dir / "prompt_sets")
-    run_stage("build_manifests.py", config)
+    rescan = run_stage("build_manifests.py", config)
     second = run_stage("generate_promptsets.py", config)
     n_train = len(pd.read_csv(project_dir / "manifests" / "train.csv"))
+    n_valid = len(pd.read_csv(project_dir / "manifests" / "all_samples.csv"))
+    assert f"reused_validations: {n_valid}" in rescan.stdout  # only the invalid pairs were validated again
     assert "train_done: 0" in second.stdout and f"train_skipped: {n_train}" in second.stdout
     assert file_state(project_dir / "manifests") | file_state(project_dir / "prompt_sets") == before
 

@@ -21,6 +21,8 @@ from modules.core.errors import PipelineError
 MANIFEST_DIR = "manifests"
 #: Beside the manifest CSVs: the md5 of each, as stage 1 wrote it (``data.manifest_checksums``).
 MANIFEST_CHECKSUMS_FILE = "checksums.json"
+#: Beside them too: stage 1's validation results by file size and time (``data.validation_memo``).
+VALIDATION_MEMO_FILE = ".validation_memo.json"
 PROMPT_SET_DIR = "prompt_sets"
 SAM_CACHE_DIR = "sam_cache"
 TRAINING_DATA_DIR = "training_data"
@@ -80,6 +82,11 @@ def ensure_inside(root: PathLike, path: PathLike, key: str = "path") -> Path:
 def manifest_path(project_root: PathLike, name: str) -> Path:
     """Stage 1: ``name`` is ``all_samples``, ``invalid_samples`` or a split."""
     return Path(project_root) / MANIFEST_DIR / f"{name}.csv"
+
+
+def validation_memo_path(project_root: PathLike) -> Path:
+    """Stage 1: what a rerun need not decode again."""
+    return Path(project_root) / MANIFEST_DIR / VALIDATION_MEMO_FILE
 
 
 def promptset_path(project_root: PathLike, split: str, safe_id: str) -> Path:

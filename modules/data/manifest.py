@@ -186,9 +186,7 @@ def _absolute(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(path))
 
 
-def scan_pairs(
-    layout: str, images_root: str | os.PathLike, masks_root: str | os.PathLike | None
-) -> list[Candidate]:
+def scan_pairs(layout: str, images_root: str | os.PathLike, masks_root: str | os.PathLike | None) -> list[Candidate]:
     """Find every ``(group, stem)`` with an image or a mask file under the roots.
 
     Hidden files and folders (name starting with ``.``) and files whose
@@ -615,6 +613,7 @@ def build_manifest_tables(
     existing_splits: Mapping[str, str] | None,
     progress: bool = True,
     existing_safe_ids: Mapping[str, str] | None = None,
+    validate: Callable[[Candidate], SampleRecord | InvalidRecord] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Scan, validate, name and split a dataset.
 
@@ -630,6 +629,7 @@ def build_manifest_tables(
         split_seed, split_fractions, existing_splits: see ``assign_splits``.
         progress: show the progress over the pairs (``core.progress``).
         existing_safe_ids: safe ids of an earlier manifest, kept (see ``make_safe_ids``).
+        validate: in place of ``validate_candidate`` (stage 1 passes ``ValidationMemo.validate``).
 
     Returns:
         ``(valid_df, invalid_df)`` with columns ``MANIFEST_COLUMNS`` and
@@ -640,7 +640,7 @@ def build_manifest_tables(
     valid: list[SampleRecord] = []
     invalid: list[InvalidRecord] = []
     for candidate in track(candidates, "validate pairs", unit="pairs", enabled=progress):
-        result = validate_candidate(candidate, mask_threshold, min_image_side)
+        result = validate(candidate) if validate else validate_candidate(candidate, mask_threshold, min_image_side)
         (valid if isinstance(result, SampleRecord) else invalid).append(result)
 
     # A name that is not UTF-8 gets no safe id: renaming the file is the only fix, and gives a new id.

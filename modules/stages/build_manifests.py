@@ -7,11 +7,12 @@ import logging
 from modules.core.config import require_existing
 from modules.core.errors import PipelineError
 from modules.core.fileio import atomic_write_text
-from modules.core.paths import manifest_path
+from modules.core.paths import manifest_path, validation_memo_path
 from modules.data.demo_dataset import write_demo_dataset
 from modules.data.manifest import SPLITS, build_manifest_tables, read_manifest_csv
 from modules.data.manifest_checksums import record_manifest_checksums
 from modules.data.sample_files import LOCATION_KEYS, DataRoots
+from modules.data.validation_memo import ValidationMemo
 
 log = logging.getLogger("pipeline")
 
@@ -23,6 +24,8 @@ def run_stage(ctx) -> None:
     safe id, new ones are assigned, and CSVs whose content did not change are not rewritten. The
     valid samples' paths are stored relative to their data roots (``sample_files``), and the roots
     are no input: a project or data folder that moved is rescanned and, unchanged, rewrites nothing.
+    Only pairs that are new, changed (size or modification time) or invalid are decoded again
+    (``validation_memo``; ``--force`` decodes all).
     """
     cfg = ctx.cfg
     data = cfg.data
@@ -41,10 +44,14 @@ def run_stage(ctx) -> None:
         earlier = read_manifest_csv(previous)
         existing_splits = dict(zip(earlier["sample_id"], earlier["split"]))
         existing_safe_ids = dict(zip(earlier["sample_id"], earlier["safe_id"]))
+    roots = DataRoots.from_config(data)
+    memo = ValidationMemo(validation_memo_path(ctx.project_root), roots, data.mask_threshold, data.min_image_side,
+                          reuse=not ctx.force)
     try:
         valid, invalid = build_manifest_tables(
             data.layout, data.images_root, data.masks_root, data.mask_threshold, data.min_image_side,
             data.split_seed, data.split_fractions, existing_splits, existing_safe_ids=existing_safe_ids,
+            validate=memo.validate,
         )
     except (FileNotFoundError, ValueError) as exc:
         raise PipelineError(str(exc)) from None
@@ -52,7 +59,7 @@ def run_stage(ctx) -> None:
         raise PipelineError(f"data.images_root: no valid image/mask pair found under {data.images_root} "
                             f"({len(invalid)} invalid; see the layout options in README.md)")
 
-    valid = DataRoots.from_config(data).store(valid)
+    valid = roots.store(valid)
     tables = {"all_samples": valid, "invalid_samples": invalid}
     tables.update({split: valid[valid["split"] == split] for split in SPLITS})
     rewritten = []
@@ -63,6 +70,7 @@ def run_stage(ctx) -> None:
             atomic_write_text(path, text)
             rewritten.append(name)
     record_manifest_checksums(manifest_path(ctx.project_root, name) for name in tables)
+    memo.save()
 
     per_group = (valid.groupby(["group", "split"]).size().unstack(fill_value=0)
                  .reindex(columns=list(SPLITS), fill_value=0).reset_index())
@@ -73,5 +81,6 @@ def run_stage(ctx) -> None:
     ctx.tracker.log_table("invalid_samples", invalid)
     log.info("[%s] samples per group and split:\n%s", ctx.name, per_group.to_string(index=False))
     ctx.summary({"valid": len(valid), "invalid": len(invalid), "invalid_reasons": invalid_counts,
+                 "validated": len(valid) + len(invalid) - memo.reused, "reused_validations": memo.reused,
                  **{f"{s}_samples": int((valid["split"] == s).sum()) for s in SPLITS},
                  "rewritten": rewritten or "nothing (unchanged)"})
