@@ -36,6 +36,8 @@ import pytest
 import torch
 
 from modules.core.stage import KILL_HOOK_ENV
+from modules.training.guard import GUARD_FILE
+from modules.training.run_state import BEST_FILE
 from modules.cache.cache_writers import KILL_AFTER_IMAGES_ENV
 from tests.conftest import DEMO_CHECKPOINT, small_demo_config
 from tests.helpers.forked_stages import StageServer
@@ -310,16 +312,20 @@ def assert_rerun_did_only_the_rest(name: str, finished, rerun, root: Path) -> No
         assert ("fitting a diagonal" in rerun.stdout) == (not finished), rerun.stdout
 
 
-def rewritten_by_design(name: str, relative: str) -> bool:
+def rewritten_by_design(name: str, relative: str, root: Path) -> bool:
     """Files a rerun rewrites even when the killed run left them equal to the final ones: the panels
     (never skipped), the evaluation's state and reports, a Laplace fit (one unit: refitted whole
     unless complete), every epoch's training state, fingerprints and resolved configs (rewritten
-    only when different, so they stay untouched anyway)."""
+    only when different, so they stay untouched anyway), and the head's ``best.pt`` while its guard
+    has not recorded its decision (the rerun decides again from ``trained_best.pt`` and writes it:
+    the same tensors, other bytes)."""
+    guard_pending = name == "head" and not (root / relative).with_name(GUARD_FILE).is_file()
     per_epoch = ("last.pt", "optimizer_last.pt", "scaler_last.pt", "scheduler_last.pt", "epoch_state.json")
     own = {"sanity": "reports/debug_panels/", "evaluation": "reports/eval/", "laplace": "laplace/"}
     return (relative.startswith(own.get(name, "\0"))
             or (relative.startswith("checkpoints/") and relative.endswith(per_epoch))
-            or relative.endswith((".stage.json", "config.resolved.yaml")))
+            or relative.endswith((".stage.json", "config.resolved.yaml"))
+            or (guard_pending and relative.endswith(f"/{BEST_FILE}")))
 
 
 def kill_plan(name: str, seed: int, seconds: float) -> tuple[dict, float | None, str]:
@@ -350,7 +356,7 @@ def test_sigkill_at_random_points_then_plain_rerun_equals_uninterrupted(project,
               f"[{name} seed {seed}] killed {where}: exit {killed.returncode}, epochs committed: {len(finished)}")
         kept, _ = project_files(project.root)
         kept = {rel: path for rel, path in kept.items() if (reference / rel).is_file()
-                and not rewritten_by_design(name, rel) and _same(path, reference / rel)}
+                and not rewritten_by_design(name, rel, project.root) and _same(path, reference / rel)}
         kept_ids = file_ids(kept)
 
         rerun = project.run(script, *args)
