@@ -224,6 +224,9 @@ def main() -> None:
                   for split in ("train", "val")}
         in_memory = {split: packed_reader.PackedSplitDataset(packed_path(root, split), in_memory=True)
                      for split in ("train", "val")}
+        if not len(packed["val"]):
+            sys.exit(f"error: --scenes-per-group {args.scenes_per_group} leaves the val split empty; "
+                     "the training-epoch measurement needs one (3 scenes per group give one)")
         seed = {split: SeedLayoutDataset(write_seed_layout(packed[split], folder / "seed_layout" / split,
                                                           folder / "data" / "masks"))
                 for split in ("train", "val")}
