@@ -33,7 +33,8 @@ MEASURED_FIELDS = ("image_h", "image_w", "mask_h", "mask_w", "size_mismatch", "f
 
 class ValidationMemo:
     """``validate`` stands in for ``validate_candidate`` in ``build_manifest_tables``; ``save``
-    then writes the records of this run's valid pairs (atomically, only when they changed)."""
+    then writes the records of this run's valid pairs (atomically, unless the memo read at the
+    start already holds exactly them)."""
 
     def __init__(self, path: Path, roots: DataRoots, mask_threshold: int, min_image_side: int, reuse: bool):
         self.path = Path(path)
@@ -80,10 +81,6 @@ class ValidationMemo:
         return result
 
     def save(self) -> None:
-        stored = {"settings": self.settings, "records": self.records}
-        try:
-            if read_json(self.path) == stored:
-                return
-        except (OSError, ValueError):
-            pass
-        atomic_write_json(self.path, stored)
+        if self.records and self.records == self.earlier:  # read from the file, under these settings
+            return
+        atomic_write_json(self.path, {"settings": self.settings, "records": self.records})
