@@ -63,3 +63,17 @@ def test_command_prints_the_graph_of_the_project():
     assert "import cycles: 0" in result.stdout
     assert "deferred project imports" in result.stdout and "largest files" in result.stdout
     assert "modules.stages.train_head:" in result.stdout
+
+
+def test_laplace_torch_is_imported_only_where_a_posterior_is_built():
+    """laplace-torch and the torchmetrics it imports cost seconds per process; the stages import
+    it only when they build or load a posterior (``laplace.head``), not to train the head."""
+    check = ("import sys\n"
+             "import modules.stages.train_head, modules.stages.fit_laplace, modules.stages.evaluate_uncertainty\n"
+             "import modules.interactive.predictor\n"
+             "heavy = sorted(name for name in ('laplace', 'torchmetrics') if name in sys.modules)\n"
+             "assert not heavy, heavy\n"
+             "from modules.laplace.head import resolve_backend\n"
+             "assert resolve_backend('backpack').__name__ == 'BackPackGGN' and 'laplace' in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -12,16 +12,11 @@ import io
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-
-from laplace import Laplace
-from laplace.baselaplace import ParametricLaplace
-from laplace.curvature import AsdlGGN, BackPackGGN, CurvlinopsGGN
-from laplace.curvature.curvature import CurvatureInterface
 
 from modules.core.errors import error_line
 from modules.core.fileio import atomic_write_bytes, atomic_write_json, atomic_write_yaml, cached_file_md5
@@ -35,11 +30,17 @@ from modules.laplace.posterior import (CONFIG_FILE, DEFAULT_NLL_EPS, DEFAULT_PRI
 from modules.training.checkpoints import load_trained_head
 from modules.training.models import FINAL_LAYER_NAME
 
+if TYPE_CHECKING:
+    from laplace.baselaplace import ParametricLaplace
+    from laplace.curvature.curvature import CurvatureInterface
+
 # All three backends give the same curvature; they differ in speed (benchmarks/bench_laplace.py).
-LAPLACE_BACKENDS: dict[str, type[CurvatureInterface]] = {
-    "backpack": BackPackGGN,
-    "asdl": AsdlGGN,
-    "curvlinops": CurvlinopsGGN,
+# The class names in ``laplace.curvature``: laplace-torch is imported only where a posterior is built,
+# since importing it (and torchmetrics with it) costs seconds that the stages without one need not pay.
+LAPLACE_BACKENDS: dict[str, str] = {
+    "backpack": "BackPackGGN",
+    "asdl": "AsdlGGN",
+    "curvlinops": "CurvlinopsGGN",
 }
 DEFAULT_BACKEND = "backpack"
 DEFAULT_PIXELS_PER_CHUNK = 65536
@@ -138,7 +139,9 @@ def resolve_backend(name: str) -> type[CurvatureInterface]:
         raise LaplacePosteriorError(
             f"laplace.backend: unknown backend {name!r}; choose one of {sorted(LAPLACE_BACKENDS)}"
         )
-    return LAPLACE_BACKENDS[name]
+    import laplace.curvature  # deferred: see LAPLACE_BACKENDS
+
+    return getattr(laplace.curvature, LAPLACE_BACKENDS[name])
 
 
 def build_head_laplace(
@@ -150,6 +153,8 @@ def build_head_laplace(
     ``temperature`` T divides the GGN (posterior precision ``H / T + prior``): the pixels of a
     mask are far from independent observations, and T > 1 stops them from being counted as such.
     """
+    from laplace import Laplace  # deferred: see LAPLACE_BACKENDS
+
     last_layer = two_class_last_layer(check_head(head))
     return Laplace(
         last_layer,

@@ -15,10 +15,9 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-from laplace.baselaplace import ParametricLaplace
 
 from modules.core.config import unseen_group_keys
 from modules.core.errors import PipelineError, error_line
@@ -27,6 +26,9 @@ from modules.sam.base import BackboneError
 from modules.sam.registry import verify_checkpoint_archive
 from modules.scoring.entropy import binary_entropy, binary_entropy_from_logits
 from modules.scoring.metrics import CalibrationAccumulator
+
+if TYPE_CHECKING:  # laplace-torch is imported where a posterior is built (``laplace.head``)
+    from laplace.baselaplace import ParametricLaplace
 
 log = logging.getLogger("pipeline.laplace")
 
