@@ -67,13 +67,20 @@ def test_command_prints_the_graph_of_the_project():
 
 def test_laplace_torch_is_imported_only_where_a_posterior_is_built():
     """laplace-torch and the torchmetrics it imports cost seconds per process; the stages import
-    it only when they build or load a posterior (``laplace.head``), not to train the head."""
+    it only when they build or load a posterior (``laplace.head``), not to train the head. Imported
+    then, after the stage has set up its logging, its notices about missing optional backends do not
+    reach the log."""
     check = ("import sys\n"
              "import modules.stages.train_head, modules.stages.fit_laplace, modules.stages.evaluate_uncertainty\n"
              "import modules.interactive.predictor\n"
              "heavy = sorted(name for name in ('laplace', 'torchmetrics') if name in sys.modules)\n"
              "assert not heavy, heavy\n"
+             "from modules.core.console import configure_logging\n"
              "from modules.laplace.head import resolve_backend\n"
-             "assert resolve_backend('backpack').__name__ == 'BackPackGGN' and 'laplace' in sys.modules\n")
+             "configure_logging()\n"
+             "assert resolve_backend('backpack').__name__ == 'BackPackGGN' and 'laplace' in sys.modules\n"
+             "import logging; logging.getLogger('pipeline').info('still logging')\n")
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("INFO pipeline: still logging"), result.stdout
+    assert "backend" not in result.stdout + result.stderr, result.stdout + result.stderr

@@ -9,9 +9,11 @@ only the row that carries the head's logit is kept for prediction and sampling
 from __future__ import annotations
 
 import io
+import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
@@ -35,8 +37,7 @@ if TYPE_CHECKING:
     from laplace.curvature.curvature import CurvatureInterface
 
 # All three backends give the same curvature; they differ in speed (benchmarks/bench_laplace.py).
-# The class names in ``laplace.curvature``: laplace-torch is imported only where a posterior is built,
-# since importing it (and torchmetrics with it) costs seconds that the stages without one need not pay.
+# The class names in ``laplace.curvature`` (``laplace_torch``).
 LAPLACE_BACKENDS: dict[str, str] = {
     "backpack": "BackPackGGN",
     "asdl": "AsdlGGN",
@@ -133,15 +134,29 @@ def two_class_last_layer(final_conv: nn.Conv2d) -> nn.Sequential:
     return nn.Sequential(linear)
 
 
+def laplace_torch() -> ModuleType:
+    """The ``laplace`` package (laplace-torch), imported on first use: importing it, and torchmetrics
+    with it, costs seconds that the processes which build no posterior need not pay. Its import logs
+    which optional curvature backends are missing, at INFO on the root logger; nobody here can act on
+    that, so those lines are held back."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        import laplace
+        import laplace.curvature
+    finally:
+        root.setLevel(level)
+    return laplace
+
+
 def resolve_backend(name: str) -> type[CurvatureInterface]:
     """The laplace-torch curvature backend class registered under ``name``."""
     if name not in LAPLACE_BACKENDS:
         raise LaplacePosteriorError(
             f"laplace.backend: unknown backend {name!r}; choose one of {sorted(LAPLACE_BACKENDS)}"
         )
-    import laplace.curvature  # deferred: see LAPLACE_BACKENDS
-
-    return getattr(laplace.curvature, LAPLACE_BACKENDS[name])
+    return getattr(laplace_torch().curvature, LAPLACE_BACKENDS[name])
 
 
 def build_head_laplace(
@@ -153,10 +168,8 @@ def build_head_laplace(
     ``temperature`` T divides the GGN (posterior precision ``H / T + prior``): the pixels of a
     mask are far from independent observations, and T > 1 stops them from being counted as such.
     """
-    from laplace import Laplace  # deferred: see LAPLACE_BACKENDS
-
     last_layer = two_class_last_layer(check_head(head))
-    return Laplace(
+    return laplace_torch().Laplace(
         last_layer,
         likelihood=LAPLACE_LIKELIHOOD,
         subset_of_weights=LAPLACE_SUBSET_OF_WEIGHTS,
