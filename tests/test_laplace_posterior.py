@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from laplace import Laplace
 from laplace.curvature import BackPackGGN
 
 from modules.core.config import ConfigError, load_config
+from modules.core.console import filter_noisy_warnings
 from modules.evaluation.methods import STRATEGY_BUILDERS
 from modules.laplace import head as lh
 from modules.laplace import hypernet as lhn
@@ -81,6 +83,17 @@ def test_laplace_hessian_row1_equals_closed_form_bernoulli_ggn(backend):
     torch.testing.assert_close(la.H[2 * C + 1], diag_b, rtol=1e-4, atol=1e-6)
     assert la.n_data == 3 * SIZE * SIZE
     assert la.state_dict()["data"] is None
+
+
+def test_a_fit_shows_no_third_party_warning():
+    """BackPACK warns on every fit that its backward hook fires with no input needing a gradient
+    (only the last layer is fitted, so none does); ``console.NOISY_WARNINGS`` hides it."""
+    head = make_head()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        filter_noisy_warnings()
+        lh.fit_head_laplace(head, make_samples(head, 2, seed=1), backend="backpack", pixels_per_chunk=50)
+    assert [f"{w.category.__name__}: {w.message}" for w in seen] == []
 
 
 def test_probit_predictive_equals_laplace_glm_probit(fitted):

@@ -33,6 +33,9 @@ NOISY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # h5py/numpy and backpack internals deprecating APIs they themselves call
     (r".*", DeprecationWarning, r"(h5py|backpack|laplace)(\.|$)"),
     (r".*", FutureWarning, r"(backpack|laplace)(\.|$)"),
+    # BackPACK's hooks during a Laplace fit: only the last layer is fitted, so no input needs a gradient
+    (r"Full backward hook is firing when gradients are computed with respect to module outputs", UserWarning,
+     r"laplace(\.|$)"),
     # submitit's pickling of the job functions
     (r".*", UserWarning, r"submitit(\.|$)"),
 )
@@ -66,8 +69,8 @@ def configure_logging(verbose: bool = False) -> None:
     err.setLevel(logging.WARNING)
     for handler in (out, err):
         handler.setFormatter(formatter)
-    # force: laplace-torch installs a WARNING-level root handler at import, which would hide every
-    # INFO line of the stages ("epoch 3: ...", "resumed after epoch 2").
+    # force: a library that logs through the root logger before this runs installs a WARNING-level
+    # root handler (laplace-torch does at import), which would hide every INFO line of the stages.
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[out, err], force=True)
     if not verbose:
         for name in ("matplotlib", "PIL", "h5py", "urllib3", "wandb", "git", "fsspec", "submitit"):
