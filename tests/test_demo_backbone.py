@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -97,6 +98,22 @@ def test_a_ground_truth_mask_prompt_helps(plain_scene_ious):
     assert oracle_ious.mean() >= point_ious.mean() + 0.03, (point_ious.mean(), oracle_ious.mean())
 
 
+def test_the_quality_tools_oracle_clicks_start_from_the_one_point_result(backbone, plain_scene_ious):
+    """``oracle_click_iou`` (the quality table's click column) with one click is the one-point
+    result; more clicks decode every click so far, so they change the mask."""
+    spec = importlib.util.spec_from_file_location("eval_demo_backbone", REPO / "tools" / "eval_demo_backbone.py")
+    quality_tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality_tool)
+    point_ious, _, _ = plain_scene_ious
+    changed = 0
+    for index in range(3):
+        image, mask = demo_scenes.render_scene("plain", demo_scenes.scene_seed("backbone_eval", 0, "plain", index))
+        features = backbone.encode(backbone.preprocess(image)[None])
+        assert quality_tool.oracle_click_iou(backbone, features, mask, clicks=1) == pytest.approx(point_ious[index])
+        changed += quality_tool.oracle_click_iou(backbone, features, mask, clicks=3) != pytest.approx(point_ious[index])
+    assert changed >= 1
+
+
 def test_quality_tool_reports_the_bar_and_the_outright_failures(tmp_path):
     """``tools/eval_demo_backbone.py`` end to end on two plain scenes: the table, the per-scene
     line and the verdict (the shipped figures come from this tool with 100 scenes per group)."""
@@ -108,7 +125,7 @@ def test_quality_tool_reports_the_bar_and_the_outright_failures(tmp_path):
     table = report.read_text()
     assert result.stdout.strip() == table.strip()
     assert result.returncode in (0, 1)  # 1 = bar not met, which two scenes may well be
-    assert "| plain |" in table and "| thin |" in table
+    assert "| plain |" in table and "| thin |" in table and "| 5 oracle clicks |" in table
     assert "plain, box (single) per scene: median" in table and "of 2 scenes below 0.5" in table
     verdict = "**met**" if result.returncode == 0 else "**NOT met**"
     assert verdict in table

@@ -9,7 +9,12 @@ never the demo data set). The checkpoint is loaded through ``load_backbone("sam"
 - point: one positive point at the maximum of the mask's distance transform (deepest interior);
 - box: the tight box (x0, y0, x1, y1) = (min col, min row, max col, max row) of the mask;
 - point + oracle mask: the point again, with the ground truth as the mask prompt (+-10 logits on
-  the 256 x 256 frame, as the pipeline's oracle refinement ablation; multimask, best predicted).
+  the 256 x 256 frame, as the pipeline's oracle refinement ablation; multimask, best predicted);
+- 5 oracle clicks: the point, then four clicks of the click simulation's error oracle
+  (``choose_by_error_oracle``: the interior of the largest error region, labelled by the ground
+  truth), each round decoding all clicks so far without a mask prompt (multimask, best
+  predicted), as stage 7's simulated interactive segmentation does: how well the model follows
+  corrective clicks.
 
 Each prompt is decoded with multimask output (the output with the best predicted IoU is kept)
 and with single-mask output. IoU is measured at the original resolution (FRAME256 logits
@@ -41,6 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from scipy import ndimage, stats  # noqa: E402
 
 from modules.data import demo_scenes  # noqa: E402
+from modules.interactive.click_policies import choose_by_error_oracle  # noqa: E402
 from modules.sam.registry import load_backbone  # noqa: E402
 from modules.core.fileio import atomic_write_text  # noqa: E402
 
@@ -48,7 +54,8 @@ DEFAULT_CHECKPOINT = REPO_ROOT / "assets" / "demo_backbone" / "demo_tiny.pt"
 DEFAULT_REPORT = REPO_ROOT / "assets" / "demo_backbone" / "quality.md"
 BAR = {"point": 0.75, "box": 0.85}
 HARD_GROUPS = ("camouflage", "transparent", "shadow", "medical_gray")
-COLUMNS = ("point_multi", "point_single", "box_multi", "box_single", "point_oracle_mask")
+COLUMNS = ("point_multi", "point_single", "box_multi", "box_single", "point_oracle_mask", "oracle_clicks")
+ORACLE_CLICKS = 5
 ORACLE_MASK_LOGIT = 10.0  # as the evaluation's oracle ablation (modules/evaluation/methods.py)
 
 
@@ -71,6 +78,26 @@ def iou_at_original(logits: torch.Tensor, mask: np.ndarray) -> np.ndarray:
     intersection = (resized & truth).sum(dim=(-2, -1)).float()
     union = (resized | truth).sum(dim=(-2, -1)).float().clamp(min=1)
     return (intersection / union).numpy()
+
+
+def oracle_click_iou(backbone, features, mask: np.ndarray, clicks: int = ORACLE_CLICKS) -> float:
+    """IoU after ``clicks`` error-oracle clicks, the first at the deepest interior pixel."""
+    coords, labels = deepest_point(mask)[0].tolist(), [1.0]
+    for round_index in range(clicks):
+        logits, iou_pred = backbone.decode(features, mask.shape, multimask_output=True,
+                                           point_coords=np.array([coords], dtype=np.float32),
+                                           point_labels=np.array([labels]))
+        best = int(iou_pred[0].argmax())
+        if round_index == clicks - 1:
+            return float(iou_at_original(logits, mask)[0, best])
+        predicted = (F.interpolate(logits[:, best:best + 1], mask.shape, mode="bilinear",
+                                   align_corners=False)[0, 0] > 0).numpy()
+        choice = choose_by_error_oracle(predicted, mask, [(int(y), int(x)) for x, y in coords])
+        if choice is None:  # exact, or every error pixel already clicked
+            return float(iou_at_original(logits, mask)[0, best])
+        coords.append([choice.col, choice.row])
+        labels.append(float(choice.label))
+    raise ValueError("clicks must be >= 1")
 
 
 def _spearman(x: list[float], y: list[float]) -> float:
@@ -109,6 +136,7 @@ def evaluate(checkpoint: Path, scenes_per_group: int = 100, groups=demo_scenes.G
             logits, iou_pred = backbone.decode(features, mask.shape, multimask_output=True,
                                                dense_embedding_override=oracle, **prompts["point"])
             ious["point_oracle_mask"].append(iou_at_original(logits, mask)[0][int(iou_pred[0].argmax())])
+            ious["oracle_clicks"].append(oracle_click_iou(backbone, features, mask))
         row = {column: float(np.mean(values)) for column, values in ious.items()}
         # undefined (nan) when either side is constant, e.g. every prediction empty
         row["spearman"] = _spearman(predicted, true)
@@ -135,14 +163,18 @@ def markdown_table(result: dict, seconds: float, scenes_per_group: int) -> str:
         "Mean IoU at the original resolution. point = one positive point at the deepest interior pixel; "
         "box = tight box. multi = the multimask output with the best predicted IoU; single = the "
         "single-mask output. point + oracle mask = the point with the ground truth as mask prompt "
-        "(multi). Spearman = predicted vs true IoU over all multimask outputs of point and box.",
+        f"(multi). {ORACLE_CLICKS} oracle clicks = the point, then the click simulation's error oracle "
+        f"until {ORACLE_CLICKS} clicks, decoded without a mask prompt (multi). Spearman = predicted vs "
+        "true IoU over all multimask outputs of point and box.",
         "",
-        "| group | point (multi) | point (single) | box (multi) | box (single) | point + oracle mask | Spearman |",
-        "|---|---|---|---|---|---|---|",
+        f"| group | point (multi) | point (single) | box (multi) | box (single) | point + oracle mask "
+        f"| {ORACLE_CLICKS} oracle clicks | Spearman |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for group, row in result["groups"].items():
         lines.append(f"| {group} | {row['point_multi']:.3f} | {row['point_single']:.3f} | {row['box_multi']:.3f} "
-                     f"| {row['box_single']:.3f} | {row['point_oracle_mask']:.3f} | {row['spearman']:.3f} |")
+                     f"| {row['box_single']:.3f} | {row['point_oracle_mask']:.3f} | {row['oracle_clicks']:.3f} "
+                     f"| {row['spearman']:.3f} |")
     summary = result["summary"]
     lines += ["", f"Spearman over all groups: {summary['spearman_all_groups']:.3f}."]
     if "plain" in result["box_single_per_scene"]:
