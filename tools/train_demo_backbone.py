@@ -33,6 +33,14 @@ gives bit-identical weights (other thread counts may round differently). The che
 written atomically as a float16 state dict (``load_state_dict`` casts back to float32), with
 ``demo_tiny.json`` beside it (command, seed, phases, steps, wall time, metrics). ``--measure N``
 times the first N steps and exits without saving.
+
+A ``clicks=R`` phase adds a fifth decoder call per image: the single point followed by 1 .. R
+simulated corrective clicks (``corrective_click_inputs``: each round decodes the clicks so far and
+clicks a pixel it got wrong), as SAM's interactive training does without the mask prompt;
+``frozen`` keeps the image encoder fixed (only its forward pass runs), and ``--init`` starts from
+a checkpoint (its md5 and record are kept in the new record). On the shipped checkpoint such a
+phase did not teach the decoder to follow more clicks (README.md, "Simulated clicks"), so the
+shipped checkpoint has none.
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ from modules.data import demo_scenes  # noqa: E402
 from modules.sam.demo_tiny import build_demo_tiny  # noqa: E402
 from modules.sam.preprocessing import SamPreprocessor  # noqa: E402
 from modules.sam.sam_v1 import sam_mask_decoder_pass  # noqa: E402
-from modules.core.fileio import atomic_path, atomic_write_json  # noqa: E402
+from modules.core.fileio import atomic_path, atomic_write_json, file_md5  # noqa: E402
 
 DEFAULT_OUTPUT = REPO_ROOT / "assets" / "demo_backbone" / "demo_tiny.pt"
 #: Sampling weight of each scene group; every group is seen, ``plain`` most often (0.7 rather
@@ -87,6 +95,8 @@ class Phase:
     warmup: int
     box_weight: float = 1.0
     mask_pass: bool = False
+    click_rounds: int = 0
+    frozen_encoder: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "Phase":
@@ -99,13 +109,18 @@ class Phase:
                     phase = replace(phase, mask_pass=True)
                 elif option.startswith("box="):
                     phase = replace(phase, box_weight=float(option[len("box="):]))
+                elif option.startswith("clicks="):
+                    phase = replace(phase, click_rounds=int(option[len("clicks="):]))
+                elif option == "frozen":
+                    phase = replace(phase, frozen_encoder=True)
                 else:
                     raise ValueError(f"unknown option {option!r}")
         except (IndexError, ValueError) as error:
             raise argparse.ArgumentTypeError(
-                f"--phase {text!r}: expected STEPS,LR,WARMUP[,box=W][,mask] ({error})") from None
-        if phase.steps < 1 or phase.lr <= 0 or phase.warmup < 0:
-            raise argparse.ArgumentTypeError(f"--phase {text!r}: steps >= 1, lr > 0 and warmup >= 0 are required")
+                f"--phase {text!r}: expected STEPS,LR,WARMUP[,box=W][,mask][,clicks=R][,frozen] ({error})") from None
+        if phase.steps < 1 or phase.lr <= 0 or phase.warmup < 0 or phase.click_rounds < 0:
+            raise argparse.ArgumentTypeError(
+                f"--phase {text!r}: steps >= 1, lr > 0, warmup >= 0 and clicks >= 0 are required")
         return phase
 
 
@@ -210,6 +225,7 @@ class SceneDataset(Dataset):
             "multi_labels": torch.tensor(multi_labels, dtype=torch.float32),
             "box": torch.tensor(box.reshape(1, 4), dtype=torch.float32),
             "group": demo_scenes.GROUPS.index(group),
+            "valid_hw": torch.tensor([input_h, input_w]),
         }
 
 
@@ -310,11 +326,73 @@ def mask_prompt_inputs(previous_logits: torch.Tensor, targets: torch.Tensor,
     return masks, points, labels
 
 
+def _corrective_click(wrong: torch.Tensor, generator: torch.Generator) -> tuple[int, int] | None:
+    """(row, col) of one corrective click in the ``h x w`` bool error map ``wrong``, or ``None``.
+
+    Half of the time the error oracle's click (the interior of the largest error region, as the
+    pipeline's simulated annotator), otherwise a uniformly drawn error pixel (SAM's training).
+    """
+    candidates = wrong.nonzero()
+    if len(candidates) == 0:
+        return None
+    if torch.rand(1, generator=generator).item() < 0.5:
+        row, col = candidates[torch.randint(len(candidates), (1,), generator=generator).item()].tolist()
+        return row, col
+    components, count = ndimage.label(wrong.numpy(), structure=np.ones((3, 3), dtype=bool))
+    largest = components == 1 + int(np.argmax(np.bincount(components.ravel(), minlength=count + 1)[1:]))
+    distance = ndimage.distance_transform_edt(np.pad(largest, 1))[1:-1, 1:-1]
+    row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return int(row), int(col)
+
+
+def corrective_click_inputs(model, embeddings: torch.Tensor, targets: torch.Tensor, valid_hw: torch.Tensor,
+                            points: tuple[torch.Tensor, torch.Tensor], rounds: int,
+                            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clicks of ``rounds`` simulated corrections after the prompt ``points``, without gradients.
+
+    Each round decodes the clicks so far (no mask prompt, as the pipeline's click simulation), keeps
+    the multimask output with the best predicted IoU and adds one click per prompt set on the pixels
+    it got wrong inside the image (``_corrective_click``; label = the ground truth there; padding
+    once nothing is wrong), so the model learns to follow up to ``1 + rounds`` clicks.
+
+    Args:
+        embeddings: ``P x 256 x 64 x 64``; targets: ``P x 256 x 256`` {0, 1}; valid_hw: ``P x 2``
+            (the image's rows and columns in the padded input frame); points: ``P x N x 2``
+            (x, y) and ``P x N`` labels.
+    Returns:
+        ``P x (N + rounds) x 2`` points and ``P x (N + rounds)`` labels (-1 = padding).
+    """
+    coords, labels = points
+    for _ in range(rounds):
+        with torch.no_grad():
+            sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+            decoded = sam_mask_decoder_pass(model.mask_decoder, embeddings, model.prompt_encoder.get_dense_pe(),
+                                            sparse, dense)
+        chosen = 1 + decoded.iou_predictions[:, 1:].argmax(dim=1)
+        kept = decoded.masks[torch.arange(len(chosen)), chosen] > 0
+        new_coords = torch.zeros(len(chosen), 1, 2)
+        new_labels = -torch.ones(len(chosen), 1)
+        for index in range(len(chosen)):
+            rows, cols = valid_hw[index].tolist()
+            wrong = (kept[index] != targets[index].bool())[:rows, :cols]
+            click = _corrective_click(wrong, generator)
+            if click is not None:
+                new_coords[index, 0] = torch.tensor([click[1] + 0.5, click[0] + 0.5])
+                new_labels[index, 0] = targets[index, click[0], click[1]]
+        coords, labels = torch.cat([coords, new_coords], dim=1), torch.cat([labels, new_labels], dim=1)
+    return coords, labels
+
+
 def training_step(model, batch, pixel_loss: str = "bce", box_weight: float = 1.0, mask_pass: bool = False,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+                  generator: torch.Generator | None = None, click_rounds: int = 0,
+                  frozen_encoder: bool = False) -> tuple[torch.Tensor, dict]:
     """Encoder once per image, then three batched decoder calls (single point, multi, box), and
-    with ``mask_pass`` a fourth: the single point again with a mask prompt (``mask_prompt_inputs``)."""
-    embeddings = model.image_encoder(batch["image"])
+    with ``mask_pass`` a fourth: the single point again with a mask prompt (``mask_prompt_inputs``).
+    With ``click_rounds`` one more: the single point followed by 1 .. ``click_rounds`` simulated
+    corrective clicks (``corrective_click_inputs``). ``frozen_encoder`` runs the encoder without
+    gradients."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_encoder):
+        embeddings = model.image_encoder(batch["image"])
     targets = batch["target"]
     num_images = embeddings.shape[0]
 
@@ -338,6 +416,14 @@ def training_step(model, batch, pixel_loss: str = "bce", box_weight: float = 1.0
                                                    pixel_loss=pixel_loss)
         losses.append(loss_mask)
         stats["mask_prompt_iou"] = stats_mask["best_iou"]
+    if click_rounds:
+        rounds = 1 + int(torch.randint(click_rounds, (1,), generator=generator).item())
+        points = corrective_click_inputs(model, embeddings, targets, batch["valid_hw"], single_points, rounds,
+                                         generator)
+        loss_clicks, stats_clicks, _ = prompt_set_loss(model, embeddings, targets, points=points,
+                                                       pixel_loss=pixel_loss)
+        losses.append(loss_clicks)
+        stats["clicks_iou"] = stats_clicks["best_iou"]
     loss = sum(losses) / (len(losses) - 1 + box_weight)
     stats["loss"] = loss.item()
     return loss, stats
@@ -378,9 +464,11 @@ def save_checkpoint(model, path: Path, record: dict) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--phase", dest="phases", action="append", type=Phase.parse, default=None,
-                        metavar="STEPS,LR,WARMUP[,box=W][,mask]",
+                        metavar="STEPS,LR,WARMUP[,box=W][,mask][,clicks=R][,frozen]",
                         help="one training phase (repeat for several; default: DEFAULT_RECIPE, "
                              + " then ".join(_phase_text(p) for p in DEFAULT_RECIPE) + ")")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from this demo_tiny checkpoint (a float16 state dict) instead of random weights")
     parser.add_argument("--batch-images", type=int, default=2)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--pixel-loss", choices=("bce", "focal"), default="bce",
@@ -395,12 +483,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-scenes", type=int, default=50, help="held-out scenes per group at the end")
     args = parser.parse_args(argv)
     args.phases = tuple(args.phases or DEFAULT_RECIPE)
+    # read before the run's output may replace the start checkpoint
+    args.init_record = None
+    if args.init is not None:
+        if not args.init.is_file():
+            parser.error(f"--init {args.init}: no such checkpoint")
+        record_path = args.init.with_suffix(".json")
+        args.init_record = {"path": str(args.init), "md5": file_md5(args.init),
+                            "record": json.loads(record_path.read_text()) if record_path.is_file() else None}
     return args
 
 
 def _phase_text(phase: Phase) -> str:
     """The ``--phase`` spelling of ``phase``."""
     options = ([f"box={phase.box_weight:g}"] if phase.box_weight != 1.0 else []) + (["mask"] if phase.mask_pass else [])
+    options += [f"clicks={phase.click_rounds}"] if phase.click_rounds else []
+    options += ["frozen"] if phase.frozen_encoder else []
     return ",".join([str(phase.steps), f"{phase.lr:g}", str(phase.warmup), *options])
 
 
@@ -414,6 +512,8 @@ def main(argv=None) -> int:
     generator = torch.Generator().manual_seed(args.seed)
 
     model = build_demo_tiny()
+    if args.init is not None:
+        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
     model.train()
     preprocessor = SamPreprocessor(256, tuple(model.pixel_mean.flatten().tolist()),
                                    tuple(model.pixel_std.flatten().tolist()))
@@ -437,7 +537,8 @@ def main(argv=None) -> int:
         phase, phase_step = phase_at(args.phases, step)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(phase_step, phase_step / phase.steps, phase.lr, phase.warmup)
-        loss, stats = training_step(model, batch, args.pixel_loss, phase.box_weight, phase.mask_pass, generator)
+        loss, stats = training_step(model, batch, args.pixel_loss, phase.box_weight, phase.mask_pass, generator,
+                                    phase.click_rounds, phase.frozen_encoder)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -478,10 +579,12 @@ def main(argv=None) -> int:
 
 def _record(args, command: str, step: int, start: float, history: list[dict], complete: bool) -> dict:
     recent = history[-50:]
-    metric_names = ("loss", "point_iou", "multi_iou", "box_iou", "box_best_iou", "iou_mse", "mask_prompt_iou")
+    metric_names = ("loss", "point_iou", "multi_iou", "box_iou", "box_best_iou", "iou_mse", "mask_prompt_iou",
+                    "clicks_iou")
     return {
         "command": command,
         "seed": args.seed,
+        "init": args.init_record,
         "steps_done": step,
         "steps_planned": sum(phase.steps for phase in args.phases),
         "phases": [asdict(phase) for phase in args.phases],
