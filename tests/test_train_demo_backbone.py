@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,18 +100,20 @@ def test_one_command_reproduces_the_checkpoint_bit_for_bit(tmp_path):
 
 
 def test_corrective_clicks_land_on_errors_inside_the_image():
-    """The click phase's annotator: a uniformly drawn error pixel, or the oracle's interior of the
-    largest error region; never a pixel that is right, nothing when nothing is wrong."""
-    wrong = torch.zeros(40, 50, dtype=torch.bool)
-    wrong[5:25, 10:30] = True  # the largest error region, its interior at rows 14-15, columns 19-20
-    wrong[30:33, 2:5] = True
+    """The click phase's annotator: a uniformly drawn error pixel, or the error oracle's interior of
+    the largest error region; never a pixel that is right, nothing when nothing is wrong."""
+    truth = np.zeros((40, 50), dtype=bool)
+    truth[30:33, 2:5] = True  # missed foreground
+    predicted = np.zeros_like(truth)
+    predicted[5:25, 10:30] = True  # covered background, the largest error region: interior rows 14-15, columns 19-20
+    wrong = predicted != truth
     generator = torch.Generator().manual_seed(0)
-    clicks = [tool._corrective_click(wrong, generator) for _ in range(40)]
+    clicks = [tool._corrective_click(predicted, truth, generator) for _ in range(40)]
     assert all(wrong[row, col] for row, col in clicks)
     centre = sum(14 <= row <= 15 and 19 <= col <= 20 for row, col in clicks)
     assert 10 <= centre <= 30  # the oracle's half (a uniform draw hits these 4 of 409 pixels 1% of the time)
     assert len(set(clicks)) > 2  # and the uniform half
-    assert tool._corrective_click(torch.zeros(8, 8, dtype=torch.bool), generator) is None
+    assert tool._corrective_click(truth, truth, generator) is None
 
 
 def test_corrective_click_inputs_follow_the_ground_truth(tmp_path):

@@ -81,7 +81,9 @@ def iou_at_original(logits: torch.Tensor, mask: np.ndarray) -> np.ndarray:
 
 
 def oracle_click_iou(backbone, features, mask: np.ndarray, clicks: int = ORACLE_CLICKS) -> float:
-    """IoU after ``clicks`` error-oracle clicks, the first at the deepest interior pixel."""
+    """IoU after ``clicks`` (>= 1) error-oracle clicks, the first at the deepest interior pixel."""
+    if clicks < 1:
+        raise ValueError(f"clicks must be >= 1, not {clicks}")
     coords, labels = deepest_point(mask)[0].tolist(), [1.0]
     for round_index in range(clicks):
         logits, iou_pred = backbone.decode(features, mask.shape, multimask_output=True,
@@ -97,7 +99,6 @@ def oracle_click_iou(backbone, features, mask: np.ndarray, clicks: int = ORACLE_
             return float(iou_at_original(logits, mask)[0, best])
         coords.append([choice.col, choice.row])
         labels.append(float(choice.label))
-    raise ValueError("clicks must be >= 1")
 
 
 def _spearman(x: list[float], y: list[float]) -> float:

@@ -66,6 +66,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from modules.data import demo_scenes  # noqa: E402
+from modules.interactive.click_policies import choose_by_error_oracle  # noqa: E402
 from modules.sam.demo_tiny import build_demo_tiny  # noqa: E402
 from modules.sam.preprocessing import SamPreprocessor  # noqa: E402
 from modules.sam.sam_v1 import sam_mask_decoder_pass  # noqa: E402
@@ -326,23 +327,21 @@ def mask_prompt_inputs(previous_logits: torch.Tensor, targets: torch.Tensor,
     return masks, points, labels
 
 
-def _corrective_click(wrong: torch.Tensor, generator: torch.Generator) -> tuple[int, int] | None:
-    """(row, col) of one corrective click in the ``h x w`` bool error map ``wrong``, or ``None``.
+def _corrective_click(predicted: np.ndarray, truth: np.ndarray, generator: torch.Generator) -> tuple[int, int] | None:
+    """(row, col) of one corrective click where the ``h x w`` bool ``predicted`` differs from
+    ``truth``, or ``None`` when nothing is wrong.
 
-    Half of the time the error oracle's click (the interior of the largest error region, as the
-    pipeline's simulated annotator), otherwise a uniformly drawn error pixel (SAM's training).
+    Half of the time the click simulation's error oracle (``choose_by_error_oracle``: the interior
+    of the largest error region), otherwise a uniformly drawn error pixel (SAM's training).
     """
-    candidates = wrong.nonzero()
+    candidates = np.argwhere(predicted != truth)
     if len(candidates) == 0:
         return None
     if torch.rand(1, generator=generator).item() < 0.5:
-        row, col = candidates[torch.randint(len(candidates), (1,), generator=generator).item()].tolist()
-        return row, col
-    components, count = ndimage.label(wrong.numpy(), structure=np.ones((3, 3), dtype=bool))
-    largest = components == 1 + int(np.argmax(np.bincount(components.ravel(), minlength=count + 1)[1:]))
-    distance = ndimage.distance_transform_edt(np.pad(largest, 1))[1:-1, 1:-1]
-    row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return int(row), int(col)
+        row, col = candidates[torch.randint(len(candidates), (1,), generator=generator).item()]
+        return int(row), int(col)
+    choice = choose_by_error_oracle(predicted, truth, [])
+    return choice.row, choice.col
 
 
 def corrective_click_inputs(model, embeddings: torch.Tensor, targets: torch.Tensor, valid_hw: torch.Tensor,
@@ -374,8 +373,8 @@ def corrective_click_inputs(model, embeddings: torch.Tensor, targets: torch.Tens
         new_labels = -torch.ones(len(chosen), 1)
         for index in range(len(chosen)):
             rows, cols = valid_hw[index].tolist()
-            wrong = (kept[index] != targets[index].bool())[:rows, :cols]
-            click = _corrective_click(wrong, generator)
+            click = _corrective_click(kept[index, :rows, :cols].numpy(),
+                                      targets[index, :rows, :cols].bool().numpy(), generator)
             if click is not None:
                 new_coords[index, 0] = torch.tensor([click[1] + 0.5, click[0] + 0.5])
                 new_labels[index, 0] = targets[index, click[0], click[1]]
