@@ -25,7 +25,7 @@ from modules.evaluation.samples import EvalUnit, LabelledSample, list_eval_units
 from modules.interactive.click_policies import CLICK_POLICIES, ClickChoice, click_spacing
 from modules.interactive.click_metrics import TRACE_COLUMNS
 from modules.interactive.simulation import (Annotator, ClickSimulator, Lane, SimulationError, checked_policies,
-                                            simulated_units, simulation_lanes)
+                                            later_output_policy, simulated_units, simulation_lanes)
 from modules.stages.evaluate_uncertainty import KILL_AFTER_CLICK_IMAGES_ENV, fingerprint_sections
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -56,6 +56,20 @@ def test_bad_settings_name_the_key():
         cfg = load_config(None, [override])
         with pytest.raises(SimulationError, match=f"evaluation.active_prompting.{key}"):
             checked_policies(cfg)
+    # auto: SAM's single-mask output after the first click, but on the demo model (README, "Simulated clicks")
+    assert later_output_policy(load_config(None)) == "best_iou"
+    assert later_output_policy(load_config(None, ["sam.model_type=vit_b"])) == "single"
+    assert later_output_policy(load_config(None, ["sam.family=sam2", "sam.model_type=hiera_t"])) == "single"
+    for setting in ("auto", "single"):
+        decoder_posterior = load_config(None, ["laplace.target=sam_decoder", "sam.model_type=vit_b",
+                                               f"evaluation.active_prompting.later_output={setting}"])
+        with pytest.raises(SimulationError,
+                           match=f"evaluation.active_prompting.later_output: '{setting}' .* sam_decoder"):
+            later_output_policy(decoder_posterior)
+    assert later_output_policy(load_config(None, ["laplace.target=sam_decoder", "sam.model_type=vit_b",
+                                                  "evaluation.active_prompting.later_output=as_first"])) == "best_iou"
+    assert later_output_policy(load_config(None, ["laplace.target=sam_decoder", "sam.model_type=vit_b",
+                                                  "sam.multimask_policy=single"])) == "single"
     with pytest.raises(ConfigError, match="evaluation.active_prompting.random_draws: must be an integer of at least 1"):
         load_config(None, ["evaluation.active_prompting.random_draws=0"])
     for value in ("-1", "far", "nan"):
@@ -211,10 +225,12 @@ class RecordingSimulator(ClickSimulator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.calls = []
+        self.outputs_kept = []  # per call, the decoder outputs each prompt set chose from
 
-    def decode(self, sample, features, record, mask_input=None):
-        state = super().decode(sample, features, record, mask_input)
+    def decode(self, sample, features, record, mask_input=None, multimask_policy=None):
+        state = super().decode(sample, features, record, mask_input, multimask_policy)
         self.calls.append((record, mask_input, torch.from_numpy(state.cache_entry.logits).float()))
+        self.outputs_kept.append(state.cache_entry.iou_predictions.shape[1])
         return state
 
 
@@ -238,8 +254,39 @@ def test_each_round_gives_sam_its_own_last_logits_as_mask_prompt(fusion_project)
         calls, features = list(simulator.calls), simulator.start(labelled, unseen=False).features
         for (_, _, before), (record, mask_input, after) in zip(calls, calls[1:]):
             assert mask_input.shape == (2, 1, 256, 256) and torch.equal(mask_input[:, 0], before)
-            without = simulator.decode(labelled.inputs, features, record)
+            without = simulator.decode(labelled.inputs, features, record, multimask_policy=simulator.later_policy)
             assert not torch.equal(torch.from_numpy(without.cache_entry.logits).float(), after)
+
+
+def test_later_rounds_keep_sams_single_mask_output(fusion_project):
+    """``later_output: single``: the first interaction keeps stage 3's output (the best of SAM's three
+    multimask outputs), every later round SAM's single-mask output, the same logits as decoding the
+    round's clicks with ``sam.multimask_policy: single``; prompt perturbation decodes its jittered
+    clicks likewise. ``as_first`` keeps the multimask outputs in every round."""
+    torch.set_num_threads(1)
+    overrides = ("evaluation.active_prompting.max_clicks=3", "evaluation.active_prompting.random_draws=1",
+                 "evaluation.active_prompting.policies=[oracle,prompt_perturbation,random]")
+    labelled = None
+    for later_output, expected in (("single", [3, 1, 1]), ("as_first", [3, 3, 3])):
+        cfg = fusion_project.load_config(*overrides, f"evaluation.active_prompting.later_output={later_output}")
+        assert cfg.sam.multimask_policy == "best_iou"
+        simulator = RecordingSimulator(cfg, Artifacts(cfg, RunIds.resolve("v1"), torch.device("cpu")))
+        labelled = labelled or load_sample(cfg, open_cache(cfg), list_eval_units(cfg)[0])
+        trace = simulator.simulate(labelled, unseen=False)
+        assert simulator.outputs_kept == expected
+        later_perturbation = simulator.later_strategies["prompt_perturbation"]
+        assert later_perturbation.multimask_policy == ("single" if later_output == "single" else "best_iou")
+        assert simulator.strategies["prompt_perturbation"].multimask_policy == "best_iou"
+        if later_output == "as_first":
+            assert simulator.later_strategies is simulator.strategies
+            continue
+        record, _, logits = simulator.calls[-1]
+        features = simulator.start(labelled, unseen=False).features
+        single = simulator.decode(labelled.inputs, features, record, multimask_policy="single")
+        assert torch.equal(torch.from_numpy(single.cache_entry.logits).float(), logits)
+        best = simulator.decode(labelled.inputs, features, record)
+        assert not torch.equal(torch.from_numpy(best.cache_entry.logits).float(), logits)
+        assert len(trace) == 3 * 3 and (trace["clicks"] == 3).sum() == 3
 
 
 def test_stage_writes_the_traces_and_resumes_after_sigkill(fusion_project):

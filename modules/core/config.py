@@ -239,6 +239,13 @@ class ActivePromptingConfig:
     # low-res logits of the round before as a mask prompt (SAM's interactive protocol); ``none``:
     # the clicks alone (README, "Simulated clicks": on the demo backbone ``previous`` scores lower).
     mask_prompt: Literal["previous", "none"] = "none"
+    # The decoder output kept from the second interaction on, when every prompt set holds more than one
+    # prompt: ``single``, SAM's single-mask output (SAM returns, and was trained on, only that output
+    # for more than one prompt; SAM 2 uses its multimask outputs for one point only);
+    # ``as_first``: ``sam.multimask_policy``, as on the first interaction and in stage 3; ``auto``:
+    # ``single`` for every backbone but those whose multimask outputs were also trained on several
+    # prompts (``sam.registry.MULTIMASK_TRAINED_ON_SEVERAL_PROMPTS``: the demo model).
+    later_output: Literal["auto", "single", "as_first"] = "auto"
     # The strategy whose mask is corrected and scored (its probability > 0.5), the same for every policy.
     mask_method: str = "map_head"
     seed: int = 0

@@ -14,9 +14,12 @@ object's interior point farthest from its boundary; or the object's tight box), 
    ``mask_prompt: previous``, from the second round on each prompt set also gives SAM its own
    low-res logits of the round before as a mask prompt, as SAM's interactive protocol does (SAM was
    trained to correct its last mask with the new click); ``none`` (the default) decodes the clicks
-   alone. SAM's mask decoder takes one image's embedding per call (it repeats it over the
-   prompt sets), so the decoder runs image by image (each image's prompt sets in calls of at most
-   ``sam.decoder_batch``, ``Backbone.decode``);
+   alone. The first round keeps the output stage 3 keeps (``sam.multimask_policy``); with
+   ``later_output: single`` (``auto`` on SAM, SAM 2 and SAM 3 checkpoints) every later round keeps
+   SAM's single-mask output, the only one SAM returns for more than one prompt, and the strategies
+   that decode again (prompt perturbation) keep it too. SAM's mask decoder takes one image's
+   embedding per call (it repeats it over the prompt sets), so the decoder runs image by image (each
+   image's prompt sets in calls of at most ``sam.decoder_batch``, ``Backbone.decode``);
 2. the strategies the policies and the predicted mask need (``evaluation.methods.STRATEGY_BUILDERS``:
    head, Laplace, variance network, prompt perturbation, raw SAM) on those entries, each only on the
    prompt sets that read it, through ``Strategy.predict_batch``: one pass over the ``B`` images'
@@ -41,7 +44,7 @@ The result is the click trace (``TRACE_COLUMNS``, one row per image, lane and cl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -61,9 +64,10 @@ from modules.interactive.click_metrics import TRACE_COLUMNS
 from modules.interactive.click_policies import (CLICK_POLICIES, ClickChoice, ClickPolicy, annotator_label,
                                                 choose_at_random, choose_by_error_oracle, choose_by_map,
                                                 click_spacing)
+from modules.sam.registry import MULTIMASK_TRAINED_ON_SEVERAL_PROMPTS
 from modules.scoring.common import PROB_THRESHOLD
 from modules.scoring.mask_quality import mask_scores
-from modules.uncertainty.strategies import EvalSample, StrategyOutput
+from modules.uncertainty.strategies import EvalSample, Strategy, StrategyOutput
 
 SETTINGS_KEY = "evaluation.active_prompting"
 #: ``start: box`` decodes clicks and box together; ``start: point`` clicks only.
@@ -113,10 +117,32 @@ def needed_strategies(cfg: PipelineConfig) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def later_output_policy(cfg: PipelineConfig) -> str:
+    """The ``sam.multimask_policy`` the decoder keeps from the second interaction on
+    (``evaluation.active_prompting.later_output``; ``auto``: ``as_first`` for the backbones of
+    ``MULTIMASK_TRAINED_ON_SEVERAL_PROMPTS``, else ``single``), and a one-line error where the
+    SAM-decoder Laplace would read an output its posterior was not fitted on (it is per mask token)."""
+    first = cfg.sam.multimask_policy
+    setting = cfg.evaluation.active_prompting.later_output
+    if setting == "auto":
+        trained = (cfg.sam.family, cfg.sam.model_type) in MULTIMASK_TRAINED_ON_SEVERAL_PROMPTS
+        setting = "as_first" if trained else "single"
+    later = first if setting == "as_first" else "single"
+    if later != first and cfg.laplace.target == "sam_decoder" and "laplace" in needed_strategies(cfg):
+        raise SimulationError(
+            f"{SETTINGS_KEY}.later_output: {cfg.evaluation.active_prompting.later_output!r} keeps SAM's "
+            f"single-mask output from the second click on, "
+            f"whose mask token the SAM-decoder Laplace (laplace.target: sam_decoder) was not fitted on "
+            f"(sam.multimask_policy {first!r}); set {SETTINGS_KEY}.later_output: as_first")
+    return later
+
+
 def simulation_artifacts(cfg: PipelineConfig) -> set[str]:
-    """Names of ``evaluation.runs.ARTIFACT_FILES`` the simulation loads (none when it is disabled)."""
+    """Names of ``evaluation.runs.ARTIFACT_FILES`` the simulation loads (none when it is disabled);
+    checks the settings up front."""
     if not cfg.evaluation.active_prompting.enabled:
         return set()
+    later_output_policy(cfg)
     names = {"sam_checkpoint"}
     for strategy in needed_strategies(cfg):
         names.update(STRATEGY_BUILDERS[strategy].needs)
@@ -236,6 +262,14 @@ class ClickSimulator:
         self.seed = int(settings.seed)
         self.backbone = artifacts.backbone
         self.strategies = {name: STRATEGY_BUILDERS[name].build(cfg, artifacts) for name in needed_strategies(cfg)}
+        # From the second interaction on: the decoder output kept, and the strategies that decode
+        # again (prompt perturbation) built for that output.
+        self.later_policy = later_output_policy(cfg)
+        self.later_strategies = self.strategies
+        if self.later_policy != cfg.sam.multimask_policy:
+            later_cfg = replace(cfg, sam=replace(cfg.sam, multimask_policy=self.later_policy))
+            self.later_strategies = {name: STRATEGY_BUILDERS[name].build(later_cfg, artifacts)
+                                     for name in self.strategies}
         self.readers: dict[str, list[int]] = {name: [] for name in self.strategies}
         for index, lane in enumerate(self.lanes):
             strategy = self.policies[lane.policy].strategy
@@ -298,8 +332,12 @@ class ClickSimulator:
         """Decode every policy's clicks so far (one decoder call per image), run the strategies on all
         the images at once, and append each policy's trace row; keeps the outputs and the masks for
         ``choose``."""
-        states = [self.decode(run.sample, run.features, self.record(run), run.low_res_logits) for run in runs]
-        for run, state, outputs in zip(runs, states, self._run_strategies(states)):
+        later = any(run.rows[run.lanes[0]] for run in runs)  # the runs of a batch share their round
+        policy, strategies = ((self.later_policy, self.later_strategies) if later
+                              else (self.cfg.sam.multimask_policy, self.strategies))
+        states = [self.decode(run.sample, run.features, self.record(run), run.low_res_logits, policy)
+                  for run in runs]
+        for run, state, outputs in zip(runs, states, self._run_strategies(states, strategies)):
             run.outputs = outputs
             if self.mask_prompt == "previous":
                 run.low_res_logits = torch.from_numpy(state.cache_entry.logits).float().unsqueeze(1)
@@ -343,25 +381,28 @@ class ClickSimulator:
                                                 run.annotator, run.rngs[lane], size, spacing)
 
     def decode(self, sample: EvalSample, features: dict[str, torch.Tensor], record: dict,
-               mask_input: torch.Tensor | None = None) -> EvalSample:
+               mask_input: torch.Tensor | None = None, multimask_policy: str | None = None) -> EvalSample:
         """One decoder call for every lane's prompt set -> the ``EvalSample`` of those prompt sets.
-        ``mask_input``: ``L x 1 x 256 x 256`` FRAME256 logits given to SAM as mask prompts, or None."""
+        ``mask_input``: ``L x 1 x 256 x 256`` FRAME256 logits given to SAM as mask prompts, or None;
+        ``multimask_policy``: the output kept (default ``sam.multimask_policy``)."""
         prompts, ids = record_prompts(record)
         entry = sample.cache_entry
         mask_input = None if mask_input is None else mask_input.to(self.backbone.device)
         decoded = decoded_entry(self.backbone, features, entry.original_hw, entry.input_hw, prompts, ids,
-                                START_PROMPT_MODES[self.start_with], self.cfg.sam.multimask_policy, sample.safe_id,
+                                START_PROMPT_MODES[self.start_with],
+                                multimask_policy or self.cfg.sam.multimask_policy, sample.safe_id,
                                 entry.split, mask_input=mask_input)
         return EvalSample.build(sample.safe_id, sample.group, decoded, record, self.cfg.training.logit_clip,
                                 sample.image_loader)
 
-    def _run_strategies(self, samples: list[EvalSample]) -> list[dict[str, StrategyOutput]]:
-        """Per image, each strategy on the prompt sets that read it (``Strategy.predict_batch`` over the
-        images); outputs ``P x 256 x 256`` on CPU, rows of the prompt sets a strategy skipped left NaN
-        (never read)."""
+    def _run_strategies(self, samples: list[EvalSample], strategies: dict[str, Strategy]
+                        ) -> list[dict[str, StrategyOutput]]:
+        """Per image, each of ``strategies`` on the prompt sets that read it (``Strategy.predict_batch``
+        over the images); outputs ``P x 256 x 256`` on CPU, rows of the prompt sets a strategy skipped
+        left NaN (never read)."""
         outputs: list[dict[str, StrategyOutput]] = [{} for _ in samples]
         with torch.inference_mode():
-            for name, strategy in self.strategies.items():
+            for name, strategy in strategies.items():
                 indices = self.readers[name]
                 parts = strategy.predict_batch([subset_sample(sample, indices, self.cfg.training.logit_clip)
                                                 for sample in samples])

@@ -64,8 +64,16 @@ BACKBONE_REGISTRY: dict[tuple[str, str], tuple[Callable[[], nn.Module], type[Bac
 }
 
 
-__all__ = ["BACKBONE_REGISTRY", "build_sam_model", "check_registered", "configured_checkpoint_md5",
-           "load_backbone", "load_configured_backbone", "registered_backbones", "verify_checkpoint_archive"]
+#: Backbones whose multimask outputs were trained on prompt sets of several prompts as well (the demo
+#: model's recipe, ``tools/train_demo_backbone.py``). SAM and SAM 2 were trained to return only
+#: their single-mask output once a prompt set holds more than one prompt (SAM 3's interactive
+#: predictor follows SAM 2's).
+MULTIMASK_TRAINED_ON_SEVERAL_PROMPTS: frozenset[tuple[str, str]] = frozenset({("sam", "demo_tiny")})
+
+
+__all__ = ["BACKBONE_REGISTRY", "MULTIMASK_TRAINED_ON_SEVERAL_PROMPTS", "build_sam_model", "check_registered",
+           "configured_checkpoint_md5", "load_backbone", "load_configured_backbone", "registered_backbones",
+           "verify_checkpoint_archive"]
 
 
 def registered_backbones() -> list[tuple[str, str]]:
