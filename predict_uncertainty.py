@@ -19,6 +19,7 @@ from modules.core import paths
 from modules.core.stage import default_argument_parser, stage_context
 from modules.evaluation.runs import RunIds
 from modules.interactive.predictor import PREDICTOR_METHODS, UncertainPredictor
+from modules.sam.prompting import MULTIMASK_POLICIES
 from modules.stages.predict_uncertainty import check_prediction_inputs, promptsets_from_arguments, run_command
 
 
@@ -33,6 +34,9 @@ def main() -> None:
                         + " (default: every cheap method whose runs exist)")
     parser.add_argument("--out", default=None, help="output folder inside the project root "
                         "(default: predictions/<image stem>)")
+    parser.add_argument("--multimask_policy", default=None, choices=sorted(MULTIMASK_POLICIES),
+                        help="decoder output kept (default: sam.multimask_policy, what stage 3 cached); single: "
+                        "SAM's single-mask output, which SAM and SAM 2 return for more than one prompt")
     parser.add_argument("--run_id", default="v1", help="the trained runs (head, variance, Laplace, fusion)")
     for model in ("head", "variance", "laplace", "fusion"):
         parser.add_argument(f"--{model}_run_id", default=None, help=f"the {model} run (default: --run_id)")
@@ -45,7 +49,7 @@ def main() -> None:
         check_prediction_inputs(args.image)
         promptsets = promptsets_from_arguments(args.point, args.box, args.prompts)
         methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
-        run_command(ctx, args.image, promptsets, UncertainPredictor(ctx.cfg, runs, methods))
+        run_command(ctx, args.image, promptsets, UncertainPredictor(ctx.cfg, runs, methods), args.multimask_policy)
 
 
 if __name__ == "__main__":

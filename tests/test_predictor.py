@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from modules.cache.entries import record_prompts
 from modules.cache.training_index import open_cache
 from modules.core.errors import PipelineError
 from modules.data.imageio import read_image_rgb
@@ -19,6 +20,7 @@ from modules.evaluation.methods import Predictor
 from modules.evaluation.runs import Artifacts, RunIds
 from modules.evaluation.samples import list_eval_units, load_sample
 from modules.interactive.predictor import PredictorError, UncertainPredictor, suggest_click
+from modules.sam.prompting import decode_selected
 from modules.stages.predict_uncertainty import promptsets_from_arguments
 from tests.helpers.stage_calls import call_stage
 
@@ -130,6 +132,28 @@ def test_mask_input_is_decoded_by_sam_and_refused_by_the_fitted_methods(predicto
             predictor.predict(first["points"], first["labels"], mask_input=low_res, methods=["raw_sam", method])
 
 
+def test_multimask_policy_single_keeps_sams_single_mask_output(predictor, cached_sample):
+    """``multimask_policy="single"``: every prompt set keeps SAM's single-mask output, the logits the
+    decoder gives without its multimask outputs (as the click simulation's later rounds on a real SAM
+    checkpoint); the default keeps stage 3's best multimask output. An unknown name is one line."""
+    _, _, sample, _ = cached_sample
+    first = sample.record["promptsets"][0]
+    default = predictor.predict(first["points"], first["labels"], methods=["raw_sam", "map_head"])
+    single = predictor.predict(first["points"], first["labels"], methods=["raw_sam", "map_head"],
+                               multimask_policy="single")
+    assert default.entry.iou_predictions.shape == (1, 3) and single.entry.iou_predictions.shape == (1, 1)
+    prompts, _ = record_prompts(single.record)  # the clicks, padded to the prompt sets' point width
+    expected = decode_selected(predictor.backbone, predictor._features, predictor.image_hw, prompts,
+                               predictor.cfg.sam.prompt_mode, "single")
+    assert np.array_equal(single.entry.logits, expected.logits.to(torch.float16).numpy())
+    assert not np.array_equal(single.entry.logits, default.entry.logits)
+    assert np.array_equal(single.predicted_iou, expected.iou_predictions[:, 0].numpy())
+    assert not torch.equal(single.methods["map_head"].frame256.mean_prob, default.methods["map_head"].frame256.mean_prob)
+    assert predictor.later_output == "best_iou"  # the demo model keeps its multimask outputs (auto)
+    with pytest.raises(PredictorError, match="multimask_policy: 'triple' is not one of single, best_iou"):
+        predictor.predict(first["points"], first["labels"], multimask_policy="triple")
+
+
 def test_predictor_refuses_bad_prompts_and_runs_with_one_line(fusion_project, predictor, cached_sample):
     _, unit, _, _ = cached_sample
     height, width = unit.image_hw
@@ -171,6 +195,7 @@ def test_command_writes_overlay_maps_and_json(fusion_project, cached_sample, tmp
     assert summary["image_hw"] == [height, width]
     assert set(summary["methods"]) == {"raw_sam", "laplace", "variance_network"}
     assert summary["promptsets"][0]["labels"] == [1, 0]
+    assert summary["multimask_policy"] == "best_iou"  # sam.multimask_policy, as stage 3
     assert len(summary["predicted_iou"]) == 1
     for name in ("overlay.png", "probability.npy", "probability.png", "laplace_mutual_information.npy",
                  "laplace_mutual_information.png", "variance_network_log_variance.npy", "raw_sam_entropy.png"):

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -55,8 +55,9 @@ from modules.evaluation.runs import ARTIFACT_FILES, Artifacts, RunIds, artifact_
 from modules.evaluation.scoreboard import upsample
 from modules.interactive.click_policies import (CLICK_POLICIES, ClickPolicy, choose_at_random, choose_by_map,
                                                 click_spacing)
+from modules.interactive.simulation import later_output_policy
 from modules.sam.base import BackboneError
-from modules.sam.prompting import round_features
+from modules.sam.prompting import MULTIMASK_POLICIES, round_features
 from modules.scoring.mask_quality import mask_scores
 from modules.uncertainty.strategies import EvalSample, Strategy, StrategyOutput
 
@@ -234,7 +235,7 @@ class UncertainPredictor:
         device = resolve_device(device if device is not None else cfg.training.device, key="training.device")
         self.artifacts = Artifacts(cfg, runs, device)
         self.methods = self._available_methods(methods)
-        self._strategies: dict[str, Strategy] = {}
+        self._strategies: dict[tuple[str, str], Strategy] = {}
         self._refinement: Refinement | None = None
         self._image: np.ndarray | None = None
         self._image_id = ""
@@ -285,10 +286,16 @@ class UncertainPredictor:
                                             if need != "sam_checkpoint"})
         return chosen
 
-    def _strategy(self, method: str) -> Strategy:
-        if method not in self._strategies:
-            self._strategies[method] = STRATEGY_BUILDERS[method].build(self.cfg, self.artifacts)
-        return self._strategies[method]
+    def _strategy(self, method: str, multimask_policy: str) -> Strategy:
+        """``method``'s strategy for prompt sets decoded with ``multimask_policy`` (prompt perturbation
+        and TTA decode again and keep that output too)."""
+        key = (method, multimask_policy)
+        if key not in self._strategies:
+            cfg = self.cfg
+            if multimask_policy != cfg.sam.multimask_policy:
+                cfg = replace(cfg, sam=replace(cfg.sam, multimask_policy=multimask_policy))
+            self._strategies[key] = STRATEGY_BUILDERS[method].build(cfg, self.artifacts)
+        return self._strategies[key]
 
     @property
     def backbone(self):
@@ -373,7 +380,7 @@ class UncertainPredictor:
     # ----------------------------------------------------------- prediction
 
     def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None,
-                methods: Sequence[str] | None = None) -> Prediction:
+                methods: Sequence[str] | None = None, multimask_policy: str | None = None) -> Prediction:
         """SAM's mask and every method's uncertainty for ``P`` prompt sets at once.
 
         Args:
@@ -388,6 +395,11 @@ class UncertainPredictor:
                 run with one: naming another method is a ``PredictorError`` saying why
                 (``MASK_INPUT_REFUSALS``); by default the others are left out.
             methods: a subset of the predictor's methods (default all of them).
+            multimask_policy: the decoder output every prompt set keeps, a ``sam.multimask_policy``
+                name; default the config's, which stage 3 cached and the head was trained on.
+                ``"single"`` is SAM's single-mask output, the only one SAM and SAM 2 return for more
+                than one prompt; ``later_output`` is what the click simulation keeps from the second
+                click on.
         """
         try:
             points = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)
@@ -396,34 +408,37 @@ class UncertainPredictor:
                                  "different point counts go through predict_sets") from None
         batched = (points is not None and points.ndim == 3) or (box is not None and np.asarray(box).ndim == 2)
         if not batched:
-            return self.predict_sets([{"points": points, "labels": point_labels, "box": box}], methods, mask_input)
+            return self.predict_sets([{"points": points, "labels": point_labels, "box": box}], methods, mask_input,
+                                     multimask_policy)
         count = len(points) if points is not None else len(box)
         sets = []
         for index in range(count):
             sets.append({"points": None if points is None else points[index],
                          "labels": None if point_labels is None else np.asarray(point_labels)[index],
                          "box": None if box is None else np.asarray(box)[index]})
-        return self.predict_sets(sets, methods, mask_input)
+        return self.predict_sets(sets, methods, mask_input, multimask_policy)
 
     def predict_sets(self, promptsets: Sequence[dict], methods: Sequence[str] | None = None,
-                     mask_input=None) -> Prediction:
+                     mask_input=None, multimask_policy: str | None = None) -> Prediction:
         """``predict`` for a list of prompt sets, each ``{"points": N x 2, "labels": N, "box": 4 or
         None}`` (their point counts may differ): one decoder call for all of them."""
         if not promptsets:
             raise PredictorError("prompts: no prompt set given")
         record = self.record([self.promptset(s.get("points"), s.get("labels"), s.get("box"), index)
                               for index, s in enumerate(promptsets)])
-        return self.predict_record(record, methods, mask_input)
+        return self.predict_record(record, methods, mask_input, multimask_policy)
 
-    def predict_record(self, record: dict, methods: Sequence[str] | None = None, mask_input=None) -> Prediction:
+    def predict_record(self, record: dict, methods: Sequence[str] | None = None, mask_input=None,
+                       multimask_policy: str | None = None) -> Prediction:
         """The prediction for a prompt-set record of this image (``clicked_record``, or stage 2's);
-        ``mask_input`` as in ``predict``."""
+        ``mask_input`` and ``multimask_policy`` as in ``predict``."""
         chosen = self.methods if methods is None else list(methods)
         unknown = [name for name in chosen if name not in self.methods]
         if unknown:
             raise PredictorError(f"methods: {unknown} not loaded by this predictor (it runs {self.methods})")
         if self._features is None:
             raise PredictorError("predictor: call set_image before predict")
+        policy = self._checked_policy(multimask_policy, chosen)
         masks = None
         if mask_input is not None:
             masks = checked_mask_input(mask_input, len(record["promptsets"]))
@@ -433,19 +448,43 @@ class UncertainPredictor:
         with torch.inference_mode():
             prompts, promptset_ids = record_prompts(record)
             entry = decoded_entry(self.backbone, self._features, self.image_hw, self._input_hw, prompts, promptset_ids,
-                                  cfg.sam.prompt_mode, cfg.sam.multimask_policy, str(record["safe_id"]),
+                                  cfg.sam.prompt_mode, policy, str(record["safe_id"]),
                                   str(record["split"]), mask_input=masks)
             sample = EvalSample.build(str(record["safe_id"]), INTERACTIVE_SPLIT, entry, record, cfg.training.logit_clip,
                                       image_loader=lambda: image)
-            outputs = self.frame256_outputs(sample, chosen)
+            outputs = self.frame256_outputs(sample, chosen, policy)
             prediction = Prediction(self.image_hw, record, entry, entry.selected_iou_predictions)
             for name, output in outputs.items():
                 prediction.methods[name] = self._at_image_size(output)
         return prediction
 
-    def frame256_outputs(self, sample: EvalSample, methods: Sequence[str]) -> dict[str, StrategyOutput]:
-        """Each method's ``StrategyOutput`` (FRAME256, moved to the CPU) for one ``EvalSample``."""
-        outputs = {name: self._strategy(name).predict(sample) for name in methods if name != REFINED}
+    def _checked_policy(self, multimask_policy: str | None, methods: Sequence[str]) -> str:
+        """``multimask_policy`` (default ``sam.multimask_policy``), or a one-line ``PredictorError``
+        for an unknown name or one the SAM-decoder Laplace was not fitted on (its posterior is per
+        mask token)."""
+        configured = self.cfg.sam.multimask_policy
+        policy = configured if multimask_policy is None else multimask_policy
+        if policy not in MULTIMASK_POLICIES:
+            raise PredictorError(f"multimask_policy: {policy!r} is not one of {', '.join(MULTIMASK_POLICIES)}")
+        if policy != configured and "laplace" in methods and self.cfg.laplace.target == "sam_decoder":
+            raise PredictorError(f"multimask_policy: the SAM-decoder Laplace (laplace.target: sam_decoder) was "
+                                 f"fitted on the outputs of sam.multimask_policy {configured!r}, not {policy!r}; "
+                                 "leave out the method laplace or the multimask_policy")
+        return policy
+
+    @property
+    def later_output(self) -> str:
+        """The ``multimask_policy`` the click simulation keeps from the second click on
+        (``evaluation.active_prompting.later_output``): pass it to ``predict`` once a prompt set holds
+        more than one prompt to correct a mask as the simulation does."""
+        return later_output_policy(self.cfg)
+
+    def frame256_outputs(self, sample: EvalSample, methods: Sequence[str],
+                         multimask_policy: str | None = None) -> dict[str, StrategyOutput]:
+        """Each method's ``StrategyOutput`` (FRAME256, moved to the CPU) for one ``EvalSample`` decoded
+        with ``multimask_policy`` (default ``sam.multimask_policy``)."""
+        policy = multimask_policy or self.cfg.sam.multimask_policy
+        outputs = {name: self._strategy(name, policy).predict(sample) for name in methods if name != REFINED}
         if REFINED in methods:
             if self._refinement is None:
                 self._refinement = Refinement(self.cfg, self.artifacts)

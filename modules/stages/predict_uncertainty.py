@@ -199,8 +199,9 @@ def available_policies(prediction: Prediction) -> list[str]:
             if policy.kind == "random" or (policy.kind == "map" and policy.strategy in prediction.methods)]
 
 
-def summary(image_path: str, prediction: Prediction, suggestions: dict[str, list]) -> dict:
-    """The JSON record of one prediction (NaN scores, e.g. of an empty mask, become null)."""
+def summary(image_path: str, prediction: Prediction, suggestions: dict[str, list], multimask_policy: str) -> dict:
+    """The JSON record of one prediction (NaN scores, e.g. of an empty mask, become null);
+    ``multimask_policy``: the decoder output its prompt sets kept."""
     def plain(values) -> list:
         return [None if not np.isfinite(v) else round(float(v), 6) for v in values]
 
@@ -208,6 +209,7 @@ def summary(image_path: str, prediction: Prediction, suggestions: dict[str, list
         "image": image_path,
         "image_hw": list(prediction.image_hw),
         "mask_method": MASK_METHOD,
+        "multimask_policy": multimask_policy,
         "promptsets": [{"points": s["points"], "labels": s["labels"], "box": s["box"]}
                        for s in prediction.record["promptsets"]],
         "predicted_iou": plain(prediction.predicted_iou),
@@ -221,13 +223,15 @@ def summary(image_path: str, prediction: Prediction, suggestions: dict[str, list
 # --------------------------------------------------------------------------- the command
 
 
-def run_command(ctx, image_path: str, promptsets: list[dict], predictor: UncertainPredictor) -> dict:
-    """Predict, then write every file into ``ctx.output_dir``; returns the summary."""
+def run_command(ctx, image_path: str, promptsets: list[dict], predictor: UncertainPredictor,
+                multimask_policy: str | None = None) -> dict:
+    """Predict (``multimask_policy`` as ``UncertainPredictor.predict``'s), then write every file into
+    ``ctx.output_dir``; returns the summary."""
     folder = ctx.output_dir
     predictor.set_image(image_path)
     log.info("[%s] %s (%d x %d), %d prompt set(s), methods: %s", ctx.name, image_path, predictor.image_hw[1],
              predictor.image_hw[0], len(promptsets), ", ".join(predictor.methods))
-    prediction = predictor.predict_sets(promptsets)
+    prediction = predictor.predict_sets(promptsets, multimask_policy=multimask_policy)
     if ctx.cfg.sam.prompt_mode == "points" and any(s.get("box") is not None for s in promptsets):
         log.warning("[%s] sam.prompt_mode is 'points': SAM does not read the box (it is drawn only)", ctx.name)
     suggestions = {policy: [suggest_click(prediction, policy, index) for index in range(prediction.num_promptsets)]
@@ -240,7 +244,7 @@ def run_command(ctx, image_path: str, promptsets: list[dict], predictor: Uncerta
         name = f"overlay{set_suffix(index, count)}.png"
         write_overlay(folder / name, predictor.image, prediction, index, boxes_given, suggestions)
         written.append(name)
-    record = summary(str(image_path), prediction, suggestions)
+    record = summary(str(image_path), prediction, suggestions, multimask_policy or ctx.cfg.sam.multimask_policy)
     atomic_write_json(folder / SUMMARY_FILE, record)
     log.info("[%s] %d files -> %s", ctx.name, len(written) + 1, folder)
     ctx.summary({"predicted_iou": record["predicted_iou"],
