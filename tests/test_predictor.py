@@ -148,7 +148,8 @@ def test_multimask_policy_single_keeps_sams_single_mask_output(predictor, cached
     assert np.array_equal(single.entry.logits, expected.logits.to(torch.float16).numpy())
     assert not np.array_equal(single.entry.logits, default.entry.logits)
     assert np.array_equal(single.predicted_iou, expected.iou_predictions[:, 0].numpy())
-    assert not torch.equal(single.methods["map_head"].frame256.mean_prob, default.methods["map_head"].frame256.mean_prob)
+    head_probability = [prediction.methods["map_head"].frame256.mean_prob for prediction in (single, default)]
+    assert not torch.equal(*head_probability)
     assert predictor.later_output == "best_iou"  # the demo model keeps its multimask outputs (auto)
     with pytest.raises(PredictorError, match="multimask_policy: 'triple' is not one of single, best_iou"):
         predictor.predict(first["points"], first["labels"], multimask_policy="triple")
