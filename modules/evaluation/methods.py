@@ -9,7 +9,7 @@ Only the oracle ablations (``ORACLE_METHODS``, each named so) read the ground tr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Union
 
 import numpy as np
@@ -112,6 +112,26 @@ ORACLE_BUILDERS: dict[str, StrategyBuilder] = {
 }
 #: Every ``evaluation.strategies`` name.
 ALL_BUILDERS: dict[str, StrategyBuilder] = {**STRATEGY_BUILDERS, **ORACLE_BUILDERS}
+
+
+def build_strategy(name: str, cfg: PipelineConfig, artifacts: Artifacts,
+                   multimask_policy: str | None = None) -> Strategy:
+    """``STRATEGY_BUILDERS[name]`` for prompt sets decoded with ``multimask_policy`` (default
+    ``sam.multimask_policy``): the strategies that decode again (TTA, prompt perturbation) keep that
+    output too."""
+    if multimask_policy is not None and multimask_policy != cfg.sam.multimask_policy:
+        cfg = replace(cfg, sam=replace(cfg.sam, multimask_policy=multimask_policy))
+    return STRATEGY_BUILDERS[name].build(cfg, artifacts)
+
+
+def decoder_laplace_refusal(cfg: PipelineConfig, multimask_policy: str) -> str | None:
+    """Why the SAM-decoder Laplace cannot score the outputs ``multimask_policy`` keeps (its posterior
+    is per mask token, fitted on the tokens ``sam.multimask_policy`` kept), or None where it can or
+    the Laplace's target is the head."""
+    if cfg.laplace.target != "sam_decoder" or multimask_policy == cfg.sam.multimask_policy:
+        return None
+    return (f"the SAM-decoder Laplace (laplace.target: sam_decoder) was fitted on the mask tokens of "
+            f"sam.multimask_policy {cfg.sam.multimask_policy!r}, not on those of {multimask_policy!r}")
 
 
 # --------------------------------------------------------------------------- refinement

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -50,7 +50,8 @@ from modules.core.stage import RESOLVED_CONFIG_FILE
 from modules.data.imageio import ImageReadError, read_image_rgb
 from modules.data.promptset import (PromptSpec, clicked_promptset, clicked_record, frame256_to_pixels, point_width,
                                     to_frame256_points)
-from modules.evaluation.methods import SOURCE_NEEDS, STRATEGY_BUILDERS, Refinement
+from modules.evaluation.methods import (SOURCE_NEEDS, STRATEGY_BUILDERS, Refinement, build_strategy,
+                                        decoder_laplace_refusal)
 from modules.evaluation.runs import ARTIFACT_FILES, Artifacts, RunIds, artifact_md5s, trained_head_runs
 from modules.evaluation.scoreboard import upsample
 from modules.interactive.click_policies import (CLICK_POLICIES, ClickPolicy, choose_at_random, choose_by_map,
@@ -172,6 +173,7 @@ class Prediction:
     - ``image_hw``: ``(H, W)``; ``record``: the prompt-set record (ORIGINAL pixels and FRAME256);
       ``entry``: the ``CacheEntry`` stage 3 would store for it (SAM's logits ``P x 256 x 256``).
     - ``predicted_iou``: ``P`` float32, SAM's predicted IoU of the output it kept.
+    - ``multimask_policy``: the ``sam.multimask_policy`` name of the output kept.
     - ``methods``: method name -> ``MethodPrediction``.
     """
 
@@ -179,6 +181,7 @@ class Prediction:
     record: dict
     entry: CacheEntry
     predicted_iou: np.ndarray
+    multimask_policy: str
     methods: dict[str, MethodPrediction] = field(default_factory=dict)
 
     @property
@@ -291,10 +294,7 @@ class UncertainPredictor:
         and TTA decode again and keep that output too)."""
         key = (method, multimask_policy)
         if key not in self._strategies:
-            cfg = self.cfg
-            if multimask_policy != cfg.sam.multimask_policy:
-                cfg = replace(cfg, sam=replace(cfg.sam, multimask_policy=multimask_policy))
-            self._strategies[key] = STRATEGY_BUILDERS[method].build(cfg, self.artifacts)
+            self._strategies[key] = build_strategy(method, self.cfg, self.artifacts, multimask_policy)
         return self._strategies[key]
 
     @property
@@ -453,7 +453,7 @@ class UncertainPredictor:
             sample = EvalSample.build(str(record["safe_id"]), INTERACTIVE_SPLIT, entry, record, cfg.training.logit_clip,
                                       image_loader=lambda: image)
             outputs = self.frame256_outputs(sample, chosen, policy)
-            prediction = Prediction(self.image_hw, record, entry, entry.selected_iou_predictions)
+            prediction = Prediction(self.image_hw, record, entry, entry.selected_iou_predictions, policy)
             for name, output in outputs.items():
                 prediction.methods[name] = self._at_image_size(output)
         return prediction
@@ -466,10 +466,9 @@ class UncertainPredictor:
         policy = configured if multimask_policy is None else multimask_policy
         if policy not in MULTIMASK_POLICIES:
             raise PredictorError(f"multimask_policy: {policy!r} is not one of {', '.join(MULTIMASK_POLICIES)}")
-        if policy != configured and "laplace" in methods and self.cfg.laplace.target == "sam_decoder":
-            raise PredictorError(f"multimask_policy: the SAM-decoder Laplace (laplace.target: sam_decoder) was "
-                                 f"fitted on the outputs of sam.multimask_policy {configured!r}, not {policy!r}; "
-                                 "leave out the method laplace or the multimask_policy")
+        refusal = decoder_laplace_refusal(self.cfg, policy) if "laplace" in methods else None
+        if refusal:
+            raise PredictorError(f"multimask_policy: {refusal}; leave out the method laplace or the multimask_policy")
         return policy
 
     @property

@@ -44,7 +44,7 @@ The result is the click trace (``TRACE_COLUMNS``, one row per image, lane and cl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -56,7 +56,7 @@ from modules.cache.sam_cache import CacheEntry
 from modules.core.config import PipelineConfig
 from modules.core.errors import PipelineError
 from modules.data.promptset import clicked_promptset, clicked_record, sample_key, tight_box
-from modules.evaluation.methods import STRATEGY_BUILDERS
+from modules.evaluation.methods import STRATEGY_BUILDERS, build_strategy, decoder_laplace_refusal
 from modules.evaluation.runs import Artifacts
 from modules.evaluation.samples import EvalUnit, LabelledSample
 from modules.evaluation.scoreboard import upsample
@@ -128,12 +128,12 @@ def later_output_policy(cfg: PipelineConfig) -> str:
         trained = (cfg.sam.family, cfg.sam.model_type) in MULTIMASK_TRAINED_ON_SEVERAL_PROMPTS
         setting = "as_first" if trained else "single"
     later = first if setting == "as_first" else "single"
-    if later != first and cfg.laplace.target == "sam_decoder" and "laplace" in needed_strategies(cfg):
+    refusal = decoder_laplace_refusal(cfg, later) if "laplace" in needed_strategies(cfg) else None
+    if refusal:
         raise SimulationError(
             f"{SETTINGS_KEY}.later_output: {cfg.evaluation.active_prompting.later_output!r} keeps SAM's "
-            f"single-mask output from the second click on, "
-            f"whose mask token the SAM-decoder Laplace (laplace.target: sam_decoder) was not fitted on "
-            f"(sam.multimask_policy {first!r}); set {SETTINGS_KEY}.later_output: as_first")
+            f"single-mask output from the second click on, and {refusal}; set {SETTINGS_KEY}.later_output: "
+            "as_first")
     return later
 
 
@@ -261,14 +261,13 @@ class ClickSimulator:
         self.mask_method = settings.mask_method
         self.seed = int(settings.seed)
         self.backbone = artifacts.backbone
-        self.strategies = {name: STRATEGY_BUILDERS[name].build(cfg, artifacts) for name in needed_strategies(cfg)}
+        self.strategies = {name: build_strategy(name, cfg, artifacts) for name in needed_strategies(cfg)}
         # From the second interaction on: the decoder output kept, and the strategies that decode
         # again (prompt perturbation) built for that output.
         self.later_policy = later_output_policy(cfg)
         self.later_strategies = self.strategies
         if self.later_policy != cfg.sam.multimask_policy:
-            later_cfg = replace(cfg, sam=replace(cfg.sam, multimask_policy=self.later_policy))
-            self.later_strategies = {name: STRATEGY_BUILDERS[name].build(later_cfg, artifacts)
+            self.later_strategies = {name: build_strategy(name, cfg, artifacts, self.later_policy)
                                      for name in self.strategies}
         self.readers: dict[str, list[int]] = {name: [] for name in self.strategies}
         for index, lane in enumerate(self.lanes):

@@ -199,9 +199,8 @@ def available_policies(prediction: Prediction) -> list[str]:
             if policy.kind == "random" or (policy.kind == "map" and policy.strategy in prediction.methods)]
 
 
-def summary(image_path: str, prediction: Prediction, suggestions: dict[str, list], multimask_policy: str) -> dict:
-    """The JSON record of one prediction (NaN scores, e.g. of an empty mask, become null);
-    ``multimask_policy``: the decoder output its prompt sets kept."""
+def summary(image_path: str, prediction: Prediction, suggestions: dict[str, list]) -> dict:
+    """The JSON record of one prediction (NaN scores, e.g. of an empty mask, become null)."""
     def plain(values) -> list:
         return [None if not np.isfinite(v) else round(float(v), 6) for v in values]
 
@@ -209,7 +208,7 @@ def summary(image_path: str, prediction: Prediction, suggestions: dict[str, list
         "image": image_path,
         "image_hw": list(prediction.image_hw),
         "mask_method": MASK_METHOD,
-        "multimask_policy": multimask_policy,
+        "multimask_policy": prediction.multimask_policy,
         "promptsets": [{"points": s["points"], "labels": s["labels"], "box": s["box"]}
                        for s in prediction.record["promptsets"]],
         "predicted_iou": plain(prediction.predicted_iou),
@@ -244,7 +243,7 @@ def run_command(ctx, image_path: str, promptsets: list[dict], predictor: Uncerta
         name = f"overlay{set_suffix(index, count)}.png"
         write_overlay(folder / name, predictor.image, prediction, index, boxes_given, suggestions)
         written.append(name)
-    record = summary(str(image_path), prediction, suggestions, multimask_policy or ctx.cfg.sam.multimask_policy)
+    record = summary(str(image_path), prediction, suggestions)
     atomic_write_json(folder / SUMMARY_FILE, record)
     log.info("[%s] %d files -> %s", ctx.name, len(written) + 1, folder)
     ctx.summary({"predicted_iou": record["predicted_iou"],
