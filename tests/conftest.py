@@ -112,28 +112,35 @@ def fusion_project(trained_project) -> PipelineProject:
     return trained_project
 
 
-#: The fixtures above: every test file that uses one of them runs on the same xdist worker.
+#: The fixtures above: every test that uses one of them runs on the same xdist worker.
 PIPELINE_FIXTURES = {"packed_project", "trained_project", "fusion_project"}
 #: The other files that take minutes (their own demo projects or SAM models; ``.ci/run --durations=50``
 #: lists them), longest first: they start next, so no worker is left with a long file at the end.
-LONG_FILES = ("test_sam2_pipeline.py", "test_stale_inputs.py", "test_fault_injection.py", "test_backbones.py",
-              "test_demo_backbone.py", "test_verified_reads.py", "test_train_demo_backbone.py")
+LONG_FILES = ("test_sam2_pipeline.py", "test_train_and_laplace.py", "test_stale_inputs.py", "test_fault_injection.py",
+              "test_backbones.py", "test_unseen_domains.py", "test_demo_backbone.py", "test_verified_reads.py",
+              "test_train_demo_backbone.py")
+
+
+def xdist_group_name(fixture_names, file_name: str) -> str:
+    """``pipeline`` for a test that uses a pipeline fixture (directly or through another fixture),
+    else its file's name: the session fixtures are built on one worker only, and a file's other
+    tests, with their module fixtures, run together on one worker, in parallel with that one."""
+    return "pipeline" if PIPELINE_FIXTURES & set(fixture_names) else file_name
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Group the tests for ``pytest -n N --dist loadgroup`` (tools/run_tests.sh): one group per
-    file, except that all files using the pipeline fixtures form one group ``pipeline``, so each
-    session fixture is built once, on one worker. That group is the longest, so it goes first, then
-    ``LONG_FILES``.
+    """Group the tests for ``pytest -n N --dist loadgroup`` (tools/run_tests.sh, ``xdist_group_name``).
+    The ``pipeline`` group is the longest, so it goes first, then the tests of ``LONG_FILES``.
     ``tryfirst``: pytest-xdist's worker reads the ``xdist_group`` marks in this same hook, and a
     mark added after it has read them is ignored."""
-    pipeline_files = {item.path for item in items if PIPELINE_FIXTURES & set(item.fixturenames)}
     for item in items:
-        item.add_marker(pytest.mark.xdist_group("pipeline" if item.path in pipeline_files else item.path.name))
+        item.add_marker(pytest.mark.xdist_group(xdist_group_name(item.fixturenames, item.path.name)))
+
     def start_order(item) -> tuple[bool, int]:  # stable sort: file order is kept otherwise
         name = item.path.name
-        return item.path not in pipeline_files, LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+        pipeline = xdist_group_name(item.fixturenames, name) == "pipeline"
+        return not pipeline, LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
 
     items.sort(key=start_order)
 
