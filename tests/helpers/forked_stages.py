@@ -43,6 +43,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,8 @@ def _run_child(request: dict) -> None:
             code = 1
         threading._shutdown()  # the interpreter's exit: join non-daemon threads, then atexit
         atexit._run_exitfuncs()
+    except BaseException:  # the child could not become the script (an output file, the environment)
+        traceback.print_exc()
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
